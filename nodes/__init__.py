@@ -1,0 +1,19 @@
+"""ComfyUI V3 nodes of FrozenTune: schemas, input checks and progress only.
+
+The algorithms live in ``unitune/``, ``instantstyle/`` and ``controlnet_zero/``; a node
+here reads its inputs, calls them and wraps the result.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+CATEGORY = "FrozenTune"
+
+# Every node class of the pack, in menu order. Node ids start with "FrozenTune" and never change.
+NODE_CLASSES: list[type[io.ComfyNode]] = []
+
+
+class FrozenTuneExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODE_CLASSES)

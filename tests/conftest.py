@@ -1,0 +1,94 @@
+"""Shared fixtures for the three test tiers.
+
+The tier of a test is the folder it lives in (``unit/``, ``node/``, ``e2e/``); the matching
+marker is added here, so ``pytest -m node`` selects a tier.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from harness import comfy_env
+
+TIERS = ("unit", "node", "e2e")
+# comfy_extras modules that fail to import without torchaudio (left out on purpose: its wheels
+# need another torch build). Any other "IMPORT FAILED" in the server log fails the e2e fixture.
+KNOWN_OPTIONAL_IMPORT_FAILURES = {"nodes_audio.py", "nodes_audio_encoder.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for tier in TIERS:
+            if tier in parts:
+                item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="session")
+def comfy_root() -> Path:
+    """ComfyUI importable in-process on the CPU (the `node` tier)."""
+    return comfy_env.import_comfy()
+
+
+@pytest.fixture(scope="session")
+def pack(comfy_root):
+    """The pack imported as ComfyUI imports it: as a package, its root never on sys.path."""
+    return comfy_env.import_pack()
+
+
+@pytest.fixture(scope="session")
+def pack_node_ids(pack) -> list[str]:
+    from frozentune.nodes import NODE_CLASSES
+
+    return [cls.GET_SCHEMA().node_id for cls in NODE_CLASSES]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(comfy_root) -> dict[str, Path]:
+    """The tiny SD1.5 and SDXL-family checkpoints, built once and cached, registered with folder_paths."""
+    import folder_paths
+
+    from harness import tiny_models
+
+    paths = {family: tiny_models.checkpoint_path(family) for family in tiny_models.RECIPES}
+    folder_paths.add_model_folder_path("checkpoints", str(tiny_models.cache_dir()))
+    return paths
+
+
+def pack_import_failures(log_text: str) -> list[str]:
+    """Lines of a ComfyUI log that report a failed import other than the known optional ones."""
+    failed = []
+    for line in log_text.splitlines():
+        if "IMPORT FAILED" not in line:
+            continue
+        m = re.match(r"^IMPORT FAILED: (\S+)$", line.strip())
+        if m and m.group(1) in KNOWN_OPTIONAL_IMPORT_FAILURES:
+            continue
+        failed.append(line.strip())
+    return failed
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory, tiny_checkpoints, pack_node_ids):
+    """A headless ComfyUI with FrozenTune and the tiny models; checked to have loaded the pack."""
+    from harness.server import ComfyServer, prepare_base
+
+    base = prepare_base(tmp_path_factory.mktemp("comfy_base"))
+    srv = ComfyServer(base)
+    srv.start()
+    try:
+        failures = pack_import_failures(srv.log_text())
+        assert not failures, "ComfyUI reported failed imports:\n" + "\n".join(failures)
+        times = {p: t for p, t in srv.import_times().items() if Path(p).name == comfy_env.PACK_NAME}
+        assert times, f"FrozenTune is missing from ComfyUI's import-times table:\n{srv.log_tail()}"
+        info = srv.object_info()
+        missing = [nid for nid in pack_node_ids if nid not in info]
+        assert not missing, f"nodes missing from /object_info: {missing}"
+        yield srv
+    finally:
+        srv.stop()
+        logging.getLogger(__name__).info("ComfyUI log kept at %s", srv.log_path)

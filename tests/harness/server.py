@@ -1,0 +1,236 @@
+"""A real ComfyUI server, started headless with FrozenTune loaded, for e2e tests, the demo and `make serve`.
+
+The server gets its own ``--base-directory`` (custom_nodes/, models/, input/, output/), so it
+never touches the ComfyUI tree or the user's models: the pack is linked into its
+``custom_nodes/`` and the tiny random checkpoints are linked into ``models/`` under the names the
+example workflows use (the stand-ins below).
+
+Standard library only apart from ``comfy_cli`` for UI-to-API workflow conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+from .comfy_env import PACK_NAME, REPO_ROOT, comfyui_dir
+
+log = logging.getLogger(__name__)
+
+# Model names used by the example workflows -> the tiny family that stands in for them.
+STAND_INS: dict[str, dict[str, str]] = {
+    "checkpoints": {
+        "v1-5-pruned-emaonly.safetensors": "sd15",
+        "sd_xl_base_1.0.safetensors": "sdxl",
+    },
+}
+IMPORT_LINE = re.compile(r"^\s*([0-9.]+) seconds( \(IMPORT FAILED\))?: (.+)$")
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _link(link: Path, target: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        if link.is_symlink() and link.resolve() == target.resolve():
+            return
+        link.unlink()
+    link.symlink_to(target, target_is_directory=target.is_dir())
+
+
+def prepare_base(base: Path, with_models: bool = True) -> Path:
+    """Lay out a ComfyUI base directory with the pack and the tiny stand-in models linked in."""
+    _link(base / "custom_nodes" / PACK_NAME, REPO_ROOT)
+    if with_models:
+        from . import tiny_models  # needs ComfyUI importable: only the builder process pays for it
+
+        for folder, names in STAND_INS.items():
+            for name, family in names.items():
+                path = tiny_models.checkpoint_path(family)
+                _link(base / "models" / folder / name, path)
+                _link(base / "models" / folder / path.name, path)
+    for sub in ("input", "output", "temp", "user"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    return base
+
+
+class ComfyServer:
+    """``with ComfyServer(base) as srv:`` starts ComfyUI, waits until it answers, always stops it."""
+
+    def __init__(self, base: Path, port: int | None = None, host: str = "127.0.0.1",
+                 cpu: bool | None = None, startup_timeout: float = 180.0, extra_args: list[str] | None = None):
+        self.base = Path(base)
+        self.host = host
+        self.port = port if port is not None else free_port()
+        if not port_is_free(self.port, host):
+            raise ServerError(f"port {self.port} on {host} is already in use: stop what runs there "
+                              f"or choose another, e.g. `make serve PORT={self.port + 1}`")
+        if cpu is None:
+            cpu = os.environ.get("FROZENTUNE_GPU") != "1"
+        self.cpu = cpu
+        self.startup_timeout = startup_timeout
+        self.extra_args = extra_args or []
+        self.log_path = self.base / "comfyui.log"
+        self.proc: subprocess.Popen | None = None
+        self.client_id = uuid.uuid4().hex
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, str(comfyui_dir() / "main.py"), "--listen", self.host, "--port", str(self.port),
+               "--disable-auto-launch", "--base-directory", str(self.base),
+               "--database-url", "sqlite:///:memory:"]
+        if self.cpu:
+            cmd.append("--cpu")
+        return cmd + self.extra_args
+
+    def start(self) -> ComfyServer:
+        self.base.mkdir(parents=True, exist_ok=True)
+        logfile = open(self.log_path, "w")  # closed in stop()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(self.command(), stdout=logfile, stderr=subprocess.STDOUT,
+                                     cwd=str(comfyui_dir()), env=env)
+        self._logfile = logfile
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"ComfyUI exited with code {self.proc.returncode} during startup:\n"
+                                  f"{self.log_tail()}")
+            try:
+                self.get("/system_stats", timeout=2)
+                return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise ServerError(f"ComfyUI did not answer within {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+        if getattr(self, "_logfile", None) is not None:
+            self._logfile.close()
+            self._logfile = None
+
+    def __enter__(self) -> ComfyServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- HTTP -----------------------------------------------------------------------------------
+    def get(self, path: str, timeout: float = 30):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict, timeout: float = 30):
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as err:
+            raise ServerError(f"POST {path} -> HTTP {err.code}: {err.read().decode()[:4000]}") from err
+        return json.loads(raw) if raw else None
+
+    def object_info(self) -> dict:
+        return self.get("/object_info")
+
+    def to_api(self, workflow: dict) -> dict:
+        """UI-format workflow -> API prompt, using the server's /object_info (comfy-cli's converter)."""
+        from comfy_cli.workflow_to_api import convert_ui_to_api, is_api_format
+
+        return workflow if is_api_format(workflow) else convert_ui_to_api(workflow, self.object_info())
+
+    def queue(self, prompt: dict) -> str:
+        return self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ServerError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}")
+            time.sleep(0.25)
+        raise ServerError(f"prompt {prompt_id} did not finish within {timeout:.0f}s")
+
+    def run(self, workflow: dict, timeout: float = 600) -> dict:
+        """Queue a UI- or API-format workflow and wait for its history entry."""
+        return self.wait(self.queue(self.to_api(workflow)), timeout)
+
+    def output_files(self, entry: dict) -> list[Path]:
+        files = []
+        for out in entry.get("outputs", {}).values():
+            for item in out.get("images", []):
+                if item.get("type") == "output":
+                    files.append(self.base / "output" / item.get("subfolder", "") / item["filename"])
+        return files
+
+    # --- log --------------------------------------------------------------------------------------
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def import_times(self) -> dict[str, tuple[float, bool]]:
+        """``{custom node path: (seconds, failed)}`` from ComfyUI's "Import times" table."""
+        times = {}
+        for line in self.log_text().splitlines():
+            m = IMPORT_LINE.match(line)
+            if m:
+                times[m.group(3).strip()] = (float(m.group(1)), bool(m.group(2)))
+        return times
+
+
+def error_message(entry: dict) -> str:
+    """The execution error of a failed history entry, in one readable paragraph."""
+    for event, data in entry.get("status", {}).get("messages", []):
+        if event == "execution_error":
+            return (f"node {data.get('node_id')} ({data.get('node_type')}): "
+                    f"{data.get('exception_type')}: {data.get('exception_message')}")
+    return json.dumps(entry.get("status"))[:2000]
+
+
+def view_url(srv: ComfyServer, path: Path) -> str:
+    rel = path.relative_to(srv.base / "output")
+    query = urllib.parse.urlencode({"filename": rel.name, "subfolder": str(rel.parent), "type": "output"})
+    return f"{srv.url}/view?{query}"
