@@ -45,3 +45,31 @@ def test_stock_workflow_runs_through_comfy_cli(comfy_server):
     assert envelope["ok"], envelope
     assert envelope["data"]["status"] == "completed", envelope
     assert any(".png" in url for url in envelope["data"]["outputs"]), envelope
+
+
+def test_make_serve_entry_point_serves_the_page(tmp_path):
+    """`make serve` runs `python -m harness.serve`: it must answer /system_stats and show the pack."""
+    import time
+    import urllib.request
+
+    from harness.server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "harness.serve", "--port", str(port)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=open(tmp_path / "serve.log", "w"),
+                            stderr=subprocess.STDOUT)
+    try:
+        stats = None
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=2) as r:
+                    stats = json.loads(r.read())
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(0.5)
+        assert stats is not None and "comfyui_version" in stats["system"]
+        assert f"custom_nodes/{PACK_NAME}" in (tmp_path / "serve.log").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

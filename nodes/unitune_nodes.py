@@ -1,0 +1,186 @@
+"""UniTune Fine-Tune, Save and Load nodes: thin V3 wrappers over ``unitune.finetune``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..unitune import finetune, weights_file
+from ..unitune.loss_curve import loss_curve_image
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "FrozenTune/UniTune"
+FOLDER = "unitune"
+ATTACHMENT = "frozentune.unitune"
+MODE_CHOICES = ["auto", *finetune.TRAIN_MODES]
+
+# models/unitune/ for tuned results, safetensors only (listed by UniTune Load).
+if FOLDER not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)], {".safetensors"})
+
+
+class UniTuneFineTune(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FrozenTuneUniTuneFineTune",
+            display_name="UniTune Fine-Tune",
+            category=CATEGORY,
+            is_experimental=True,
+            description=(
+                "Binds one image to a rare token by fine-tuning a private copy of the model on it (UniTune). "
+                "The input MODEL is never changed; the output MODEL carries the trained weights as patches. "
+                "Prompt the output with the token plus an edit, e.g. 'beikkpic as a watercolor'. Several "
+                "images of one subject (same size) train DreamBooth-style."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The base model (SD1.5 or SDXL family). It is not modified."),
+                io.Clip.Input("clip", tooltip="The model's text encoder, used once to encode the training caption."),
+                io.Vae.Input("vae", tooltip="The model's VAE, used once to encode the image."),
+                io.Image.Input("image", tooltip="The image to bind to the token. A batch of several views of the "
+                               "same subject (same size) trains DreamBooth-style."),
+                io.String.Input("token", default="beikkpic", tooltip="A rare nonsense word the model does not know. "
+                                "The training caption is this token alone (plus the class word, if given)."),
+                io.String.Input("class_word", default="", tooltip="Optional class noun after the token, e.g. 'dog' "
+                                "(the paper uses none)."),
+                io.Int.Input("steps", default=128, min=1, max=10000, tooltip="Optimizer steps (the paper: 128; "
+                             "about 64 already reconstruct the image)."),
+                io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="Noised copies of the image per "
+                             "step, each at its own random timestep (the paper: 4)."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=1e-7,
+                               tooltip="Step size. 1e-4 for Adafactor as in the paper; try 1e-5 for full "
+                               "fine-tunes with AdamW and 1e-4..1e-3 for LoRA."),
+                io.Combo.Input("optimizer", options=list(finetune.OPTIMIZERS), default="adafactor",
+                               tooltip="adafactor (the paper's; small optimizer state) or adamw."),
+                io.Combo.Input("train", options=MODE_CHOICES, default="auto",
+                               tooltip="What trains. auto: full for SD1.5, lora for SDXL (a full SDXL tune "
+                               "needs ~40 GB). full: every UNet weight. attention: attention layers only. "
+                               "lora: low-rank adapters on the attention projections."),
+                io.Int.Input("lora_rank", default=8, min=1, max=256, tooltip="Rank of the LoRA adapters "
+                             "(train = lora only)."),
+                io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute activations in "
+                                 "the backward pass: less memory, about a third slower."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed for the noise and timesteps; the same seed gives the same result."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The tuned model: the base plus the trained "
+                                "patches. Connect it to UniTune Save to keep it."),
+                io.Image.Output(display_name="loss_curve", tooltip="Training loss per step."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, token, class_word, steps, batch_size, learning_rate, optimizer,
+                train, lora_rank, gradient_checkpointing, seed) -> io.NodeOutput:
+        family = finetune.model_family(model.model)
+        mode = ("lora" if family == "sdxl" else "full") if train == "auto" else train
+        settings = finetune.FineTuneSettings(
+            token=token, class_word=class_word, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+            optimizer=optimizer, mode=mode, lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing,
+            seed=seed,
+        )
+        settings.check()
+        if vae is None or getattr(vae, "first_stage_model", None) is None:
+            raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")
+        pixels = finetune.prepare_images(list(image))
+        latents = vae.encode(pixels)
+        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(settings.caption))
+
+        pbar = comfy.utils.ProgressBar(steps)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            pbar.update_absolute(step, total)  # also raises on Cancel
+            if step == 1 or step % 16 == 0 or step == total:
+                log.info("UniTune step %d/%d loss %.5f", step, total, loss)
+
+        result = finetune.fine_tune(model, latents, conditioning, settings, on_step=on_step)
+        tuned = finetune.apply_patches(model, result.tensors)
+        tuned.set_attachments(ATTACHMENT, result)
+        return io.NodeOutput(tuned, loss_curve_image(result.losses, title=f"UniTune {mode} loss"))
+
+
+class UniTuneSave(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FrozenTuneUniTuneSave",
+            display_name="UniTune Save",
+            category=CATEGORY,
+            is_output_node=True,
+            description=(
+                "Saves what UniTune Fine-Tune trained into models/unitune/ as a safetensors file in ComfyUI's LoRA "
+                "format (weight deltas, or LoRA factors), with the settings and the base model's identity in its "
+                "metadata. UniTune Load, and the stock LoraLoader, read it back."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL output of UniTune Fine-Tune."),
+                io.String.Input("filename", default="unitune/beikkpic", tooltip="File name under models/; a "
+                                "counter is appended if it exists. Keep the 'unitune/' prefix so UniTune Load "
+                                "lists it, or use 'loras/...' for the stock LoraLoader."),
+            ],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the file was written.")],
+        )
+
+    @classmethod
+    def execute(cls, model, filename) -> io.NodeOutput:
+        result = model.attachments.get(ATTACHMENT)
+        if result is None:
+            raise ValueError("this MODEL was not made by UniTune Fine-Tune (nothing to save): connect the MODEL "
+                             "output of UniTune Fine-Tune.")
+        name = filename.strip().replace("\\", "/").strip("/")
+        if not name or ".." in name.split("/"):
+            raise ValueError(f"filename {filename!r} is not a plain relative name such as 'unitune/my_subject'.")
+        folder, _, stem = name.rpartition("/")
+        root = folder_paths.models_dir
+        target_dir = os.path.join(root, folder) if folder else folder_paths.get_folder_paths(FOLDER)[0]
+        path = weights_file.unused_path(Path(target_dir), stem)
+        weights_file.save(path, result.tensors, result.metadata)
+        log.info("UniTune: saved %d tensors to %s", len(result.tensors), path)
+        return io.NodeOutput(str(path))
+
+
+class UniTuneLoad(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FrozenTuneUniTuneLoad",
+            display_name="UniTune Load",
+            category=CATEGORY,
+            description="Applies a saved UniTune result to its base model. Refuses a file trained on another model.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the file was trained on. It is not modified."),
+                io.Combo.Input("unitune_name", options=folder_paths.get_filename_list(FOLDER),
+                               tooltip="A file from models/unitune/."),
+                io.Float.Input("strength", default=1.0, min=-2.0, max=2.0, step=0.05,
+                               tooltip="How much of the trained change to apply (1 = as trained)."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The base model with the tuned weights.")],
+        )
+
+    @classmethod
+    def execute(cls, model, unitune_name, strength) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(FOLDER, unitune_name)
+        tensors, metadata = weights_file.load(path)
+        expected = metadata.get("unitune.base_fingerprint")
+        if expected:
+            comfy.model_management.load_models_gpu([model], force_patch_weights=True)
+            actual = finetune.fingerprint(model.model.diffusion_model)
+            if actual != expected:
+                family = metadata.get("unitune.family", "?")
+                raise ValueError(
+                    f"{unitune_name} was trained on another base model ({family}, fingerprint {expected}) than this "
+                    f"MODEL ({finetune.model_family(model.model)}, fingerprint {actual}): connect the checkpoint it "
+                    "was trained on."
+                )
+        return io.NodeOutput(finetune.apply_patches(model, tensors, strength))
+
+
+NODES = [UniTuneFineTune, UniTuneSave, UniTuneLoad]
