@@ -1,0 +1,194 @@
+"""UniTune Fine-Tune / Save / Load on the tiny models, through the real node classes."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import pytest
+import torch
+
+
+def weight_hash(patcher) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(patcher.model.diffusion_model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def at_rest_hash(patcher) -> str:
+    """The weights the MODEL itself holds: load it (which undoes other clones' patches), then hash."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher])
+    return weight_hash(patcher)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoints, pack):
+    import nodes
+
+    return {f: nodes.CheckpointLoaderSimple().load_checkpoint(p.name)[:3] for f, p in tiny_checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def subject():
+    """A structured 64x64 test image: a red disk on a blue-green gradient."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+    img = torch.stack([0.2 + 0.0 * x, 0.3 + 0.5 * x, 0.8 - 0.5 * y], dim=-1)
+    disk = ((x - 0.4) ** 2 + (y - 0.55) ** 2) < 0.06
+    img[disk] = torch.tensor([0.9, 0.1, 0.1])
+    return img[None]
+
+
+def run_finetune(model, clip, vae, image, **overrides):
+    from frozentune.nodes.unitune_nodes import UniTuneFineTune
+
+    args = dict(token="beikkpic", class_word="", steps=4, batch_size=2, learning_rate=1e-4, optimizer="adamw",
+                train="auto", lora_rank=4, gradient_checkpointing=False, seed=0)
+    args.update(overrides)
+    out = UniTuneFineTune.execute(model=model, clip=clip, vae=vae, image=image, **args)
+    return out.args[0], out.args[1]
+
+
+def denoised(patcher, x, sigma, cond):
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher])
+    return patcher.model.apply_model(x, sigma, c_crossattn=cond).detach()
+
+
+def test_base_untouched_loss_falls_and_token_reconstructs(loaded, subject):
+    import nodes
+
+    model, clip, vae = loaded["sd15"]
+    before = at_rest_hash(model)
+    tuned, curve = run_finetune(model, clip, vae, subject, steps=64, batch_size=4, train="full",
+                                optimizer="adafactor", learning_rate=1e-4)
+    assert at_rest_hash(model) == before
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3
+    losses = tuned.attachments["frozentune.unitune"].losses
+    first, last = sum(losses[:16]) / 16, sum(losses[-16:]) / 16
+    logging.getLogger(__name__).info("UniTune full SD1.5-tiny, 64 steps: loss %.4f -> %.4f (x%.2f)",
+                                     first, last, first / last)
+    assert last < 0.5 * first, (first, last)
+
+    # SDEdit-style: noise the image's latent to 60% of the schedule, sample with the token only.
+    latent = {"samples": vae.encode(subject)}
+    token = nodes.CLIPTextEncode().encode(clip, "beikkpic")[0]
+    empty = nodes.CLIPTextEncode().encode(clip, "")[0]
+    errors, samples = {}, {}
+    for name, m in (("base", model), ("tuned", tuned), ("base again", model)):
+        out = nodes.common_ksampler(m, 7, 12, 3.0, "euler", "normal", token, empty, latent, denoise=0.6)[0]
+        samples[name] = out["samples"]
+        errors[name] = torch.mean((out["samples"] - latent["samples"]) ** 2).item()
+    logging.getLogger(__name__).info("latent MSE to the original: %s", errors)
+    assert errors["tuned"] < 0.7 * errors["base"], errors
+    # Like a LoRA, the tuned MODEL patches the shared UNet only while it is loaded: the base still
+    # samples bit-identically in the same graph, and its weights are the originals once it is loaded.
+    assert torch.equal(samples["base"], samples["base again"])
+    assert at_rest_hash(model) == before
+
+
+def test_cancel_leaves_base_untouched(loaded, subject):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    model, clip, vae = loaded["sd15"]
+    before = at_rest_hash(model)
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append(value)
+        if value == 3:
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()  # what ComfyUI's own hook does
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run_finetune(model, clip, vae, subject, steps=50, train="full")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    assert seen[-1] == 3
+    assert at_rest_hash(model) == before
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("mode", ["full", "attention", "lora"])
+def test_every_mode_trains_saves_and_round_trips(family, mode, loaded, subject, tmp_path, monkeypatch):
+    import folder_paths
+    import nodes
+
+    from frozentune.nodes.unitune_nodes import FOLDER, UniTuneLoad, UniTuneSave
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, FOLDER, ([str(tmp_path / "unitune")], {".safetensors"}))
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
+    model, clip, vae = loaded[family]
+    before = at_rest_hash(model)
+    tuned, _ = run_finetune(model, clip, vae, subject, train=mode, learning_rate=1e-3)
+    assert at_rest_hash(model) == before
+
+    path = UniTuneSave.execute(model=tuned, filename=f"unitune/{family}_{mode}").args[0]
+    reloaded = UniTuneLoad.execute(model=model, unitune_name=f"{family}_{mode}.safetensors", strength=1.0).args[0]
+
+    cond = nodes.CLIPTextEncode().encode(clip, "beikkpic")[0]
+    extras = cond[0][1]
+    context = cond[0][0]
+    kwargs = {}
+    if family == "sdxl":
+        kwargs["y"] = model.model.encode_adm(pooled_output=extras["pooled_output"], width=64, height=64)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([2.0])
+
+    def out(p):
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([p])
+        return p.model.apply_model(x, sigma, c_crossattn=context, **kwargs).detach().clone()
+
+    base_out, tuned_out, reloaded_out = out(model), out(tuned), out(reloaded)
+    assert not torch.allclose(base_out, tuned_out, atol=1e-6), "training changed nothing"
+    assert torch.allclose(tuned_out, reloaded_out, atol=1e-5), (tuned_out - reloaded_out).abs().max()
+    if mode == "lora":  # the stock LoraLoader reads the same file
+        lora_dir = tmp_path / "loras"
+        lora_dir.mkdir(exist_ok=True)
+        (lora_dir / "x.safetensors").write_bytes(open(path, "rb").read())
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(lora_dir)], {".safetensors"}))
+        stock = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "x.safetensors", 1.0)[0]
+        assert torch.allclose(out(stock), tuned_out, atol=1e-5)
+    assert at_rest_hash(model) == before
+
+
+def test_file_for_another_base_is_refused(loaded, subject, tmp_path, monkeypatch):
+    import folder_paths
+
+    from frozentune.nodes.unitune_nodes import FOLDER, UniTuneLoad, UniTuneSave
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, FOLDER, ([str(tmp_path / "unitune")], {".safetensors"}))
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
+    model, clip, vae = loaded["sd15"]
+    tuned, _ = run_finetune(model, clip, vae, subject, train="lora", steps=1)
+    UniTuneSave.execute(model=tuned, filename="unitune/for_sd15")
+    with pytest.raises(ValueError, match="trained on another base model"):
+        UniTuneLoad.execute(model=loaded["sdxl"][0], unitune_name="for_sd15.safetensors", strength=1.0)
+
+
+def test_bad_inputs_get_clear_errors(loaded, subject, caplog):
+    from frozentune.unitune.finetune import prepare_images
+
+    model, clip, vae = loaded["sd15"]
+    with pytest.raises(ValueError, match="token is empty"):
+        run_finetune(model, clip, vae, subject, token="  ")
+    with pytest.raises(ValueError, match="different sizes"):
+        prepare_images([torch.rand(64, 64, 3), torch.rand(48, 64, 3)])
+    with caplog.at_level(logging.INFO):
+        cropped = prepare_images([torch.rand(70, 61, 3)])
+    assert cropped.shape == (1, 64, 56, 3)
+    assert "center-cropped to 56x64" in caplog.text
+    with pytest.raises(ValueError, match="not made by UniTune"):
+        from frozentune.nodes.unitune_nodes import UniTuneSave
+
+        UniTuneSave.execute(model=model, filename="unitune/x")
