@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,6 +35,14 @@ STAND_INS: dict[str, dict[str, str]] = {
         "v1-5-pruned-emaonly.safetensors": "sd15",
         "sd_xl_base_1.0.safetensors": "sdxl",
     },
+}
+# The example workflows carry real-use settings (512 px, 128 training steps). On the tiny random
+# models on a CPU the demo and the e2e tests shrink them, by node class, after UI->API conversion.
+TINY_RUN_OVERRIDES: dict[str, dict[str, object]] = {
+    "ImageScale": {"width": 64, "height": 64},
+    "EmptyLatentImage": {"width": 64, "height": 64},
+    "FrozenTuneUniTuneFineTune": {"steps": 16, "batch_size": 2},
+    "KSampler": {"steps": 6},
 }
 IMPORT_LINE = re.compile(r"^\s*([0-9.]+) seconds( \(IMPORT FAILED\))?: (.+)$")
 
@@ -79,7 +88,20 @@ def prepare_base(base: Path, with_models: bool = True) -> Path:
                 _link(base / "models" / folder / path.name, path)
     for sub in ("input", "output", "temp", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
+    example = comfyui_dir() / "input" / "example.png"  # the image the example workflows load
+    if example.exists() and not (base / "input" / example.name).exists():
+        shutil.copy2(example, base / "input" / example.name)
     return base
+
+
+def shrink_for_tiny_models(prompt: dict) -> dict:
+    """A copy of an API prompt with TINY_RUN_OVERRIDES applied to the nodes they name."""
+    out = json.loads(json.dumps(prompt))
+    for node in out.values():
+        for name, value in TINY_RUN_OVERRIDES.get(node.get("class_type"), {}).items():
+            if name in node.get("inputs", {}):
+                node["inputs"][name] = value
+    return out
 
 
 class ComfyServer:
@@ -192,9 +214,13 @@ class ComfyServer:
             time.sleep(0.25)
         raise ServerError(f"prompt {prompt_id} did not finish within {timeout:.0f}s")
 
-    def run(self, workflow: dict, timeout: float = 600) -> dict:
-        """Queue a UI- or API-format workflow and wait for its history entry."""
-        return self.wait(self.queue(self.to_api(workflow)), timeout)
+    def run(self, workflow: dict, timeout: float = 600, tiny: bool = True) -> dict:
+        """Queue a UI- or API-format workflow and wait for its history entry.
+
+        ``tiny`` shrinks sizes and step counts for the tiny CPU models (TINY_RUN_OVERRIDES).
+        """
+        prompt = self.to_api(workflow)
+        return self.wait(self.queue(shrink_for_tiny_models(prompt) if tiny else prompt), timeout)
 
     def output_files(self, entry: dict) -> list[Path]:
         files = []

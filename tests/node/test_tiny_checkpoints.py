@@ -21,7 +21,6 @@ def weight_hash(module: torch.nn.Module) -> str:
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_stock_loader_detects_family_and_samples_two_steps(family, tiny_checkpoints):
     import comfy.model_base
-
     import nodes
 
     model_cls, config_cls, context_dim, pooled_dim = EXPECTED[family]
