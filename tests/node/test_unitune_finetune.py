@@ -192,3 +192,11 @@ def test_bad_inputs_get_clear_errors(loaded, subject, caplog):
         from frozentune.nodes.unitune_nodes import UniTuneSave
 
         UniTuneSave.execute(model=model, filename="unitune/x")
+
+
+def test_non_finite_loss_stops_with_the_step_and_a_fix(loaded, subject):
+    model, clip, vae = loaded["sd15"]
+    before = at_rest_hash(model)
+    with pytest.raises(FloatingPointError, match=r"at step \d+ of 5: lower the learning rate"):
+        run_finetune(model, clip, vae, subject, steps=5, train="full", learning_rate=1e30)
+    assert at_rest_hash(model) == before
