@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 
+from harness.hashing import weight_hash
+
 EXPECTED = {"sd15": ("BaseModel", "SD15", 768, 768), "sdxl": ("SDXL", "KOALA_700M", 2048, 1280)}
-
-
-def weight_hash(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import pytest
 import torch
 
+from harness.hashing import weight_hash as unet_hash
+
 
 def weight_hash(patcher) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(patcher.model.diffusion_model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return unet_hash(patcher.model.diffusion_model)
 
 
 def at_rest_hash(patcher) -> str:
