@@ -1,0 +1,107 @@
+"""UniTune Edit: late start, masks, blend-back and bad inputs, with stock nodes as the oracle."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def sd15(tiny_checkpoints, pack):
+    import nodes
+
+    return nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoints["sd15"].name)[:3]
+
+
+@pytest.fixture(scope="module")
+def photo():
+    y, x = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+    return torch.stack([x, y, 0.5 * (x + y)], dim=-1)[None]
+
+
+def run_edit(sd15, image, **overrides):
+    from frozentune.nodes.prompt_guidance_nodes import UniTuneEdit
+
+    model, clip, vae = sd15
+    args = dict(model=model, image=image, vae=vae, clip=clip, token="beikkpic", edit_prompt="a minion",
+                negative="", steps=5, cfg=5.0, pg=2.0, sampler_name="euler", scheduler="normal", seed=11, batch=1,
+                start=0.6, blend=0.0, blend_unchanged=0.0)
+    args.update(overrides)
+    image_out, latent_out = UniTuneEdit.execute(**args).args
+    return image_out, latent_out["samples"]
+
+
+def test_start_zero_returns_the_original(sd15, photo):
+    image, latent = run_edit(sd15, photo, start=0.0, batch=2)
+    assert torch.equal(latent, sd15[2].encode(photo).repeat(2, 1, 1, 1))
+    assert torch.equal(image, photo.repeat(2, 1, 1, 1))
+
+
+def test_equals_the_stock_graph_with_the_guider(sd15, photo):
+    """The all-in-one node = VAEEncode + RandomNoise + BasicScheduler + SplitSigmas + SamplerCustomAdvanced."""
+    import nodes
+    from comfy_extras.nodes_custom_sampler import (
+        BasicScheduler,
+        KSamplerSelect,
+        RandomNoise,
+        SamplerCustomAdvanced,
+        SplitSigmas,
+    )
+
+    from frozentune.nodes.prompt_guidance_nodes import PromptGuidanceGuider
+
+    model, clip, vae = sd15
+    _, latent = run_edit(sd15, photo, start=0.6, steps=5)
+
+    enc = nodes.CLIPTextEncode()
+    guider = PromptGuidanceGuider.execute(model, enc.encode(clip, "beikkpic a minion")[0], enc.encode(clip, "beikkpic")[0],
+                                          enc.encode(clip, "")[0], 5.0, 2.0, 0.0, 1.0, 0.0).args[0]
+    sigmas = BasicScheduler.execute(model, "normal", 5, 1.0).args[0]
+    low = SplitSigmas.execute(sigmas, 2).args[1]  # round((1 - 0.6) * 5) = 2 steps skipped
+    out = SamplerCustomAdvanced.execute(RandomNoise.execute(11).args[0], guider, KSamplerSelect.execute("euler").args[0],
+                                        low, nodes.VAEEncode().encode(vae, photo)[0]).args[0]
+    assert torch.equal(latent, out["samples"])
+
+
+def test_mask_keeps_outside_exactly_and_blend_one_is_the_original(sd15, photo):
+    from harness.hashing import weight_hash
+
+    before = weight_hash(sd15[0].model.diffusion_model)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 16:48] = 1.0
+    image, _ = run_edit(sd15, photo, mask=mask, batch=2)
+    outside = mask[0] == 0
+    assert torch.equal(image[:, outside], photo.expand(2, -1, -1, -1)[:, outside])
+    assert (image[:, ~outside] - photo.expand(2, -1, -1, -1)[:, ~outside]).abs().max() > 0.01
+    assert not torch.equal(image[0], image[1])  # batch = variations, each with its own noise
+
+    image, _ = run_edit(sd15, photo, blend=1.0, start=1.0)
+    assert torch.equal(image, photo)
+    assert weight_hash(sd15[0].model.diffusion_model) == before
+
+
+def test_mask_of_another_size_is_resized_with_a_note(sd15, photo, caplog):
+    mask = torch.ones(1, 32, 32)
+    with caplog.at_level(logging.INFO):
+        image, _ = run_edit(sd15, photo, mask=mask, steps=2)
+    assert "mask is 32x32, image is 64x64" in caplog.text
+    assert image.shape == photo.shape
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (dict(start=1.5), r"start=1.5 must be between 0 and 1"),
+    (dict(start=-0.1), r"start=-0.1 must be between 0 and 1"),
+    (dict(vae=None), "VAE input is missing"),
+    (dict(token="  "), "token is empty"),
+    (dict(blend=2.0), r"blend=2.0 must be between 0 and 1"),
+])
+def test_bad_inputs_are_named(sd15, photo, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        run_edit(sd15, photo, steps=1, **overrides)
+
+
+def test_one_image_only(sd15, photo):
+    with pytest.raises(ValueError, match="batch of 2"):
+        run_edit(sd15, photo.repeat(2, 1, 1, 1), steps=1)
