@@ -1,4 +1,10 @@
-"""ControlNet-Zero: a trainable encoder copy joined by zero-initialized convs around a frozen base.
+"""ControlNet-Zero: train a ControlNet (zero-initialized convs around a frozen base UNet).
 
-Plain torch and ``comfy.*`` code; never imports the node schema or the server.
+The network is ComfyUI's own ``comfy.cldm.cldm.ControlNet`` built from the base model's detected
+UNet configuration, so the saved file is in ComfyUI's ldm ControlNet layout and the stock
+``ControlNetLoader`` / ``ControlNetApplyAdvanced`` nodes use it as is. The same training loop
+runs inside a ComfyUI node and from the command line (``python -m controlnet_zero.train``, also
+under ``torchrun`` with DistributedDataParallel).
+
+Nothing heavy is imported here.
 """

@@ -14,13 +14,14 @@ import torch
 FORMAT = "frozentune.unitune/1"
 
 
-def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], format: str = FORMAT) -> Path:
+    """Write ``tensors`` to ``path`` atomically; ``format`` tags the file's kind in the metadata."""
     import safetensors.torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {str(k): str(v) for k, v in metadata.items()}
-    meta["format"] = FORMAT
+    meta["format"] = format
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),

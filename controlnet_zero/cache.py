@@ -1,0 +1,158 @@
+"""Encode the dataset once: VAE latents per image, text conditionings per unique caption.
+
+Training then never runs the VAE or the text encoder. Small sets stay in memory; with a cache
+folder every rank writes the rows it encoded to a safetensors shard, and all ranks read every
+shard lazily (so a large set is neither held in memory nor encoded twice).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .dataset import Pair, chunks, load_pairs
+from .distributed import Dist
+
+log = logging.getLogger(__name__)
+
+EMPTY = ""  # the caption a dropped prompt is replaced with (encoded, as in the ControlNet paper)
+
+
+class Rows:
+    """Row ``i`` -> ``{name: tensor}``, from memory or from safetensors shards read lazily."""
+
+    def __init__(self, memory: dict[int, dict[str, torch.Tensor]] | None = None,
+                 files: Sequence[Path] = ()):
+        self._memory = memory or {}
+        self._where: dict[int, tuple[object, list[str]]] = {}
+        self._handles = []
+        if files:
+            import safetensors
+
+            for path in files:
+                handle = safetensors.safe_open(str(path), framework="pt", device="cpu")
+                self._handles.append(handle)
+                for key in handle.keys():
+                    row, _, name = key.partition(".")
+                    self._where.setdefault(int(row), (handle, []))[1].append(name)
+
+    def __len__(self) -> int:
+        return len(self._memory) + len(self._where)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i in self._memory:
+            return self._memory[i]
+        handle, names = self._where[i]
+        return {name: handle.get_tensor(f"{i}.{name}") for name in names}
+
+
+def _encode_rows(indices: list[int], encode: Callable[[list[int]], list[dict[str, torch.Tensor]]], name: str,
+                 cache_dir: Path | None, dist: Dist, chunk: int) -> Rows:
+    """Encode this rank's share of ``indices``; with ``cache_dir``, share the result through shard files."""
+    mine = indices[dist.rank::dist.world]
+    rows: dict[int, dict[str, torch.Tensor]] = {}
+    for part in chunks(mine, chunk):
+        for i, row in zip(part, encode(part), strict=True):
+            rows[i] = {k: v.detach().to("cpu").contiguous() for k, v in row.items()}
+    if cache_dir is None:
+        if dist.enabled:
+            raise ValueError("several processes need a cache folder to share the encoded dataset: set cache_dir.")
+        return Rows(memory=rows)
+    import safetensors.torch
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    shard = cache_dir / f"{name}.rank{dist.rank}.safetensors"
+    tmp = shard.with_name(shard.name + ".tmp")
+    safetensors.torch.save_file({f"{i}.{k}": v for i, row in rows.items() for k, v in row.items()}, str(tmp))
+    tmp.replace(shard)
+    dist.barrier()
+    return Rows(files=[cache_dir / f"{name}.rank{r}.safetensors" for r in range(dist.world)])
+
+
+@dataclass
+class TrainingData:
+    """Everything a training step reads: latents (model space), RGB hints, text conditionings."""
+
+    images: Rows  # row i: {"latent": [C, h, w] float32, "hint": [R, R, 3] uint8}
+    texts: Rows  # row j: the model's extra conds ("c_crossattn", "y" for SDXL) for caption j; row 0 = EMPTY
+    caption_ids: torch.Tensor  # [N] long, index into texts
+    resolution: int
+
+    def __len__(self) -> int:
+        return int(self.caption_ids.shape[0])
+
+    def batch(self, indices: torch.Tensor, dropped: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(x0 [B, C, h, w], hint [B, 3, R, R] in [0, 1], conds) for rows ``indices``; ``dropped`` -> EMPTY caption."""
+        import comfy.conds
+
+        rows = [self.images[int(i)] for i in indices]
+        x0 = torch.stack([r["latent"] for r in rows]).to(device, torch.float32)
+        hint = torch.stack([r["hint"] for r in rows]).to(device).movedim(-1, 1).float() / 255.0
+        texts = [self.texts[0 if bool(d) else int(self.caption_ids[int(i)])] for i, d in zip(indices, dropped, strict=True)]
+        conds = {}
+        for name in texts[0]:
+            parts = [t[name] for t in texts]
+            if name == "c_crossattn":  # captions of different token lengths: repeat to a common length as ComfyUI does
+                merged = comfy.conds.CONDCrossAttn(parts[0]).concat([comfy.conds.CONDCrossAttn(p) for p in parts[1:]])
+            else:
+                merged = torch.cat(parts)
+            conds[name] = merged.to(device)
+        return x0, hint, conds
+
+
+class Source:
+    """What to encode: ``count`` items, their captions, and a loader for a list of rows."""
+
+    def __init__(self, count: int, captions: list[str],
+                 load: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]):
+        self.count, self.captions, self.load = count, captions, load
+
+    @classmethod
+    def from_pairs(cls, pairs: list[Pair], resolution: int) -> Source:
+        return cls(len(pairs), [p.caption for p in pairs], lambda rows: load_pairs([pairs[i] for i in rows], resolution))
+
+    @classmethod
+    def from_tensors(cls, targets: torch.Tensor, hints: torch.Tensor, captions: list[str]) -> Source:
+        """``targets``/``hints`` ``[N, R, R, 3]`` float in [0, 1] (already fitted)."""
+        def load(rows):
+            return targets[rows], (hints[rows].clamp(0, 1) * 255).round().to(torch.uint8)
+        return cls(targets.shape[0], captions, load)
+
+
+def encode(source: Source, base_model, vae, clip, resolution: int, cache_dir: Path | None = None,
+           dist: Dist | None = None, chunk: int = 8) -> TrainingData:
+    """Run the VAE over every target and the text encoder over every unique caption, once.
+
+    ``base_model`` is the base ``comfy.model_base.BaseModel``: its latent format maps VAE latents to
+    model space, and its ``extra_conds`` build the UNet inputs (SDXL pooled/size conditioning at the
+    training resolution) exactly as sampling does.
+    """
+    from ..unitune.finetune import training_conds
+
+    dist = dist or Dist()
+    unique = [EMPTY] + sorted(set(source.captions) - {EMPTY})
+    index = {c: j for j, c in enumerate(unique)}
+    caption_ids = torch.tensor([index[c] for c in source.captions], dtype=torch.long)
+    latent_like = torch.zeros(1, 4, resolution // 8, resolution // 8)
+
+    def encode_images(rows: list[int]) -> list[dict[str, torch.Tensor]]:
+        targets, hints = source.load(rows)
+        pixels = targets.float() / 255.0 if targets.dtype == torch.uint8 else targets
+        latents = base_model.latent_format.process_in(vae.encode(pixels).float().cpu())
+        return [{"latent": lat, "hint": h} for lat, h in zip(latents, hints, strict=True)]
+
+    def encode_texts(rows: list[int]) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for j in rows:
+            conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(unique[j]))
+            out.append(training_conds(base_model, conditioning, latent_like, torch.device("cpu")))
+        return out
+
+    images = _encode_rows(list(range(source.count)), encode_images, "images", cache_dir, dist, chunk)
+    texts = _encode_rows(list(range(len(unique))), encode_texts, "texts", cache_dir, dist, chunk)
+    log.info("ControlNet-Zero: encoded %d pairs and %d unique captions at %dpx", source.count, len(unique), resolution)
+    return TrainingData(images, texts, caption_ids, resolution)

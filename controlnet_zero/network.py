@@ -1,0 +1,189 @@
+"""Build a zero-initialized ControlNet from a base UNet, check a ControlNet fits a base, wrap it for sampling.
+
+The module is ComfyUI's ``comfy.cldm.cldm.ControlNet`` built from the base model's own detected
+UNet configuration, so its ``state_dict()`` is ComfyUI's ldm ControlNet layout (``input_blocks.*``,
+``zero_convs.N.0.*``, ``input_hint_block.*``, ``middle_block_out.0.*``, ``label_emb.*`` for SDXL)
+and the stock ControlNetLoader detects the same configuration back from the keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+HINT_CHANNELS = 3  # ComfyUI IMAGE tensors are RGB
+# Module prefixes that do not exist in the base UNet. zero_convs / middle_block_out start at exactly
+# zero (so a fresh ControlNet changes nothing); so does the last hint conv, as in the original code.
+NEW_PREFIXES = ("input_hint_block.", "zero_convs.", "middle_block_out.")
+ZERO_PREFIXES = ("zero_convs.", "middle_block_out.")
+LAST_HINT_CONV = 14
+
+
+def controlnet_config(base_model) -> dict:
+    """The ``cldm.ControlNet`` constructor arguments for a base ``comfy.model_base.BaseModel``."""
+    cfg = dict(base_model.model_config.unet_config)
+    cfg.pop("out_channels", None)
+    if not cfg.get("use_spatial_transformer", False) or cfg.get("context_dim") is None:
+        raise ValueError(f"{type(base_model.model_config).__name__} models have no cross-attention UNet that a "
+                         "ControlNet can copy: use an SD1.5 or SDXL-family checkpoint.")
+    return cfg
+
+
+def family_name(config: dict) -> str:
+    """A readable name for a UNet configuration (for error messages)."""
+    ctx, adm = config.get("context_dim"), config.get("adm_in_channels")
+    if ctx == 768 and adm is None:
+        return "SD1.x (768-d text context)"
+    if ctx == 1024:
+        return "SD2.x (1024-d text context)"
+    if ctx == 2048:
+        return "SDXL family (2048-d text context)"
+    return f"a UNet with {ctx}-d text context" + (f" and {adm}-d size/pooled conditioning" if adm else "")
+
+
+def build(config: dict, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """An empty (uninitialized) ``cldm.ControlNet`` for ``config``."""
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    cfg = dict(config)
+    cfg.update(hint_channels=HINT_CHANNELS, operations=comfy.ops.disable_weight_init, dtype=dtype, device=device)
+    return comfy.cldm.cldm.ControlNet(**cfg)
+
+
+def create(base_model, generator: torch.Generator | None = None) -> torch.nn.Module:
+    """A fresh ControlNet for ``base_model``: encoder + middle block copied, new parts initialized.
+
+    ``zero_convs``, ``middle_block_out`` and the last hint conv are exactly zero; the other hint
+    convs get PyTorch's default conv init (Kaiming-uniform), as in the reference code.
+    Weights are fp32 on the CPU (training keeps fp32 master weights).
+    """
+    cfg = controlnet_config(base_model)
+    base_sd = base_model.diffusion_model.state_dict()
+    cn = build(cfg, "cpu", torch.float32)
+    sd = cn.state_dict()
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    out = {}
+    for name, ref in sd.items():
+        if name in base_sd:
+            if tuple(base_sd[name].shape) != tuple(ref.shape):
+                raise RuntimeError(f"UNet weight {name} has shape {tuple(base_sd[name].shape)} but the ControlNet "
+                                   f"built from the same config wants {tuple(ref.shape)}")
+            out[name] = base_sd[name].detach().to("cpu", torch.float32).clone()
+        elif name.startswith(ZERO_PREFIXES) or name.startswith(f"input_hint_block.{LAST_HINT_CONV}."):
+            out[name] = torch.zeros(ref.shape)
+        else:
+            # the other hint convs; also a middle block the base lacks (only tiny test UNets have none)
+            out[name] = _default_init(cn, name, sd, gen)
+    cn.load_state_dict(out, strict=True)
+    return cn
+
+
+def _default_init(cn: torch.nn.Module, name: str, sd: dict, gen: torch.Generator) -> torch.Tensor:
+    """PyTorch's default init for one tensor: norms 1/0, conv/linear U(+-1/sqrt(fan_in)) (kaiming_uniform(a=sqrt(5)))."""
+    module_name, _, leaf = name.rpartition(".")
+    module = cn.get_submodule(module_name)
+    shape = tuple(sd[name].shape)
+    if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+        return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
+    fan_in = sd[f"{module_name}.weight"].shape[1:].numel()
+    return (torch.rand(shape, generator=gen) * 2 - 1) * fan_in ** -0.5
+
+
+def check_fits(control_model: torch.nn.Module, base_model) -> None:
+    """Raise a clear error if ``control_model`` is not the ControlNet ``base_model``'s configuration builds.
+
+    Compares every key and shape with a ControlNet built (on the meta device) from the base's config.
+    """
+    cn_sd = control_model.state_dict()
+    cfg = controlnet_config(base_model)
+    want = {k: tuple(v.shape) for k, v in build(cfg, "meta").state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in cn_sd.items()}
+    differences = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if differences:
+        cn_family = family_name({"context_dim": _context_dim(cn_sd), "adm_in_channels": _adm_channels(cn_sd)})
+        first = differences[0]
+        raise ValueError(
+            f"this ControlNet does not fit the MODEL: it was made for {cn_family}, the MODEL is "
+            f"{family_name(cfg)} ({len(differences)} weights differ, e.g. {first}: ControlNet "
+            f"{have.get(first, 'missing')}, MODEL's {want.get(first, 'none')}). Continue training only from a "
+            "ControlNet of the same base model, or start a new one with ControlNet-Zero Create.")
+
+
+def _context_dim(sd: dict) -> int | None:
+    for k, v in sd.items():
+        if k.endswith("attn2.to_k.weight"):
+            return int(v.shape[1])
+    return None
+
+
+def _adm_channels(sd: dict) -> int | None:
+    w = sd.get("label_emb.0.0.weight")
+    return int(w.shape[1]) if w is not None else None
+
+
+def trainable_copy(control_model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A private fp32 copy of ``control_model`` whose weights are ordinary (not inference) tensors.
+
+    Run under ``torch.inference_mode(False)``: modules created by a ComfyUI node hold inference
+    tensors, which autograd refuses; the input object is never modified.
+    """
+    memo = {id(p): torch.nn.Parameter(p.detach().to(device, torch.float32).clone())
+            for p in control_model.parameters()}
+    memo.update({id(b): b.detach().to(device).clone() for b in control_model.buffers()})
+    cn = copy.deepcopy(control_model, memo)
+    cn.dtype = torch.float32
+    return cn
+
+
+def frozen_twin(unet: torch.nn.Module) -> torch.nn.Module:
+    """A structural copy of ``unet`` whose weights alias the originals' memory, frozen.
+
+    The aliases are ordinary tensors (so autograd can save them for the backward pass even when the
+    originals are inference tensors) and cost no memory; the copy's modules can be patched (e.g.
+    for gradient checkpointing) without touching the base model. Never write to its weights.
+    """
+    memo = {}
+    with torch.inference_mode(False):
+        for t in list(unet.parameters()) + list(unet.buffers()):
+            alias = torch.empty(0, dtype=t.dtype, device=t.device).set_(
+                t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+            memo[id(t)] = torch.nn.Parameter(alias, requires_grad=False) if isinstance(t, torch.nn.Parameter) \
+                else alias
+        twin = copy.deepcopy(unet, memo)
+    twin.requires_grad_(False)
+    return twin
+
+
+def wrap(control_model: torch.nn.Module):
+    """A ``comfy.controlnet.ControlNet`` (the stock CONTROL_NET type) around ``control_model``."""
+    import comfy.controlnet
+    import comfy.model_management as mm
+
+    load_device = mm.get_torch_device()
+    dtype = next(control_model.parameters()).dtype
+    manual_cast = mm.unet_manual_cast(dtype, load_device)
+    return comfy.controlnet.ControlNet(control_model, load_device=load_device, manual_cast_dtype=manual_cast)
+
+
+def unwrap(control_net) -> torch.nn.Module:
+    """The ``cldm.ControlNet`` module inside a CONTROL_NET, or a clear error for other kinds."""
+    import comfy.cldm.cldm
+
+    module = getattr(control_net, "control_model", None)
+    if not isinstance(module, comfy.cldm.cldm.ControlNet):
+        kind = type(module).__name__ if module is not None else type(control_net).__name__
+        raise ValueError(f"this CONTROL_NET is a {kind}, not a UNet ControlNet (ControlNet-Zero trains only "
+                         "ldm-layout ControlNets for SD1.5/SDXL, e.g. from ControlNet-Zero Create or a "
+                         "ControlNet file loaded with Load ControlNet Model).")
+    if getattr(module, "control_add_embedding", None) is not None:
+        raise ValueError("this CONTROL_NET is a Union ControlNet; ControlNet-Zero trains plain ControlNets only.")
+    hint = module.input_hint_block[0].weight.shape[1] if module.input_hint_block is not None else None
+    if hint != HINT_CHANNELS:
+        raise ValueError(f"this ControlNet takes {hint}-channel hints; ControlNet-Zero trains RGB (3-channel) "
+                         "hint ControlNets only.")
+    return module
