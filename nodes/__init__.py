@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import prompt_guidance_nodes, unitune_nodes
+from . import controlnet_zero_nodes, instantstyle_nodes, prompt_guidance_nodes, unitune_nodes
 
 # Every node class of the pack, in menu order. Node ids start with "FrozenTune" and never change.
-NODE_CLASSES: list[type[io.ComfyNode]] = [*unitune_nodes.NODES, *prompt_guidance_nodes.NODES]
+NODE_CLASSES: list[type[io.ComfyNode]] = [*unitune_nodes.NODES, *prompt_guidance_nodes.NODES, *instantstyle_nodes.NODES,
+                                            *controlnet_zero_nodes.NODES]
 
 
 class FrozenTuneExtension(ComfyExtension):

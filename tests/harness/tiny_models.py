@@ -67,7 +67,20 @@ SDXL = TinyRecipe(
     expected_config="KOALA_700M",
 )
 
-RECIPES = {r.family: r for r in (SD15, SDXL)}
+# The full SDXL block layout at one width (Segmind-Vega depths): it has SDXL's real block ids, so the
+# InstantStyle presets ("output", 1) / ("input", 8) and ("middle", 0) exist, which KOALA's layout lacks.
+SDXL_BLOCKS = TinyRecipe(
+    family="sdxl_blocks",
+    unet=dict(
+        model_channels=320, in_channels=4, out_channels=4, num_res_blocks=[2, 2, 2], channel_mult=[1, 1, 1],
+        transformer_depth=[0, 0, 1, 1, 2, 2], transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2],
+        transformer_depth_middle=1, context_dim=2048, num_heads=-1, num_head_channels=64,
+        use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential",
+    ),
+    expected_config="Segmind_Vega",
+)
+
+RECIPES = {r.family: r for r in (SD15, SDXL, SDXL_BLOCKS)}
 
 
 def cache_dir() -> Path:

@@ -1,0 +1,139 @@
+"""The attn2 replace that adds an IP-Adapter's image attention to one cross-attention layer.
+
+ComfyUI calls an attn2 replace with the layer's projected ``q, k, v`` and expects the attention output
+before ``to_out``. The text attention is computed exactly as the stock layer does (same function, same
+arguments), or by the replace that was already on this key (so patches compose); then
+``weight * softmax(q k_ip^T) v_ip`` is added, as IP-Adapter does (``IPAdapterAttnProcessor2_0``).
+
+The batch arrives in chunks, one per entry of ``cond_or_uncond``: 1 is the unconditional (negative) chunk
+and gets the unconditional image tokens (projection of a zero embedding, or of the negative image); every
+other value (0 = positive, 2 = the Prompt Guidance baseline, ...) gets the style image tokens.
+
+Patch objects are immutable: chaining wraps, ``to()`` returns a new object, and ``deepcopy`` (which
+``ModelPatcher.clone()`` applies to model options) shares the weights instead of copying them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+UNCOND = 1
+
+
+def token_grid(latent_hw: tuple[int, int], seq_len: int) -> tuple[int, int]:
+    """(h, w) of a layer's token grid: the latent size halved (rounding up, as stride-2 convs do) until it fits."""
+    h, w = latent_hw
+    while h * w > seq_len:
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    if h * w != seq_len:
+        raise ValueError(f"cannot place {seq_len} attention tokens on a grid of the {latent_hw} latent.")
+    return h, w
+
+
+def mask_rows(mask: torch.Tensor, rows: int, latent_hw: tuple[int, int], seq_len: int,
+              like: torch.Tensor) -> torch.Tensor:
+    """The attention MASK [M, H, W] resized to the layer's tokens: [rows, seq_len, 1]; row i uses mask min(i, M-1)."""
+    h, w = token_grid(latent_hw, seq_len)
+    small = torch.nn.functional.interpolate(mask[:, None].to(like.device, torch.float32), size=(h, w),
+                                            mode="bilinear", align_corners=False)
+    small = small.reshape(mask.shape[0], h * w, 1).to(like.dtype)
+    index = torch.clamp(torch.arange(rows, device=like.device), max=mask.shape[0] - 1)
+    return small[index]
+
+
+def _attention(q, k, v, heads: int, extra: dict) -> torch.Tensor:
+    from comfy.ldm.modules.attention import optimized_attention
+
+    return optimized_attention(q, k, v, heads, attn_precision=extra.get("attn_precision"), transformer_options=extra)
+
+
+@dataclass(frozen=True, eq=False)
+class IPAttention:
+    """attn2 replace for one layer: stock (or previous) text attention + weight * image attention."""
+
+    to_k_ip: torch.Tensor  # [inner, context]
+    to_v_ip: torch.Tensor
+    cond: torch.Tensor  # [1, T, context] style image tokens
+    uncond: torch.Tensor  # [1, T', context] tokens for unconditional chunks
+    weight: float
+    sigma_start: float = math.inf  # active while sigma_end <= sigma <= sigma_start
+    sigma_end: float = 0.0
+    mask: torch.Tensor | None = None  # [M, H, W] in 0..1, or None
+    prev: Callable | None = None  # the replace that was on this key before, if any
+    key: tuple = ()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def to(self, target) -> IPAttention:
+        moved = {name: getattr(self, name).to(target) for name in ("to_k_ip", "to_v_ip", "cond", "uncond")}
+        if self.mask is not None:
+            moved["mask"] = self.mask.to(target)
+        prev = self.prev.to(target) if hasattr(self.prev, "to") else self.prev
+        if prev is self.prev and all(t is getattr(self, n) for n, t in moved.items()):
+            return self
+        return replace(self, prev=prev, **moved)
+
+    def models(self) -> list:
+        return self.prev.models() if hasattr(self.prev, "models") else []
+
+    def _gate(self, extra: dict, rows: int, like: torch.Tensor) -> torch.Tensor | None:
+        """Per-row 0/1 factor from the rows' sigmas; None when every row is active."""
+        sigmas = extra.get("sigmas")
+        if sigmas is None:
+            return None
+        sigmas = torch.as_tensor(sigmas).flatten()
+        if sigmas.numel() != rows:
+            sigmas = sigmas[:1].expand(rows)
+        active = (sigmas <= self.sigma_start) & (sigmas >= self.sigma_end)
+        if bool(active.all()):
+            return None
+        return active.to(like.device, like.dtype)
+
+    def image_attention(self, q: torch.Tensor, extra: dict) -> torch.Tensor:
+        """softmax(q k_ip^T) v_ip per row, with the cond or uncond tokens each chunk calls for."""
+        heads = extra["n_heads"]
+        chunks = list(extra.get("cond_or_uncond") or [0])
+        rows = q.shape[0]
+        if rows % len(chunks):
+            raise ValueError(f"batch of {rows} does not split into the {len(chunks)} chunks of cond_or_uncond {chunks}")
+        per = rows // len(chunks)
+        k_w = self.to_k_ip.to(q.device, q.dtype)
+        v_w = self.to_v_ip.to(q.device, q.dtype)
+        out = torch.empty_like(q)
+        for is_uncond in (False, True):
+            idx = [i * per + r for i, c in enumerate(chunks) if (c == UNCOND) == is_uncond for r in range(per)]
+            if not idx:
+                continue
+            tokens = (self.uncond if is_uncond else self.cond).to(q.device, q.dtype)
+            k_ip = torch.nn.functional.linear(tokens, k_w).expand(len(idx), -1, -1)
+            v_ip = torch.nn.functional.linear(tokens, v_w).expand(len(idx), -1, -1)
+            if len(idx) == rows:
+                return _attention(q, k_ip, v_ip, heads, extra)
+            index = torch.tensor(idx, device=q.device)
+            out[index] = _attention(q[index], k_ip, v_ip, heads, extra)
+        return out
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
+        base = self.prev(q, k, v, extra) if self.prev is not None else _attention(q, k, v, extra["n_heads"], extra)
+        if self.weight == 0:
+            return base
+        gate = self._gate(extra, q.shape[0], q)
+        if gate is not None and not bool(gate.any()):
+            return base
+        ip = self.image_attention(q, extra) * self.weight
+        if gate is not None:
+            ip = ip * gate[:, None, None]
+        if self.mask is not None:
+            shape = extra.get("original_shape")
+            if shape is None:
+                raise ValueError("an attention mask needs extra_options['original_shape'] (the latent shape).")
+            chunks = len(extra.get("cond_or_uncond") or [0])
+            per = q.shape[0] // chunks
+            m = mask_rows(self.mask, per, (shape[-2], shape[-1]), q.shape[1], q)
+            ip = ip * m.repeat(chunks, 1, 1)
+        return base + ip
