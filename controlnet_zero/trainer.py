@@ -107,6 +107,23 @@ def _control(outputs: dict, dtype: torch.dtype) -> dict:
             "output": [c.to(dtype) for c in outputs["output"]]}
 
 
+def _loss(model, unet, ms, x0, hint, conds, sigma, noise, base_dtype, amp_ctx) -> torch.Tensor:
+    """MSE of the controlled UNet's output against its eps/v target, inputs built as ComfyUI's sampling does."""
+    from ..unitune.finetune import _target_coefficients
+
+    x_t = ms.noise_scaling(sigma, noise, x0)
+    x_in = ms.calculate_input(sigma, x_t)
+    timesteps = ms.timestep(sigma).float()
+    context, y = conds["c_crossattn"], conds.get("y")
+    with amp_ctx():
+        outputs = model(x=x_in, hint=hint, timesteps=timesteps, context=context, y=y)
+        out = unet(x_in.to(base_dtype), timesteps, context=context.to(base_dtype),
+                   y=None if y is None else y.to(base_dtype), control=_control(outputs, base_dtype),
+                   transformer_options={})
+    a, b = _target_coefficients(ms, sigma, x_t)
+    return torch.nn.functional.mse_loss(out.float(), ((x0 - a) / b).float())
+
+
 def train(base_model, control_model: torch.nn.Module, data: TrainingData, settings: TrainSettings,
           device: torch.device, *, checkpoint_root: Path | None = None, resume: bool | Path = False,
           dist: Dist | None = None, metadata: dict[str, str] | None = None,
@@ -118,7 +135,7 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
     ``on_step(step, total, loss)`` runs after every optimizer step (ComfyUI's ProgressBar there makes
     Cancel work; the last checkpoint on disk stays as it was).
     """
-    from ..unitune.finetune import _target_coefficients, fingerprint
+    from ..unitune.finetune import fingerprint
 
     settings.check()
     dist = dist or Dist()
@@ -170,21 +187,10 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
                 t = torch.randint(0, n_sigmas, (global_batch,), generator=gen)[mine]
                 noise = torch.randn((global_batch, *latent_shape), generator=gen)[mine].to(device)
                 x0, hint, conds = data.batch(rows, dropped, device)
-                sigma = ms.sigmas[t].to(device)
-                x_t = ms.noise_scaling(sigma, noise, x0)
-                x_in = ms.calculate_input(sigma, x_t)
-                timesteps = ms.timestep(sigma).float()
-                context, y = conds["c_crossattn"], conds.get("y")
                 last = micro == accum - 1
                 sync = model.no_sync() if dist.enabled and not last else contextlib.nullcontext()
                 with sync:
-                    with amp_ctx():
-                        outputs = model(x=x_in, hint=hint, timesteps=timesteps, context=context, y=y)
-                        out = unet(x_in.to(base_dtype), timesteps, context=context.to(base_dtype),
-                                   y=None if y is None else y.to(base_dtype),
-                                   control=_control(outputs, base_dtype), transformer_options={})
-                    a, b = _target_coefficients(ms, sigma, x_t)
-                    loss = torch.nn.functional.mse_loss(out.float(), ((x0 - a) / b).float())
+                    loss = _loss(model, unet, ms, x0, hint, conds, ms.sigmas[t].to(device), noise, base_dtype, amp_ctx)
                     scaler.scale(loss / accum).backward()
                 total += loss.item() / accum
             scaler.unscale_(opt)
@@ -227,3 +233,40 @@ def _check_resume(saved: dict[str, str], now: dict[str, str], folder) -> None:
         if saved.get(key) != now.get(key):
             log.warning("ControlNet-Zero: %s was %s in the checkpoint and is %s now; the resumed run will not "
                         "match an uninterrupted one exactly", key, saved.get(key), now.get(key))
+
+
+def evaluate(base_model, control_model: torch.nn.Module, data: TrainingData, device: torch.device,
+             rows: list[int], *, shuffle_hints: bool = False, repeats: int = 4, seed: int = 1234,
+             batch_size: int = 8) -> float:
+    """Mean loss over ``rows`` at fixed noise and timesteps (same draws for every call with this seed).
+
+    ``shuffle_hints`` gives each row another row's hint (a derangement): if the ControlNet uses the
+    hint, the loss with the true hints is lower. Captions are kept (no prompt dropout).
+    """
+    if shuffle_hints and len(rows) < 2:
+        raise ValueError("shuffled hints need at least 2 rows")
+    ms = base_model.model_sampling
+    base_dtype = base_model.manual_cast_dtype or base_model.get_dtype()
+    unet = network.frozen_twin(base_model.diffusion_model)
+    gen = torch.Generator().manual_seed(seed)
+    latent_shape = tuple(data.images[0]["latent"].shape)
+    was_training = control_model.training
+    control_model.eval()
+    total, count = 0.0, 0
+    shifted = list(rows[1:]) + list(rows[:1])
+    with torch.no_grad():
+        for _ in range(repeats):
+            for start in range(0, len(rows), batch_size):
+                part = torch.tensor(rows[start:start + batch_size])
+                t = torch.randint(0, len(ms.sigmas), (len(part),), generator=gen)
+                noise = torch.randn((len(part), *latent_shape), generator=gen).to(device)
+                no_drop = torch.zeros(len(part), dtype=torch.bool)
+                x0, hint, conds = data.batch(part, no_drop, device)
+                if shuffle_hints:  # row i gets row i+1's hint
+                    hint = data.batch(torch.tensor(shifted[start:start + batch_size]), no_drop, device)[1]
+                loss = _loss(control_model, unet, ms, x0, hint, conds, ms.sigmas[t].to(device), noise, base_dtype,
+                             contextlib.nullcontext)
+                total += float(loss) * len(part)
+                count += len(part)
+    control_model.train(was_training)
+    return total / count

@@ -1,0 +1,224 @@
+"""Train a ControlNet outside the UI: ``python -m controlnet_zero.train --config train.toml`` (or flags).
+
+Run it from the pack's root folder with ComfyUI importable: ``COMFYUI_DIR=/path/to/ComfyUI`` (default:
+the pack's pinned ``build/comfyui``). Multi-process: ``torchrun --nproc_per_node N -m controlnet_zero.train
+--config train.toml`` (DistributedDataParallel; gloo on the CPU, nccl on GPUs). The output is the same
+ldm-layout ControlNet file the ControlNet-Zero Save node writes; put it in ``models/controlnet/``.
+
+Config (TOML; every key is also a flag, e.g. ``--learning-rate 2e-5``; flags win)::
+
+    checkpoint = "models/checkpoints/v1-5-pruned-emaonly.safetensors"   # the frozen base model
+    dataset = "data/fill50k"              # images/ + conditioning/ + captions, or a .jsonl manifest
+    output = "models/controlnet/my_controlnet.safetensors"
+    controlnet = ""                       # optional: a ControlNet file to continue from
+    work_dir = ""                         # checkpoints + encoded cache (default: <output>_run/)
+    resume = false                        # true: continue from the newest checkpoint in work_dir
+    steps = 1000
+    batch_size = 4                        # per process
+    learning_rate = 1e-5
+    checkpoint_every = 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("controlnet_zero.train")
+PACKAGE = "frozentune"
+RUN_KEYS = {"checkpoint": str, "dataset": str, "output": str, "controlnet": str, "work_dir": str, "resume": str,
+            "save_dtype": str, "eval_rows": int, "log_every": int}
+
+
+def _bootstrap():
+    """Import the pack as the package ``frozentune`` (as ComfyUI does) with ComfyUI on ``sys.path``.
+
+    The pack root must not stay on ``sys.path``: its ``nodes/`` package would shadow ComfyUI's ``nodes``.
+    """
+    repo = Path(__file__).resolve().parents[1]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != repo]
+    comfy_dir = Path(os.environ.get("COMFYUI_DIR") or repo / "build" / "comfyui").resolve()
+    if not (comfy_dir / "comfy" / "model_management.py").is_file():
+        raise SystemExit(f"ComfyUI not found at {comfy_dir}: set COMFYUI_DIR to your ComfyUI folder "
+                         "(or run `make setup` for the pinned copy).")
+    sys.path.insert(0, str(comfy_dir))
+    if "comfy.model_management" not in sys.modules:
+        import torch
+        from comfy.cli_args import args
+
+        args.cpu = not torch.cuda.is_available()
+    if PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACKAGE, repo / "__init__.py",
+                                                      submodule_search_locations=[str(repo)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACKAGE] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{PACKAGE}.controlnet_zero.train")
+
+
+def _settings_fields() -> dict[str, type]:
+    from .trainer import TrainSettings
+
+    return {f.name: type(f.default) for f in dataclasses.fields(TrainSettings)}
+
+
+def _parser(fields: dict[str, type]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m controlnet_zero.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", type=Path, help="TOML file with the settings below (flags override it)")
+    for name, kind in {**RUN_KEYS, **fields}.items():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes", "on"), metavar="BOOL")
+        else:
+            p.add_argument(flag, type=kind)
+    return p
+
+
+def _read_config(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    return {**{k: v for k, v in data.items() if not isinstance(v, dict)}, **data.get("train", {})}
+
+
+def options(argv: list[str] | None = None) -> tuple[dict, object]:
+    """(run options, TrainSettings) from the config file and flags."""
+    from .trainer import TrainSettings
+
+    fields = _settings_fields()
+    args = _parser(fields).parse_args(argv)
+    merged = _read_config(args.config)
+    unknown = sorted(set(merged) - set(RUN_KEYS) - set(fields))
+    if unknown:
+        raise SystemExit(f"unknown setting(s) in {args.config}: {', '.join(unknown)}; known: "
+                         f"{', '.join(sorted({**RUN_KEYS, **fields}))}")
+    merged.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    for key in ("checkpoint", "dataset", "output"):
+        if not merged.get(key):
+            raise SystemExit(f"missing setting {key!r}: give it in the config file or as --{key}")
+    settings = TrainSettings(**{k: merged[k] for k in fields if k in merged})
+    settings.check()
+    return merged, settings
+
+
+def load_controlnet_file(path: Path, base_model):
+    """A ControlNet module for ``base_model`` with the weights of an ldm-layout file (bare or control_model.)."""
+    import torch
+
+    from ..unitune import weights_file
+    from . import network
+
+    tensors, _ = weights_file.load(path)
+    if "zero_convs.0.0.weight" not in tensors:
+        prefixed = {k[len("control_model."):]: v for k, v in tensors.items() if k.startswith("control_model.")}
+        if "zero_convs.0.0.weight" not in prefixed:
+            raise ValueError(f"{path} is not an ldm-layout ControlNet (no zero_convs.0.0.weight): convert a "
+                             "diffusers ControlNet by loading it in ComfyUI and saving it with ControlNet-Zero Save.")
+        tensors = prefixed
+    module = network.build(network.controlnet_config(base_model), "cpu", torch.float32)
+    missing, unexpected = module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    if missing or unexpected:
+        network.check_fits(_ShapeOnly(tensors), base_model)
+        raise ValueError(f"{path} does not match the base model's ControlNet layout (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}).")
+    return module
+
+
+class _ShapeOnly:
+    """Lets ``check_fits`` describe a file's tensors without building a module."""
+
+    def __init__(self, tensors):
+        self._tensors = tensors
+
+    def state_dict(self):
+        return self._tensors
+
+
+def run(opts: dict, settings) -> Path | None:
+    """Encode, train, save; returns the written file on rank 0."""
+    import gc
+
+    import comfy.model_management as mm
+    import comfy.sd
+    import torch
+
+    from . import cache, dataset, distributed, files, network, trainer
+
+    dist = distributed.from_environment()
+    try:
+        output = Path(opts["output"]).resolve()
+        work = Path(opts.get("work_dir") or output.with_name(output.stem + "_run")).resolve()
+        pairs = dataset.scan_folder(opts["dataset"])
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(opts["checkpoint"], output_vae=True,
+                                                                      output_clip=True)
+        with torch.inference_mode(False):
+            data = cache.encode(cache.Source.from_pairs(pairs, settings.resolution), model.model, vae, clip,
+                                settings.resolution, cache_dir=work / f"cache_{settings.resolution}", dist=dist)
+        del clip, vae
+        gc.collect()
+        mm.load_models_gpu([model], force_full_load=True)
+        device = model.load_device
+        if opts.get("controlnet"):
+            start = load_controlnet_file(Path(opts["controlnet"]), model.model)
+        else:
+            start = network.create(model.model, torch.Generator().manual_seed(settings.seed))
+        control_model = network.trainable_copy(start, device)
+        del start
+        eval_rows = list(range(min(int(opts.get("eval_rows", 8)), len(data))))
+        before = trainer.evaluate(model.model, control_model, data, device, eval_rows) if eval_rows else None
+        every = int(opts.get("log_every", 10))
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            if dist.is_main and (step == 1 or step % every == 0 or step == total):
+                log.info("step %d/%d loss %.5f", step, total, loss)
+
+        resume = opts.get("resume", False)
+        resume = resume if isinstance(resume, bool) else (resume.lower() in ("1", "true", "yes") or Path(resume))
+        meta = {"controlnet_zero.base_checkpoint": Path(opts["checkpoint"]).name}
+        result = trainer.train(model.model, control_model, data, settings, device,
+                               checkpoint_root=work / "checkpoints", resume=resume, dist=dist, metadata=meta,
+                               on_step=on_step)
+        if eval_rows:
+            after = trainer.evaluate(model.model, control_model, data, device, eval_rows)
+            result.metadata.update({"controlnet_zero.eval_loss_start": f"{before:.6g}",
+                                    "controlnet_zero.eval_loss_end": f"{after:.6g}"})
+            log.info("fixed-draw loss on %d training pairs: %.5f -> %.5f", len(eval_rows), before, after)
+        if dist.is_main:
+            files.save(output, result.control_model, result.metadata, opts.get("save_dtype", "fp32"))
+            (work / "losses.json").parent.mkdir(parents=True, exist_ok=True)
+            (work / "losses.json").write_text(json.dumps({"losses": result.losses, **result.metadata}))
+            log.info("saved %s (%d steps)", output, result.step)
+        dist.barrier()
+        return output if dist.is_main else None
+    finally:
+        dist.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    if __package__ != f"{PACKAGE}.controlnet_zero":
+        return _bootstrap().main(argv)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(asctime)s %(name)s: %(message)s")
+    opts, settings = options(argv)
+    try:
+        run(opts, settings)
+    except ValueError as err:  # bad input: say what and how to fix it, no traceback
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

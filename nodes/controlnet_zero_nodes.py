@@ -1,0 +1,234 @@
+"""ControlNet-Zero Create, Train and Save nodes: thin V3 wrappers over ``controlnet_zero``.
+
+The ControlNet travels between the nodes as the stock CONTROL_NET type, so a fresh or trained one
+also plugs straight into ControlNetApplyAdvanced, and a file loaded with the stock
+ControlNetLoader can be trained further.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..controlnet_zero import cache, dataset, files, network, trainer
+from ..unitune import weights_file
+from ..unitune.loss_curve import loss_curve_image
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "FrozenTune/ControlNet-Zero"
+METADATA_ATTR = "frozentune_metadata"
+DISK_CACHE_ABOVE = 256  # pairs; larger sets keep their encodings in a temp folder instead of memory
+
+
+def _with_metadata(control_model: torch.nn.Module, metadata: dict[str, str]):
+    control_net = network.wrap(control_model)
+    setattr(control_net, METADATA_ATTR, dict(metadata))
+    return control_net
+
+
+def _plain_name(value: str, what: str, example: str) -> str:
+    name = value.strip().replace("\\", "/").strip("/")
+    if not name or ".." in name.split("/"):
+        raise ValueError(f"{what} {value!r} is not a plain relative name such as {example!r}.")
+    return name
+
+
+class ControlNetZeroCreate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FrozenTuneControlNetZeroCreate",
+            display_name="ControlNet-Zero Create",
+            category=CATEGORY,
+            description=(
+                "Builds a new trainable ControlNet for the MODEL: a copy of its encoder and middle block joined "
+                "through zero-initialized convolutions, plus a small hint encoder for RGB hints. Until trained it "
+                "changes nothing (sampling with it applied is identical to sampling without it). The MODEL is "
+                "not modified."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The base model (SD1.5 or SDXL family) the ControlNet is built for. "
+                               "It is only read."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Seed for the initial weights of the hint encoder (the only random part)."),
+            ],
+            outputs=[io.ControlNet.Output(display_name="CONTROL_NET", tooltip="The fresh ControlNet: connect it "
+                                          "to ControlNet-Zero Train.")],
+        )
+
+    @classmethod
+    def execute(cls, model, seed) -> io.NodeOutput:
+        comfy.model_management.load_models_gpu([model])
+        with torch.inference_mode(False):
+            control_model = network.create(model.model, torch.Generator().manual_seed(seed))
+        return io.NodeOutput(_with_metadata(control_model, {"controlnet_zero.init_seed": str(seed)}))
+
+
+class ControlNetZeroTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FrozenTuneControlNetZeroTrain",
+            display_name="ControlNet-Zero Train",
+            category=CATEGORY,
+            is_experimental=True,
+            description=(
+                "Trains a ControlNet on (image, hint, caption) triples with the base model frozen: only the "
+                "ControlNet learns (AdamW), the loss is in the model's own eps/v parameterization, latents and "
+                "captions are encoded once. Give either a dataset folder (images/ + conditioning/ + captions) or "
+                "image and hint batches. The input MODEL and CONTROL_NET are not modified."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The frozen base model. It is not modified."),
+                io.Clip.Input("clip", tooltip="The model's text encoder, used once per unique caption."),
+                io.Vae.Input("vae", tooltip="The model's VAE, used once per training image."),
+                io.ControlNet.Input("control_net", tooltip="The ControlNet to train: from ControlNet-Zero Create, "
+                                    "or a file of the same base model loaded with Load ControlNet Model to continue."),
+                io.String.Input("dataset_folder", default="", tooltip="A folder with images/, conditioning/ (RGB "
+                                "hints, same file names) and a .txt caption per image, or a .jsonl manifest "
+                                "(image, conditioning_image, text). Relative paths are inside ComfyUI's input "
+                                "folder. Leave empty to train on the image/hint inputs."),
+                io.Image.Input("images", optional=True, tooltip="Target images (instead of a folder)."),
+                io.Image.Input("hints", optional=True, tooltip="RGB hints, one per target image, same size."),
+                io.String.Input("captions", default="", multiline=True, optional=True,
+                                tooltip="Captions for the image inputs: one line for all, or one line per image."),
+                io.Int.Input("steps", default=1000, min=1, max=1000000, tooltip="Optimizer steps. Control usually "
+                             "appears suddenly after a few thousand steps at batch 4."),
+                io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Samples per micro-batch."),
+                io.Int.Input("gradient_accumulation", default=1, min=1, max=256, tooltip="Micro-batches per "
+                             "optimizer step (effective batch = batch_size x this)."),
+                io.Float.Input("learning_rate", default=1e-5, min=1e-8, max=1e-2, step=1e-6, round=1e-8,
+                               tooltip="AdamW step size (the ControlNet paper: 1e-5)."),
+                io.Float.Input("prompt_dropout", default=0.5, min=0.0, max=1.0, step=0.05, tooltip="Share of "
+                               "samples trained with an empty caption, so the ControlNet learns the hint's meaning "
+                               "(the paper: 0.5)."),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip="Training size: images "
+                             "and hints are scaled (short side) and center-cropped to this square."),
+                io.Boolean.Input("gradient_checkpointing", default=True, tooltip="Recompute activations in the "
+                                 "backward pass: much less memory, about a third slower."),
+                io.Combo.Input("mixed_precision", options=list(trainer.PRECISIONS), default="auto",
+                               tooltip="auto: bf16 (or fp16) autocast on CUDA, fp32 on the CPU. Weights stay fp32."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed for sample order, noise, timesteps and prompt dropout."),
+                io.Int.Input("checkpoint_every", default=0, min=0, max=1000000, tooltip="Save a resumable "
+                             "checkpoint every N steps into output/controlnet_zero/<run_name>/ (0 = off)."),
+                io.String.Input("run_name", default="controlnet_zero", tooltip="Folder name for this run's "
+                                "checkpoints (under output/controlnet_zero/)."),
+                io.Boolean.Input("resume", default=False, tooltip="Continue from the newest checkpoint of run_name "
+                                 "(weights, optimizer, step and random state) instead of starting over."),
+            ],
+            outputs=[
+                io.ControlNet.Output(display_name="CONTROL_NET", tooltip="The trained ControlNet. Apply it with "
+                                     "Apply ControlNet, and keep it with ControlNet-Zero Save."),
+                io.Image.Output(display_name="loss_curve", tooltip="Training loss per optimizer step."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, control_net, dataset_folder, steps, batch_size, gradient_accumulation,
+                learning_rate, prompt_dropout, resolution, gradient_checkpointing, mixed_precision, seed,
+                checkpoint_every, run_name, resume, images=None, hints=None, captions="") -> io.NodeOutput:
+        settings = trainer.TrainSettings(
+            steps=steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
+            learning_rate=learning_rate, prompt_dropout=prompt_dropout, resolution=resolution,
+            gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision, seed=seed,
+            checkpoint_every=checkpoint_every,
+        )
+        settings.check()
+        source_module = network.unwrap(control_net)
+        comfy.model_management.load_models_gpu([model])
+        network.check_fits(source_module, model.model)
+        if vae is None or getattr(vae, "first_stage_model", None) is None:
+            raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")
+        run = _plain_name(run_name, "run_name", "controlnet_zero")
+        run_dir = Path(folder_paths.get_output_directory()) / "controlnet_zero" / run
+        source = cls._source(dataset_folder, images, hints, captions or "", resolution)
+        cache_dir = run_dir / "cache" if source.count > DISK_CACHE_ABOVE else None
+
+        pbar = comfy.utils.ProgressBar(steps)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            pbar.update_absolute(step, total)  # also raises on Cancel
+            if step == 1 or step % 25 == 0 or step == total:
+                log.info("ControlNet-Zero step %d/%d loss %.5f", step, total, loss)
+
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                data = cache.encode(source, model.model, vae, clip, resolution, cache_dir=cache_dir)
+                comfy.model_management.load_models_gpu([model], force_full_load=True)
+                device = model.load_device
+                control_model = network.trainable_copy(source_module, device)
+                metadata = dict(getattr(control_net, METADATA_ATTR, {}) or {})
+                result = trainer.train(model.model, control_model, data, settings, device,
+                                       checkpoint_root=run_dir / "checkpoints", resume=resume,
+                                       metadata=metadata, on_step=on_step)
+                trained = result.control_model.to(comfy.model_management.unet_offload_device())
+        finally:
+            comfy.model_management.soft_empty_cache()
+        curve = loss_curve_image(result.losses, title="ControlNet-Zero loss")
+        return io.NodeOutput(_with_metadata(trained, result.metadata), curve)
+
+    @staticmethod
+    def _source(folder: str, images, hints, captions: str, resolution: int) -> cache.Source:
+        folder = folder.strip()
+        if folder and (images is not None or hints is not None):
+            raise ValueError("both dataset_folder and image inputs are given: use one of them (clear "
+                             "dataset_folder to train on the images and hints).")
+        if folder:
+            path = Path(folder).expanduser()
+            if not path.is_absolute():
+                path = Path(folder_paths.get_input_directory()) / path
+            return cache.Source.from_pairs(dataset.scan_folder(path), resolution)
+        if images is None or hints is None:
+            raise ValueError("no dataset: set dataset_folder, or connect both images and hints.")
+        targets, fitted_hints, caps = dataset.from_images(images, hints, captions, resolution)
+        return cache.Source.from_tensors(targets, fitted_hints, caps)
+
+
+class ControlNetZeroSave(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FrozenTuneControlNetZeroSave",
+            display_name="ControlNet-Zero Save",
+            category=CATEGORY,
+            is_output_node=True,
+            description=(
+                "Saves a ControlNet into models/controlnet/ as safetensors in ComfyUI's own ControlNet layout "
+                "(atomic write, training settings in the metadata), where the stock Load ControlNet Model node "
+                "lists it. Its control_net_name output can feed that node's name input directly."
+            ),
+            inputs=[
+                io.ControlNet.Input("control_net", tooltip="The CONTROL_NET output of ControlNet-Zero Train."),
+                io.String.Input("filename", default="controlnet_zero/my_controlnet", tooltip="Name under "
+                                "models/controlnet/ (subfolders allowed); a counter is added if it exists."),
+                io.Combo.Input("dtype", options=list(files.DTYPES), default="fp32", tooltip="Weight precision in "
+                               "the file: fp32 keeps the trained weights exactly, fp16/bf16 halve the size."),
+            ],
+            outputs=[io.AnyType.Output(display_name="control_net_name", tooltip="The saved file's name as Load "
+                                       "ControlNet Model lists it (connect it to that node's name input).")],
+        )
+
+    @classmethod
+    def execute(cls, control_net, filename, dtype) -> io.NodeOutput:
+        module = network.unwrap(control_net)
+        name = _plain_name(filename, "filename", "controlnet_zero/my_controlnet")
+        root = Path(folder_paths.get_folder_paths("controlnet")[0])
+        folder, _, stem = name.rpartition("/")
+        path = weights_file.unused_path(root / folder if folder else root, stem)
+        with torch.inference_mode(False):
+            files.save(path, module, getattr(control_net, METADATA_ATTR, {}) or {}, dtype)
+        listed = os.path.relpath(path, root).replace(os.sep, "/")
+        log.info("ControlNet-Zero: saved %s", path)
+        return io.NodeOutput(listed)
+
+
+NODES = [ControlNetZeroCreate, ControlNetZeroTrain, ControlNetZeroSave]
