@@ -43,6 +43,8 @@ TINY_RUN_OVERRIDES: dict[str, dict[str, object]] = {
     "EmptyLatentImage": {"width": 64, "height": 64},
     "FrozenTuneUniTuneFineTune": {"steps": 16, "batch_size": 2},
     "KSampler": {"steps": 6},
+    "BasicScheduler": {"steps": 6},
+    "FrozenTuneUniTuneEdit": {"steps": 6},
 }
 IMPORT_LINE = re.compile(r"^\s*([0-9.]+) seconds( \(IMPORT FAILED\))?: (.+)$")
 
