@@ -182,3 +182,23 @@ def test_guider_never_mutates_model_or_conditionings(sd15, prompts, random_contr
 def test_guider_bad_settings_are_named(sd15, prompts, kw, message):
     with pytest.raises(ValueError, match=message):
         ours(sd15[0], prompts, 5.0, 2.0, **kw)
+
+
+def test_hooks_on_a_conditioning_keep_working(sd15, prompts):
+    """A LoRA hook on the positive prompt only (stock hooks API) acts, and matches the stock DualCFGGuider."""
+    import comfy.hooks
+    from comfy_extras.nodes_custom_sampler import DualCFGGuider
+
+    model = sd15[0]
+    unet = model.model.diffusion_model
+    name, layer = next((n, m) for n, m in unet.named_modules() if n.endswith("attn2.to_v"))
+    gen = torch.Generator().manual_seed(2)
+    lora = {f"diffusion_model.{name}.lora_up.weight": torch.randn(layer.weight.shape[0], 4, generator=gen),
+            f"diffusion_model.{name}.lora_down.weight": torch.randn(4, layer.weight.shape[1], generator=gen)}
+    hooks = comfy.hooks.create_hook_lora(lora, strength_model=1.0, strength_clip=0.0)
+    hooked = dict(prompts, positive=comfy.hooks.set_hooks_for_conditioning(prompts["positive"], hooks))
+    got = sample(ours(model, hooked, 5.0, 2.0), model)
+    assert (got - sample(ours(model, prompts, 5.0, 2.0), model)).abs().max().item() > 1e-3
+    dual = DualCFGGuider.execute(model, hooked["positive"], prompts["baseline"], prompts["negative"],
+                                 cfg_conds=7.0, cfg_cond2_negative=5.0, style="regular").args[0]
+    assert_close(got, sample(dual, model))
