@@ -11,7 +11,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..unitune import finetune, weights_file
+from ..unitune import compress, finetune, weights_file
 from ..unitune.loss_curve import loss_curve_image
 
 log = logging.getLogger(__name__)
@@ -20,6 +20,7 @@ CATEGORY = "FrozenTune/UniTune"
 FOLDER = "unitune"
 ATTACHMENT = "frozentune.unitune"
 MODE_CHOICES = ["auto", *finetune.TRAIN_MODES]
+SAVE_AS = ("as trained", "lora")
 
 # models/unitune/ for tuned results, safetensors only (listed by UniTune Load).
 if FOLDER not in folder_paths.folder_names_and_paths:
@@ -125,12 +126,18 @@ class UniTuneSave(io.ComfyNode):
                 io.String.Input("filename", default="unitune/beikkpic", tooltip="File name under models/; a "
                                 "counter is appended if it exists. Keep the 'unitune/' prefix so UniTune Load "
                                 "lists it, or use 'loras/...' for the stock LoraLoader."),
+                io.Combo.Input("save_as", options=list(SAVE_AS), default="as trained", optional=True,
+                               tooltip="as trained: the exact result. lora: compress a full or attention "
+                               "result to a LoRA of lora_rank (truncated SVD; much smaller file, the relative "
+                               "error is logged and stored in the metadata). A lora-mode result is saved as is."),
+                io.Int.Input("lora_rank", default=32, min=1, max=1024, optional=True,
+                             tooltip="Rank of the compressed LoRA (save_as = lora only)."),
             ],
             outputs=[io.String.Output(display_name="path", tooltip="Where the file was written.")],
         )
 
     @classmethod
-    def execute(cls, model, filename) -> io.NodeOutput:
+    def execute(cls, model, filename, save_as="as trained", lora_rank=32) -> io.NodeOutput:
         result = model.attachments.get(ATTACHMENT)
         if result is None:
             raise ValueError("this MODEL was not made by UniTune Fine-Tune (nothing to save): connect the MODEL "
@@ -141,9 +148,17 @@ class UniTuneSave(io.ComfyNode):
         folder, _, stem = name.rpartition("/")
         root = folder_paths.models_dir
         target_dir = os.path.join(root, folder) if folder else folder_paths.get_folder_paths(FOLDER)[0]
+        tensors, metadata = result.tensors, dict(result.metadata)
+        if save_as == "lora" and result.settings.mode != "lora":
+            tensors, error = compress.delta_to_lora(tensors, lora_rank)
+            metadata.update({"unitune.saved_as": f"lora rank {lora_rank}", "unitune.lora_relative_error": f"{error:.6g}"})
+            log.info("UniTune: compressed the %s delta to a rank-%d LoRA, relative error %.4g",
+                     result.settings.mode, lora_rank, error)
+        elif save_as == "lora":
+            log.info("UniTune: this result is a LoRA already; saved as trained")
         path = weights_file.unused_path(Path(target_dir), stem)
-        weights_file.save(path, result.tensors, result.metadata)
-        log.info("UniTune: saved %d tensors to %s", len(result.tensors), path)
+        weights_file.save(path, tensors, metadata)
+        log.info("UniTune: saved %d tensors to %s", len(tensors), path)
         return io.NodeOutput(str(path))
 
 

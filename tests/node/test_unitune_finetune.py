@@ -197,3 +197,39 @@ def test_non_finite_loss_stops_with_the_step_and_a_fix(loaded, subject):
     with pytest.raises(FloatingPointError, match=r"at step \d+ of 5: lower the learning rate"):
         run_finetune(model, clip, vae, subject, steps=5, train="full", learning_rate=1e30)
     assert at_rest_hash(model) == before
+
+
+def test_full_delta_compresses_to_a_lora(loaded, subject, tmp_path, monkeypatch):
+    """Save as LoRA: at full rank it is exact; at a low rank the error is reported and the stock loader reads it."""
+    import folder_paths
+    import nodes
+
+    from frozentune.nodes.unitune_nodes import FOLDER, UniTuneSave
+    from frozentune.unitune import weights_file
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, FOLDER, ([str(tmp_path / "unitune")], {".safetensors"}))
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path / "loras")], {".safetensors"}))
+    model, clip, vae = loaded["sd15"]
+    tuned, _ = run_finetune(model, clip, vae, subject, train="attention", learning_rate=1e-3)
+    context = nodes.CLIPTextEncode().encode(clip, "beikkpic")[0][0][0]
+    x, sigma = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([2.0])
+
+    def out(p):
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([p])
+        return p.model.apply_model(x, sigma, c_crossattn=context).detach().clone()
+
+    tuned_out, base_out = out(tuned), out(model)
+    errors = {}
+    for rank in (4096, 2):
+        path = UniTuneSave.execute(model=tuned, filename=f"loras/rank{rank}", save_as="lora", lora_rank=rank).args[0]
+        tensors, metadata = weights_file.load(path)
+        assert any(k.endswith(".lora_up.weight") for k in tensors) and not any(k.endswith(".diff") for k in tensors)
+        errors[rank] = float(metadata["unitune.lora_relative_error"])
+        stock = nodes.LoraLoaderModelOnly().load_lora_model_only(model, f"rank{rank}.safetensors", 1.0)[0]
+        errors[f"out{rank}"] = ((out(stock) - tuned_out).norm() / (tuned_out - base_out).norm()).item()
+    logging.getLogger(__name__).info("UniTune attention delta -> LoRA: %s", errors)
+    assert errors[4096] < 1e-5 and errors["out4096"] < 1e-3, errors
+    assert 1e-4 < errors[2] < 1.0 and errors["out2"] < 1.0, errors
