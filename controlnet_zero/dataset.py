@@ -132,10 +132,10 @@ def _to_tensor(img) -> torch.Tensor:
 
 def fit(images: torch.Tensor, resolution: int, method: str) -> torch.Tensor:
     """``[B, H, W, 3]`` -> ``[B, R, R, 3]``: scale the short side to R and center-crop (ComfyUI's upscale)."""
-    import comfy.utils
-
     if tuple(images.shape[1:3]) == (resolution, resolution):
         return images
+    import comfy.utils
+
     nchw = images.movedim(-1, 1)
     was_uint8 = nchw.dtype == torch.uint8
     out = comfy.utils.common_upscale(nchw.float() / 255.0 if was_uint8 else nchw, resolution, resolution,

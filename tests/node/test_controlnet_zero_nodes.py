@@ -1,0 +1,202 @@
+"""ControlNet-Zero Create / Train / Save on the tiny models, checked against ComfyUI's own ControlNet nodes."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from harness import disks
+from harness.hashing import weight_hash as module_hash
+
+R = 64  # training and sampling size (latent 8x8)
+
+
+def at_rest_hash(patcher) -> str:
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher])
+    return module_hash(patcher.model.diffusion_model)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoints, pack):
+    import nodes
+
+    return {f: nodes.CheckpointLoaderSimple().load_checkpoint(p.name)[:3] for f, p in tiny_checkpoints.items()}
+
+
+@pytest.fixture()
+def controlnet_folder(tmp_path, monkeypatch):
+    """Point ComfyUI's controlnet folder (what Save writes and ControlNetLoader reads) at a temp folder."""
+    import folder_paths
+
+    folder = tmp_path / "controlnet"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "controlnet", ([str(folder)], {".safetensors"}))
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    return folder
+
+
+def create(model, seed=0):
+    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroCreate
+
+    return ControlNetZeroCreate.execute(model=model, seed=seed).args[0]
+
+
+def train(model, clip, vae, control_net, **overrides):
+    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroTrain
+
+    targets, hints = disks.disks(4, R, seed=0)
+    args = dict(dataset_folder="", images=targets, hints=hints, captions=disks.CAPTION, steps=2, batch_size=2,
+                gradient_accumulation=1, learning_rate=1e-3, prompt_dropout=0.5, resolution=R,
+                gradient_checkpointing=False, mixed_precision="auto", seed=0, checkpoint_every=0,
+                run_name="test", resume=False)
+    args.update(overrides)
+    out = ControlNetZeroTrain.execute(model=model, clip=clip, vae=vae, control_net=control_net, **args)
+    return out.args[0], out.args[1]
+
+
+def conds(clip, text="a red disk"):
+    import nodes
+
+    return nodes.CLIPTextEncode().encode(clip, text)[0], nodes.CLIPTextEncode().encode(clip, "")[0]
+
+
+def sample(model, positive, negative, control_net=None, hint=None):
+    import nodes
+
+    if control_net is not None:
+        positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control_net, hint,
+                                                                              1.0, 0.0, 1.0)
+    latent = {"samples": torch.zeros(1, 4, R // 8, R // 8)}
+    return nodes.common_ksampler(model, 3, 3, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+
+def test_fresh_controlnet_changes_nothing_and_one_step_makes_zero_convs_nonzero(loaded):
+    model, clip, vae = loaded["sd15"]
+    before = at_rest_hash(model)
+    fresh = create(model)
+    fresh_hash = module_hash(fresh.control_model)
+    positive, negative = conds(clip)
+    hint = disks.disks(1, R, seed=5)[1]
+    plain = sample(model, positive, negative)
+    controlled = sample(model, positive, negative, fresh, hint)
+    assert torch.equal(plain, controlled), "a fresh ControlNet-Zero changed the sample"
+
+    trained, _ = train(model, clip, vae, fresh, steps=1, learning_rate=1e-5, gradient_checkpointing=True)
+    cn = trained.control_model
+    zero_convs = [z[0] for z in cn.zero_convs] + [cn.middle_block_out[0]]
+    assert all(bool(z.weight.abs().max() > 0) and bool(z.bias.abs().max() > 0) for z in zero_convs), \
+        "after one step every zero conv must have moved (gradients reach them)"
+    # As in the reference code: at step 0 the zero convs block every gradient behind them, so the last
+    # (zero-initialized) hint conv still has no gradient in the first step and stays exactly zero.
+    assert not cn.input_hint_block[14].weight.any()
+    assert module_hash(fresh.control_model) == fresh_hash, "training modified the input CONTROL_NET"
+    assert at_rest_hash(model) == before, "training modified the base MODEL"
+    assert not torch.equal(sample(model, positive, negative, trained, hint), plain)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_saved_file_loads_in_stock_controlnet_loader_and_matches(family, loaded, controlnet_folder, caplog):
+    import nodes
+
+    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroSave
+
+    model, clip, vae = loaded[family]
+    before = at_rest_hash(model)
+    trained, curve = train(model, clip, vae, create(model), steps=2)
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3
+    assert at_rest_hash(model) == before, "training modified the base MODEL"
+
+    name = ControlNetZeroSave.execute(control_net=trained, filename=f"cz/{family}", dtype="fp32").args[0]
+    assert name == f"cz/{family}.safetensors" and (controlnet_folder / name).is_file()
+    assert name in __import__("folder_paths").get_filename_list("controlnet")
+    with caplog.at_level(logging.DEBUG):
+        stock = nodes.ControlNetLoader().load_controlnet(name)[0]
+    assert "missing controlnet keys" not in caplog.text and "unexpected controlnet keys" not in caplog.text
+
+    # the loaded module computes what the trained in-memory module computes
+    gen = torch.Generator().manual_seed(0)
+    ctx_dim = 2048 if family == "sdxl" else 768
+    inputs = dict(x=torch.randn(2, 4, 8, 8, generator=gen), hint=torch.rand(2, 3, R, R, generator=gen),
+                  timesteps=torch.tensor([100.0, 800.0]), context=torch.randn(2, 77, ctx_dim, generator=gen),
+                  y=torch.randn(2, 2816, generator=gen) if family == "sdxl" else None)
+    with torch.no_grad():
+        ours = trained.control_model(**inputs)
+        theirs = stock.control_model.to(torch.float32)(**inputs)
+    for a, b in zip(ours["output"] + ours["middle"], theirs["output"] + theirs["middle"], strict=True):
+        assert (a - b).abs().max().item() <= 1e-5
+    assert any(o.abs().max() > 0 for o in ours["output"]), "trained ControlNet outputs are all zero"
+
+    # and so does sampling through ControlNetApplyAdvanced
+    positive, negative = conds(clip)
+    hint = disks.disks(1, R, seed=7)[1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        in_memory = sample(model, positive, negative, trained, hint)
+        from_file = sample(model, positive, negative, stock, hint)
+    assert "could not be applied" not in caplog.text
+    assert (in_memory - from_file).abs().max().item() <= 1e-5
+    assert at_rest_hash(model) == before
+
+
+def test_half_precision_file_loads_without_key_warnings(loaded, controlnet_folder, caplog):
+    import nodes
+
+    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroSave
+
+    model, _, _ = loaded["sd15"]
+    name = ControlNetZeroSave.execute(control_net=create(model), filename="fresh_fp16", dtype="fp16").args[0]
+    with caplog.at_level(logging.DEBUG):
+        stock = nodes.ControlNetLoader().load_controlnet(name)[0]
+    assert "missing controlnet keys" not in caplog.text and "unexpected controlnet keys" not in caplog.text
+    assert stock.control_model.zero_convs[0][0].weight.dtype in (torch.float16, torch.float32)
+
+
+def test_continue_from_a_controlnet_of_another_family_is_refused(loaded):
+    sd15_model, _, _ = loaded["sd15"]
+    sdxl_model, sdxl_clip, sdxl_vae = loaded["sdxl"]
+    with pytest.raises(ValueError, match="does not fit the MODEL.*SD1.x.*SDXL family"):
+        train(sdxl_model, sdxl_clip, sdxl_vae, create(sd15_model), steps=1)
+
+
+def test_folder_dataset_errors_reach_the_user_before_training(loaded, tmp_path):
+    model, clip, vae = loaded["sd15"]
+    root = disks.write_folder(tmp_path / "set", count=3, size=R)
+    (root / "conditioning" / "disk_001.png").unlink()
+    with pytest.raises(ValueError, match=r"no hint of the same name.*disk_001"):
+        train(model, clip, vae, create(model), dataset_folder=str(root), images=None, hints=None)
+    with pytest.raises(ValueError, match="use one of them"):
+        train(model, clip, vae, create(model), dataset_folder=str(root))
+
+
+def test_cancel_keeps_last_checkpoint_and_resume_matches_uninterrupted_run(loaded, controlnet_folder):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    model, clip, vae = loaded["sd15"]
+    settings = dict(steps=4, batch_size=1, gradient_accumulation=2, checkpoint_every=2, learning_rate=1e-3)
+    whole, _ = train(model, clip, vae, create(model), run_name="whole", **settings)
+
+    def hook(value, total, preview, node_id=None):
+        if value == 3:
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()  # what ComfyUI's own hook does
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            train(model, clip, vae, create(model), run_name="cut", **settings)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    run_dir = controlnet_folder.parent / "output" / "controlnet_zero" / "cut" / "checkpoints"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["step_000002"], "Cancel must keep the last saved state"
+
+    resumed, _ = train(model, clip, vae, create(model), run_name="cut", resume=True, **settings)
+    a, b = whole.control_model.state_dict(), resumed.control_model.state_dict()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+    assert resumed.frozentune_metadata["controlnet_zero.steps_done"] == "4"
