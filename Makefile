@@ -29,5 +29,8 @@ lint: setup
 validate: setup
 	.venv/bin/comfy --skip-prompt node validate
 
+bench: setup
+	cd tests && for script in ../bench/*.py; do $(VENV_PY) $$script || exit 1; done
+
 clean:
 	rm -rf build out .pytest_cache .ruff_cache
