@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size / 8)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings stable under load)")
     args = parser.parse_args()
 
     comfy_env.import_comfy()
@@ -38,6 +39,8 @@ def main() -> None:
     from comfy_extras.nodes_custom_sampler import CFGGuider, DualCFGGuider
 
     from frozentune.nodes.prompt_guidance_nodes import PromptGuidanceGuider
+
+    torch.set_num_threads(args.threads)
 
     path = tiny_models.checkpoint_path(args.family)
     folder_paths.add_model_folder_path("checkpoints", str(path.parent))
