@@ -152,7 +152,10 @@ def encode(source: Source, base_model, vae, clip, resolution: int, cache_dir: Pa
             out.append(training_conds(base_model, conditioning, latent_like, torch.device("cpu")))
         return out
 
-    images = _encode_rows(list(range(source.count)), encode_images, "images", cache_dir, dist, chunk)
-    texts = _encode_rows(list(range(len(unique))), encode_texts, "texts", cache_dir, dist, chunk)
+    # no_grad: the VAE's and text encoder's weights may require grad, and under ComfyUI's executor they are
+    # inference tensors that autograd must never record.
+    with torch.no_grad():
+        images = _encode_rows(list(range(source.count)), encode_images, "images", cache_dir, dist, chunk)
+        texts = _encode_rows(list(range(len(unique))), encode_texts, "texts", cache_dir, dist, chunk)
     log.info("ControlNet-Zero: encoded %d pairs and %d unique captions at %dpx", source.count, len(unique), resolution)
     return TrainingData(images, texts, caption_ids, resolution)

@@ -96,10 +96,6 @@ class ControlNetZeroTrain(io.ComfyNode):
                                 "hints, same file names) and a .txt caption per image, or a .jsonl manifest "
                                 "(image, conditioning_image, text). Relative paths are inside ComfyUI's input "
                                 "folder. Leave empty to train on the image/hint inputs."),
-                io.Image.Input("images", optional=True, tooltip="Target images (instead of a folder)."),
-                io.Image.Input("hints", optional=True, tooltip="RGB hints, one per target image, same size."),
-                io.String.Input("captions", default="", multiline=True, optional=True,
-                                tooltip="Captions for the image inputs: one line for all, or one line per image."),
                 io.Int.Input("steps", default=1000, min=1, max=1000000, tooltip="Optimizer steps. Control usually "
                              "appears suddenly after a few thousand steps at batch 4."),
                 io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Samples per micro-batch."),
@@ -124,6 +120,10 @@ class ControlNetZeroTrain(io.ComfyNode):
                                 "checkpoints (under output/controlnet_zero/)."),
                 io.Boolean.Input("resume", default=False, tooltip="Continue from the newest checkpoint of run_name "
                                  "(weights, optimizer, step and random state) instead of starting over."),
+                io.Image.Input("images", optional=True, tooltip="Target images (instead of a folder)."),
+                io.Image.Input("hints", optional=True, tooltip="RGB hints, one per target image, same size."),
+                io.String.Input("captions", default="", multiline=True, optional=True,
+                                tooltip="Captions for the image inputs: one line for all, or one line per image."),
             ],
             outputs=[
                 io.ControlNet.Output(display_name="CONTROL_NET", tooltip="The trained ControlNet. Apply it with "

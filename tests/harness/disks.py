@@ -47,3 +47,14 @@ def write_folder(root: Path, count: int = 8, size: int = 64, seed: int = 0, capt
         _png(hint, root / "conditioning" / f"disk_{i:03d}.png")
         (root / "images" / f"disk_{i:03d}.txt").write_text(caption)
     return root
+
+
+DEMO_HINT = "controlnet_zero_disk_hint.png"  # top-level input file, so the stock LoadImage lists it
+
+
+def write_demo_inputs(input_dir: Path, count: int = 16, size: int = 128) -> Path:
+    """The example workflow's dataset folder and one held-out hint image, in a ComfyUI input folder."""
+    input_dir = Path(input_dir)
+    root = write_folder(input_dir / DEMO_FOLDER, count=count, size=size, seed=0)
+    _png(disks(1, size, seed=99)[1][0], input_dir / DEMO_HINT)
+    return root

@@ -42,6 +42,7 @@ TINY_RUN_OVERRIDES: dict[str, dict[str, object]] = {
     "ImageScale": {"width": 64, "height": 64},
     "EmptyLatentImage": {"width": 64, "height": 64},
     "FrozenTuneUniTuneFineTune": {"steps": 16, "batch_size": 2},
+    "FrozenTuneControlNetZeroTrain": {"steps": 2, "batch_size": 2, "resolution": 64},
     "KSampler": {"steps": 6},
     "BasicScheduler": {"steps": 6},
     "FrozenTuneUniTuneEdit": {"steps": 6},
@@ -93,6 +94,9 @@ def prepare_base(base: Path, with_models: bool = True) -> Path:
     example = comfyui_dir() / "input" / "example.png"  # the image the example workflows load
     if example.exists() and not (base / "input" / example.name).exists():
         shutil.copy2(example, base / "input" / example.name)
+    from .disks import write_demo_inputs  # the ControlNet-Zero example's dataset, generated (never committed)
+
+    write_demo_inputs(base / "input")
     return base
 
 

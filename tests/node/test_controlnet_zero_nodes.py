@@ -24,7 +24,8 @@ def at_rest_hash(patcher) -> str:
 def loaded(tiny_checkpoints, pack):
     import nodes
 
-    return {f: nodes.CheckpointLoaderSimple().load_checkpoint(p.name)[:3] for f, p in tiny_checkpoints.items()}
+    with torch.inference_mode():  # loader outputs hold inference tensors, as in a real graph
+        return {f: nodes.CheckpointLoaderSimple().load_checkpoint(p.name)[:3] for f, p in tiny_checkpoints.items()}
 
 
 @pytest.fixture()
@@ -42,7 +43,8 @@ def controlnet_folder(tmp_path, monkeypatch):
 def create(model, seed=0):
     from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroCreate
 
-    return ControlNetZeroCreate.execute(model=model, seed=seed).args[0]
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        return ControlNetZeroCreate.execute(model=model, seed=seed).args[0]
 
 
 def train(model, clip, vae, control_net, **overrides):
@@ -54,7 +56,8 @@ def train(model, clip, vae, control_net, **overrides):
                 gradient_checkpointing=False, mixed_precision="auto", seed=0, checkpoint_every=0,
                 run_name="test", resume=False)
     args.update(overrides)
-    out = ControlNetZeroTrain.execute(model=model, clip=clip, vae=vae, control_net=control_net, **args)
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        out = ControlNetZeroTrain.execute(model=model, clip=clip, vae=vae, control_net=control_net, **args)
     return out.args[0], out.args[1]
 
 
