@@ -5,7 +5,9 @@ The tiny random VAE maps every disk image to almost the same latent (sample-to-s
 the trainer latents in which the disk is visible: each target image 8x8 average-pooled to the latent
 grid, RGB + mean as the 4 channels, standardized. Everything else is the real pipeline: the tiny SD1.5
 UNet frozen, ComfyUI's cldm ControlNet built by ControlNet-Zero, the RGB disk masks as hints, the
-text conditioning from the real CLIP, the training loop and its eps loss.
+text conditioning from the real CLIP, the training loop and its eps loss. The learning rate is 1e-3,
+not the paper's 1e-5: at 1e-5 the zero-initialized path takes thousands of steps to open ("sudden
+convergence"), too long for a test; measured here, 100 steps give a clear gap.
 """
 
 from __future__ import annotations
