@@ -163,6 +163,11 @@ def run(opts: dict, settings) -> Path | None:
         pairs = dataset.scan_folder(opts["dataset"])
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(opts["checkpoint"], output_vae=True,
                                                                       output_clip=True)
+        # the ControlNet first: a file of another model family fails before the slow encoding
+        if opts.get("controlnet"):
+            start = load_controlnet_file(Path(opts["controlnet"]), model.model)
+        else:
+            start = network.create(model.model, torch.Generator().manual_seed(settings.seed))
         with torch.inference_mode(False):
             data = cache.encode(cache.Source.from_pairs(pairs, settings.resolution), model.model, vae, clip,
                                 settings.resolution, cache_dir=work / f"cache_{settings.resolution}", dist=dist)
@@ -170,10 +175,6 @@ def run(opts: dict, settings) -> Path | None:
         gc.collect()
         mm.load_models_gpu([model], force_full_load=True)
         device = model.load_device
-        if opts.get("controlnet"):
-            start = load_controlnet_file(Path(opts["controlnet"]), model.model)
-        else:
-            start = network.create(model.model, torch.Generator().manual_seed(settings.seed))
         control_model = network.trainable_copy(start, device)
         del start
         eval_rows = list(range(min(int(opts.get("eval_rows", 8)), len(data))))
