@@ -177,24 +177,15 @@ def test_folder_dataset_errors_reach_the_user_before_training(loaded, tmp_path):
 
 def test_cancel_keeps_last_checkpoint_and_resume_matches_uninterrupted_run(loaded, controlnet_folder):
     import comfy.model_management as mm
-    import comfy.utils
+
+    from harness.cancel import cancel_at
 
     model, clip, vae = loaded["sd15"]
     settings = dict(steps=4, batch_size=1, gradient_accumulation=2, checkpoint_every=2, learning_rate=1e-3)
     whole, _ = train(model, clip, vae, create(model), run_name="whole", **settings)
 
-    def hook(value, total, preview, node_id=None):
-        if value == 3:
-            mm.interrupt_current_processing(True)
-        mm.throw_exception_if_processing_interrupted()  # what ComfyUI's own hook does
-
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            train(model, clip, vae, create(model), run_name="cut", **settings)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        mm.interrupt_current_processing(False)
+    with cancel_at(3), pytest.raises(mm.InterruptProcessingException):
+        train(model, clip, vae, create(model), run_name="cut", **settings)
     run_dir = controlnet_folder.parent / "output" / "controlnet_zero" / "cut" / "checkpoints"
     assert sorted(p.name for p in run_dir.iterdir()) == ["step_000002"], "Cancel must keep the last saved state"
 

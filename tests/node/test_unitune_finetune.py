@@ -90,25 +90,14 @@ def test_base_untouched_loss_falls_and_token_reconstructs(loaded, subject):
 
 def test_cancel_leaves_base_untouched(loaded, subject):
     import comfy.model_management as mm
-    import comfy.utils
+
+    from harness.cancel import cancel_at
 
     model, clip, vae = loaded["sd15"]
     before = at_rest_hash(model)
     seen = []
-
-    def hook(value, total, preview, node_id=None):
-        seen.append(value)
-        if value == 3:
-            mm.interrupt_current_processing(True)
-        mm.throw_exception_if_processing_interrupted()  # what ComfyUI's own hook does
-
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            run_finetune(model, clip, vae, subject, steps=50, train="full")
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        mm.interrupt_current_processing(False)
+    with cancel_at(3, seen), pytest.raises(mm.InterruptProcessingException):
+        run_finetune(model, clip, vae, subject, steps=50, train="full")
     assert seen[-1] == 3
     assert at_rest_hash(model) == before
 
