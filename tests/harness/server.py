@@ -34,7 +34,12 @@ STAND_INS: dict[str, dict[str, str]] = {
     "checkpoints": {
         "v1-5-pruned-emaonly.safetensors": "sd15",
         "sd_xl_base_1.0.safetensors": "sdxl",
+        "sd_xl_base_1.0_0.9vae.safetensors": "sdxl_blocks",  # SDXL's real block ids (InstantStyle presets)
     },
+    # InstantStyle: built by harness.tiny_ipadapter to fit the "sdxl_blocks" checkpoint.
+    "ipadapter": {"ip-adapter_sdxl.safetensors": "sdxl_blocks"},
+    "clip_vision": {"CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors": "sdxl_blocks"},
+    "controlnet": {"diffusers_xl_canny_full.safetensors": "sdxl_blocks"},
 }
 # The example workflows carry real-use settings (512 px, 128 training steps). On the tiny random
 # models on a CPU the demo and the e2e tests shrink them, by node class, after UI->API conversion.
@@ -82,11 +87,15 @@ def prepare_base(base: Path, with_models: bool = True) -> Path:
     """Lay out a ComfyUI base directory with the pack and the tiny stand-in models linked in."""
     _link(base / "custom_nodes" / PACK_NAME, REPO_ROOT)
     if with_models:
-        from . import tiny_models  # needs ComfyUI importable: only the builder process pays for it
+        # these need ComfyUI importable: only the builder process pays for it
+        from . import tiny_ipadapter, tiny_models
 
+        # lets the stock CLIPVisionLoader read the tiny CLIP vision stand-in (see harness.tiny_ipadapter)
+        _link(base / "custom_nodes" / "frozentune_tiny_clip_vision", Path(__file__).parent / "tiny_clip_vision_node")
         for folder, names in STAND_INS.items():
             for name, family in names.items():
-                path = tiny_models.checkpoint_path(family)
+                path = (tiny_models.checkpoint_path(family) if folder == "checkpoints"
+                        else tiny_ipadapter.stand_in_path(folder, family))
                 _link(base / "models" / folder / name, path)
                 _link(base / "models" / folder / path.name, path)
     for sub in ("input", "output", "temp", "user"):

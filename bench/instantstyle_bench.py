@@ -1,0 +1,117 @@
+"""Seconds per sampling step: unpatched SDXL-family model vs InstantStyle style / style+layout / all blocks.
+
+Targets (issue 5): ``style`` adds <= 3% over the unpatched model and less than a quarter of the ``all blocks``
+overhead. The model is built from random weights: ``--model tiny`` is the harness's tiny ``sdxl_blocks``
+checkpoint (SDXL's block ids at width 320, 16 attn2 layers); ``--model sdxl`` is ComfyUI's real SDXL UNet
+config (2.6B parameters, 70 attn2 layers) with random weights, no text encoders (random conditioning).
+The IP-Adapter is random too, in the real key layout (4 bigG tokens). Rounds are interleaved (unpatched,
+style, style+layout, all blocks, unpatched, ...) so background load hits every contender alike; the median
+over rounds is reported. Random weights say nothing about image quality, only about cost.
+
+Run: ``cd tests && ../.venv/bin/python ../bench/instantstyle_bench.py [--model tiny|sdxl] [--size 512]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # for `harness`, from any cwd
+from harness import comfy_env, tiny_ipadapter, tiny_models  # noqa: E402
+
+SDXL_UNET = dict(model_channels=320, in_channels=4, out_channels=4, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
+                 transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+                 transformer_depth_middle=10, context_dim=2048, num_heads=-1, num_head_channels=64,
+                 use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential")
+
+
+def load_model(kind: str):
+    import comfy.sd
+    import comfy.utils
+
+    if kind == "tiny":
+        sd = comfy.utils.load_torch_file(str(tiny_models.checkpoint_path("sdxl_blocks")))
+        sd = {k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+    else:
+        import comfy.ops
+        import torch
+        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+        unet = UNetModel(image_size=32, use_checkpoint=False, use_spatial_transformer=True, legacy=False,
+                         dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init, **SDXL_UNET)
+        sd = tiny_models.random_state_dict(unet, tiny_models.SEED)
+    return comfy.sd.load_diffusion_model_state_dict(sd)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "sdxl"], default="tiny")
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels (latent = size / 8)")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    comfy_env.import_comfy()
+    comfy_env.import_pack()
+    import comfy.sample
+    import comfy.samplers
+    import torch
+    from comfy_extras.nodes_custom_sampler import CFGGuider
+
+    from frozentune.instantstyle import adapter_file, apply, blocks
+
+    model = load_model(args.model)
+    layers = blocks.attention_layers(model.model.diffusion_model)
+    flat = tiny_ipadapter.ipadapter_state_dict([(la.inner_dim, la.context_dim) for la in layers], 1280)
+    adapter = adapter_file.from_sections(adapter_file.split_sections(flat), "random ip-adapter_sdxl layout")
+    gen = torch.Generator().manual_seed(0)
+    cond, uncond = apply.build_tokens(adapter, torch.randn(1, 1280, generator=gen), torch.zeros(1, 1280),
+                                      apply.StyleSettings(), None)
+    models = {"unpatched": model}
+    for preset in ("style", "style+layout", "all blocks"):
+        settings = apply.StyleSettings(preset=preset)
+        chosen = apply.select_layers(model, adapter, settings)
+        models[f"{preset} ({len(chosen)} layers)"] = apply.patch_model(model, adapter, chosen, cond, uncond, settings)
+
+    def conditioning(seed: int):
+        g = torch.Generator().manual_seed(seed)
+        return [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]
+
+    pos, neg = conditioning(1), conditioning(2)
+    guiders = {name: CFGGuider.execute(m, pos, neg, 5.0).args[0] for name, m in models.items()}
+    latent = torch.zeros(1, 4, args.size // 8, args.size // 8)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", args.steps).cpu()
+    sampler = comfy.samplers.sampler_object("euler")
+    noise = comfy.sample.prepare_noise(latent, 0)
+
+    def run(guider) -> float:
+        start = time.perf_counter()
+        guider.sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=0)
+        return (time.perf_counter() - start) / args.steps
+
+    for guider in guiders.values():  # warm-up: model load, first-call allocations
+        run(guider)
+    times: dict[str, list[float]] = {name: [] for name in guiders}
+    for _ in range(args.rounds):
+        for name, guider in guiders.items():
+            times[name].append(run(guider))
+
+    unet_params = sum(p.numel() for p in model.model.diffusion_model.parameters())
+    base = statistics.median(times["unpatched"])
+    all_key = next(k for k in times if k.startswith("all blocks"))
+    all_overhead = statistics.median(times[all_key]) - base
+    print(f"model: {args.model} ({type(model.model.model_config).__name__}), UNet {unet_params / 1e6:.1f}M params, "
+          f"{len(layers)} attn2 layers, {args.size}x{args.size} px, {args.steps} euler steps with CFG, median of "
+          f"{args.rounds} rounds, device {model.load_device}, torch threads {torch.get_num_threads()}")
+    print(f"{'model':28} {'s/step':>9} {'x unpatched':>12} {'overhead / all-blocks overhead':>31}")
+    for name, values in times.items():
+        t = statistics.median(values)
+        share = (t - base) / all_overhead if all_overhead > 0 else float("nan")
+        print(f"{name:28} {t:9.4f} {t / base:12.3f} {share:31.3f}")
+
+
+if __name__ == "__main__":
+    main()
