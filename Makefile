@@ -30,7 +30,7 @@ validate: setup
 	.venv/bin/comfy --skip-prompt node validate
 
 bench: setup
-	cd tests && for script in ../bench/*.py; do $(VENV_PY) $$script || exit 1; done
+	cd tests && for script in ../bench/*_bench.py; do $(VENV_PY) $$script || exit 1; done
 
 clean:
 	rm -rf build out .pytest_cache .ruff_cache

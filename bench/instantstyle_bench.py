@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # for `harness`, from any cwd
+from sampling_timer import seconds_per_step  # noqa: E402 (bench/ is the script's folder)
+
 from harness import comfy_env, tiny_ipadapter, tiny_models  # noqa: E402
 
 SDXL_UNET = dict(model_channels=320, in_channels=4, out_channels=4, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
@@ -56,8 +57,6 @@ def main() -> None:
 
     comfy_env.import_comfy()
     comfy_env.import_pack()
-    import comfy.sample
-    import comfy.samplers
     import torch
     from comfy_extras.nodes_custom_sampler import CFGGuider
 
@@ -82,22 +81,7 @@ def main() -> None:
 
     pos, neg = conditioning(1), conditioning(2)
     guiders = {name: CFGGuider.execute(m, pos, neg, 5.0).args[0] for name, m in models.items()}
-    latent = torch.zeros(1, 4, args.size // 8, args.size // 8)
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", args.steps).cpu()
-    sampler = comfy.samplers.sampler_object("euler")
-    noise = comfy.sample.prepare_noise(latent, 0)
-
-    def run(guider) -> float:
-        start = time.perf_counter()
-        guider.sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=0)
-        return (time.perf_counter() - start) / args.steps
-
-    for guider in guiders.values():  # warm-up: model load, first-call allocations
-        run(guider)
-    times: dict[str, list[float]] = {name: [] for name in guiders}
-    for _ in range(args.rounds):
-        for name, guider in guiders.items():
-            times[name].append(run(guider))
+    times = seconds_per_step(guiders, model, args.size, args.steps, args.rounds)
 
     unet_params = sum(p.numel() for p in model.model.diffusion_model.parameters())
     base = statistics.median(times["unpatched"])

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # for `harness`, from any cwd
+from sampling_timer import seconds_per_step  # noqa: E402 (bench/ is the script's folder)
+
 from harness import comfy_env, tiny_models  # noqa: E402
 
 
@@ -31,8 +32,6 @@ def main() -> None:
 
     comfy_env.import_comfy()
     comfy_env.import_pack()
-    import comfy.sample
-    import comfy.samplers
     import folder_paths
     import nodes
     import torch
@@ -55,22 +54,7 @@ def main() -> None:
         "Prompt Guidance, pg 1st half": PromptGuidanceGuider.execute(model, pos, base, neg, cfg, pg, 0.0, 0.5,
                                                                      0.0).args[0],
     }
-    latent = torch.zeros(1, 4, args.size // 8, args.size // 8)
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", args.steps).cpu()
-    sampler = comfy.samplers.sampler_object("euler")
-    noise = comfy.sample.prepare_noise(latent, 0)
-
-    def run(guider) -> float:
-        start = time.perf_counter()
-        guider.sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=0)
-        return (time.perf_counter() - start) / args.steps
-
-    for guider in guiders.values():  # warm-up: model load, first-call allocations
-        run(guider)
-    times: dict[str, list[float]] = {name: [] for name in guiders}
-    for _ in range(args.rounds):
-        for name, guider in guiders.items():
-            times[name].append(run(guider))
+    times = seconds_per_step(guiders, model, args.size, args.steps, args.rounds)
 
     unet_params = sum(p.numel() for p in model.model.diffusion_model.parameters())
     cfg_time = statistics.median(times["CFGGuider (stock)"])
