@@ -10,6 +10,18 @@ from ..unitune import weights_file
 
 FORMAT = "frozentune.controlnet_zero/1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The stock ControlNetLoader switches on global average pooling for these stems (its "shuffle" models).
+_POOLING_STEMS = ("_shuffle", "_shuffle_fp16")
+
+
+def check_stem(path: Path) -> None:
+    """Refuse a file name the stock loader would read as a shuffle ControlNet and run differently."""
+    stem = Path(path).stem
+    if stem.endswith(_POOLING_STEMS):
+        raise ValueError(f"File name {Path(path).name!r} ends in {'/'.join(_POOLING_STEMS)}: the stock Load "
+                         "ControlNet Model node would average the control over the whole image for it "
+                         "(its rule for shuffle ControlNets). Choose another name, e.g. "
+                         f"{stem.rsplit('_shuffle', 1)[0] + '_shuffled'!r}.")
 
 
 def tensors(control_model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -21,6 +33,7 @@ def save(path: Path, control_model: torch.nn.Module, metadata: dict[str, str], d
     """Write the ControlNet where the stock ControlNetLoader reads it (``models/controlnet/...``)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is unknown: use one of {', '.join(DTYPES)}.")
+    check_stem(path)
     meta = dict(metadata)
     meta["controlnet_zero.dtype"] = dtype
     return weights_file.save(Path(path), tensors(control_model, DTYPES[dtype]), meta, format=FORMAT)

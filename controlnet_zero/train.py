@@ -108,6 +108,12 @@ def options(argv: list[str] | None = None) -> tuple[dict, object]:
     for key in ("checkpoint", "dataset", "output"):
         if not merged.get(key):
             raise SystemExit(f"missing setting {key!r}: give it in the config file or as --{key}")
+    from .files import check_stem
+
+    try:
+        check_stem(Path(merged["output"]))  # before training, not after it
+    except ValueError as error:
+        raise SystemExit(f"output: {error}") from None
     settings = TrainSettings(**{k: merged[k] for k in fields if k in merged})
     settings.check()
     return merged, settings
