@@ -224,9 +224,7 @@ def fine_tune(base, latents: torch.Tensor, conditioning: list, settings: FineTun
             ms = ft.model_sampling
             gen = torch.Generator().manual_seed(settings.seed)
             params, loras = _trainable(unet, settings, gen)
-            initial = {} if loras else {
-                n: p.detach().to(base.offload_device, copy=True) for n, p in unet.named_parameters() if p.requires_grad
-            }
+            initial, live_print = _initial_weights(base, unet, loras)
             if settings.gradient_checkpointing:
                 _checkpointed(unet)
             unet.train()
@@ -265,6 +263,9 @@ def fine_tune(base, latents: torch.Tensor, conditioning: list, settings: FineTun
                     for name, lora in loras.items():
                         tensors.update({k: v.cpu() for k, v in lora.file_tensors(f"diffusion_model.{name}").items()})
                 else:
+                    if live_print is not None and fingerprint(base.model.diffusion_model) != live_print:
+                        raise RuntimeError("UniTune: the base model's weights changed during training, so the "
+                                           "tuning cannot be expressed as a patch; run the fine-tune again.")
                     tensors = _deltas(unet, initial, base)
         metadata = settings.metadata()
         metadata.update({"unitune.base_fingerprint": base_print, "unitune.family": family,
@@ -275,14 +276,32 @@ def fine_tune(base, latents: torch.Tensor, conditioning: list, settings: FineTun
         mm.soft_empty_cache()
 
 
+def _initial_weights(base, unet: torch.nn.Module, loras: dict) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The starting weights the full/attention deltas are taken against, and a fingerprint to check them by.
+
+    The training copy was cast to fp32 from the base's live (patched) weights, so when the base carries no
+    patches its own parameters are exactly that starting point and no second copy is kept (a UNet's worth
+    of memory). With patches applied, the live weights could be unpatched meanwhile, so a copy is kept.
+    """
+    if loras:
+        return {}, None
+    trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
+    if not base.patches:
+        live = dict(base.model.diffusion_model.named_parameters())
+        return {n: live[n].detach() for n in trainable}, fingerprint(base.model.diffusion_model)
+    own = dict(unet.named_parameters())
+    return {n: own[n].detach().to(base.offload_device, copy=True) for n in trainable}, None
+
+
 def _deltas(unet: torch.nn.Module, initial: dict, base) -> dict[str, torch.Tensor]:
-    """``.diff`` / ``.diff_b`` tensors (trained minus initial) in the base weight dtype."""
+    """``.diff`` / ``.diff_b`` tensors (trained minus initial, in fp32) in the base weight dtype."""
     dtype = base.model.get_dtype()
     out = {}
     for name, p in unet.named_parameters():
         if name not in initial:
             continue
-        delta = (p.detach().to(initial[name].device) - initial[name]).to(dtype).contiguous()
+        start = initial[name]
+        delta = (p.detach().to(start.device) - start.to(torch.float32)).to(dtype).contiguous()
         module, _, leaf = name.rpartition(".")
         suffix = "diff" if leaf == "weight" else "diff_b" if leaf == "bias" else None
         if suffix is None:

@@ -194,3 +194,20 @@ def test_cancel_keeps_last_checkpoint_and_resume_matches_uninterrupted_run(loade
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-6, worst
     assert resumed.frozentune_metadata["controlnet_zero.steps_done"] == "4"
+
+
+def test_large_sets_train_from_the_disk_cache_exactly_as_from_memory(loaded, controlnet_folder, monkeypatch):
+    """Above DISK_CACHE_ABOVE pairs the encodings go to safetensors shards in the run folder, read lazily."""
+    from frozentune.nodes import controlnet_zero_nodes
+
+    model, clip, vae = loaded["sd15"]
+    fresh = create(model)
+    in_memory, _ = train(model, clip, vae, fresh, run_name="memory")
+    cache_dir = controlnet_folder.parent / "output" / "controlnet_zero" / "disk" / "cache"
+    monkeypatch.setattr(controlnet_zero_nodes, "DISK_CACHE_ABOVE", 3)  # train() uses 4 pairs
+    on_disk, _ = train(model, clip, vae, fresh, run_name="disk")
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["images.rank0.safetensors", "texts.rank0.safetensors"]
+    assert not (controlnet_folder.parent / "output" / "controlnet_zero" / "memory" / "cache").exists()
+    a, b = in_memory.control_model.state_dict(), on_disk.control_model.state_dict()
+    assert not torch.equal(a["zero_convs.0.0.weight"], fresh.control_model.state_dict()["zero_convs.0.0.weight"])
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]

@@ -222,3 +222,41 @@ def test_full_delta_compresses_to_a_lora(loaded, subject, tmp_path, monkeypatch)
     logging.getLogger(__name__).info("UniTune attention delta -> LoRA: %s", errors)
     assert errors[4096] < 1e-5 and errors["out4096"] < 1e-3, errors
     assert 1e-4 < errors[2] < 1.0 and errors["out2"] < 1.0, errors
+
+
+@pytest.mark.parametrize("base_patched", [False, True], ids=["plain base", "base with a patch"])
+def test_full_deltas_reproduce_the_trained_weights(base_patched, loaded, subject, monkeypatch):
+    """The saved deltas are taken from the weights training started at, with or without patches on the base.
+
+    A plain base is diffed against its own live weights (no second copy is kept: checked by storage), a
+    patched one against a copy, since its live weights may be unpatched meanwhile.
+    """
+    import comfy.model_management as mm
+
+    from frozentune.unitune import finetune
+
+    model, clip, vae = loaded["sd15"]
+    base = model
+    if base_patched:
+        key = next(f"diffusion_model.{n}" for n, _ in model.model.diffusion_model.named_parameters()
+                   if n.endswith("attn2.to_q.weight"))
+        shape = model.model.state_dict()[key].shape
+        base = model.clone()
+        base.add_patches({key: ("diff", (torch.full(shape, 0.25),))}, 1.0)
+    before = at_rest_hash(model)
+    trained, starts = {}, {}
+    original_deltas = finetune._deltas
+
+    def capture(unet, initial, patcher):
+        trained.update({n: p.detach().clone() for n, p in unet.named_parameters()})
+        live = {p.data_ptr() for p in patcher.model.diffusion_model.parameters()}
+        starts.update({n: t.data_ptr() in live for n, t in initial.items()})
+        return original_deltas(unet, initial, patcher)
+
+    monkeypatch.setattr(finetune, "_deltas", capture)
+    tuned, _ = run_finetune(base, clip, vae, subject, steps=1, batch_size=1, train="full", learning_rate=1e-3)
+    assert all(starts.values()) is not base_patched and any(starts.values()) is not base_patched, starts
+    mm.load_models_gpu([tuned], force_patch_weights=True)
+    for name, p in tuned.model.diffusion_model.named_parameters():
+        assert torch.allclose(p.detach(), trained[name], atol=1e-6), (name, (p - trained[name]).abs().max())
+    assert at_rest_hash(model) == before
