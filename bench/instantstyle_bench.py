@@ -6,7 +6,9 @@ checkpoint (SDXL's block ids at width 320, 16 attn2 layers); ``--model sdxl`` is
 config (2.6B parameters, 70 attn2 layers) with random weights, no text encoders (random conditioning).
 The IP-Adapter is random too, in the real key layout (4 bigG tokens). Rounds are interleaved (unpatched,
 style, style+layout, all blocks, unpatched, ...) so background load hits every contender alike; the median
-over rounds is reported. Random weights say nothing about image quality, only about cost.
+over rounds is reported. A second pass clocks only the added image attention inside the patches (its
+seconds per step, and as a share of ``all blocks``), since the whole-step figures carry more noise than the
+IP-Adapter costs on a CPU. Random weights say nothing about image quality, only about cost.
 
 Run: ``cd tests && ../.venv/bin/python ../bench/instantstyle_bench.py [--model tiny|sdxl] [--size 512]``
 """
@@ -47,6 +49,45 @@ def load_model(kind: str):
     return comfy.sd.load_diffusion_model_state_dict(sd)
 
 
+def image_attention_seconds(guiders: dict, model, size: int, steps: int) -> dict[str, float]:
+    """Seconds per step spent inside the patches' image attention, the work InstantStyle adds to a step.
+
+    Whole-step times carry a few percent of noise on a shared CPU, more than the whole IP-Adapter costs;
+    this clock runs only while the added attention runs, so the presets' shares can be told apart.
+    """
+    import time
+
+    import torch
+
+    from frozentune.instantstyle import attention
+
+    plain = attention.IPAttention.image_attention
+    spent = [0.0]
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def timed(self, q, extra):
+        sync()
+        start = time.perf_counter()
+        out = plain(self, q, extra)
+        sync()
+        spent[0] += time.perf_counter() - start
+        return out
+
+    attention.IPAttention.image_attention = timed
+    try:
+        result = {}
+        for name, guider in guiders.items():
+            spent[0] = 0.0
+            seconds_per_step({name: guider}, model, size, steps, rounds=1)  # a warm-up run, then a timed one
+            result[name] = spent[0] / (2 * steps)
+        return result
+    finally:
+        attention.IPAttention.image_attention = plain
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "sdxl"], default="tiny")
@@ -83,6 +124,7 @@ def main() -> None:
     guiders = {name: CFGGuider.execute(m, pos, neg, 5.0).args[0] for name, m in models.items()}
     times = seconds_per_step(guiders, model, args.size, args.steps, args.rounds)
 
+    added = image_attention_seconds(guiders, model, args.size, args.steps)
     unet_params = sum(p.numel() for p in model.model.diffusion_model.parameters())
     base = statistics.median(times["unpatched"])
     all_key = next(k for k in times if k.startswith("all blocks"))
@@ -90,11 +132,13 @@ def main() -> None:
     print(f"model: {args.model} ({type(model.model.model_config).__name__}), UNet {unet_params / 1e6:.1f}M params, "
           f"{len(layers)} attn2 layers, {args.size}x{args.size} px, {args.steps} euler steps with CFG, median of "
           f"{args.rounds} rounds, device {model.load_device}, torch threads {torch.get_num_threads()}")
-    print(f"{'model':28} {'s/step':>9} {'x unpatched':>12} {'overhead / all-blocks overhead':>31}")
+    print(f"{'model':28} {'s/step':>9} {'x unpatched':>12} {'overhead / all-blocks overhead':>31} "
+          f"{'image attn s/step':>18} {'/ all blocks':>13} {'/ step':>8}")
     for name, values in times.items():
         t = statistics.median(values)
         share = (t - base) / all_overhead if all_overhead > 0 else float("nan")
-        print(f"{name:28} {t:9.4f} {t / base:12.3f} {share:31.3f}")
+        print(f"{name:28} {t:9.4f} {t / base:12.3f} {share:31.3f} {added[name]:18.4f} "
+              f"{added[name] / added[all_key]:13.3f} {added[name] / base:8.4f}")
 
 
 if __name__ == "__main__":
