@@ -56,6 +56,14 @@ def style(model, adapter, clip_vision, image, **kw):
 _CONDS: dict = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _forget_conds():
+    """Drop the cached conditionings and their CLIPs with this module: a CLIP left for interpreter exit is
+    collected after ComfyUI's modules and prints an "Exception ignored in ModelPatcher.__del__" traceback."""
+    yield
+    _CONDS.clear()
+
+
 def conds(clip):
     """Prompt conditionings, encoded once per CLIP (the tiny checkpoints carry full-size random text towers)."""
     import nodes
