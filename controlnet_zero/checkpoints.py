@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..unitune import weights_file
+from ..training import files as weights_file
 from . import files
 
 log = logging.getLogger(__name__)

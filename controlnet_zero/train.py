@@ -123,7 +123,7 @@ def load_controlnet_file(path: Path, base_model):
     """A ControlNet module for ``base_model`` with the weights of an ldm-layout file (bare or control_model.)."""
     import torch
 
-    from ..unitune import weights_file
+    from ..training import files as weights_file
     from . import network
 
     tensors, _ = weights_file.load(path)

@@ -18,8 +18,8 @@ import torch
 from comfy_api.latest import io
 
 from ..controlnet_zero import cache, dataset, files, network, trainer
-from ..unitune import weights_file
-from ..unitune.loss_curve import loss_curve_image
+from ..training import files as weights_file
+from ..training.loss_curve import loss_curve_image
 
 log = logging.getLogger(__name__)
 

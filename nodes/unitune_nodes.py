@@ -11,8 +11,9 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..unitune import compress, finetune, weights_file
-from ..unitune.loss_curve import loss_curve_image
+from ..training import files as weights_file
+from ..training.loss_curve import loss_curve_image
+from ..unitune import compress, finetune
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class UniTuneSave(io.ComfyNode):
         elif save_as == "lora":
             log.info("UniTune: this result is a LoRA already; saved as trained")
         path = weights_file.unused_path(Path(target_dir), stem)
-        weights_file.save(path, tensors, metadata)
+        weights_file.save(path, tensors, metadata, format=finetune.FILE_FORMAT)
         log.info("UniTune: saved %d tensors to %s", len(tensors), path)
         return io.NodeOutput(str(path))
 

@@ -27,6 +27,7 @@ from .lora import LoraWeight
 
 log = logging.getLogger(__name__)
 
+FILE_FORMAT = "frozentune.unitune/1"
 TRAIN_MODES = ("full", "attention", "lora")
 OPTIMIZERS = ("adafactor", "adamw")
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
