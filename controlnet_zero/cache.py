@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..training.conditioning import training_conds
 from .dataset import Pair, chunks, load_pairs
 from .distributed import Dist
 
@@ -131,8 +132,6 @@ def encode(source: Source, base_model, vae, clip, resolution: int, cache_dir: Pa
     model space, and its ``extra_conds`` build the UNet inputs (SDXL pooled/size conditioning at the
     training resolution) exactly as sampling does.
     """
-    from ..unitune.finetune import training_conds
-
     dist = dist or Dist()
     unique = [EMPTY] + sorted(set(source.captions) - {EMPTY})
     index = {c: j for j, c in enumerate(unique)}

@@ -140,25 +140,6 @@ def trainable_copy(control_model: torch.nn.Module, device: torch.device) -> torc
     return cn
 
 
-def frozen_twin(unet: torch.nn.Module) -> torch.nn.Module:
-    """A structural copy of ``unet`` whose weights alias the originals' memory, frozen.
-
-    The aliases are ordinary tensors (so autograd can save them for the backward pass even when the
-    originals are inference tensors) and cost no memory; the copy's modules can be patched (e.g.
-    for gradient checkpointing) without touching the base model. Never write to its weights.
-    """
-    memo = {}
-    with torch.inference_mode(False):
-        for t in list(unet.parameters()) + list(unet.buffers()):
-            alias = torch.empty(0, dtype=t.dtype, device=t.device).set_(
-                t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
-            memo[id(t)] = torch.nn.Parameter(alias, requires_grad=False) if isinstance(t, torch.nn.Parameter) \
-                else alias
-        twin = copy.deepcopy(unet, memo)
-    twin.requires_grad_(False)
-    return twin
-
-
 def wrap(control_model: torch.nn.Module):
     """A ``comfy.controlnet.ControlNet`` (the stock CONTROL_NET type) around ``control_model``."""
     import comfy.controlnet

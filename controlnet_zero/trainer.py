@@ -3,11 +3,15 @@
 Each step mirrors how ComfyUI runs a ControlNet at sampling time (``comfy.controlnet.ControlNet.
 get_control``): the ControlNet sees ``calculate_input(sigma, x_t)``, the discrete timestep, the text
 context (and SDXL ``y``) and the RGB hint in [0, 1]; its outputs go into the frozen UNet's ``control``
-argument. The loss is the MSE of the UNet's raw output against the output that reproduces the clean
-latent, i.e. in the base model's own parameterization (eps or v), with timesteps uniform.
+argument. The loss is ``training.objective``'s: the MSE of the UNet's raw output against the output
+that reproduces the clean latent, in the base model's own parameterization (eps or v), timesteps uniform.
 
-The base UNet is never written: it runs through a frozen twin whose weights alias the base's memory.
-Only the ControlNet (fp32 master weights) trains, with AdamW.
+Precision (``training.precision``): only the ControlNet trains, as fp32 master weights. The base UNet
+is never written or copied: it runs through a frozen twin whose weights alias the base's memory in its
+load dtype (fp32, fp16, bf16 or fp8) and are cast per op to the compute dtype. The UNet input, the
+text conditioning and the control residuals are handed over in the compute dtype (fp32, or the
+autocast dtype), never in the base's storage dtype, so no gradient passes through an fp16 hop that
+was not asked for. Gradient checkpointing (``training.checkpointing``) covers both networks.
 """
 
 from __future__ import annotations
@@ -15,19 +19,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..training import checkpointing, family, loop, objective, optimizers, precision
 from . import checkpoints, network
 from .cache import TrainingData
 from .distributed import Dist
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = precision.PRECISIONS
+# The optimizers offered for a ControlNet (AdamW as in the paper; its 8-bit-state variant where the core has it).
+OPTIMIZERS = tuple(name for name in ("adamw", "adamw8bit") if name in optimizers.OPTIMIZERS)
+FINGERPRINT_KEY = "controlnet_zero.base_fingerprint"
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,7 @@ class TrainSettings:
     resolution: int = 512
     gradient_checkpointing: bool = True
     mixed_precision: str = "auto"
+    optimizer: str = "adamw"
     seed: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -56,6 +67,8 @@ class TrainSettings:
             raise ValueError(f"prompt_dropout={self.prompt_dropout} must be between 0 and 1 (the paper: 0.5).")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"mixed_precision {self.mixed_precision!r} is unknown: use one of {', '.join(PRECISIONS)}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} is unknown: use one of {', '.join(OPTIMIZERS)}.")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every={self.checkpoint_every} must be 0 (off) or a number of steps.")
         from .dataset import check_resolution
@@ -74,60 +87,44 @@ class TrainResult:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``setting`` on ``device`` (None = plain fp32)."""
-    if setting == "fp32" or (setting == "auto" and device.type != "cuda"):
-        return None
-    if setting == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if setting == "bf16" else torch.float16
-
-
-@contextlib.contextmanager
-def _checkpointing(modules: list[torch.nn.Module], enabled: bool):
-    """Recompute each block in the backward pass while the loop runs; undo the patch afterwards."""
-    from ..unitune.finetune import _checkpointed
-
-    patched = []
-    if enabled:
-        for module in modules:
-            _checkpointed(module)
-            patched.append(module)
-    try:
-        yield
-    finally:
-        for module in patched:
-            for block in module.modules():
-                block.__dict__.pop("forward", None)
-
-
 def _control(outputs: dict, dtype: torch.dtype) -> dict:
-    """The ControlNet's outputs as the UNet's ``control`` argument (fresh lists: the UNet pops them)."""
+    """The ControlNet's outputs as the UNet's ``control`` argument, in ``dtype`` (fresh lists: the UNet pops them)."""
     return {"input": [], "middle": [c.to(dtype) for c in outputs["middle"]],
             "output": [c.to(dtype) for c in outputs["output"]]}
 
 
-def _loss(model, unet, ms, x0, hint, conds, sigma, noise, base_dtype, amp_ctx) -> torch.Tensor:
-    """MSE of the controlled UNet's output against its eps/v target, inputs built as ComfyUI's sampling does."""
-    from ..unitune.finetune import _target_coefficients
+@contextlib.contextmanager
+def controlled_loss(base_model, control_model: torch.nn.Module, device: torch.device, compute: torch.dtype,
+                    gradient_checkpointing: bool = False) -> Iterator[LossFn]:
+    """``loss(model, x0, hint, conds, sigma, noise)`` of the controlled frozen UNet, while the block runs.
 
-    x_t = ms.noise_scaling(sigma, noise, x0)
-    x_in = ms.calculate_input(sigma, x_t)
-    timesteps = ms.timestep(sigma).float()
-    context, y = conds["c_crossattn"], conds.get("y")
-    with amp_ctx():
-        outputs = model(x=x_in, hint=hint, timesteps=timesteps, context=context, y=y)
-        out = unet(x_in.to(base_dtype), timesteps, context=context.to(base_dtype),
-                   y=None if y is None else y.to(base_dtype), control=_control(outputs, base_dtype),
-                   transformer_options={})
-    a, b = _target_coefficients(ms, sigma, x_t)
-    return torch.nn.functional.mse_loss(out.float(), ((x0 - a) / b).float())
+    ``model`` is ``control_model`` or its DDP wrapper. The frozen twin of the base UNet (aliased weights,
+    cast per op) and the checkpointing of both networks live as long as the block; both are undone after.
+    """
+    unet = precision.frozen_twin(base_model.diffusion_model)
+    precision.cast_on_use(unet)
+    ms = base_model.model_sampling
+
+    def loss(model, x0, hint, conds, sigma, noise) -> torch.Tensor:
+        x_t = objective.noised(ms, sigma, noise, x0)
+        x_in = ms.calculate_input(sigma, x_t)
+        timesteps = ms.timestep(sigma).float()
+        context, y = conds["c_crossattn"], conds.get("y")
+        with precision.autocast(device, compute):
+            outputs = model(x=x_in, hint=hint, timesteps=timesteps, context=context, y=y)
+            out = unet(x_in.to(compute), timesteps, context=context.to(compute),
+                       y=None if y is None else y.to(compute), control=_control(outputs, compute),
+                       transformer_options={})
+        return objective.output_loss(ms, sigma, x_t, x0, out)
+
+    with checkpointing.gradient_checkpointing([control_model, unet], gradient_checkpointing):
+        yield loss
 
 
 def train(base_model, control_model: torch.nn.Module, data: TrainingData, settings: TrainSettings,
           device: torch.device, *, checkpoint_root: Path | None = None, resume: bool | Path = False,
           dist: Dist | None = None, metadata: dict[str, str] | None = None,
-          on_step: Callable[[int, int, float], None] | None = None) -> TrainResult:
+          on_step: loop.StepHook | None = None) -> TrainResult:
     """Train ``control_model`` (a trainable fp32 ``cldm.ControlNet`` on ``device``) around ``base_model``.
 
     ``base_model`` is a loaded ``comfy.model_base.BaseModel`` on ``device``; it is only read.
@@ -135,8 +132,6 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
     ``on_step(step, total, loss)`` runs after every optimizer step (ComfyUI's ProgressBar there makes
     Cancel work; the last checkpoint on disk stays as it was).
     """
-    from ..unitune.finetune import fingerprint
-
     settings.check()
     dist = dist or Dist()
     network.check_fits(control_model, base_model)
@@ -144,19 +139,21 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
     metadata.update(settings.metadata())
     metadata["controlnet_zero.dataset_size"] = str(len(data))
     metadata["controlnet_zero.world_size"] = str(dist.world)
-    metadata["controlnet_zero.base_fingerprint"] = fingerprint(base_model.diffusion_model)
+    metadata[FINGERPRINT_KEY] = family.fingerprint(base_model.diffusion_model)
     ms = base_model.model_sampling
-    base_dtype = base_model.manual_cast_dtype or base_model.get_dtype()
-    amp = autocast_dtype(settings.mixed_precision, device)
-    unet = network.frozen_twin(base_model.diffusion_model)
+    compute = precision.compute_dtype(settings.mixed_precision, device)
     control_model.to(device).train().requires_grad_(True)
     params = list(control_model.parameters())
+    wrong = sorted({str(p.dtype) for p in params} - {"torch.float32"})
+    if wrong:
+        raise ValueError(f"the ControlNet to train holds {', '.join(wrong)} weights: train an fp32 copy "
+                         "(network.trainable_copy), the master weights must be fp32.")
     model = control_model
     if dist.enabled:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(control_model, device_ids=ids)
-    opt = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    opt = optimizers.make(settings.optimizer, params, settings.learning_rate, settings.weight_decay)
+    scaler = precision.grad_scaler(device, compute)
     gen = torch.Generator().manual_seed(settings.seed)
     step, losses = 0, []
     folder = None
@@ -166,7 +163,7 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
         folder = checkpoints.latest(Path(resume)) or Path(resume)
     if folder is not None:
         done = checkpoints.load(Path(folder), control_model, opt, gen, scaler)
-        _check_resume(done.metadata, metadata, folder)
+        _check_resume(done.metadata, metadata, folder, base_model)
         step, losses = done.step, done.losses
         log.info("ControlNet-Zero: resumed from %s at step %d", folder, step)
     latent_shape = tuple(data.images[0]["latent"].shape)
@@ -174,10 +171,9 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
     global_batch = per_rank * dist.world
     mine = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
     n_sigmas = len(ms.sigmas)
-    amp_ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
 
-    with _checkpointing([control_model, unet], settings.gradient_checkpointing):
-        while step < settings.steps:
+    with controlled_loss(base_model, control_model, device, compute, settings.gradient_checkpointing) as loss_fn:
+        def one_step(_: int) -> float:
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for micro in range(accum):
@@ -190,7 +186,7 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
                 last = micro == accum - 1
                 sync = model.no_sync() if dist.enabled and not last else contextlib.nullcontext()
                 with sync:
-                    loss = _loss(model, unet, ms, x0, hint, conds, ms.sigmas[t].to(device), noise, base_dtype, amp_ctx)
+                    loss = loss_fn(model, x0, hint, conds, ms.sigmas[t].to(device), noise)
                     scaler.scale(loss / accum).backward()
                 total += loss.item() / accum
             scaler.unscale_(opt)
@@ -198,36 +194,43 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             scaler.step(opt)
             scaler.update()
-            step += 1
-            value = dist.mean(total)
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"ControlNet-Zero: the loss became {value} at step {step}: lower the learning rate (now "
-                    f"{settings.learning_rate:g}) or use mixed_precision fp32.")
-            losses.append(value)
-            if checkpoint_root is not None and settings.checkpoint_every and step % settings.checkpoint_every == 0:
+            return dist.mean(total)
+
+        def after_step(done: int, curve: list[float]) -> None:
+            if checkpoint_root is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0:
                 if dist.is_main:
-                    checkpoints.save(checkpoint_root, step, control_model, opt, gen, losses, metadata,
+                    checkpoints.save(checkpoint_root, done, control_model, opt, gen, curve, metadata,
                                      keep=settings.keep_checkpoints, scaler=scaler)
                 dist.barrier()
-            if on_step is not None:
-                on_step(step, settings.steps, value)
+
+        losses = loop.run(settings.steps, one_step, what="ControlNet-Zero", learning_rate=settings.learning_rate,
+                          on_step=on_step, start=step, losses=losses, after_step=after_step,
+                          hint=", or set mixed_precision to fp32")
+        step = max(step, settings.steps)
 
     control_model.eval().requires_grad_(False)
-    del unet
     metadata["controlnet_zero.steps_done"] = str(step)
     if losses:
         metadata["controlnet_zero.final_loss"] = f"{losses[-1]:.6g}"
     return TrainResult(control_model, losses, step, metadata)
 
 
-def _check_resume(saved: dict[str, str], now: dict[str, str], folder) -> None:
-    """Refuse a checkpoint from another base model or dataset; a changed batch layout only warns."""
-    for key, what in (("controlnet_zero.base_fingerprint", "base model"), ("controlnet_zero.dataset_size",
-                                                                         "dataset size")):
-        if key in saved and key in now and saved[key] != now[key]:
-            raise ValueError(f"checkpoint {folder} was trained with another {what} ({saved[key]}, now {now[key]}): "
-                             "resume with the same model and dataset, or start a new run (another run name).")
+def _check_resume(saved: dict[str, str], now: dict[str, str], folder, base_model) -> None:
+    """Refuse a checkpoint from another base model or dataset; a changed batch layout only warns.
+
+    The base is compared with ``family.same_base``: the same checkpoint loaded in another dtype matches,
+    and fingerprints written before v2 are still read.
+    """
+    if FINGERPRINT_KEY in saved:
+        same, actual = family.same_base(saved[FINGERPRINT_KEY], base_model.diffusion_model)
+        if not same:
+            raise ValueError(f"checkpoint {folder} was trained with another base model (fingerprint "
+                             f"{family.short(saved[FINGERPRINT_KEY])}, this MODEL's {family.short(actual)}): resume "
+                             "with the same base model, or start a new run (another run name).")
+    key = "controlnet_zero.dataset_size"
+    if key in saved and key in now and saved[key] != now[key]:
+        raise ValueError(f"checkpoint {folder} was trained with another dataset size ({saved[key]}, now {now[key]}): "
+                         "resume with the same model and dataset, or start a new run (another run name).")
     for key in ("controlnet_zero.batch_size", "controlnet_zero.gradient_accumulation", "controlnet_zero.world_size",
                 "controlnet_zero.seed"):
         if saved.get(key) != now.get(key):
@@ -246,15 +249,13 @@ def evaluate(base_model, control_model: torch.nn.Module, data: TrainingData, dev
     if shuffle_hints and len(rows) < 2:
         raise ValueError("shuffled hints need at least 2 rows")
     ms = base_model.model_sampling
-    base_dtype = base_model.manual_cast_dtype or base_model.get_dtype()
-    unet = network.frozen_twin(base_model.diffusion_model)
     gen = torch.Generator().manual_seed(seed)
     latent_shape = tuple(data.images[0]["latent"].shape)
     was_training = control_model.training
     control_model.eval()
     total, count = 0.0, 0
     shifted = list(rows[1:]) + list(rows[:1])
-    with torch.no_grad():
+    with torch.no_grad(), controlled_loss(base_model, control_model, device, torch.float32) as loss_fn:
         for _ in range(repeats):
             for start in range(0, len(rows), batch_size):
                 part = torch.tensor(rows[start:start + batch_size])
@@ -264,8 +265,7 @@ def evaluate(base_model, control_model: torch.nn.Module, data: TrainingData, dev
                 x0, hint, conds = data.batch(part, no_drop, device)
                 if shuffle_hints:  # row i gets row i+1's hint
                     hint = data.batch(torch.tensor(shifted[start:start + batch_size]), no_drop, device)[1]
-                loss = _loss(control_model, unet, ms, x0, hint, conds, ms.sigmas[t].to(device), noise, base_dtype,
-                             contextlib.nullcontext)
+                loss = loss_fn(control_model, x0, hint, conds, ms.sigmas[t].to(device), noise)
                 total += float(loss) * len(part)
                 count += len(part)
     control_model.train(was_training)
