@@ -6,7 +6,7 @@ PORT ?= 8188
 VENV_PY := $(CURDIR)/.venv/bin/python
 HARNESS := cd tests && $(VENV_PY)
 
-.PHONY: setup test test-unit test-node test-e2e demo serve lint validate bench clean
+.PHONY: setup test test-unit test-node test-e2e demo serve lint validate bench gpu-check clean
 
 setup:
 	@$(PYTHON) tests/harness/setup_runtime.py
@@ -31,6 +31,9 @@ validate: setup
 
 bench: setup
 	cd tests && for script in ../bench/*_bench.py; do $(VENV_PY) $$script || exit 1; done
+
+gpu-check: setup
+	$(HARNESS) ../bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build out .pytest_cache .ruff_cache

@@ -1,0 +1,156 @@
+"""``make gpu-check`` (bench/gpu_check.py) cannot run here (no GPU), so every path but the device runs here.
+
+- Without a GPU it refuses at once: exit code 2, one line that says why.
+- ``--device cpu --tiny`` runs the very same code on the CPU: the random models are built by the same
+  builder (tiny UNets, full-size CLIP and real-size KL VAE, detected by ComfyUI's loader), the trainers
+  run from their schema defaults in bf16 and fp16, every example workflow runs on a headless server
+  with the probe, and the report is written.
+- The pure helpers (schema arguments, step rates, per-item failure capture, step caps) on fakes.
+
+The script is run as a subprocess, as ``make gpu-check`` runs it, so ComfyUI is never imported here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "bench" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def _run(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO / "tests", env={**os.environ, **(env or {})})
+
+
+def test_refuses_without_a_gpu_in_one_line(tmp_path):
+    done = _run("--out", str(tmp_path / "report"), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu-check: no CUDA GPU visible"), done.stderr
+    assert "CUDA_VISIBLE_DEVICES=" in lines[0] and "NVIDIA GPU" in lines[0]
+    assert not (tmp_path / "report").exists(), "a refused run must not write a report"
+
+
+def test_full_size_needs_the_gpu(tmp_path):
+    done = _run("--device", "cpu", "--out", str(tmp_path))
+    assert done.returncode != 0 and "--device cpu runs only with --tiny" in done.stderr
+
+
+class _Input(SimpleNamespace):
+    pass
+
+
+class _FakeNode:
+    @classmethod
+    def define_schema(cls):
+        return SimpleNamespace(node_id="FakeTrainer", inputs=[
+            _Input(id="model", optional=False),
+            _Input(id="steps", optional=False, default=128),
+            _Input(id="precision", optional=False, default="auto", options=["auto", "fp32", "bf16", "fp16"]),
+            _Input(id="optimizer", optional=False, default="adamw", options=["adamw", "adafactor"]),
+            _Input(id="mode", optional=False, default=None, options=["full", "lora"]),
+            _Input(id="images", optional=True),
+            _Input(id="new_input", optional=False, default=0.5),
+        ])
+
+
+def test_schema_arguments_take_defaults_and_apply_only_existing_overrides(gpu_check):
+    args, applied = gpu_check.schema_arguments(
+        _FakeNode, {"model": "M"},
+        {"steps": 4, "precision": "bf16", "mixed_precision": "bf16", "optimizer": "adamw8bit"})
+    assert args == {"model": "M", "steps": 4, "precision": "bf16", "optimizer": "adamw", "mode": "full",
+                    "new_input": 0.5}
+    assert applied == {"steps": 4, "precision": "bf16"}  # no mixed_precision input, no adamw8bit option
+
+
+def test_schema_arguments_name_a_required_input_without_default(gpu_check):
+    with pytest.raises(ValueError, match="FakeTrainer input 'model' has no default"):
+        gpu_check.schema_arguments(_FakeNode, {}, {})
+
+
+def test_steps_per_second_skips_the_first_step(gpu_check):
+    assert gpu_check.steps_per_second([10.0, 11.0, 11.5, 12.0]) == pytest.approx(1.5)
+    assert gpu_check.steps_per_second([10.0]) is None
+
+
+def test_a_failing_item_is_reported_and_the_run_fails(gpu_check):
+    def broken():
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+
+    bad = gpu_check.run_item(gpu_check.Item("broken", "trainer"), broken, "cpu")
+    good = gpu_check.run_item(gpu_check.Item("fine", "trainer"), lambda: {"steps": 3, "it_per_s": 2.0}, "cpu")
+    assert not bad.passed and bad.error == "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"
+    assert good.passed and good.steps == 3 and good.it_per_s == 2.0
+    assert gpu_check.exit_code([good]) == 0 and gpu_check.exit_code([good, bad]) == 1
+    assert gpu_check.exit_code([]) == 1
+
+
+def test_training_steps_are_capped_and_nothing_else(gpu_check):
+    prompt = {"1": {"class_type": "FrozenTuneControlNetZeroTrain", "inputs": {"steps": 1000, "checkpoint_every": 250,
+                                                                             "resolution": 512}},
+              "2": {"class_type": "KSampler", "inputs": {"steps": 30}},
+              "3": {"class_type": "FrozenTuneUniTuneFineTune", "inputs": {"steps": 4}}}
+    capped, changed = gpu_check.cap_training_steps(prompt, 8)
+    assert capped["1"]["inputs"] == {"steps": 8, "checkpoint_every": 8, "resolution": 512}
+    assert capped["2"] == prompt["2"] and capped["3"] == prompt["3"]
+    assert prompt["1"]["inputs"]["steps"] == 1000, "the input prompt must not change"
+    assert changed == {"1 FrozenTuneControlNetZeroTrain.steps": "1000 -> 8",
+                       "1 FrozenTuneControlNetZeroTrain.checkpoint_every": "250 -> 8"}
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_runs_every_item_and_writes_the_report(tmp_path):
+    out = tmp_path / "gpu_check"
+    done = _run("--device", "cpu", "--tiny", "--out", str(out), timeout=3600)
+    report = json.loads((out / "report.json").read_text())
+    failed = {i["name"]: i["error"] for i in report["items"] if not i["passed"]}
+    assert done.returncode == 0 and not failed, f"{failed}\n{done.stderr[-4000:]}"
+
+    names = [i["name"] for i in report["items"]]
+    workflows = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+    expected = [f"{kind} {family} {dtype}" for family in ("sd15", "sdxl") for dtype in ("bf16", "fp16")
+                for kind in ("load", "unitune_finetune", "controlnet_zero")]
+    assert names == expected + [f"workflow {w}" for w in workflows]
+    by_name = {i["name"]: i for i in report["items"]}
+    for family in ("sd15", "sdxl"):
+        for dtype in ("bf16", "fp16"):
+            assert by_name[f"load {family} {dtype}"]["settings"] == {"unet_dtype": {"bf16": "bfloat16",
+                                                                                    "fp16": "float16"}[dtype],
+                                                                     "manual_cast": "None"}
+            for trainer in ("unitune_finetune", "controlnet_zero"):
+                item = by_name[f"{trainer} {family} {dtype}"]
+                assert item["steps"] == 2 and item["it_per_s"] > 0, item
+                assert item["settings"]["steps"] == 2
+                assert item["max_memory_allocated"] is None  # CPU: no CUDA counter
+    for w in workflows:
+        item = by_name[f"workflow {w}"]
+        assert item["outputs"] and all((out / o).is_file() for o in item["outputs"]), item
+        assert item["node_it_per_s"], f"the probe saw no node's steps in {w}"
+    assert by_name["workflow controlnet_zero_train_sd15"]["settings"] == {
+        f"{k}": "2 -> 2" for k in ()} or any("steps" in k for k in by_name["workflow controlnet_zero_train_sd15"]
+                                                ["settings"])
+    # the builder made what the loader detects, at the sizes the report states
+    assert report["unet_parameters"]["sd15"] > 1e7 and report["unet_parameters"]["sdxl"] > 1e7
+    md = (out / "report.md").read_text()
+    assert all(n in md for n in names) and "**FAIL**" not in md
