@@ -162,8 +162,8 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
     elif resume:
         folder = checkpoints.latest(Path(resume)) or Path(resume)
     if folder is not None:
+        _check_resume(checkpoints.read_metadata(Path(folder)), metadata, folder, base_model)
         done = checkpoints.load(Path(folder), control_model, opt, gen, scaler)
-        _check_resume(done.metadata, metadata, folder, base_model)
         step, losses = done.step, done.losses
         log.info("ControlNet-Zero: resumed from %s at step %d", folder, step)
     latent_shape = tuple(data.images[0]["latent"].shape)
@@ -231,6 +231,11 @@ def _check_resume(saved: dict[str, str], now: dict[str, str], folder, base_model
     if key in saved and key in now and saved[key] != now[key]:
         raise ValueError(f"checkpoint {folder} was trained with another dataset size ({saved[key]}, now {now[key]}): "
                          "resume with the same model and dataset, or start a new run (another run name).")
+    key = "controlnet_zero.optimizer"
+    was = saved.get(key, "adamw")  # checkpoints from before the optimizer choice are AdamW's
+    if was != now.get(key, "adamw"):
+        raise ValueError(f"checkpoint {folder} holds {was} optimizer state, this run asks for optimizer "
+                         f"{now.get(key)!r}: set optimizer to {was!r} to resume, or start a new run (another run name).")
     for key in ("controlnet_zero.batch_size", "controlnet_zero.gradient_accumulation", "controlnet_zero.world_size",
                 "controlnet_zero.seed"):
         if saved.get(key) != now.get(key):
