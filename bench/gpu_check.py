@@ -133,17 +133,16 @@ def one_line(err: BaseException) -> str:
 
 def run_item(item: Item, fn: Callable[[], dict], device: str) -> Item:
     """Run ``fn`` as ``item``: time it, measure peak CUDA memory, and record a failure instead of raising."""
-    import torch
-
     cuda = device == "cuda"
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        _cuda_counter(reset=True)
     start = time.perf_counter()
     try:
         found = fn() or {}
         if cuda:
-            torch.cuda.synchronize()
+            import torch
+
+            torch.cuda.synchronize()  # an asynchronous CUDA error belongs to this item
         item.passed = True
     except Exception as err:  # noqa: BLE001 - one failing item must not stop the others
         found = {}
@@ -151,12 +150,28 @@ def run_item(item: Item, fn: Callable[[], dict], device: str) -> Item:
         log.error("FAIL %s: %s\n%s", item.name, item.error, traceback.format_exc())
     item.seconds = round(time.perf_counter() - start, 2)
     if cuda:
-        item.max_memory_allocated = torch.cuda.max_memory_allocated()
+        item.max_memory_allocated = _cuda_counter(reset=False)
+        _empty_cache(device)  # what a failed item left behind must not fail the next one
     for key, value in found.items():
         setattr(item, key, value)
     log.info("%-4s %-40s %7.1fs  %s it/s  peak %s", "OK" if item.passed else "FAIL", item.name, item.seconds,
              _fmt(item.it_per_s), _gib(item.max_memory_allocated))
     return item
+
+
+def _cuda_counter(reset: bool) -> int | None:
+    """Reset, or read, ``torch.cuda.max_memory_allocated``; None if CUDA is in an error state."""
+    import torch
+
+    try:
+        torch.cuda.synchronize()
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+            return None
+        return torch.cuda.max_memory_allocated()
+    except RuntimeError as err:
+        log.error("CUDA peak-memory counter unavailable: %s", one_line(err))
+        return None
 
 
 def exit_code(items: list[Item]) -> int:
@@ -188,6 +203,9 @@ def random_weights(module, seed: int, dtype, device: str) -> dict:
     out = {}
     for name, ref in module.state_dict().items():
         shape = ref.shape
+        if device == "meta":  # the layout only (full_size_layouts)
+            out[name] = torch.empty(shape, device="meta", dtype=ref.dtype if name.endswith("position_ids") else dtype)
+            continue
         if name.endswith("position_ids"):
             out[name] = torch.arange(shape[-1], device=device).expand(shape).clone()
             continue
@@ -298,6 +316,33 @@ def build_models(mode: Mode, folder: Path, device: str) -> dict[str, Path]:
     return paths
 
 
+def full_size_layouts() -> dict:
+    """Build every full-size file's layout on the meta device (no memory, no time): what a GPU run builds.
+
+    The CPU dry run reports this, so the full-size configs are checked against ComfyUI's detection here too.
+    """
+    import torch
+
+    from harness import tiny_ipadapter
+
+    mode, dtype = full_mode(), torch.float16
+    out = {}
+    for family in ("sd15", "sdxl"):
+        sd = build_checkpoint(mode.unets[family], mode.detected[family], "meta", dtype)
+        out[f"{family}_unet_parameters"] = _parameters(sd, "model.diffusion_model.")
+        out[f"{family}_tensors"] = len(sd)
+    out["sdxl_attn2_layers"] = sum(1 for k in sd if tiny_ipadapter._ATTN2.match(k))
+    out["sdxl_controlnet_parameters"] = _parameters(controlnet_weights(sd, "meta", dtype), "")
+    vision = clip_vision_weights(False, "meta", dtype)
+    out["clip_vision_parameters"] = _parameters(vision, "")
+    out["clip_vision_layers"] = sum(1 for k in vision if k.endswith("layer_norm1.weight"))
+    return out
+
+
+def _parameters(sd: dict, prefix: str) -> int:
+    return sum(v.numel() for k, v in sd.items() if k.startswith(prefix) and v.is_floating_point())
+
+
 def unet_parameters(path: Path) -> int:
     import safetensors
 
@@ -317,7 +362,8 @@ def _empty_cache(device: str) -> None:
 
     gc.collect()
     if device == "cuda":
-        torch.cuda.empty_cache()
+        with contextlib.suppress(RuntimeError):  # a CUDA error state is reported by the item that caused it
+            torch.cuda.empty_cache()
 
 
 # --- trainers, in this process ------------------------------------------------------------------------------
@@ -449,8 +495,11 @@ TRAINERS: dict[str, Callable[[tuple, str, str, Mode], dict]] = {
 def release_models(device: str) -> None:
     import comfy.model_management as mm
 
-    mm.unload_all_models()
-    mm.soft_empty_cache()
+    try:
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+    except RuntimeError as err:  # the next items will report the device's state
+        log.error("releasing the models failed: %s", one_line(err))
     _empty_cache(device)
 
 
@@ -687,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "mode": mode.name, "environment": environment(args.device),
         "unet_parameters": {f: unet_parameters(paths[f]) for f in ("sd15", "sdxl")},
+        "full_size_layouts": full_size_layouts() if mode.name == "tiny" else None,
         "build_seconds": round(build_seconds, 1), "seconds": round(time.perf_counter() - start, 1),
         "passed": sum(i.passed for i in items), "items": [asdict(i) for i in items],
     }
