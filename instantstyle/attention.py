@@ -9,8 +9,10 @@ The batch arrives in chunks, one per entry of ``cond_or_uncond``: 1 is the uncon
 and gets the unconditional image tokens (projection of a zero embedding, or of the negative image); every
 other value (0 = positive, 2 = the Prompt Guidance baseline, ...) gets the style image tokens.
 
-Patch objects are immutable: chaining wraps, ``to()`` returns a new object, and ``deepcopy`` (which
-``ModelPatcher.clone()`` applies to model options) shares the weights instead of copying them.
+Patch objects are immutable: chaining wraps, ``to(device)`` returns a new object, ``to(dtype)`` changes
+nothing (the weights and tokens keep their own dtype and are cast to the query's at use), and
+``deepcopy`` (which ``ModelPatcher.clone()`` applies to model options) shares the weights instead of
+copying them.
 """
 
 from __future__ import annotations
@@ -70,10 +72,18 @@ class IPAttention:
         return self
 
     def to(self, target) -> IPAttention:
-        moved = {name: getattr(self, name).to(target) for name in ("to_k_ip", "to_v_ip", "cond", "uncond")}
-        if self.mask is not None:
-            moved["mask"] = self.mask.to(target)
+        """Move to a device; a dtype is ignored here (it is passed on to ``prev``).
+
+        ComfyUI calls ``model_patches_to(model dtype)`` on every load: on an fp8 UNet that would quantize
+        the adapter and the image tokens to fp8 (image attention off by 4.9%). They keep their own dtype
+        and are cast to the query's dtype where they are used.
+        """
         prev = self.prev.to(target) if hasattr(self.prev, "to") else self.prev
+        if isinstance(target, torch.dtype):
+            return self if prev is self.prev else replace(self, prev=prev)
+        moved = {name: getattr(self, name).to(device=target) for name in ("to_k_ip", "to_v_ip", "cond", "uncond")}
+        if self.mask is not None:
+            moved["mask"] = self.mask.to(device=target)
         if prev is self.prev and all(t is getattr(self, n) for n, t in moved.items()):
             return self
         return replace(self, prev=prev, **moved)

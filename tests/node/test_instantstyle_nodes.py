@@ -3,13 +3,20 @@
 The SDXL-family model is the tiny ``sdxl_blocks`` recipe (SDXL's real block ids; the KOALA-layout "sdxl"
 lacks the layout block ("input", 8) and the middle block's attention). The CLIP vision model is a tiny
 random stock ``ClipVisionModel`` with a 1280-d (bigG-width) projection.
+
+The half-precision tier loads the same UNet in bf16 and fp16 computing natively in that dtype, and in fp8
+storage (``harness.precision``); the text encoders stay the fp32 ones (ComfyUI casts the conditioning to
+the UNet's dtype), so only the UNet is loaded again.
 """
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
+from harness import half_tier
 from harness.hashing import weight_hash
 
 STEPS = 2
@@ -21,6 +28,11 @@ def models(tiny_checkpoints, pack):
 
     return {f: nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoints[f].name)[:3]
             for f in ("sdxl_blocks", "sdxl", "sd15")}
+
+
+def xl_unet(models, tiny_checkpoints, dtype: str):
+    """The tiny SDXL-family MODEL with its UNet stored in ``dtype`` (half precision computing natively)."""
+    return models["sdxl_blocks"][0] if dtype == "fp32" else half_tier.unet(tiny_checkpoints["sdxl_blocks"], dtype)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +74,7 @@ def _forget_conds():
     collected after ComfyUI's modules and prints an "Exception ignored in ModelPatcher.__del__" traceback."""
     yield
     _CONDS.clear()
+    half_tier.forget()
 
 
 def conds(clip):
@@ -142,16 +155,65 @@ def test_all_blocks_patch_every_cross_attention_layer(models, stand_ins, style_i
     assert len(attn2(patched)) == 16 and ("middle", 0, 0) in attn2(patched)
 
 
-def test_weight_zero_is_bitwise_the_unpatched_model_and_input_is_untouched(models, stand_ins, style_image):
-    model, clip, _ = models["sdxl_blocks"]
+@pytest.mark.parametrize("dtype", half_tier.DTYPES)
+def test_weight_zero_is_bitwise_the_unpatched_model_and_input_is_untouched(models, tiny_checkpoints, stand_ins,
+                                                                           style_image, dtype):
+    model, clip = xl_unet(models, tiny_checkpoints, dtype), models["sdxl_blocks"][1]
     before_hash, before_options = at_rest_hash(model), repr(model.model_options)
     unpatched = sample(model, clip)
+    assert torch.isfinite(unpatched).all()
     zero = style(model, stand_ins["xl"], stand_ins["clip_vision"], style_image, weight=0.0, preset="style+layout")
     assert torch.equal(sample(zero, clip), unpatched)
-    styled = sample(style(model, stand_ins["xl"], stand_ins["clip_vision"], style_image), clip)
+    patched = style(model, stand_ins["xl"], stand_ins["clip_vision"], style_image)
+    styled = sample(patched, clip)
+    assert torch.isfinite(styled).all()
     assert not torch.allclose(styled, unpatched, atol=1e-3)
     assert at_rest_hash(model) == before_hash and repr(model.model_options) == before_options
     assert attn2(model) == {}
+    # ComfyUI moved the patches to the model's dtype on load: they keep the adapter's and the tokens' own
+    for patch in attn2(patched).values():
+        assert (patch.to_k_ip.dtype, patch.to_v_ip.dtype, patch.cond.dtype, patch.uncond.dtype) == (torch.float32,) * 4
+
+
+def test_fp8_model_keeps_the_patch_dtypes_and_the_image_attention_exact(models, tiny_checkpoints, stand_ins,
+                                                                         style_image, monkeypatch):
+    """ComfyUI's load calls ``model_patches_to(fp8)``: the adapter and tokens must not become fp8 (issue 11 #5).
+
+    Reference: the image-attention term of the patches as made (fp32 adapter and tokens), in float64 on
+    the very queries the sampler produced. The fp8 UNet computes in fp32 (manual cast), so the patch's
+    term is an fp32 computation of the same maths: its relative error is a few fp32 roundings summed over
+    a 64-wide head and 4 tokens (~1e-7); the bound 1e-5 leaves room for the order of those sums and is
+    ~4000x below the fp8-quantized adapter's error (4.9%, issue 11).
+    """
+    from frozentune.instantstyle.attention import IPAttention
+
+    model, clip = xl_unet(models, tiny_checkpoints, "fp8"), models["sdxl_blocks"][1]
+    patched = style(model, stand_ins["xl"], stand_ins["clip_vision"], style_image)
+    made = dict(attn2(patched))
+    calls = []
+    original = IPAttention.image_attention
+
+    def recording(self, q, extra):
+        out = original(self, q, extra)
+        calls.append((self, q.detach().clone(), dict(extra), out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(IPAttention, "image_attention", recording)
+    # The first run samples with a copy of the options taken before the load moved the patches; every
+    # later run (the next queue, a second sampler) gets the moved ones: sample twice.
+    for _ in range(2):
+        assert torch.isfinite(sample(patched, clip)).all()
+    assert len(calls) == 2 * STEPS * len(made)
+    for patch in attn2(patched).values():
+        assert (patch.to_k_ip.dtype, patch.to_v_ip.dtype, patch.cond.dtype, patch.uncond.dtype) == (torch.float32,) * 4
+    errors = []
+    for patch, q, extra, out in calls:
+        assert q.dtype == torch.float32  # fp8 storage computes in fp32
+        reference = original(made[patch.key], q.double(), extra)
+        errors.append(((out.double() - reference).norm() / reference.norm()).item())
+    logging.getLogger(__name__).info("fp8 UNet: image attention relative error %.3g (max over %d calls)",
+                                     max(errors), len(errors))
+    assert max(errors) < 1e-5, f"image attention off by {max(errors):.3g} (relative)"
 
 
 def test_chaining_wraps_without_touching_the_upstream_patches(models, stand_ins, style_image):

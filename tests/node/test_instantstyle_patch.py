@@ -135,12 +135,45 @@ def test_wraps_a_previous_replace_and_never_changes_it(layer):
     assert first.weight == 0.5 and first.prev is None
 
 
-def test_patch_objects_are_shared_by_deepcopy_and_moved_by_copy(layer):
-    patch = ours(layer)
+def test_patch_objects_are_shared_by_deepcopy_moved_by_copy_and_keep_their_dtype(layer):
+    patch = ours(layer, mask=torch.ones(1, 8, 8))
     assert copy.deepcopy({"p": patch})["p"] is patch
     assert patch.to(torch.device("cpu")) is patch  # nothing to move
-    half = patch.to(torch.float16)
-    assert half is not patch and half.to_k_ip.dtype == torch.float16 and patch.to_k_ip.dtype == torch.float32
+    for dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn):  # what model_patches_to(model dtype) passes
+        assert patch.to(dtype) is patch
+    moved = patch.to(torch.device("meta"))
+    assert moved is not patch and patch.to_k_ip.device.type == "cpu"
+    for name in ("to_k_ip", "to_v_ip", "cond", "uncond", "mask"):
+        assert getattr(moved, name).device.type == "meta" and getattr(moved, name).dtype == torch.float32
+    # a dtype still reaches the wrapped replace (another pack's patch gets what ComfyUI would give it)
+    seen = []
+
+    class Prev:
+        def to(self, target):
+            seen.append(target)
+            return self
+
+        def __call__(self, q, k, v, extra):
+            raise AssertionError("not called")
+
+    prev = Prev()
+    assert ours(layer, prev=prev).to(torch.float16).prev is prev and seen == [torch.float16]
+
+
+def test_half_precision_queries_get_the_patch_cast_to_their_dtype(layer):
+    """A natively bf16/fp16 UNet sends half queries: the fp32 patch computes in that dtype, close to fp32."""
+    x, text = inputs(2)
+    attn = layer["attn"]
+    opts = dict(n_heads=HEADS, attn_precision=None, cond_or_uncond=[0, 1])
+    patch = ours(layer)
+    with torch.no_grad():
+        q = attn.to_q(x)
+        full = patch.image_attention(q, opts)
+        for dtype in (torch.bfloat16, torch.float16):
+            half = patch.image_attention(q.to(dtype), opts)
+            assert half.dtype == dtype and patch.to_k_ip.dtype == torch.float32
+            rel = ((half.float() - full).norm() / full.norm()).item()
+            assert rel < (2e-2 if dtype == torch.bfloat16 else 3e-3), rel
 
 
 def meta_unet(config: dict):
