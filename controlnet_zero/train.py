@@ -16,6 +16,8 @@ Config (TOML; every key is also a flag, e.g. ``--learning-rate 2e-5``; flags win
     steps = 1000
     batch_size = 4                        # per process
     learning_rate = 1e-5
+    optimizer = "adamw"                   # or "adamw8bit" (bitsandbytes' 8-bit AdamW state)
+    mixed_precision = "auto"              # bf16 autocast on CUDA where supported, else fp16; fp32 on the CPU
     checkpoint_every = 500
 """
 
@@ -218,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bootstrap().main(argv)
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(asctime)s %(name)s: %(message)s")
-    opts, settings = options(argv)
     try:
+        opts, settings = options(argv)
         run(opts, settings)
     except ValueError as err:  # bad input: say what and how to fix it, no traceback
         log.error("%s", err)

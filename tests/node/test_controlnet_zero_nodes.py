@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def train(model, clip, vae, control_net, **overrides):
     args = dict(dataset_folder="", images=targets, hints=hints, captions=disks.CAPTION, steps=2, batch_size=2,
                 gradient_accumulation=1, learning_rate=1e-3, prompt_dropout=0.5, resolution=R,
                 gradient_checkpointing=False, mixed_precision="auto", seed=0, checkpoint_every=0,
-                run_name="test", resume=False)
+                run_name="test", resume=False, optimizer="adamw")
     args.update(overrides)
     with torch.inference_mode():  # as ComfyUI's executor runs every node
         out = ControlNetZeroTrain.execute(model=model, clip=clip, vae=vae, control_net=control_net, **args)
@@ -211,3 +212,85 @@ def test_large_sets_train_from_the_disk_cache_exactly_as_from_memory(loaded, con
     a, b = in_memory.control_model.state_dict(), on_disk.control_model.state_dict()
     assert not torch.equal(a["zero_convs.0.0.weight"], fresh.control_model.state_dict()["zero_convs.0.0.weight"])
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+
+
+# --- half-precision tier: the tiny SD1.5 loaded in bf16/fp16 computing natively (as ComfyUI on a GPU), fp8 storage
+
+
+@pytest.fixture(scope="module")
+def half_loaded(tiny_checkpoints, pack):
+    from harness.precision import load_checkpoint
+
+    with torch.inference_mode():
+        return {name: load_checkpoint(tiny_checkpoints["sd15"], name) for name in ("bf16", "fp16", "fp8")}
+
+
+def file_dtypes(path) -> set[torch.dtype]:
+    from frozentune.training import files as weights_file
+
+    return {t.dtype for t in weights_file.load(path)[0].values()}
+
+
+@pytest.mark.parametrize("dtype, mixed_precision", [("bf16", "bf16"), ("fp16", "auto")])
+def test_half_precision_base_create_train_save_stock_load_apply_sample(dtype, mixed_precision, half_loaded,
+                                                                        controlnet_folder, caplog):
+    import nodes
+
+    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroSave
+
+    model, clip, vae = half_loaded[dtype]
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    assert model.model.manual_cast_dtype is None and model.model.get_dtype() == weight_dtype
+    before = at_rest_hash(model)
+    fresh = create(model)
+    assert {p.dtype for p in fresh.control_model.parameters()} == {torch.float32}
+    trained, _ = train(model, clip, vae, fresh, steps=2, mixed_precision=mixed_precision,
+                       gradient_checkpointing=True)
+    assert {p.dtype for p in trained.control_model.parameters()} == {torch.float32}, "trained weights must be fp32"
+    assert trained.control_model.zero_convs[0][0].weight.abs().max() > 0
+    assert at_rest_hash(model) == before, f"training modified the {dtype} base MODEL"
+    assert model.model.get_dtype() == weight_dtype
+
+    name = ControlNetZeroSave.execute(control_net=trained, filename=f"half/{dtype}", dtype=dtype).args[0]
+    assert file_dtypes(controlnet_folder / name) == {weight_dtype}
+    with caplog.at_level(logging.DEBUG):
+        stock = nodes.ControlNetLoader().load_controlnet(name)[0]
+    assert "missing controlnet keys" not in caplog.text and "unexpected controlnet keys" not in caplog.text
+    positive, negative = conds(clip)
+    hint = disks.disks(1, R, seed=7)[1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        plain = sample(model, positive, negative)
+        controlled = sample(model, positive, negative, stock, hint)
+    assert "could not be applied" not in caplog.text
+    assert torch.isfinite(controlled).all() and not torch.equal(controlled, plain)
+    assert at_rest_hash(model) == before
+
+
+def test_trained_controlnet_applies_to_an_fp8_stored_base_and_trains_on_it(half_loaded, loaded, controlnet_folder,
+                                                                           caplog):
+    import nodes
+
+    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroSave
+
+    fp8_model, clip, vae = half_loaded["fp8"]
+    assert fp8_model.model.diffusion_model.input_blocks[0][0].weight.dtype == torch.float8_e4m3fn
+    before = at_rest_hash(fp8_model)
+    model32, clip32, vae32 = loaded["sd15"]
+    trained, _ = train(model32, clip32, vae32, create(model32), steps=2)
+    name = ControlNetZeroSave.execute(control_net=trained, filename="fp8/from_fp32", dtype="fp16").args[0]
+    stock = nodes.ControlNetLoader().load_controlnet(name)[0]
+    positive, negative = conds(clip)
+    hint = disks.disks(1, R, seed=7)[1]
+    with caplog.at_level(logging.WARNING):
+        plain = sample(fp8_model, positive, negative)
+        controlled = sample(fp8_model, positive, negative, stock, hint)
+    assert "could not be applied" not in caplog.text
+    assert torch.isfinite(controlled).all() and not torch.equal(controlled, plain)
+    assert at_rest_hash(fp8_model) == before, "sampling modified the fp8 base MODEL"
+
+    # training around the fp8 base: its weights are cast per op, never copied or written
+    on_fp8, _ = train(fp8_model, clip, vae, create(fp8_model), steps=1, batch_size=1)
+    assert {p.dtype for p in on_fp8.control_model.parameters()} == {torch.float32}
+    assert math.isfinite(float(on_fp8.frozentune_metadata["controlnet_zero.final_loss"]))
+    assert at_rest_hash(fp8_model) == before, "training modified the fp8 base MODEL"
