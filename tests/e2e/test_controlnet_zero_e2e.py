@@ -38,6 +38,7 @@ def test_torchrun_two_processes_on_cpu_write_a_loadable_file_and_loss_falls(tmp_
         f'checkpoint = "{tiny_checkpoints["sd15"]}"', f'dataset = "{data}"', f'output = "{out}"',
         "steps = 4", "batch_size = 1", "resolution = 64", "learning_rate = 1e-3", "prompt_dropout = 0.5",
         "gradient_checkpointing = true", "checkpoint_every = 2", "eval_rows = 4", "log_every = 1",
+        'optimizer = "adamw8bit"',  # bitsandbytes' 8-bit state under DDP, saved in the checkpoints
     ]))
     env = dict(os.environ, COMFYUI_DIR=str(comfy_env.comfyui_dir()), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -59,4 +60,5 @@ def test_torchrun_two_processes_on_cpu_write_a_loadable_file_and_loss_falls(tmp_
     logging.getLogger(__name__).warning("torchrun 2x gloo: fixed-draw loss %.4f -> %.4f, step losses %s",
                                         start, end, record["losses"])
     assert record["controlnet_zero.world_size"] == "2" and len(record["losses"]) == 4
+    assert record["controlnet_zero.optimizer"] == "adamw8bit"
     assert end < start, (start, end)
