@@ -11,7 +11,9 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from ..training import family as families
 from ..training import files as weights_file
+from ..training import precision as training_precision
 from ..training.loss_curve import loss_curve_image
 from ..unitune import compress, finetune
 
@@ -22,6 +24,22 @@ FOLDER = "unitune"
 ATTACHMENT = "frozentune.unitune"
 MODE_CHOICES = ["auto", *finetune.TRAIN_MODES]
 SAVE_AS = ("as trained", "lora")
+# Memory figures: computed from the parameter counts of ComfyUI's SD1.5 UNet (859.5M; attention 93.5M;
+# rank-8 LoRA on the attention projections 1.59M) and SDXL UNet (2567.5M; 955.4M; 11.6M), 4 bytes per fp32
+# weight and gradient, AdamW's two moments 8 bytes; Adafactor's factored state is a small fraction.
+TRAIN_TOOLTIP = (
+    "What trains; the base's weights are shared in their load dtype, never copied, and only what trains is "
+    "kept in fp32 (weights + gradients; AdamW adds 8 bytes per weight), besides activations. "
+    "full: every UNet weight (SD1.5 6.4 GiB, 12.8 GiB with AdamW; SDXL 19.1 / 38.3 GiB). "
+    "attention: the attention layers (SD1.5 0.7 / 1.4 GiB; SDXL 7.1 / 14.2 GiB). "
+    "lora: low-rank adapters on the attention projections (rank 8: SD1.5 12 / 24 MiB; SDXL 89 / 177 MiB). "
+    "auto: full for SD1.5, lora for SDXL. (Computed from parameter counts.)")
+CHECKPOINTING_TOOLTIP = (
+    "Recompute each UNet layer in the backward pass instead of keeping its activations: costs an extra "
+    "forward of each layer.")
+PRECISION_TOOLTIP = (
+    "Compute dtype of training (autocast). auto: bf16 on a CUDA GPU that supports it, else fp16 with loss "
+    "scaling; fp32 on the CPU. What trains is fp32 whatever you pick; the base keeps its load dtype.")
 
 # models/unitune/ for tuned results, safetensors only (listed by UniTune Load).
 if FOLDER not in folder_paths.folder_names_and_paths:
@@ -37,8 +55,9 @@ class UniTuneFineTune(io.ComfyNode):
             category=CATEGORY,
             is_experimental=True,
             description=(
-                "Binds one image to a rare token by fine-tuning a private copy of the model on it (UniTune). "
-                "The input MODEL is never changed; the output MODEL carries the trained weights as patches. "
+                "Binds one image to a rare token by fine-tuning the model on it (UniTune). Training runs on a "
+                "frozen twin that shares the base's weights; the input MODEL is never changed, and the output "
+                "MODEL carries the trained weights as patches. "
                 "Prompt the output with the token plus an edit, e.g. 'beikkpic as a watercolor'. Several "
                 "images of one subject (same size) train DreamBooth-style."
             ),
@@ -61,16 +80,14 @@ class UniTuneFineTune(io.ComfyNode):
                                "fine-tunes with AdamW and 1e-4..1e-3 for LoRA."),
                 io.Combo.Input("optimizer", options=list(finetune.OPTIMIZERS), default="adafactor",
                                tooltip="adafactor (the paper's; small optimizer state) or adamw."),
-                io.Combo.Input("train", options=MODE_CHOICES, default="auto",
-                               tooltip="What trains. auto: full for SD1.5, lora for SDXL (a full SDXL tune "
-                               "needs ~40 GB). full: every UNet weight. attention: attention layers only. "
-                               "lora: low-rank adapters on the attention projections."),
+                io.Combo.Input("train", options=MODE_CHOICES, default="auto", tooltip=TRAIN_TOOLTIP),
                 io.Int.Input("lora_rank", default=8, min=1, max=256, tooltip="Rank of the LoRA adapters "
                              "(train = lora only)."),
-                io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute activations in "
-                                 "the backward pass: less memory, about a third slower."),
+                io.Boolean.Input("gradient_checkpointing", default=False, tooltip=CHECKPOINTING_TOOLTIP),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed for the noise and timesteps; the same seed gives the same result."),
+                io.Combo.Input("precision", options=list(training_precision.PRECISIONS), default="auto",
+                               optional=True, tooltip=PRECISION_TOOLTIP),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The tuned model: the base plus the trained "
@@ -81,13 +98,13 @@ class UniTuneFineTune(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, token, class_word, steps, batch_size, learning_rate, optimizer,
-                train, lora_rank, gradient_checkpointing, seed) -> io.NodeOutput:
-        family = finetune.model_family(model.model)
+                train, lora_rank, gradient_checkpointing, seed, precision="auto") -> io.NodeOutput:
+        family = families.model_family(model.model)
         mode = ("lora" if family == "sdxl" else "full") if train == "auto" else train
         settings = finetune.FineTuneSettings(
             token=token, class_word=class_word, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
             optimizer=optimizer, mode=mode, lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing,
-            seed=seed,
+            seed=seed, precision=precision,
         )
         settings.check()
         if vae is None or getattr(vae, "first_stage_model", None) is None:
@@ -188,13 +205,13 @@ class UniTuneLoad(io.ComfyNode):
         expected = metadata.get("unitune.base_fingerprint")
         if expected:
             comfy.model_management.load_models_gpu([model], force_patch_weights=True)
-            actual = finetune.fingerprint(model.model.diffusion_model)
-            if actual != expected:
+            matches, actual = families.same_base(expected, model.model.diffusion_model)
+            if not matches:
                 family = metadata.get("unitune.family", "?")
                 raise ValueError(
-                    f"{unitune_name} was trained on another base model ({family}, fingerprint {expected}) than this "
-                    f"MODEL ({finetune.model_family(model.model)}, fingerprint {actual}): connect the checkpoint it "
-                    "was trained on."
+                    f"{unitune_name} was trained on another base model ({family}, fingerprint "
+                    f"{families.short(expected)}) than this MODEL ({families.model_family(model.model)}, fingerprint "
+                    f"{families.short(actual)}): connect the checkpoint it was trained on (in any dtype)."
                 )
         return io.NodeOutput(finetune.apply_patches(model, tensors, strength))
 

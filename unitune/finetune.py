@@ -1,21 +1,21 @@
-"""UniTune fine-tuning: bind one image to a rare token by training a private copy of the UNet.
+"""UniTune fine-tuning: bind one image to a rare token by training on a frozen twin of the UNet.
 
-The base model is never touched: its weights are copied (with any patches the MODEL carries
-baked in) under ``torch.inference_mode(False)``, the copy is trained and thrown away, and what
-remains is a set of weight patches in ComfyUI's LoRA key format (``.diff`` deltas for the
-``full`` and ``attention`` modes, ``lora_up``/``lora_down`` factors for ``lora``). The tuned
-MODEL is the base's ``clone()`` carrying those patches, so saving it, loading it back and the
-stock LoraLoader all read the same tensors.
+The base model is never touched and never copied: training runs on a ``training.precision.frozen_twin``
+of the base's ``BaseModel`` (its weights alias the base's live, patched weights in their load dtype,
+cast to the compute dtype at each use). Only what trains is fp32: LoRA factors (``lora``), master
+copies of the attention weights (``attention``) or of every UNet weight (``full``). What remains is a
+set of weight patches in ComfyUI's LoRA key format (``.diff`` deltas for ``full`` and ``attention``,
+``lora_up``/``lora_down`` factors for ``lora``). The tuned MODEL is the base's ``clone()`` carrying
+those patches, so saving it, loading it back and the stock LoraLoader all read the same tensors.
 
 The image latent and the text conditioning are computed once; each step runs only the UNet
-forward and backward. The loss is the MSE of the UNet's raw output against the output that
-would reproduce the clean latent, i.e. in the model's own parameterization (eps or v).
+forward and backward, under autocast in the compute dtype. The loss is the MSE of the UNet's raw
+output against the output that would reproduce the clean latent (``training.objective``), i.e. in
+the model's own parameterization (eps or v).
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import logging
 import math
 from collections.abc import Callable
@@ -23,14 +23,23 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..training import checkpointing, loop, objective, optimizers, precision
+from ..training import family as families
 from .lora import LoraWeight
 
 log = logging.getLogger(__name__)
 
 FILE_FORMAT = "frozentune.unitune/1"
 TRAIN_MODES = ("full", "attention", "lora")
-OPTIMIZERS = ("adafactor", "adamw")
+OPTIMIZERS = optimizers.OPTIMIZERS
+PRECISIONS = precision.PRECISIONS
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+ATTENTION = (".attn1.", ".attn2.")
+
+# Kept importable for controlnet_zero/ until it imports from training/ (its owner moves it).
+model_family = families.model_family
+fingerprint = families.legacy_fingerprint
+_target_coefficients = objective.target_coefficients
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,7 @@ class FineTuneSettings:
     lora_rank: int = 8
     gradient_checkpointing: bool = False
     seed: int = 0
+    precision: str = "auto"
 
     @property
     def caption(self) -> str:
@@ -57,8 +67,11 @@ class FineTuneSettings:
                              "does not already know; it is what you will write in the edit prompt.")
         if self.mode not in TRAIN_MODES:
             raise ValueError(f"train mode {self.mode!r} is unknown: use one of {', '.join(TRAIN_MODES)}.")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer {self.optimizer!r} is unknown: use one of {', '.join(OPTIMIZERS)}.")
+        if self.optimizer not in optimizers.OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} is unknown: use one of "
+                             f"{', '.join(optimizers.OPTIMIZERS)}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is unknown: use one of {', '.join(PRECISIONS)}.")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps={self.steps} and batch_size={self.batch_size} must both be at least 1.")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -78,29 +91,6 @@ class FineTuneResult:
     base_fingerprint: str
     family: str
     metadata: dict[str, str] = field(default_factory=dict)
-
-
-def model_family(model) -> str:
-    """'sdxl' for the SDXL family (SDXL, SSD-1B, Vega, KOALA), else the config class name in lowercase."""
-    import comfy.model_base
-
-    if isinstance(model, comfy.model_base.SDXL):
-        return "sdxl"
-    return type(model.model_config).__name__.lower()
-
-
-def fingerprint(diffusion_model: torch.nn.Module) -> str:
-    """A cheap identity of a UNet's weights: every key, shape and dtype plus a sample of each tensor.
-
-    Used to refuse a tuned file on a different base model; it costs milliseconds even for SDXL.
-    """
-    h = hashlib.sha256()
-    for name, t in sorted(diffusion_model.state_dict().items()):
-        flat = t.detach().reshape(-1)
-        sample = torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.float32)
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 def prepare_images(images: list[torch.Tensor]) -> torch.Tensor:
@@ -141,27 +131,29 @@ def training_conds(model, conditioning: list, latent: torch.Tensor, device: torc
     return {name: value.cond.detach().to(device).clone() for name, value in model.extra_conds(**params).items()}
 
 
-def _target_coefficients(model_sampling, sigma: torch.Tensor, x_t: torch.Tensor):
-    """``denoised = a + b * output`` for this parameterization; returns (a, b)."""
-    zeros = torch.zeros_like(x_t)
-    a = model_sampling.calculate_denoised(sigma, zeros, x_t)
-    b = model_sampling.calculate_denoised(sigma, torch.ones_like(x_t), x_t) - a
-    return a, b
+def _is_attention(name: str) -> bool:
+    return any(part in f".{name}." for part in ATTENTION)
 
 
 def _trainable(unet: torch.nn.Module, settings: FineTuneSettings, generator: torch.Generator):
-    """Mark what trains; returns (parameters, loras by module path)."""
+    """Make what trains fp32 and trainable in ``unet`` (a twin); returns (parameters, loras by module path).
+
+    full/attention: each trained weight becomes an fp32 master copy in the twin (the base keeps its
+    own); lora: fp32 factors ride on the twin's attention projections as ComfyUI weight functions.
+    """
     unet.requires_grad_(False)
     loras: dict[str, LoraWeight] = {}
-    if settings.mode == "full":
-        params = list(unet.parameters())
-    elif settings.mode == "attention":
-        params = [p for n, p in unet.named_parameters() if ".attn1." in n or ".attn2." in n]
-    else:
-        params = []
+    params = []
+    if settings.mode in ("full", "attention"):
         for name, module in unet.named_modules():
-            if (".attn1." in name or ".attn2." in name) and name.endswith(ATTENTION_PROJECTIONS) \
-                    and hasattr(module, "weight_function"):
+            if settings.mode == "attention" and not _is_attention(name):
+                continue
+            for leaf, p in list(module._parameters.items()):
+                if p is not None:
+                    params.append(precision.master_parameter(module, leaf))
+    else:
+        for name, module in unet.named_modules():
+            if _is_attention(name) and name.endswith(ATTENTION_PROJECTIONS) and hasattr(module, "weight_function"):
                 lora = LoraWeight(module.weight.shape, settings.lora_rank, generator=generator)
                 lora.to(module.weight.device)
                 module.weight_function = list(module.weight_function) + [lora]
@@ -176,16 +168,14 @@ def _trainable(unet: torch.nn.Module, settings: FineTuneSettings, generator: tor
 
 
 def _optimizer(params, settings: FineTuneSettings) -> torch.optim.Optimizer:
-    if settings.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=1e-2)
-    from transformers.optimization import Adafactor
-
-    return Adafactor(params, lr=settings.learning_rate, scale_parameter=False, relative_step=False,
-                     warmup_init=False)
+    return optimizers.make(settings.optimizer, params, settings.learning_rate)
 
 
 def _checkpointed(unet: torch.nn.Module) -> None:
-    """Recompute each UNet block in the backward pass instead of storing its activations."""
+    """Deprecated, kept for controlnet_zero/ until it moves: use ``training.checkpointing`` instead.
+
+    It patches ``TimestepEmbedSequential.forward``, which ComfyUI's UNet never calls, so it saves nothing.
+    """
     from torch.utils.checkpoint import checkpoint
 
     blocks = list(getattr(unet, "input_blocks", [])) + list(getattr(unet, "output_blocks", []))
@@ -200,109 +190,139 @@ def _checkpointed(unet: torch.nn.Module) -> None:
         block.forward = forward
 
 
+class TrainingRun:
+    """One fine-tune's frozen twin, trainable fp32 state, optimizer and batch draws.
+
+    Build it under ``torch.inference_mode(False)`` after the base is loaded; ``loss()`` draws a batch and
+    runs the forward (what autograd keeps for backward is measurable around it), ``step()`` is one
+    optimizer step.
+    """
+
+    def __init__(self, base, latents: torch.Tensor, conditioning: list, settings: FineTuneSettings):
+        device = base.load_device
+        self.settings = settings
+        self.device = device
+        self.dtype = precision.compute_dtype(settings.precision, device)
+        self.twin = precision.frozen_twin(base.model)
+        precision.cast_on_use(self.twin)
+        precision.set_compute_dtype(self.twin, self.dtype)
+        self.unet = self.twin.diffusion_model
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.params, self.loras = _trainable(self.unet, settings, self.generator)
+        self.unet.train()
+        self.optimizer = _optimizer(self.params, settings)
+        self.scaler = precision.grad_scaler(device, self.dtype)
+        self.x0 = self.twin.latent_format.process_in(latents.detach().to(device, torch.float32).clone())
+        conds = training_conds(self.twin, conditioning, self.x0[:1], device)
+        self.conds = {k: v.expand(settings.batch_size, *v.shape[1:]) for k, v in conds.items()}
+
+    def loss(self) -> torch.Tensor:
+        """The loss of one drawn batch (the forward runs under autocast in the compute dtype)."""
+        gen, ms, n = self.generator, self.twin.model_sampling, self.settings.batch_size
+        pick = torch.randint(0, self.x0.shape[0], (n,), generator=gen)
+        x0 = self.x0[pick.to(self.device)]
+        noise = torch.randn(x0.shape, generator=gen).to(self.device)
+        sigma = objective.draw_sigmas(ms, n, gen).to(self.device)
+        x_t = objective.noised(ms, sigma, noise, x0)
+        with precision.autocast(self.device, self.dtype):
+            denoised = self.twin.apply_model(x_t, sigma, **self.conds)
+        return objective.denoised_loss(ms, sigma, x_t, x0, denoised)
+
+    def step(self, i: int) -> float:
+        """Optimizer step ``i`` (0-based); returns its loss. A non-finite loss stops before the update."""
+        loss = self.loss()
+        value = loss.item()
+        loop.check_finite(value, i + 1, self.settings.steps, "UniTune", self.settings.learning_rate)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return value
+
+    def checkpointing(self):
+        """The settings' gradient checkpointing on the twin's UNet layers, undone on exit."""
+        return checkpointing.gradient_checkpointing([self.unet], self.settings.gradient_checkpointing)
+
+
 def fine_tune(base, latents: torch.Tensor, conditioning: list, settings: FineTuneSettings,
               on_step: Callable[[int, int, float], None] | None = None) -> FineTuneResult:
-    """Train a private copy of ``base`` (a ModelPatcher) on ``latents`` ``[N, C, h, w]`` (VAE space).
+    """Train on a frozen twin of ``base`` (a ModelPatcher) on ``latents`` ``[N, C, h, w]`` (VAE space).
 
     ``on_step(step, total, loss)`` runs after every optimizer step; ComfyUI's ProgressBar there is
-    what makes Cancel work. Returns the trained patches; the copy is freed before returning.
+    what makes Cancel work. Returns the trained patches; the twin and its fp32 state are freed before
+    returning.
     """
     import comfy.model_management as mm
 
     settings.check()
     mm.load_models_gpu([base], force_patch_weights=True)
-    device = base.load_device
-    family = model_family(base.model)
-    ft = None
+    family = families.model_family(base.model)
+    run = None
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            ft = copy.deepcopy(base.model)
-            ft.to(device=device, dtype=torch.float32)  # fp32 master weights for training
-            ft.manual_cast_dtype = None
-            unet = ft.diffusion_model
-            unet.dtype = torch.float32
-            base_print = fingerprint(unet)
-            ms = ft.model_sampling
-            gen = torch.Generator().manual_seed(settings.seed)
-            params, loras = _trainable(unet, settings, gen)
-            initial, live_print = _initial_weights(base, unet, loras)
-            if settings.gradient_checkpointing:
-                _checkpointed(unet)
-            unet.train()
-            opt = _optimizer(params, settings)
-
-            x0_all = ft.latent_format.process_in(latents.detach().to(device, torch.float32).clone())
-            conds = training_conds(ft, conditioning, x0_all[:1], device)
-            n_sigmas = len(ms.sigmas)
-            losses = []
-            for step in range(settings.steps):
-                pick = torch.randint(0, x0_all.shape[0], (settings.batch_size,), generator=gen)
-                x0 = x0_all[pick.to(device)]
-                noise = torch.randn(x0.shape, generator=gen).to(device)
-                sigma = ms.sigmas[torch.randint(0, n_sigmas, (settings.batch_size,), generator=gen)].to(device)
-                x_t = ms.noise_scaling(sigma, noise, x0)
-                batch_conds = {k: v.expand(settings.batch_size, *v.shape[1:]) for k, v in conds.items()}
-                denoised = ft.apply_model(x_t, sigma, **batch_conds)
-                _, b = _target_coefficients(ms, sigma, x_t)
-                loss = (((denoised - x0) / b) ** 2).mean()  # = MSE(output, target output)
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"UniTune: the loss became {value} at step {step + 1} of {settings.steps}: "
-                        f"lower the learning rate (now {settings.learning_rate:g}), e.g. to "
-                        f"{settings.learning_rate / 10:g}.")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(value)
-                if on_step is not None:
-                    on_step(step + 1, settings.steps, value)
-
+            base_print = families.fingerprint(base.model.diffusion_model)
+            run = TrainingRun(base, latents, conditioning, settings)
+            initial, live_print = _initial_weights(base, run.unet, run.loras)
+            with run.checkpointing():
+                losses = loop.run(settings.steps, run.step, what="UniTune", learning_rate=settings.learning_rate,
+                                  on_step=on_step)
             with torch.no_grad():
-                if loras:
+                if run.loras:
                     tensors = {}
-                    for name, lora in loras.items():
+                    for name, lora in run.loras.items():
                         tensors.update({k: v.cpu() for k, v in lora.file_tensors(f"diffusion_model.{name}").items()})
                 else:
                     if live_print is not None and fingerprint(base.model.diffusion_model) != live_print:
                         raise RuntimeError("UniTune: the base model's weights changed during training, so the "
                                            "tuning cannot be expressed as a patch; run the fine-tune again.")
-                    tensors = _deltas(unet, initial, base)
+                    tensors = _deltas(run.unet, initial, base)
+            compute = str(run.dtype).removeprefix("torch.")
         metadata = settings.metadata()
         metadata.update({"unitune.base_fingerprint": base_print, "unitune.family": family,
-                         "unitune.final_loss": f"{losses[-1]:.6g}"})
+                         "unitune.final_loss": f"{losses[-1]:.6g}", "unitune.compute_dtype": compute})
         return FineTuneResult(tensors, losses, settings, base_print, family, metadata)
     finally:
-        del ft
+        del run
         mm.soft_empty_cache()
 
 
 def _initial_weights(base, unet: torch.nn.Module, loras: dict) -> tuple[dict[str, torch.Tensor], str | None]:
     """The starting weights the full/attention deltas are taken against, and a fingerprint to check them by.
 
-    The training copy was cast to fp32 from the base's live (patched) weights, so when the base carries no
-    patches its own parameters are exactly that starting point and no second copy is kept (a UNet's worth
-    of memory). With patches applied, the live weights could be unpatched meanwhile, so a copy is kept.
+    The fp32 masters were cast from the base's live (patched) weights, so when the base carries no
+    patches its own parameters are exactly that starting point and nothing is copied. With patches
+    applied the live weights could be unpatched meanwhile, so a copy of the trained ones is kept, in
+    the base's own dtype (the masters were cast from exactly those values, so it is exact).
     """
     if loras:
         return {}, None
     trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
+    live = dict(base.model.diffusion_model.named_parameters())
     if not base.patches:
-        live = dict(base.model.diffusion_model.named_parameters())
         return {n: live[n].detach() for n in trainable}, fingerprint(base.model.diffusion_model)
-    own = dict(unet.named_parameters())
-    return {n: own[n].detach().to(base.offload_device, copy=True) for n in trainable}, None
+    return {n: live[n].detach().to(base.offload_device, copy=True) for n in trainable}, None
+
+
+def delta_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype saved ``.diff`` deltas are stored in: one that holds them.
+
+    fp32 for fp32 and fp8 bases (fp8 rounds a small delta to zero). For bf16/fp16 bases bf16: it has
+    fp32's exponent range, so no delta underflows (fp16 flushes deltas below 6e-8 to zero and keeps
+    fewer bits below 6e-5), its rounding (2^-9 of the delta) is below half an ulp of the
+    half-precision weight the delta is added to, and the file is half the size of fp32.
+    """
+    return torch.bfloat16 if base_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _deltas(unet: torch.nn.Module, initial: dict, base) -> dict[str, torch.Tensor]:
-    """``.diff`` / ``.diff_b`` tensors (trained minus initial, in fp32) in the base weight dtype."""
-    dtype = base.model.get_dtype()
+    """``.diff`` / ``.diff_b`` tensors (trained minus initial, in fp32), stored in ``delta_dtype``."""
+    dtype = delta_dtype(base.model.get_dtype())
     out = {}
     for name, p in unet.named_parameters():
         if name not in initial:
             continue
         start = initial[name]
-        delta = (p.detach().to(start.device) - start.to(torch.float32)).to(dtype).contiguous()
+        delta = (p.detach().to(start.device, torch.float32) - start.to(torch.float32)).to(dtype).contiguous()
         module, _, leaf = name.rpartition(".")
         suffix = "diff" if leaf == "weight" else "diff_b" if leaf == "bias" else None
         if suffix is None:
