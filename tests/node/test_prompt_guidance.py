@@ -1,11 +1,24 @@
-"""Prompt Guidance Guider against ComfyUI's own guiders (CFGGuider, DualCFGGuider, RescaleCFG) as oracles."""
+"""Prompt Guidance Guider against ComfyUI's own guiders (CFGGuider, DualCFGGuider, RescaleCFG) as oracles.
+
+The half-precision tier runs the oracle tests on the tiny SD1.5 UNet stored in bf16/fp16 (computing
+natively in that dtype) and fp8 (storage; computes in fp32), with the fp32 CLIP: the stock guider in the
+same dtype is the oracle.
+"""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 
+from harness import half_tier
+
 STEPS = 4
+# DualCFGGuider sums the same three predictions in another order: ~1e-7 relative in fp32. In bf16/fp16 the
+# UNet rounds its input to 8/11 mantissa bits, so that fp32 difference can flip a rounding at the next step
+# (one bf16 ulp = 2**-8 = 3.9e-3, fp16 2**-11 = 4.9e-4) and grow over the steps; fp8 computes in fp32.
+TOLERANCE = {"fp32": 1e-5, "fp8": 1e-5, "bf16": 1e-2, "fp16": 1e-3}
 
 
 @pytest.fixture(scope="module")
@@ -13,6 +26,17 @@ def sd15(tiny_checkpoints, pack):
     import nodes
 
     return nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoints["sd15"].name)[:3]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_unets():
+    yield
+    half_tier.forget()
+
+
+def unet(sd15, tiny_checkpoints, dtype: str):
+    """The tiny SD1.5 MODEL with its UNet in ``dtype`` (the fp32 one is the module's)."""
+    return sd15[0] if dtype == "fp32" else half_tier.unet(tiny_checkpoints["sd15"], dtype)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +65,7 @@ def assert_close(got, expected, tol=1e-5):
     """Within ``tol`` relative to the result's scale: the random tiny model's latents reach a few hundred,
     where float32 rounding alone differs by ~1e-4 between two orderings of the same sum."""
     err, scale = (got - expected).abs().max().item(), max(1.0, expected.abs().max().item())
+    logging.getLogger(__name__).info("max abs error %.3g at scale %.3g (relative %.3g)", err, scale, err / scale)
     assert err <= tol * scale, f"max abs error {err:.3g} at scale {scale:.3g}"
 
 
@@ -59,21 +84,26 @@ def stock_cfg(model, p, cfg):
     return CFGGuider.execute(model, p["positive"], p["negative"], cfg).args[0]
 
 
-def test_pg_zero_is_stock_cfg_bitwise(sd15, prompts):
-    model = sd15[0]
+@pytest.mark.parametrize("dtype", half_tier.DTYPES)
+def test_pg_zero_is_stock_cfg_bitwise(sd15, tiny_checkpoints, prompts, dtype):
+    model = unet(sd15, tiny_checkpoints, dtype)
     for cfg in (1.0, 6.5):
-        assert torch.equal(sample(ours(model, prompts, cfg, 0.0), model), sample(stock_cfg(model, prompts, cfg), model))
+        got = sample(ours(model, prompts, cfg, 0.0), model)
+        assert torch.isfinite(got).all()
+        assert torch.equal(got, sample(stock_cfg(model, prompts, cfg), model))
 
 
-@pytest.mark.parametrize(("cfg", "pg"), [(6.5, 2.0), (1.0, 3.0), (4.0, -1.5), (0.0, 5.0)])
-def test_matches_stock_dual_cfg_guider(sd15, prompts, cfg, pg):
+@pytest.mark.parametrize(("cfg", "pg", "dtype"), [(6.5, 2.0, dt) for dt in half_tier.DTYPES]
+                         + [(1.0, 3.0, "fp32"), (4.0, -1.5, "fp32"), (0.0, 5.0, "fp32")])
+def test_matches_stock_dual_cfg_guider(sd15, tiny_checkpoints, prompts, cfg, pg, dtype):
     from comfy_extras.nodes_custom_sampler import DualCFGGuider
 
-    model = sd15[0]
+    model = unet(sd15, tiny_checkpoints, dtype)
     dual = DualCFGGuider.execute(model, prompts["positive"], prompts["baseline"], prompts["negative"],
                                  cfg_conds=cfg + pg, cfg_cond2_negative=cfg, style="regular").args[0]
     expected, got = sample(dual, model), sample(ours(model, prompts, cfg, pg), model)
-    assert_close(got, expected)
+    assert torch.isfinite(got).all()
+    assert_close(got, expected, TOLERANCE[dtype])
     assert not torch.allclose(got, sample(stock_cfg(model, prompts, cfg), model), atol=1e-3)  # pg did act
 
 
@@ -158,18 +188,20 @@ def test_controlnet_on_positive_and_negative_steers_the_guider(sd15, prompts, ra
     assert_close(steered, sample(dual, model))
 
 
-def test_guider_never_mutates_model_or_conditionings(sd15, prompts, random_controlnet):
+@pytest.mark.parametrize("dtype", half_tier.DTYPES)
+def test_guider_never_mutates_model_or_conditionings(sd15, tiny_checkpoints, prompts, random_controlnet, dtype):
     import nodes
 
     from harness.hashing import weight_hash
 
-    model = sd15[0]
+    model = unet(sd15, tiny_checkpoints, dtype)
     hint = torch.rand(1, 64, 64, 3)
     pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(prompts["positive"], prompts["negative"],
                                                                 random_controlnet, hint, 1.0, 0.0, 1.0)
     baseline_extras = dict(prompts["baseline"][0][1])
     before, options = weight_hash(model.model.diffusion_model), repr(model.model_options)
-    sample(ours(model, dict(prompts, positive=pos, negative=neg), 5.0, 2.0, rescale=0.5), model)
+    assert torch.isfinite(sample(ours(model, dict(prompts, positive=pos, negative=neg), 5.0, 2.0, rescale=0.5),
+                                 model)).all()
     assert weight_hash(model.model.diffusion_model) == before
     assert repr(model.model_options) == options
     assert prompts["baseline"][0][1] == baseline_extras and "control" not in prompts["baseline"][0][1]
