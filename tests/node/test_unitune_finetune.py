@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from harness.hashing import weight_hash as unet_hash
+from harness.images import subject_image
 
 
 def weight_hash(patcher) -> str:
@@ -31,12 +32,7 @@ def loaded(tiny_checkpoints, pack):
 
 @pytest.fixture(scope="module")
 def subject():
-    """A structured 64x64 test image: a red disk on a blue-green gradient."""
-    y, x = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
-    img = torch.stack([0.2 + 0.0 * x, 0.3 + 0.5 * x, 0.8 - 0.5 * y], dim=-1)
-    disk = ((x - 0.4) ** 2 + (y - 0.55) ** 2) < 0.06
-    img[disk] = torch.tensor([0.9, 0.1, 0.1])
-    return img[None]
+    return subject_image()
 
 
 def run_finetune(model, clip, vae, image, **overrides):
