@@ -18,6 +18,7 @@ STEPS = 4
 # DualCFGGuider sums the same three predictions in another order: ~1e-7 relative in fp32. In bf16/fp16 the
 # UNet rounds its input to 8/11 mantissa bits, so that fp32 difference can flip a rounding at the next step
 # (one bf16 ulp = 2**-8 = 3.9e-3, fp16 2**-11 = 4.9e-4) and grow over the steps; fp8 computes in fp32.
+# Measured at cfg 6.5, pg 2, 4 steps: 2.5e-3 (bf16), 2.5e-7 (fp16), 7.8e-7 (fp8 and fp32).
 TOLERANCE = {"fp32": 1e-5, "fp8": 1e-5, "bf16": 1e-2, "fp16": 1e-3}
 
 

@@ -1,4 +1,8 @@
-"""UniTune Edit: late start, masks, blend-back and bad inputs, with stock nodes as the oracle."""
+"""UniTune Edit: late start, masks, blend-back and bad inputs, with stock nodes as the oracle.
+
+The half-precision tier runs the oracle tests on the tiny SD1.5 UNet stored in bf16/fp16 (computing
+natively) and fp8 (storage), with the fp32 CLIP and VAE; the stock graph in the same dtype is the oracle.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,25 @@ import logging
 import pytest
 import torch
 
+from harness import half_tier
+
 
 @pytest.fixture(scope="module")
 def sd15(tiny_checkpoints, pack):
     import nodes
 
     return nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoints["sd15"].name)[:3]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_unets():
+    yield
+    half_tier.forget()
+
+
+def in_dtype(sd15, tiny_checkpoints, dtype: str):
+    """(MODEL, CLIP, VAE) with the UNet stored in ``dtype``."""
+    return sd15 if dtype == "fp32" else (half_tier.unet(tiny_checkpoints["sd15"], dtype), *sd15[1:])
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +56,8 @@ def test_start_zero_returns_the_original(sd15, photo):
     assert torch.equal(image, photo.repeat(2, 1, 1, 1))
 
 
-def test_equals_the_stock_graph_with_the_guider(sd15, photo):
+@pytest.mark.parametrize("dtype", half_tier.DTYPES)
+def test_equals_the_stock_graph_with_the_guider(sd15, tiny_checkpoints, photo, dtype):
     """The all-in-one node = VAEEncode + RandomNoise + BasicScheduler + SplitSigmas + SamplerCustomAdvanced."""
     import nodes
     from comfy_extras.nodes_custom_sampler import (
@@ -52,8 +70,10 @@ def test_equals_the_stock_graph_with_the_guider(sd15, photo):
 
     from frozentune.nodes.prompt_guidance_nodes import PromptGuidanceGuider
 
+    sd15 = in_dtype(sd15, tiny_checkpoints, dtype)
     model, clip, vae = sd15
-    _, latent = run_edit(sd15, photo, start=0.6, steps=5)
+    image, latent = run_edit(sd15, photo, start=0.6, steps=5)
+    assert torch.isfinite(latent).all() and torch.isfinite(image).all()
 
     enc = nodes.CLIPTextEncode()
     guider = PromptGuidanceGuider.execute(model, enc.encode(clip, "beikkpic a minion")[0], enc.encode(clip, "beikkpic")[0],
@@ -65,9 +85,11 @@ def test_equals_the_stock_graph_with_the_guider(sd15, photo):
     assert torch.equal(latent, out["samples"])
 
 
-def test_mask_keeps_outside_exactly_and_blend_one_is_the_original(sd15, photo):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp8"])  # fp16 runs the bf16 path; the graph test covers it
+def test_mask_keeps_outside_exactly_and_blend_one_is_the_original(sd15, tiny_checkpoints, photo, dtype):
     from harness.hashing import weight_hash
 
+    sd15 = in_dtype(sd15, tiny_checkpoints, dtype)
     before = weight_hash(sd15[0].model.diffusion_model)
     mask = torch.zeros(1, 64, 64)
     mask[:, 16:48, 16:48] = 1.0
