@@ -6,6 +6,7 @@ marker is added here, so ``pytest -m node`` selects a tier.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from pathlib import Path
@@ -72,14 +73,22 @@ def pack_import_failures(log_text: str) -> list[str]:
     return failed
 
 
-@pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory, tiny_checkpoints, pack_node_ids):
-    """A headless ComfyUI with FrozenTune and the tiny models; checked to have loaded the pack."""
-    from harness.server import ComfyServer, prepare_base
+_LIVE_SERVERS: list = []
 
-    base = prepare_base(tmp_path_factory.mktemp("comfy_base"))
-    srv = ComfyServer(base)
+
+@contextlib.contextmanager
+def checked_server(base: Path, pack_node_ids: list[str], **kwargs):
+    """A started ComfyUI with FrozenTune; checked to have loaded the pack; other live test servers freed first."""
+    from harness.server import ComfyServer, ServerError
+
+    for other in _LIVE_SERVERS:  # one server's models at a time in memory (the SDXL-family CLIP is ~4 GiB)
+        try:
+            other.free()
+        except (ServerError, OSError) as err:  # a dead server holds nothing; its own tests report why
+            logging.getLogger(__name__).warning("could not free the server at %s: %s", other.url, err)
+    srv = ComfyServer(base, **kwargs)
     srv.start()
+    _LIVE_SERVERS.append(srv)
     try:
         failures = pack_import_failures(srv.log_text())
         assert not failures, "ComfyUI reported failed imports:\n" + "\n".join(failures)
@@ -90,5 +99,28 @@ def comfy_server(tmp_path_factory, tiny_checkpoints, pack_node_ids):
         assert not missing, f"nodes missing from /object_info: {missing}"
         yield srv
     finally:
+        _LIVE_SERVERS.remove(srv)
         srv.stop()
         logging.getLogger(__name__).info("ComfyUI log kept at %s", srv.log_path)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory, tiny_checkpoints, pack_node_ids):
+    """A headless ComfyUI with FrozenTune and the tiny models; checked to have loaded the pack."""
+    from harness.server import prepare_base
+
+    with checked_server(prepare_base(tmp_path_factory.mktemp("comfy_base")), pack_node_ids) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def comfy_server_half(tmp_path_factory, tiny_checkpoints, pack_node_ids):
+    """The same server in half-precision mode: UNets loaded in bf16 (``--bf16-unet``) computing natively in bf16.
+
+    Module-scoped: it runs only while the e2e module that asks for it does.
+    """
+    from harness.server import HALF_ARGS, NATIVE_HALF_ENV, prepare_base
+
+    base = prepare_base(tmp_path_factory.mktemp("comfy_base_half"))
+    with checked_server(base, pack_node_ids, extra_args=HALF_ARGS, env={NATIVE_HALF_ENV: "1"}) as srv:
+        yield srv

@@ -52,6 +52,11 @@ TINY_RUN_OVERRIDES: dict[str, dict[str, object]] = {
     "BasicScheduler": {"steps": 6},
     "FrozenTuneUniTuneEdit": {"steps": 6},
 }
+# The half-precision e2e server: UNets stored in bf16 computing natively in bf16 (see native_half_node/).
+NATIVE_HALF_ENV = "FROZENTUNE_TEST_NATIVE_HALF"
+HALF_ARGS = ["--bf16-unet"]
+# ComfyUI's own log line for every UNet it loads (comfy.model_base.BaseModel).
+MODEL_DTYPE_LINE = re.compile(r"model weight dtype (\S+), manual cast: (\S+)")
 IMPORT_LINE = re.compile(r"^\s*([0-9.]+) seconds( \(IMPORT FAILED\))?: (.+)$")
 
 
@@ -92,6 +97,8 @@ def prepare_base(base: Path, with_models: bool = True) -> Path:
 
         # lets the stock CLIPVisionLoader read the tiny CLIP vision stand-in (see harness.tiny_ipadapter)
         _link(base / "custom_nodes" / "frozentune_tiny_clip_vision", Path(__file__).parent / "tiny_clip_vision_node")
+        # native half-precision compute on the CPU, only when the server runs with NATIVE_HALF_ENV=1
+        _link(base / "custom_nodes" / "frozentune_test_native_half", Path(__file__).parent / "native_half_node")
         for folder, names in STAND_INS.items():
             for name, family in names.items():
                 path = (tiny_models.checkpoint_path(family) if folder == "checkpoints"
@@ -123,7 +130,8 @@ class ComfyServer:
     """``with ComfyServer(base) as srv:`` starts ComfyUI, waits until it answers, always stops it."""
 
     def __init__(self, base: Path, port: int | None = None, host: str = "127.0.0.1",
-                 cpu: bool | None = None, startup_timeout: float = 180.0, extra_args: list[str] | None = None):
+                 cpu: bool | None = None, startup_timeout: float = 180.0, extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None):
         self.base = Path(base)
         self.host = host
         self.port = port if port is not None else free_port()
@@ -135,6 +143,7 @@ class ComfyServer:
         self.cpu = cpu
         self.startup_timeout = startup_timeout
         self.extra_args = extra_args or []
+        self.env = env or {}
         self.log_path = self.base / "comfyui.log"
         self.proc: subprocess.Popen | None = None
         self.client_id = uuid.uuid4().hex
@@ -154,7 +163,7 @@ class ComfyServer:
     def start(self) -> ComfyServer:
         self.base.mkdir(parents=True, exist_ok=True)
         logfile = open(self.log_path, "w")  # closed in stop()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(self.command(), stdout=logfile, stderr=subprocess.STDOUT,
                                      cwd=str(comfyui_dir()), env=env)
         self._logfile = logfile
@@ -251,6 +260,14 @@ class ComfyServer:
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def model_dtypes(self) -> list[tuple[str, str]]:
+        """``(weight dtype, manual cast dtype)`` of every UNet the server loaded, from ComfyUI's log."""
+        return MODEL_DTYPE_LINE.findall(self.log_text())
+
+    def free(self) -> None:
+        """Ask the server to unload its models and drop its cache (before another server starts)."""
+        self.post("/free", {"unload_models": True, "free_memory": True})
 
     def import_times(self) -> dict[str, tuple[float, bool]]:
         """``{custom node path: (seconds, failed)}`` from ComfyUI's "Import times" table."""
