@@ -83,7 +83,7 @@ class Arm:
         return (self.family, self.mode, self.optimizer, self.lr, self.rank, self.steps)
 
     def label(self) -> str:
-        what = "full" if self.mode == "full" else f"lora r{self.rank}"
+        what = f"lora r{self.rank}" if self.mode == "lora" else self.mode
         return f"{what} {self.optimizer} lr {self.lr:g} {self.steps} steps"
 
 
@@ -327,7 +327,8 @@ def plan(runner: Runner, family: str) -> list[Arm]:
 
 
 def confirm(runner: Runner, family: str, settings: list[str]) -> list[Arm]:
-    """The target, the current default and the given LoRA settings (``optimizer:lr:rank:steps``); then the
+    """The target, the current default and the given settings (``[mode@]optimizer:lr:rank:steps``, mode lora
+    unless given); then the
     target and the first setting on every seed.
 
     For the costlier family, once the staged sweep on the cheaper one has found the candidates.
@@ -337,8 +338,9 @@ def confirm(runner: Runner, family: str, settings: list[str]) -> list[Arm]:
     default = Arm(family, "lora", PAPER["optimizer"], PAPER["lr"], 8, first)
     picks = []
     for text in settings:
-        optimizer, lr, rank, steps = text.split(":")
-        picks.append(Arm(family, "lora", optimizer, float(lr), int(rank), int(steps)))
+        mode, _, rest = text.rpartition("@")  # "attention@adafactor:1e-4:0:128" trains the attention weights
+        optimizer, lr, rank, steps = rest.split(":")
+        picks.append(Arm(family, mode or "lora", optimizer, float(lr), int(rank), int(steps)))
     runner.run([full, default, *picks])
     runner.run([replace(a, seed=s) for a in [full, *picks[:1]] for s in runner.cfg.seeds])
     return [default, *picks]
@@ -348,21 +350,24 @@ def table(runner: Runner, family: str, finalists: list[Arm]) -> str:
     base, full = runner.base[family], runner.target(family)
     lines = [f"\n{family}: base (untuned) sdedit {base['sdedit']:.5f}, heldout {base['heldout']:.5f}; "
              f"target = full adafactor lr 1e-4 {runner.cfg.steps[0]} steps, sdedit {full:.5f} (mean over seeds)",
-             "| arm | seed | sdedit | gap closed | heldout | dW attn | trained params | last-16 loss | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| arm | seed | sdedit | x full | gap closed | heldout | dW attn | trained params | last-16 loss | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, r in sorted(((a, r) for a, r in runner.rows.items() if a.family == family),
                          key=lambda ar: (ar[0].mode, ar[0].optimizer, ar[0].lr, ar[0].rank, ar[0].steps,
                                          ar[0].seed)):
-        lines.append(f"| {arm.label()} | {arm.seed} | {r['sdedit']:.5f} | {runner.gap(arm, r['sdedit']):.2f} | "
+        lines.append(f"| {arm.label()} | {arm.seed} | {r['sdedit']:.5f} | {r['sdedit'] / full:.2f} | "
+                     f"{runner.gap(arm, r['sdedit']):.3f} | "
                      f"{r['heldout']:.5f} | {r['dW']:.4f} | {r['trained']:,} | {r['last_loss']:.4f} | "
                      f"{r['train_s']:.1f} |")
     lines += ["", f"{family} over training seeds (mean, min..max of sdedit):",
-              "| setting | seeds | sdedit mean | min..max | gap closed | heldout mean | dW attn |", "|---|---|---|---|---|---|---|"]
+              "| setting | seeds | sdedit mean | min..max | x full | gap closed | heldout mean | dW attn |",
+              "|---|---|---|---|---|---|---|---|"]
     full_arm = Arm(family, "full", PAPER["optimizer"], PAPER["lr"], 0, runner.cfg.steps[0])
     for arm in [full_arm, *finalists]:
         vals = [r["sdedit"] for a, r in runner.rows.items() if a.setting == arm.setting]
         lines.append(f"| {arm.label()} | {len(vals)} | {statistics.mean(vals):.5f} | {min(vals):.5f}..{max(vals):.5f} | "
-                     f"{runner.gap(arm):.2f} | {runner.mean(arm, 'heldout'):.5f} | {runner.mean(arm, 'dW'):.4f} |")
+                     f"{statistics.mean(vals) / full:.2f} | {runner.gap(arm):.3f} | {runner.mean(arm, 'heldout'):.5f} | "
+                     f"{runner.mean(arm, 'dW'):.4f} |")
     return "\n".join(lines)
 
 
@@ -380,12 +385,13 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=1, help="best (optimizer, lr) pairs whose other ranks are run")
     parser.add_argument("--prune", type=float, default=1.15,
                         help="skip the other ranks of a pair whose sdedit error is above this many times the best")
-    parser.add_argument("--confirm", nargs="+", metavar="OPT:LR:RANK:STEPS",
+    parser.add_argument("--confirm", nargs="+", metavar="[MODE@]OPT:LR:RANK:STEPS",
                         help="instead of the staged sweep: the target, the current default and these LoRA settings")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pack-root", type=Path, default=REPO)
     parser.add_argument("--out", type=Path, default=REPO / "build" / "bench" / "unitune_lora_recipe.jsonl")
     parser.add_argument("--fresh", action="store_true", help="ignore cached results")
+    parser.add_argument("--report", action="store_true", help="only print the tables of the cached results")
     parser.add_argument("--child", metavar="FAMILY", help=argparse.SUPPRESS)
     cfg = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -400,7 +406,12 @@ def main() -> None:
     runner = Runner(cfg)
     load = os.getloadavg()[0]
     try:
-        finalists = {f: confirm(runner, f, cfg.confirm) if cfg.confirm else plan(runner, f) for f in cfg.families}
+        if cfg.report:
+            finalists = {f: sorted({replace(a, seed=0) for a in runner.rows if a.family == f and a.mode == "lora"},
+                                   key=runner.mean) for f in cfg.families}
+        else:
+            finalists = {f: confirm(runner, f, cfg.confirm) if cfg.confirm else plan(runner, f)
+                         for f in cfg.families}
     finally:
         runner.close()
     print(f"UniTune LoRA recipe: batch 4, 64x64 subject, caption {TOKEN!r}, fp32 CPU, {cfg.threads} torch thread(s), "
