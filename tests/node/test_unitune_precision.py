@@ -396,3 +396,4 @@ def test_lora_mode_peak_memory_is_a_fraction_of_the_unet(tiny_checkpoints):
     log.info("SDXL-tiny fp32 UNet %.1f MiB; peak RSS growth / weight bytes: %s", weights / 2**20, ratios)
     assert ratios["copy"] > 0.9, ratios  # the probe sees a UNet copy
     assert ratios["lora"] < 0.5, ratios
+
