@@ -18,6 +18,12 @@ Peak memory is the process RSS high-water mark during the run (Linux VmHWM, rese
 ``/proc/self/clear_refs`` once the models are loaded) minus the RSS at that moment; where the reset is
 not allowed, a 2 ms sampling thread of VmRSS stands in. Run from ``tests/``:
 ``cd tests && ../.venv/bin/python ../bench/unitune_finetune_bench.py``.
+
+``--full-size-sd15``: seconds per step of ``ours lora`` (``unitune.finetune.fine_tune``) against stock
+TrainLoraNode on the FULL-SIZE SD1.5 UNet (ComfyUI's config, 859.5M parameters, random fp32 weights, see
+``full_size.py``), fed a random latent and random conditioning of the right shape (no CLIP/VAE: the UNet step
+is what is timed), at equal trainable size: ours (attention projections) at ``--rank`` against stock (every
+layer) at ``--stock-rank``; fp32 on the CPU, AdamW, no gradient checkpointing for either.
 """
 
 from __future__ import annotations
@@ -118,6 +124,7 @@ def run_naive(model, clip, vae, pixels, mode: str, cfg: argparse.Namespace, on_s
     """Our training step on a private copy, but VAE and CLIP re-encode image and caption every step."""
     import comfy.model_management as mm
 
+    from frozentune.training import objective
     from frozentune.unitune import finetune
 
     settings = finetune.FineTuneSettings(token=cfg.token, steps=cfg.steps, batch_size=cfg.batch_size,
@@ -144,7 +151,7 @@ def run_naive(model, clip, vae, pixels, mode: str, cfg: argparse.Namespace, on_s
             sigma = ms.sigmas[torch.randint(0, len(ms.sigmas), (cfg.batch_size,), generator=gen)].to(device)
             x_t = ms.noise_scaling(sigma, torch.randn(x0.shape, generator=gen).to(device), x0)
             batch_conds = {k: v.expand(cfg.batch_size, *v.shape[1:]) for k, v in conds.items()}
-            _, b = finetune._target_coefficients(ms, sigma, x_t)
+            _, b = objective.target_coefficients(ms, sigma, x_t)
             loss = (((ft.apply_model(x_t, sigma, **batch_conds) - x0) / b) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -197,10 +204,64 @@ def child(contender: str, family: str, cfg: argparse.Namespace) -> dict:
                 s_per_step=wall, cpu_s_per_step=cpu, total_s=total, peak_mib=mem.mib, memory_measure=mem.measure)
 
 
+def child_full_size(contender: str, cfg: argparse.Namespace) -> dict:
+    """One contender on the full-size SD1.5 UNet, random weights and conditioning, under the step clock."""
+    from harness import comfy_env
+
+    torch.set_num_threads(cfg.threads)
+    comfy_env.import_comfy()
+    comfy_env.import_pack()
+    import comfy.utils
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from full_size import build_base, conditioning
+
+    with torch.inference_mode(False):
+        base, _ = build_base("sd15", torch.float32, real=True)
+    side = cfg.size // 8
+    latent = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(2))
+    cond = conditioning("sd15")
+    stamps: dict[int, tuple[float, float]] = {}
+
+    def on_step(value, total, *_, **__):
+        stamps[value] = (time.perf_counter(), time.process_time())
+
+    start = time.perf_counter()
+    with PeakRss() as mem:
+        if contender == "ours lora":
+            from frozentune.unitune import finetune
+
+            settings = finetune.FineTuneSettings(steps=cfg.steps, batch_size=cfg.batch_size, mode="lora",
+                                                 lora_rank=cfg.rank, learning_rate=cfg.learning_rate,
+                                                 optimizer="adamw", gradient_checkpointing=False, precision="fp32")
+            result = finetune.fine_tune(base, latent, cond, settings, on_step=on_step)
+            trained = sum(t.numel() for k, t in result.tensors.items() if not k.endswith(".alpha"))
+        else:
+            from comfy_extras.nodes_train import TrainLoraNode
+
+            comfy.utils.set_progress_bar_global_hook(on_step)
+            with torch.inference_mode():  # as ComfyUI's executor runs every node
+                out = TrainLoraNode.execute(
+                    model=[base], latents=[{"samples": latent}] * max(2, cfg.batch_size), positive=[cond],
+                    batch_size=[cfg.batch_size], grad_accumulation_steps=[1], steps=[cfg.steps],
+                    learning_rate=[cfg.learning_rate], rank=[cfg.stock_rank], optimizer=["AdamW"],
+                    loss_function=["MSE"], seed=[0], training_dtype=["fp32"], lora_dtype=["fp32"],
+                    algorithm=["LoRA"], gradient_checkpointing=[False], existing_lora=["[None]"])
+            trained = sum(p.numel() for p in out.args[1].values())
+    total = time.perf_counter() - start
+    if sorted(stamps) != list(range(1, cfg.steps + 1)):
+        raise RuntimeError(f"{contender}: saw steps {sorted(stamps)}, expected 1..{cfg.steps}")
+    wall, cpu = (statistics.median(stamps[i + 1][k] - stamps[i][k] for i in range(cfg.warmup, cfg.steps))
+                 for k in (0, 1))
+    unet_params = sum(p.numel() for p in base.model.diffusion_model.parameters())
+    return dict(contender=contender, family="sd15-full", unet_params=unet_params, trained_params=trained,
+                s_per_step=wall, cpu_s_per_step=cpu, total_s=total, peak_mib=mem.mib, memory_measure=mem.measure)
+
+
 def run_child(contender: str, family: str, cfg: argparse.Namespace) -> dict:
     args = [sys.executable, __file__, "--child", contender, family, "--steps", str(cfg.steps),
             "--warmup", str(cfg.warmup), "--batch-size", str(cfg.batch_size), "--rank", str(cfg.rank),
-            "--threads", str(cfg.threads)]
+            "--threads", str(cfg.threads), "--size", str(cfg.size), "--stock-rank", str(cfg.stock_rank)]
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads))
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
@@ -214,16 +275,16 @@ def report(rows: list[dict], cfg: argparse.Namespace) -> None:
     ok = [r for r in rows if "error" not in r]
     measure = ok[0]["memory_measure"] if ok else "n/a"
     print(f"\nUniTune Fine-Tune bench: {cfg.steps} steps ({cfg.warmup} warm-up, {cfg.steps - cfg.warmup} timed), "
-          f"batch {cfg.batch_size}, 64x64 image, AdamW lr {cfg.learning_rate:g}, LoRA rank {cfg.rank}, fp32, "
+          f"batch {cfg.batch_size}, {cfg.size if cfg.full_size_sd15 else 64}px image, AdamW lr {cfg.learning_rate:g}, LoRA rank {cfg.rank}{f' (stock {cfg.stock_rank})' if cfg.full_size_sd15 else ''}, fp32, "
           f"torch {torch.__version__}, {cfg.threads} torch thread(s) per contender")
     print(f"peak memory = {measure}, in a fresh process per contender\n")
-    print(f"{'model':<6} {'UNet params':>12} {'contender':<11} {'trained params':>14} {'s/step':>8} "
+    print(f"{'model':<9} {'UNet params':>12} {'contender':<11} {'trained params':>14} {'s/step':>8} "
           f"{'CPU s/step':>10} {'total s':>8} {'peak MiB':>9}")
     for r in rows:
         if "error" in r:
-            print(f"{r['family']:<6} {'':>12} {r['contender']:<11} FAILED:\n{r['error']}")
+            print(f"{r['family']:<9} {'':>12} {r['contender']:<11} FAILED:\n{r['error']}")
             continue
-        print(f"{r['family']:<6} {r['unet_params'] / 1e6:>11.1f}M {r['contender']:<11} {r['trained_params']:>14,} "
+        print(f"{r['family']:<9} {r['unet_params'] / 1e6:>11.1f}M {r['contender']:<11} {r['trained_params']:>14,} "
               f"{r['s_per_step']:>8.4f} {r['cpu_s_per_step']:>10.4f} {r['total_s']:>8.2f} {r['peak_mib']:>9.1f}")
     print()
     by = {(r["family"], r["contender"]): r for r in ok}
@@ -232,7 +293,7 @@ def report(rows: list[dict], cfg: argparse.Namespace) -> None:
             if (family, a) in by and (family, b) in by:
                 ra, rb = by[family, a], by[family, b]
                 mem = ra["peak_mib"] / rb["peak_mib"] if rb["peak_mib"] > 0 else float("nan")
-                print(f"{family:<6} {a} / {b}: time x{ra['s_per_step'] / rb['s_per_step']:.2f}, "
+                print(f"{family:<9} {a} / {b}: trained params x{ra['trained_params'] / rb['trained_params']:.2f}, time x{ra['s_per_step'] / rb['s_per_step']:.2f}, "
                       f"CPU time x{ra['cpu_s_per_step'] / rb['cpu_s_per_step']:.2f}, peak memory x{mem:.2f}")
 
 
@@ -247,14 +308,31 @@ def main() -> None:
     parser.add_argument("--token", default="beikkpic")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per contender; 1 keeps CPU time "
                         "per step meaningful on a busy machine (idle OpenMP threads spin and bill CPU time)")
+    parser.add_argument("--full-size-sd15", action="store_true", help="ours lora vs stock TrainLoraNode on the "
+                        "full-size SD1.5 UNet (random weights) instead of the tiny checkpoints")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels for --full-size-sd15")
+    parser.add_argument("--stock-rank", type=int, default=1, help="TrainLoraNode's rank for --full-size-sd15 (1: "
+                        "1,502,060 trained parameters, next to ours at rank 8: 1,594,368)")
     parser.add_argument("--child", nargs=2, metavar=("CONTENDER", "FAMILY"), help=argparse.SUPPRESS)
     cfg = parser.parse_args()
     if not 1 <= cfg.warmup < cfg.steps:
         parser.error("need 1 <= --warmup < --steps")
     if cfg.child:
-        print(MARK + json.dumps(child(*cfg.child, cfg)), flush=True)
+        contender, family = cfg.child
+        result = child_full_size(contender, cfg) if family == "sd15-full" else child(contender, family, cfg)
+        print(MARK + json.dumps(result), flush=True)
         return
     rows, load_before = [], os.getloadavg()[0]
+    if cfg.full_size_sd15:
+        cfg.families = ["sd15-full"]
+        for contender in ("ours lora", "stock lora"):
+            t0 = time.perf_counter()
+            rows.append(run_child(contender, "sd15-full", cfg))
+            print(f"sd15-full {contender}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        report(rows, cfg)
+        print(f"\n1-min load average: {load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end "
+              f"({os.cpu_count()} CPUs)")
+        return
     for family in cfg.families:
         for contender in CONTENDERS:
             t0 = time.perf_counter()
