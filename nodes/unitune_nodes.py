@@ -80,7 +80,9 @@ class UniTuneFineTune(io.ComfyNode):
                                tooltip="Step size. 1e-4 for Adafactor as in the paper; try 1e-5 for full "
                                "fine-tunes with AdamW and 1e-4..1e-3 for LoRA."),
                 io.Combo.Input("optimizer", options=list(finetune.OPTIMIZERS), default="adafactor",
-                               tooltip="adafactor (the paper's; small optimizer state) or adamw."),
+                               tooltip="adafactor (the paper's; factored, small optimizer state), adamw (8 bytes of state "
+                               "per trained weight) or adamw8bit (bitsandbytes' 8-bit AdamW, about 2 bytes; needs the "
+                               "bitsandbytes package)."),
                 io.Combo.Input("train", options=MODE_CHOICES, default="auto", tooltip=TRAIN_TOOLTIP),
                 io.Int.Input("lora_rank", default=8, min=1, max=256, tooltip="Rank of the LoRA adapters "
                              "(train = lora only)."),

@@ -397,3 +397,20 @@ def test_lora_mode_peak_memory_is_a_fraction_of_the_unet(tiny_checkpoints):
     assert ratios["copy"] > 0.9, ratios  # the probe sees a UNet copy
     assert ratios["lora"] < 0.5, ratios
 
+
+def test_adamw8bit_keeps_8bit_state_and_trains(tiny_checkpoints, encoders, subject, monkeypatch):
+    """optimizer=adamw8bit: the large attention weights' moments are uint8 codes; the tuning changes the output."""
+    pytest.importorskip("bitsandbytes")
+    from frozentune.unitune import finetune
+
+    clip, vae = encoders["sd15"]
+    model = load_unet(tiny_checkpoints["sd15"], torch.float32)
+    seen = {}
+    real_optimizer = finetune._optimizer
+    monkeypatch.setattr(finetune, "_optimizer", lambda p, s: seen.setdefault("opt", real_optimizer(p, s)))
+    tuned = run_finetune(model, clip, vae, subject, train="attention", optimizer="adamw8bit", steps=2)
+    dtypes = {t.dtype for s in seen["opt"].state.values() for t in s.values() if torch.is_tensor(t)}
+    assert torch.uint8 in dtypes, dtypes
+    result = result_of(tuned)
+    assert result.metadata["unitune.optimizer"] == "adamw8bit"
+    assert any(t.abs().max() > 0 for k, t in result.tensors.items() if k.endswith(".diff"))
