@@ -32,7 +32,7 @@ TRAIN_TOOLTIP = (
     "kept in fp32 (weights + gradients; AdamW adds 8 bytes per weight), besides activations. "
     "full: every UNet weight (SD1.5 6.4 GiB, 12.8 GiB with AdamW; SDXL 19.1 / 38.3 GiB). "
     "attention: the attention layers (SD1.5 0.7 / 1.4 GiB; SDXL 7.1 / 14.2 GiB). "
-    "lora: low-rank adapters on the attention projections (rank 8: SD1.5 12 / 24 MiB; SDXL 89 / 177 MiB). "
+    "lora: low-rank adapters on the attention projections (rank 32: SD1.5 49 / 97 MiB; SDXL 354 / 708 MiB). "
     "auto: full for SD1.5, lora for SDXL. (Computed from parameter counts.)")
 CHECKPOINTING_TOOLTIP = (
     "Recompute each UNet layer in the backward pass instead of keeping its activations: costs an extra "
