@@ -613,15 +613,23 @@ def run_workflow(srv, path: Path, mode: Mode, out: Path, timeout: float) -> dict
             "steps": sum(len(t) for t in stats["steps"].values()), "settings": changed, "outputs": copied}
 
 
-def workflow_files() -> list[Path]:
-    return sorted((REPO / "workflows").glob("*.json"))
+def workflow_files(names: list[str] | None = None) -> list[Path]:
+    """The example workflows, or those of ``names`` (file stems; an unknown one is an error naming the choices)."""
+    files = sorted((REPO / "workflows").glob("*.json"))
+    if not names:
+        return files
+    stems = {p.stem: p for p in files}
+    unknown = [n for n in names if n not in stems]
+    if unknown:
+        raise SystemExit(f"gpu-check: no workflow {', '.join(unknown)}; choose from {', '.join(stems)}")
+    return [stems[n] for n in names]
 
 
 def run_workflows(mode: Mode, paths: dict[str, Path], device: str, build: Path, out: Path,
-                  timeout: float) -> list[Item]:
+                  timeout: float, names: list[str] | None = None) -> list[Item]:
     from harness.server import ComfyServer
 
-    items = [Item(f"workflow {p.stem}", "workflow") for p in workflow_files()]
+    items = [Item(f"workflow {p.stem}", "workflow") for p in workflow_files(names)]
     try:
         base = prepare_server_base(build / f"server_{mode.name}", paths, tiny=mode.name == "tiny")
         srv = ComfyServer(base, cpu=device == "cpu", startup_timeout=300).start()
@@ -630,7 +638,7 @@ def run_workflows(mode: Mode, paths: dict[str, Path], device: str, build: Path, 
             item.error = f"not run: the ComfyUI server did not start: {one_line(err)}"
         return items
     try:
-        for item, path in zip(items, workflow_files(), strict=True):  # peak memory: measured in the server
+        for item, path in zip(items, workflow_files(names), strict=True):  # peak memory: measured in the server
             run_item(item, functools.partial(run_workflow, srv, path, mode, out, timeout), "cpu")
     finally:
         srv.stop()
@@ -707,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build", type=Path, default=REPO / "build" / "gpu_check",
                         help="where the random models are cached")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per workflow")
+    parser.add_argument("--workflows", default="", help="comma-separated workflow file stems (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -736,7 +745,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in ("all", "trainers"):
         items += run_trainers(mode, paths, args.device)
     if args.only in ("all", "workflows"):
-        items += run_workflows(mode, paths, args.device, build, args.out, args.timeout)
+        names = [n.strip() for n in args.workflows.split(",") if n.strip()]
+        items += run_workflows(mode, paths, args.device, build, args.out, args.timeout, names)
     report = {
         "mode": mode.name, "environment": environment(args.device),
         "unet_parameters": {f: unet_parameters(paths[f]) for f in ("sd15", "sdxl")},
