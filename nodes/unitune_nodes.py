@@ -79,8 +79,8 @@ class UniTuneFineTune(io.ComfyNode):
                              "step, each at its own random timestep (the paper: 4)."),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-5, round=1e-7,
                                tooltip="Step size. 0 = auto: 1e-4 for full and attention (the paper's recipe), 1e-3 "
-                               "for lora (measured on the test models: at 1e-4 a rank-8 LoRA got 37-55% of the way "
-                               "to full mode's reconstruction, at 1e-3 with rank 32 and 256 steps 69-99%)."),
+                               "for lora (measured on the test models: at 1e-4 a rank-8 LoRA got 37-56% of the way "
+                               "to full mode's reconstruction, at 1e-3 with rank 32 and 256 steps 71-99%)."),
                 io.Combo.Input("optimizer", options=list(finetune.OPTIMIZERS), default="adafactor",
                                tooltip="adafactor (the paper's; factored, small optimizer state), adamw (8 bytes of state "
                                "per trained weight) or adamw8bit (bitsandbytes' 8-bit AdamW, about 2 bytes; needs the "

@@ -38,8 +38,8 @@ ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 ATTENTION = (".attn1.", ".attn2.")
 # What steps = 0 and learning_rate = 0 ("auto") mean, by train mode. full/attention: the paper's recipe
 # (128 steps, batch 4; lr 1e-4 from the xuduo35 re-implementation). lora: measured on the tiny models
-# (bench/README.md, "UniTune LoRA recipe"): at the paper's lr a rank-8 LoRA closes 37-55% of the way to
-# full mode's reconstruction, at lr 1e-3 and 256 steps (rank 32) 99% on SD1.5 and 69% on the SDXL family.
+# (bench/README.md, "UniTune LoRA recipe"): at the paper's lr a rank-8 LoRA closes 37-56% of the way to
+# full mode's reconstruction, at lr 1e-3 and 256 steps (rank 32) 99% on SD1.5 and 71% on the SDXL family.
 RECIPES = {"full": (128, 1e-4), "attention": (128, 1e-4), "lora": (256, 1e-3)}
 
 
