@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -105,7 +106,7 @@ class Floor:
 
         def make(*args, **kwargs):
             opt = stock(*args, **kwargs)
-            self.optimizers.append(opt)
+            self.optimizers.append(weakref.ref(opt))  # a strong reference would keep its state alive
             return opt
 
         optimizers.make = make
@@ -117,14 +118,20 @@ class Floor:
     def read(self) -> None:
         import torch
 
-        params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
+        optimizers = [o for o in (ref() for ref in self.optimizers) if o is not None]
+        if not optimizers:
+            return
+        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
         weights = sum(tensor_bytes(p) for p in params)
-        grads = sum(tensor_bytes(p) for p in params)  # one gradient per trainable weight, same dtype
-        state = sum(tensor_bytes(v) for opt in self.optimizers for s in opt.state.values() for v in s.values()
+        # one gradient per trainable weight, same dtype -- unless each parameter steps during backward
+        # (training.optimizers.StepInBackward: its hooks free every gradient at once), then no buffer is held
+        in_backward = any(getattr(p, "_post_accumulate_grad_hooks", None) for p in params)
+        grads = 0 if in_backward else sum(tensor_bytes(p) for p in params)
+        state = sum(tensor_bytes(v) for opt in optimizers for s in opt.state.values() for v in s.values()
                     if isinstance(v, torch.Tensor))
         self.parts = dict(frozen=self.frozen, trainable=weights, grads=grads, optimizer_state=max(
             state, self.parts.get("optimizer_state", 0)), trainable_params=sum(p.numel() for p in params),
-            optimizer=type(self.optimizers[-1]).__name__ if self.optimizers else "none")
+            optimizer=type(optimizers[-1]).__name__)
 
     @property
     def total(self) -> int:

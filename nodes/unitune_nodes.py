@@ -29,11 +29,13 @@ SAVE_AS = ("as trained", "lora")
 # weight and gradient, AdamW's two moments 8 bytes; Adafactor's factored state is a small fraction.
 TRAIN_TOOLTIP = (
     "What trains; the base's weights are shared in their load dtype, never copied, and only what trains is "
-    "kept in fp32 (weights + gradients; AdamW adds 8 bytes per weight), besides activations. "
-    "full: every UNet weight (SD1.5 6.4 GiB, 12.8 GiB with AdamW; SDXL 19.1 / 38.3 GiB). "
-    "attention: the attention layers (SD1.5 0.7 / 1.4 GiB; SDXL 7.1 / 14.2 GiB). "
-    "lora: low-rank adapters on the attention projections (rank 32: SD1.5 49 / 97 MiB; SDXL 354 / 708 MiB). "
-    "auto: full for SD1.5, lora for SDXL. (Computed from parameter counts.)")
+    "kept in fp32. full: every UNet weight. attention: the attention layers. full and attention step each "
+    "weight during backward, so no gradient buffer is held (except with fp16 compute): fp32 weights SD1.5 "
+    "3.2 / 0.35 GiB, SDXL 9.6 / 3.6 GiB (computed from parameter counts), plus the optimizer state (AdamW "
+    "twice that, Adafactor less). lora: low-rank adapters on the attention projections (rank 32: SD1.5 49 MiB, "
+    "SDXL 354 MiB with gradients). Measured peak at full size (random weights, fp16 base, bf16 compute, "
+    "gradient checkpointing on, Adafactor): SD1.5 full at 512 px, batch 4: 7.2 GiB; SDXL lora rank 32 at "
+    "1024 px, batch 1: 6.3 GiB (bench/README.md). auto: full for SD1.5, lora for SDXL.")
 CHECKPOINTING_TOOLTIP = (
     "Recompute each UNet layer in the backward pass instead of keeping its activations: costs an extra "
     "forward of each layer. Measured on the tiny SD1.5 test UNet (16M parameters) at 64 px, batch 4: the "

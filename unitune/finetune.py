@@ -163,7 +163,10 @@ def _trainable(unet: torch.nn.Module, settings: FineTuneSettings, generator: tor
     return params, loras
 
 
-def _optimizer(params, settings: FineTuneSettings) -> torch.optim.Optimizer:
+def _optimizer(params, settings: FineTuneSettings, in_backward: bool = False):
+    """The settings' optimizer; ``in_backward``: stepped per parameter during backward (no gradient buffer)."""
+    if in_backward:
+        return optimizers.StepInBackward(settings.optimizer, params, settings.learning_rate)
     return optimizers.make(settings.optimizer, params, settings.learning_rate)
 
 
@@ -187,7 +190,10 @@ class TrainingRun:
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.params, self.loras = _trainable(self.unet, settings, self.generator)
         self.unet.train()
-        self.optimizer = _optimizer(self.params, settings)
+        # full/attention train large fp32 masters: step each one during backward so no whole-model gradient
+        # buffer exists (fp16 needs the GradScaler's global inf check first, so it keeps the plain step).
+        self.in_backward = settings.mode != "lora" and self.dtype != torch.float16
+        self.optimizer = _optimizer(self.params, settings, in_backward=self.in_backward)
         self.scaler = precision.grad_scaler(device, self.dtype)
         self.x0 = self.twin.latent_format.process_in(latents.detach().to(device, torch.float32).clone())
         conds = training_conds(self.twin, conditioning, self.x0[:1], device)
@@ -210,11 +216,22 @@ class TrainingRun:
         loss = self.loss()
         value = loss.item()
         loop.check_finite(value, i + 1, self.settings.steps, "UniTune", self.settings.learning_rate)
+        if self.in_backward:
+            loss.backward()  # each parameter steps (and drops its gradient) as its gradient is ready
+            return value
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return value
+
+    def release(self) -> None:
+        """Free the optimizer state and gradients (before the deltas are built, which need neither)."""
+        if isinstance(self.optimizer, optimizers.StepInBackward):
+            self.optimizer.close()
+        self.optimizer = None
+        for p in self.params:
+            p.grad = None
 
     def checkpointing(self):
         """The settings' gradient checkpointing on the twin's UNet layers, undone on exit."""
@@ -243,6 +260,7 @@ def fine_tune(base, latents: torch.Tensor, conditioning: list, settings: FineTun
             with run.checkpointing():
                 losses = loop.run(settings.steps, run.step, what="UniTune", learning_rate=settings.learning_rate,
                                   on_step=on_step)
+            run.release()
             with torch.no_grad():
                 if run.loras:
                     tensors = {}
@@ -259,6 +277,8 @@ def fine_tune(base, latents: torch.Tensor, conditioning: list, settings: FineTun
                          "unitune.final_loss": f"{losses[-1]:.6g}", "unitune.compute_dtype": compute})
         return FineTuneResult(tensors, losses, settings, base_print, family, metadata)
     finally:
+        if run is not None:
+            run.release()  # also on Cancel: the per-parameter hooks would keep the state alive
         del run
         mm.soft_empty_cache()
 

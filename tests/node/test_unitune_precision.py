@@ -263,7 +263,7 @@ def test_half_precision_tier(family, dtype_name, tiny_checkpoints, encoders, sub
     seen = {}
     real_twin, real_optimizer = precision.frozen_twin, finetune._optimizer
     monkeypatch.setattr(precision, "frozen_twin", lambda m: seen.setdefault("twin", real_twin(m)))
-    monkeypatch.setattr(finetune, "_optimizer", lambda p, s: seen.setdefault("opt", real_optimizer(p, s)))
+    monkeypatch.setattr(finetune, "_optimizer", lambda p, s, **kw: seen.setdefault("opt", real_optimizer(p, s, **kw)))
     real_deltas = finetune._deltas
 
     def deltas(unet, initial, patcher):  # also keep the fp32 deltas, to measure what each storage dtype keeps
@@ -407,7 +407,7 @@ def test_adamw8bit_keeps_8bit_state_and_trains(tiny_checkpoints, encoders, subje
     model = load_unet(tiny_checkpoints["sd15"], torch.float32)
     seen = {}
     real_optimizer = finetune._optimizer
-    monkeypatch.setattr(finetune, "_optimizer", lambda p, s: seen.setdefault("opt", real_optimizer(p, s)))
+    monkeypatch.setattr(finetune, "_optimizer", lambda p, s, **kw: seen.setdefault("opt", real_optimizer(p, s, **kw)))
     tuned = run_finetune(model, clip, vae, subject, train="attention", optimizer="adamw8bit", steps=2)
     dtypes = {t.dtype for s in seen["opt"].state.values() for t in s.values() if torch.is_tensor(t)}
     assert torch.uint8 in dtypes, dtypes
