@@ -96,8 +96,9 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
     return removed
 
 
-def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a safetensors file (on the CPU) and its metadata; errors name the file and the fix."""
+def open_lazy(path: Path):
+    """A ``safetensors.safe_open`` handle (CPU) with ``load``'s checks and errors, for reading the metadata or
+    single tensors of a large file without loading all of it (checkpoint headers, cache shards)."""
     import safetensors
 
     path = Path(path)
@@ -107,13 +108,27 @@ def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if path.suffix.lower() not in (".safetensors", ".sft"):
         raise ValueError(f"{path.name} is not a .safetensors file: only safetensors files are read here.")
     try:
-        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+        return safetensors.safe_open(str(path), framework="pt", device="cpu")
+    except Exception as error:
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path: Path, error: Exception) -> ValueError:
+    """The deserializer's errors say neither which file nor what to do."""
+    reason = str(error).split("\n", 1)[0] or type(error).__name__
+    return ValueError(f"{path} could not be read as a safetensors file ({reason}): it is truncated, corrupt "
+                      "or not a safetensors file. Save, copy or download it again.")
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a safetensors file (on the CPU) and its metadata; errors name the file and the fix."""
+    handle = open_lazy(path)
+    try:
+        with handle as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as error:  # the deserializer's errors say neither which file nor what to do
-        reason = str(error).split("\n", 1)[0] or type(error).__name__
-        raise ValueError(f"{path} could not be read as a safetensors file ({reason}): it is truncated, corrupt "
-                         "or not a safetensors file. Save, copy or download it again.") from error
+    except Exception as error:
+        raise _unreadable(Path(path), error) from error
     return tensors, dict(metadata)
 
 
