@@ -1,0 +1,237 @@
+"""Small API-format prompts around each FrozenTune node, on the tiny stand-in models, for the reliability tier.
+
+Each builder returns a ``Graph`` whose ``target`` is the FrozenTune node under test, with the smallest
+sizes that still run it (64 px, one training step, one or two sampler steps), so a fuzz case that the node
+accepts finishes in seconds. The model names are the stand-ins ``harness.server.prepare_base`` links.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+SD15 = "v1-5-pruned-emaonly.safetensors"
+SDXL_BLOCKS = "sd_xl_base_1.0_0.9vae.safetensors"  # SDXL's block ids: the InstantStyle presets fit it
+IPADAPTER = "ip-adapter_sdxl.safetensors"
+CLIP_VISION = "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"
+IMAGE = "example.png"  # copied into every test server's input/
+SIZE = 64
+
+
+@dataclass
+class Graph:
+    """An API prompt under construction; ``add`` returns the new node's id."""
+
+    nodes: dict[str, dict] = field(default_factory=dict)
+    target: str | None = None
+
+    def add(self, class_type: str, **inputs) -> str:
+        node_id = str(len(self.nodes) + 1)
+        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs}
+        return node_id
+
+    def prompt(self, **overrides) -> dict:
+        """A copy of the prompt with ``overrides`` set on the target node's inputs."""
+        out = copy.deepcopy(self.nodes)
+        out[self.target]["inputs"].update(overrides)
+        return out
+
+    def inputs(self) -> dict:
+        return self.nodes[self.target]["inputs"]
+
+
+def out(node_id: str, slot: int = 0) -> list:
+    return [node_id, slot]
+
+
+def _checkpoint(g: Graph, name: str = SD15) -> str:
+    return g.add("CheckpointLoaderSimple", ckpt_name=name)
+
+
+def _image(g: Graph, size: int = SIZE) -> str:
+    loaded = g.add("LoadImage", image=IMAGE)
+    return g.add("ImageScale", image=out(loaded), upscale_method="nearest-exact", width=size, height=size,
+                 crop="center")
+
+
+def _sample_and_preview(g: Graph, model: list, ckpt: str, seed: int = 0, steps: int = 1, text: str = "a photo",
+                        size: int = SIZE) -> str:
+    pos = g.add("CLIPTextEncode", clip=out(ckpt, 1), text=text)
+    neg = g.add("CLIPTextEncode", clip=out(ckpt, 1), text="")
+    latent = g.add("EmptyLatentImage", width=size, height=size, batch_size=1)
+    sampled = g.add("KSampler", model=model, seed=seed, steps=steps, cfg=7.0, sampler_name="euler",
+                    scheduler="normal", positive=out(pos), negative=out(neg), latent_image=out(latent), denoise=1.0)
+    decoded = g.add("VAEDecode", samples=out(sampled), vae=out(ckpt, 2))
+    return g.add("PreviewImage", images=out(decoded))
+
+
+def fine_tune_inputs(**overrides) -> dict:
+    """UniTune Fine-Tune settings for one tiny LoRA step."""
+    return {"token": "beikkpic", "class_word": "", "steps": 1, "batch_size": 1, "learning_rate": 1e-4,
+            "optimizer": "adamw", "train": "lora", "lora_rank": 4, "gradient_checkpointing": False, "seed": 0,
+            "precision": "fp32", **overrides}
+
+
+def unitune_fine_tune(**overrides) -> Graph:
+    g = Graph()
+    ckpt = _checkpoint(g)
+    image = _image(g)
+    g.target = g.add("FrozenTuneUniTuneFineTune", model=out(ckpt), clip=out(ckpt, 1), vae=out(ckpt, 2),
+                     image=out(image), **fine_tune_inputs(**overrides))
+    g.add("PreviewImage", images=out(g.target, 1))
+    return g
+
+
+def unitune_save(filename: str = "unitune/fuzz", save_as: str = "as trained", lora_rank: int = 4,
+                 **fine_tune) -> Graph:
+    g = unitune_fine_tune(**fine_tune)
+    tuned = [n for n, v in g.nodes.items() if v["class_type"] == "FrozenTuneUniTuneFineTune"][0]
+    g.target = g.add("FrozenTuneUniTuneSave", model=out(tuned), filename=filename, save_as=save_as,
+                     lora_rank=lora_rank)
+    return g
+
+
+def unitune_load(unitune_name: str, strength: float = 1.0, seed: int = 0) -> Graph:
+    g = Graph()
+    ckpt = _checkpoint(g)
+    g.target = g.add("FrozenTuneUniTuneLoad", model=out(ckpt), unitune_name=unitune_name, strength=strength)
+    _sample_and_preview(g, out(g.target), ckpt, seed=seed)
+    return g
+
+
+def prompt_guidance(**overrides) -> Graph:
+    g = Graph()
+    ckpt = _checkpoint(g)
+    pos = g.add("CLIPTextEncode", clip=out(ckpt, 1), text="beikkpic as a watercolor")
+    base = g.add("CLIPTextEncode", clip=out(ckpt, 1), text="beikkpic")
+    neg = g.add("CLIPTextEncode", clip=out(ckpt, 1), text="")
+    g.target = g.add("FrozenTunePromptGuidanceGuider", model=out(ckpt), positive=out(pos), baseline=out(base),
+                     negative=out(neg), **{"cfg": 7.5, "pg": 2.0, "pg_start": 0.0, "pg_end": 1.0, "rescale": 0.0,
+                                            **overrides})
+    noise = g.add("RandomNoise", noise_seed=0)
+    sampler = g.add("KSamplerSelect", sampler_name="euler")
+    sigmas = g.add("BasicScheduler", model=out(ckpt), scheduler="normal", steps=2, denoise=1.0)
+    latent = g.add("EmptyLatentImage", width=SIZE, height=SIZE, batch_size=1)
+    sampled = g.add("SamplerCustomAdvanced", noise=out(noise), guider=out(g.target), sampler=out(sampler),
+                    sigmas=out(sigmas), latent_image=out(latent))
+    decoded = g.add("VAEDecode", samples=out(sampled), vae=out(ckpt, 2))
+    g.add("PreviewImage", images=out(decoded))
+    return g
+
+
+def unitune_edit(mask: list | None = None, **overrides) -> Graph:
+    g = Graph()
+    ckpt = _checkpoint(g)
+    image = _image(g)
+    inputs = {"token": "beikkpic", "edit_prompt": "as a watercolor painting", "negative": "", "steps": 2,
+              "cfg": 7.5, "pg": 1.0, "sampler_name": "euler", "scheduler": "normal", "seed": 0, "batch": 1,
+              "start": 0.9, "blend": 0.0, "blend_unchanged": 0.0, **overrides}
+    if mask is not None:
+        inputs["mask"] = mask
+    g.target = g.add("FrozenTuneUniTuneEdit", model=out(ckpt), image=out(image), vae=out(ckpt, 2),
+                     clip=out(ckpt, 1), **inputs)
+    g.add("PreviewImage", images=out(g.target))
+    return g
+
+
+def unitune_edit_with_mask_batch(mask_batch: int, batch: int) -> Graph:
+    """UniTune Edit with a mask batch of ``mask_batch`` (the red channel of a repeated image) and ``batch``."""
+    g = unitune_edit()
+    image = [n for n, v in g.nodes.items() if v["class_type"] == "ImageScale"][0]
+    repeated = g.add("RepeatImageBatch", image=out(image), amount=mask_batch)
+    mask = g.add("ImageToMask", image=out(repeated), channel="red")
+    g.nodes[g.target]["inputs"].update(mask=out(mask), batch=batch)
+    return g
+
+
+def ipadapter_loader(ipadapter_file: str = IPADAPTER) -> Graph:
+    g = instantstyle_apply()
+    loader = [n for n, v in g.nodes.items() if v["class_type"] == "FrozenTuneIPAdapterLoader"][0]
+    g.nodes[loader]["inputs"]["ipadapter_file"] = ipadapter_file
+    g.target = loader
+    return g
+
+
+def instantstyle_apply(**overrides) -> Graph:
+    g = Graph()
+    ckpt = _checkpoint(g, SDXL_BLOCKS)
+    vision = g.add("CLIPVisionLoader", clip_name=CLIP_VISION)
+    image = _image(g)
+    adapter = g.add("FrozenTuneIPAdapterLoader", ipadapter_file=IPADAPTER)
+    inputs = {"weight": 1.0, "preset": "style", "custom_blocks": "output 1", "combine_images": "average",
+              "content_text": "a girl in a pink dress", "subtract": 0.5, "start_at": 0.0, "end_at": 1.0, **overrides}
+    g.target = g.add("FrozenTuneInstantStyleApply", model=out(ckpt), ipadapter=out(adapter),
+                     clip_vision=out(vision), image=out(image), clip=out(ckpt, 1), **inputs)
+    _sample_and_preview(g, out(g.target), ckpt)
+    return g
+
+
+def train_inputs(**overrides) -> dict:
+    """ControlNet-Zero Train settings for one tiny step on the image inputs."""
+    return {"dataset_folder": "", "steps": 1, "batch_size": 1, "gradient_accumulation": 1, "learning_rate": 1e-5,
+            "prompt_dropout": 0.5, "resolution": SIZE, "gradient_checkpointing": False, "mixed_precision": "fp32",
+            "seed": 0, "checkpoint_every": 0, "run_name": "fuzz", "resume": False, "captions": "a photo",
+            "optimizer": "adamw", **overrides}
+
+
+def controlnet_zero_train(use_images: bool = True, **overrides) -> Graph:
+    """Create -> Train -> loss-curve preview; trains on the example image as both target and hint by default."""
+    g = Graph()
+    ckpt = _checkpoint(g)
+    create = g.add("FrozenTuneControlNetZeroCreate", model=out(ckpt), seed=0)
+    inputs = train_inputs(**overrides)
+    if use_images:
+        image = _image(g)
+        inputs.update(images=out(image), hints=out(image))
+    g.target = g.add("FrozenTuneControlNetZeroTrain", model=out(ckpt), clip=out(ckpt, 1), vae=out(ckpt, 2),
+                     control_net=out(create), **inputs)
+    g.add("PreviewImage", images=out(g.target, 1))
+    return g
+
+
+def controlnet_zero_create(**overrides) -> Graph:
+    g = controlnet_zero_train()
+    g.target = [n for n, v in g.nodes.items() if v["class_type"] == "FrozenTuneControlNetZeroCreate"][0]
+    g.nodes[g.target]["inputs"].update(overrides)
+    return g
+
+
+def controlnet_zero_save(filename: str = "controlnet_zero/fuzz", dtype: str = "fp16", **train) -> Graph:
+    g = controlnet_zero_train(**train)
+    trained = g.target
+    g.target = g.add("FrozenTuneControlNetZeroSave", control_net=out(trained), filename=filename, dtype=dtype)
+    return g
+
+
+def stock_text_to_image(seed: int = 0, steps: int = 2, text: str = "a photo of a cat") -> Graph:
+    """The stock text-to-image graph on the tiny SD1.5 (no FrozenTune node); target = its PreviewImage."""
+    g = Graph()
+    ckpt = _checkpoint(g)
+    g.target = _sample_and_preview(g, out(ckpt), ckpt, seed=seed, steps=steps, text=text)
+    return g
+
+
+def merge(*parts: Graph) -> dict:
+    """One API prompt running several graphs side by side (node ids prefixed ``a``, ``b``, ...)."""
+    prompt = {}
+    for prefix, g in zip("abcdefgh", parts, strict=False):
+        for node_id, node in copy.deepcopy(g.nodes).items():
+            for name, value in node["inputs"].items():
+                if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                    node["inputs"][name] = [prefix + value[0], value[1]]
+            prompt[prefix + node_id] = node
+    return prompt
+
+
+# One valid base graph per FrozenTune node id (the fuzz pass starts from these).
+BASES = {
+    "FrozenTuneUniTuneFineTune": unitune_fine_tune,
+    "FrozenTuneUniTuneSave": unitune_save,
+    "FrozenTunePromptGuidanceGuider": prompt_guidance,
+    "FrozenTuneUniTuneEdit": unitune_edit,
+    "FrozenTuneIPAdapterLoader": ipadapter_loader,
+    "FrozenTuneInstantStyleApply": instantstyle_apply,
+    "FrozenTuneControlNetZeroCreate": controlnet_zero_create,
+    "FrozenTuneControlNetZeroTrain": controlnet_zero_train,
+    "FrozenTuneControlNetZeroSave": controlnet_zero_save,
+}
