@@ -1,12 +1,15 @@
 """Encode the dataset once: VAE latents per image, text conditionings per unique caption.
 
 Training then never runs the VAE or the text encoder. Small sets stay in memory; with a cache
-folder every rank writes the rows it encoded to a safetensors shard, and all ranks read every
-shard lazily (so a large set is neither held in memory nor encoded twice).
+folder every rank writes the rows it encodes to safetensors shards as it goes (a shard once its rows
+reach ``SHARD_BYTES``, so at most one shard's rows are held), and all ranks read every shard lazily
+(so a large set is neither held in memory nor encoded twice). The cache is not reused across runs:
+its owner removes it when training ends (the node in ComfyUI's temp folder, the CLI in its work_dir).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,13 +17,16 @@ from pathlib import Path
 
 import torch
 
+from ..training import files as weights_file
 from ..training.conditioning import training_conds
 from .dataset import Pair, chunks, load_pairs
+from .dataset import fingerprint as dataset_fingerprint
 from .distributed import Dist
 
 log = logging.getLogger(__name__)
 
 EMPTY = ""  # the caption a dropped prompt is replaced with (encoded, as in the ControlNet paper)
+SHARD_BYTES = 256 * 2**20  # a cache shard is written once the rows it collects reach this size
 
 
 class Rows:
@@ -32,10 +38,8 @@ class Rows:
         self._where: dict[int, tuple[object, list[str]]] = {}
         self._handles = []
         if files:
-            import safetensors
-
             for path in files:
-                handle = safetensors.safe_open(str(path), framework="pt", device="cpu")
+                handle = weights_file.open_lazy(path)
                 self._handles.append(handle)
                 for key in handle.keys():
                     row, _, name = key.partition(".")
@@ -51,27 +55,51 @@ class Rows:
         return {name: handle.get_tensor(f"{i}.{name}") for name in names}
 
 
+def _cpu(row: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in row.items()}
+
+
+def _write_shard(path: Path, rows: dict[int, dict[str, torch.Tensor]]) -> None:
+    """One shard: row ``i``'s tensor ``k`` under ``"i.k"`` (written to a temp name, then renamed)."""
+    import safetensors.torch
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    safetensors.torch.save_file({f"{i}.{k}": v for i, row in rows.items() for k, v in row.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def shard_files(cache_dir: Path, name: str, world: int = 1) -> list[Path]:
+    """The shards of ``name`` every rank wrote into ``cache_dir``."""
+    return [p for r in range(world) for p in sorted(Path(cache_dir).glob(f"{name}.rank{r}.*.safetensors"))]
+
+
 def _encode_rows(indices: list[int], encode: Callable[[list[int]], list[dict[str, torch.Tensor]]], name: str,
-                 cache_dir: Path | None, dist: Dist, chunk: int) -> Rows:
-    """Encode this rank's share of ``indices``; with ``cache_dir``, share the result through shard files."""
+                 cache_dir: Path | None, dist: Dist, chunk: int, shard_bytes: int | None = None) -> Rows:
+    """Encode this rank's share of ``indices``; with ``cache_dir``, stream it into shards shared by all ranks."""
     mine = indices[dist.rank::dist.world]
-    rows: dict[int, dict[str, torch.Tensor]] = {}
-    for part in chunks(mine, chunk):
-        for i, row in zip(part, encode(part), strict=True):
-            rows[i] = {k: v.detach().to("cpu").contiguous() for k, v in row.items()}
     if cache_dir is None:
         if dist.enabled:
             raise ValueError("several processes need a cache folder to share the encoded dataset: set cache_dir.")
-        return Rows(memory=rows)
-    import safetensors.torch
-
+        return Rows(memory={i: _cpu(row) for part in chunks(mine, chunk)
+                            for i, row in zip(part, encode(part), strict=True)})
+    shard_bytes = SHARD_BYTES if shard_bytes is None else shard_bytes
+    cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    shard = cache_dir / f"{name}.rank{dist.rank}.safetensors"
-    tmp = shard.with_name(shard.name + ".tmp")
-    safetensors.torch.save_file({f"{i}.{k}": v for i, row in rows.items() for k, v in row.items()}, str(tmp))
-    tmp.replace(shard)
+    for old in cache_dir.glob(f"{name}.rank{dist.rank}.*.safetensors"):  # an earlier run's shards
+        old.unlink()
+    pending: dict[int, dict[str, torch.Tensor]] = {}
+    held, written = 0, 0
+    for part in chunks(mine, chunk):
+        for i, row in zip(part, encode(part), strict=True):
+            pending[i] = _cpu(row)
+            held += sum(v.nbytes for v in pending[i].values())
+        if held >= shard_bytes:
+            _write_shard(cache_dir / f"{name}.rank{dist.rank}.{written:05d}.safetensors", pending)
+            pending, held, written = {}, 0, written + 1
+    if pending or not written:
+        _write_shard(cache_dir / f"{name}.rank{dist.rank}.{written:05d}.safetensors", pending)
     dist.barrier()
-    return Rows(files=[cache_dir / f"{name}.rank{r}.safetensors" for r in range(dist.world)])
+    return Rows(files=shard_files(cache_dir, name, dist.world))
 
 
 @dataclass
@@ -82,6 +110,7 @@ class TrainingData:
     texts: Rows  # row j: the model's extra conds ("c_crossattn", "y" for SDXL) for caption j; row 0 = EMPTY
     caption_ids: torch.Tensor  # [N] long, index into texts
     resolution: int
+    fingerprint: str = ""  # the dataset's (Source.fingerprint); "" when unknown
 
     def __len__(self) -> int:
         return int(self.caption_ids.shape[0])
@@ -109,19 +138,24 @@ class Source:
     """What to encode: ``count`` items, their captions, and a loader for a list of rows."""
 
     def __init__(self, count: int, captions: list[str],
-                 load: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]):
-        self.count, self.captions, self.load = count, captions, load
+                 load: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]], fingerprint: str = ""):
+        self.count, self.captions, self.load, self.fingerprint = count, captions, load, fingerprint
 
     @classmethod
     def from_pairs(cls, pairs: list[Pair], resolution: int) -> Source:
-        return cls(len(pairs), [p.caption for p in pairs], lambda rows: load_pairs([pairs[i] for i in rows], resolution))
+        return cls(len(pairs), [p.caption for p in pairs], lambda rows: load_pairs([pairs[i] for i in rows], resolution),
+                   dataset_fingerprint(pairs))
 
     @classmethod
     def from_tensors(cls, targets: torch.Tensor, hints: torch.Tensor, captions: list[str]) -> Source:
         """``targets``/``hints`` ``[N, R, R, 3]`` float in [0, 1] (already fitted)."""
         def load(rows):
             return targets[rows], (hints[rows].clamp(0, 1) * 255).round().to(torch.uint8)
-        return cls(targets.shape[0], captions, load)
+        digest = hashlib.sha256()
+        for t in (targets, hints):
+            digest.update(str(tuple(t.shape)).encode() + t.detach().float().contiguous().cpu().numpy().tobytes())
+        digest.update("\0".join(captions).encode("utf-8"))
+        return cls(targets.shape[0], captions, load, digest.hexdigest())
 
 
 def encode(source: Source, base_model, vae, clip, resolution: int, cache_dir: Path | None = None,
@@ -157,4 +191,4 @@ def encode(source: Source, base_model, vae, clip, resolution: int, cache_dir: Pa
         images = _encode_rows(list(range(source.count)), encode_images, "images", cache_dir, dist, chunk)
         texts = _encode_rows(list(range(len(unique))), encode_texts, "texts", cache_dir, dist, chunk)
     log.info("ControlNet-Zero: encoded %d pairs and %d unique captions at %dpx", source.count, len(unique), resolution)
-    return TrainingData(images, texts, caption_ids, resolution)
+    return TrainingData(images, texts, caption_ids, resolution, source.fingerprint)

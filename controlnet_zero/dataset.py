@@ -8,18 +8,25 @@ Folder layout (the layout of public ControlNet datasets such as fill50k):
     root/<any>.jsonl                a manifest: {"image": ..., "conditioning_image": ..., "text": ...} per line,
                                     paths relative to root
 
-Every problem is reported with the file and the fix, before any training starts.
+Every problem is reported with the file and the fix, before any training starts. Given ``roots``
+(the node: ComfyUI's input folder and the admin's ``FROZENTUNE_DATA_DIRS``), the folder, the manifest's
+paths and every file read (links followed) must lie inside them, checked by ``training.user_paths``
+before the file system is touched, so a refusal tells nothing about what exists elsewhere. The CLI
+passes no roots: it is run by the machine's owner, on paths the owner gives.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..training import user_paths
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +59,26 @@ def _names(paths, limit: int = 5) -> str:
     return ", ".join(paths[:limit]) + more
 
 
-def scan_folder(root: str | Path) -> list[Pair]:
-    """The pairs in a dataset folder, checked for completeness (not yet opened)."""
-    root = Path(root).expanduser()
+class _Confined:
+    """Where reads may go: anywhere (``roots`` None, the CLI) or inside ``roots`` (the node)."""
+
+    def __init__(self, roots: Sequence[Path] | None):
+        self.roots = roots
+
+    def __call__(self, value: str | Path, input_name: str, base: Path | None = None) -> Path:
+        if self.roots is None:
+            path = Path(value).expanduser()
+            return path if base is None or path.is_absolute() else base / path
+        return user_paths.resolve(str(value), input_name=input_name, roots=self.roots, base=base)
+
+
+def scan_folder(root: str | Path, *, roots: Sequence[Path] | None = None) -> list[Pair]:
+    """The pairs in a dataset folder, checked for completeness (not yet opened).
+
+    ``roots``: the folders reads must stay inside (relative ``root`` starts at the first), or None.
+    """
+    confine = _Confined(roots)
+    root = confine(root, "dataset_folder")
     if not root.is_dir():
         raise ValueError(f"dataset folder {str(root)!r} does not exist: give a folder holding images/ and "
                          "conditioning/ (or a .jsonl manifest).")
@@ -63,7 +87,7 @@ def scan_folder(root: str | Path) -> list[Pair]:
         raise ValueError(f"dataset folder {root} holds several manifests ({_names(p.name for p in manifests)}): "
                          "keep exactly one .jsonl file there.")
     if manifests:
-        return _scan_manifest(root, manifests[0])
+        return _scan_manifest(root, confine(manifests[0], "manifest"), confine)
     images_dir, hints_dir = root / "images", root / "conditioning"
     for d in (images_dir, hints_dir):
         if not d.is_dir():
@@ -84,11 +108,15 @@ def scan_folder(root: str | Path) -> list[Pair]:
     if no_caption:
         raise ValueError(f"{len(no_caption)} image(s) have no caption file next to them in {images_dir}: "
                          f"{_names(s + '.txt' for s in no_caption)}. Add one .txt per image (it may be empty).")
-    return [Pair(images[s], hints[s], (images_dir / f"{s}.txt").read_text(encoding="utf-8").strip())
-            for s in sorted(images)]
+    pairs = []
+    for s in sorted(images):  # each file checked again: a link in the folder may point elsewhere
+        image, hint = confine(images[s], f"image {images[s].name}"), confine(hints[s], f"hint {hints[s].name}")
+        caption = confine(images_dir / f"{s}.txt", f"caption {s}.txt").read_text(encoding="utf-8").strip()
+        pairs.append(Pair(image, hint, caption))
+    return pairs
 
 
-def _scan_manifest(root: Path, manifest: Path) -> list[Pair]:
+def _scan_manifest(root: Path, manifest: Path, confine: _Confined) -> list[Pair]:
     pairs = []
     for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -102,7 +130,9 @@ def _scan_manifest(root: Path, manifest: Path) -> list[Pair]:
         if missing:
             raise ValueError(f"{manifest.name} line {number} lacks {', '.join(missing)}: each line needs "
                              f"{', '.join(MANIFEST_KEYS)}.")
-        image, hint = root / str(row["image"]), root / str(row["conditioning_image"])
+        where = f"{manifest.name} line {number}"
+        image = confine(str(row["image"]), f"{where} image", base=root)
+        hint = confine(str(row["conditioning_image"]), f"{where} conditioning_image", base=root)
         for label, path in (("image", image), ("conditioning_image", hint)):
             if not path.is_file():
                 raise ValueError(f"{manifest.name} line {number}: {label} {str(path)!r} does not exist. Fix the "
@@ -111,6 +141,20 @@ def _scan_manifest(root: Path, manifest: Path) -> list[Pair]:
     if not pairs:
         raise ValueError(f"manifest {manifest} lists no pairs.")
     return pairs
+
+
+def fingerprint(pairs: list[Pair]) -> str:
+    """A digest of the dataset: every pair's file names and bytes and its caption, in order.
+
+    Content, not dates: a copied or moved dataset matches, a changed, added or removed file does not.
+    """
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for path in (pair.image, pair.hint):
+            with open(path, "rb") as f:
+                digest.update(f"{path.name}\0".encode() + hashlib.file_digest(f, "sha256").digest())
+        digest.update(pair.caption.encode("utf-8") + b"\0")
+    return digest.hexdigest()
 
 
 def _open(path: Path):

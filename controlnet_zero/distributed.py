@@ -44,6 +44,18 @@ class Dist:
         torch.distributed.all_reduce(t)
         return float(t.item()) / self.world
 
+    def share_text(self, text: str | None) -> str:
+        """Rank 0's ``text`` on every rank (the others pass None): a uint8 tensor broadcast, no pickle."""
+        if not self.enabled:
+            return text or ""
+        data = torch.tensor(list((text or "").encode("utf-8")) if self.is_main else [], dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.long)
+        torch.distributed.broadcast(size, src=0)
+        if not self.is_main:
+            data = torch.empty(int(size), dtype=torch.uint8)
+        torch.distributed.broadcast(data, src=0)
+        return bytes(data.tolist()).decode("utf-8")
+
     def close(self) -> None:
         if self.initialized_here and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

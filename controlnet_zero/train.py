@@ -12,13 +12,19 @@ Config (TOML; every key is also a flag, e.g. ``--learning-rate 2e-5``; flags win
     output = "models/controlnet/my_controlnet.safetensors"
     controlnet = ""                       # optional: a ControlNet file to continue from
     work_dir = ""                         # checkpoints + encoded cache (default: <output>_run/)
-    resume = false                        # true: continue from the newest checkpoint in work_dir
+    resume = false                        # true: continue the newest matching run in work_dir, or a folder
     steps = 1000
     batch_size = 4                        # per process
     learning_rate = 1e-5
     optimizer = "adamw"                   # or "adamw8bit" (bitsandbytes' 8-bit AdamW state)
     mixed_precision = "auto"              # bf16 autocast on CUDA where supported, else fp16; fp32 on the CPU
     checkpoint_every = 500
+
+Every flag's help is the node's tooltip for the same setting (``controlnet_zero.texts``). Booleans
+read true/false, 1/0, yes/no, on/off; anything else is refused. Paths are used as given: the CLI is
+run by the machine's owner, so unlike the node's ``dataset_folder`` they are not confined to ComfyUI's
+input folder. Each run's checkpoints go to ``<work_dir>/checkpoints/run_NNN/``; the encoding cache in
+``<work_dir>/cache_<resolution>/`` is removed when the run ends.
 """
 
 from __future__ import annotations
@@ -30,13 +36,49 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
+from .texts import text
+
 log = logging.getLogger("controlnet_zero.train")
 PACKAGE = "frozentune"
-RUN_KEYS = {"checkpoint": str, "dataset": str, "output": str, "controlnet": str, "work_dir": str, "resume": str,
+RUN_KEYS = {"checkpoint": str, "dataset": str, "output": str, "controlnet": str, "work_dir": str, "resume": bool,
             "save_dtype": str, "eval_rows": int, "log_every": int}
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def boolean(value, name: str) -> bool:
+    """``value`` (a TOML bool or a word) as a bool; anything but the usual words is refused."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE or word in FALSE:
+        return word in TRUE
+    raise ValueError(f"--{name.replace('_', '-')} {value!r} is not a boolean: use one of "
+                     f"{'/'.join(TRUE)} or {'/'.join(FALSE)}.")
+
+
+def resume_value(value) -> bool | Path:
+    """``resume``: a boolean, or an existing checkpoint folder (a step_* folder or one holding them)."""
+    try:
+        return boolean(value, "resume")
+    except ValueError:
+        if Path(str(value)).expanduser().is_dir():
+            return Path(str(value)).expanduser()
+        raise ValueError(f"--resume {value!r} is neither a boolean ({'/'.join(TRUE)} or {'/'.join(FALSE)}) nor an "
+                         "existing checkpoint folder.") from None
+
+
+def _argument(convert):
+    """An argparse ``type`` that turns the converter's ValueError into argparse's own error (exit code 2)."""
+    def parse(value):
+        try:
+            return convert(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return parse
 
 
 def _bootstrap():
@@ -73,13 +115,16 @@ def _settings_fields() -> dict[str, type]:
 
 def _parser(fields: dict[str, type]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m controlnet_zero.train", description=__doc__.split("\n")[0])
-    p.add_argument("--config", type=Path, help="TOML file with the settings below (flags override it)")
+    p.add_argument("--config", type=Path, help=text("config"))
     for name, kind in {**RUN_KEYS, **fields}.items():
         flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            p.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes", "on"), metavar="BOOL")
+        if name == "resume":
+            p.add_argument(flag, type=_argument(resume_value), metavar="BOOL|FOLDER", help=text(name))
+        elif kind is bool:
+            p.add_argument(flag, type=_argument(lambda v, name=name: boolean(v, name)), metavar="BOOL",
+                           help=text(name))
         else:
-            p.add_argument(flag, type=kind)
+            p.add_argument(flag, type=kind, help=text(name))
     return p
 
 
@@ -107,6 +152,14 @@ def options(argv: list[str] | None = None) -> tuple[dict, object]:
         raise SystemExit(f"unknown setting(s) in {args.config}: {', '.join(unknown)}; known: "
                          f"{', '.join(sorted({**RUN_KEYS, **fields}))}")
     merged.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    try:  # the config file's values are checked as the flags are
+        for key, kind in fields.items():
+            if kind is bool and key in merged:
+                merged[key] = boolean(merged[key], key)
+        if "resume" in merged:
+            merged["resume"] = resume_value(merged["resume"])
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     for key in ("checkpoint", "dataset", "output"):
         if not merged.get(key):
             raise SystemExit(f"missing setting {key!r}: give it in the config file or as --{key}")
@@ -165,10 +218,12 @@ def run(opts: dict, settings) -> Path | None:
     from . import cache, dataset, distributed, files, network, trainer
 
     dist = distributed.from_environment()
+    cache_dir = None
     try:
         output = Path(opts["output"]).resolve()
         work = Path(opts.get("work_dir") or output.with_name(output.stem + "_run")).resolve()
-        pairs = dataset.scan_folder(opts["dataset"])
+        cache_dir = work / f"cache_{settings.resolution}"
+        pairs = dataset.scan_folder(opts["dataset"])  # not confined: the CLI is run by the machine's owner
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(opts["checkpoint"], output_vae=True,
                                                                       output_clip=True)
         # the ControlNet first: a file of another model family fails before the slow encoding
@@ -178,7 +233,7 @@ def run(opts: dict, settings) -> Path | None:
             start = network.create(model.model, torch.Generator().manual_seed(settings.seed))
         with torch.inference_mode(False):
             data = cache.encode(cache.Source.from_pairs(pairs, settings.resolution), model.model, vae, clip,
-                                settings.resolution, cache_dir=work / f"cache_{settings.resolution}", dist=dist)
+                                settings.resolution, cache_dir=cache_dir, dist=dist)
         del clip, vae
         gc.collect()
         mm.load_models_gpu([model], force_full_load=True)
@@ -193,12 +248,10 @@ def run(opts: dict, settings) -> Path | None:
             if dist.is_main and (step == 1 or step % every == 0 or step == total):
                 log.info("step %d/%d loss %.5f", step, total, loss)
 
-        resume = opts.get("resume", False)
-        resume = resume if isinstance(resume, bool) else (resume.lower() in ("1", "true", "yes") or Path(resume))
         meta = {"controlnet_zero.base_checkpoint": Path(opts["checkpoint"]).name}
         result = trainer.train(model.model, control_model, data, settings, device,
-                               checkpoint_root=work / "checkpoints", resume=resume, dist=dist, metadata=meta,
-                               on_step=on_step)
+                               checkpoint_root=work / "checkpoints", resume=resume_value(opts.get("resume", False)),
+                               dist=dist, metadata=meta, on_step=on_step, run_folders=True)
         if eval_rows:
             after = trainer.evaluate(model.model, control_model, data, device, eval_rows)
             result.metadata.update({"controlnet_zero.eval_loss_start": f"{before:.6g}",
@@ -212,6 +265,8 @@ def run(opts: dict, settings) -> Path | None:
         dist.barrier()
         return output if dist.is_main else None
     finally:
+        if cache_dir is not None and dist.is_main:  # the cache is not reused: removed after the run
+            shutil.rmtree(cache_dir, ignore_errors=True)
         dist.close()
 
 

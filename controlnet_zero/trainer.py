@@ -17,6 +17,7 @@ was not asked for. Gradient checkpointing (``training.checkpointing``) covers bo
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = precision.PRECISIONS
 # The optimizers offered for a ControlNet (AdamW as in the paper; its 8-bit-state variant where the core has it).
 OPTIMIZERS = tuple(name for name in ("adamw", "adamw8bit") if name in optimizers.OPTIMIZERS)
-FINGERPRINT_KEY = "controlnet_zero.base_fingerprint"
+FINGERPRINT_KEY = checkpoints.BASE
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -124,11 +125,14 @@ def controlled_loss(base_model, control_model: torch.nn.Module, device: torch.de
 def train(base_model, control_model: torch.nn.Module, data: TrainingData, settings: TrainSettings,
           device: torch.device, *, checkpoint_root: Path | None = None, resume: bool | Path = False,
           dist: Dist | None = None, metadata: dict[str, str] | None = None,
-          on_step: loop.StepHook | None = None) -> TrainResult:
+          on_step: loop.StepHook | None = None, run_folders: bool = False) -> TrainResult:
     """Train ``control_model`` (a trainable fp32 ``cldm.ControlNet`` on ``device``) around ``base_model``.
 
     ``base_model`` is a loaded ``comfy.model_base.BaseModel`` on ``device``; it is only read.
-    ``resume``: True = the newest checkpoint under ``checkpoint_root`` if any, or a checkpoint folder.
+    ``resume``: True = the newest checkpoint of a matching run under ``checkpoint_root`` if any, or a
+    checkpoint folder; a run that does not match is refused (``checkpoints.plan``). ``run_folders``:
+    ``checkpoint_root`` is a run name's folder and every new run gets its own ``run_NNN/`` in it (the
+    node and the CLI); otherwise the checkpoints go to ``checkpoint_root`` itself.
     ``on_step(step, total, loss)`` runs after every optimizer step (ComfyUI's ProgressBar there makes
     Cancel work; the last checkpoint on disk stays as it was).
     """
@@ -140,6 +144,10 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
     metadata["controlnet_zero.dataset_size"] = str(len(data))
     metadata["controlnet_zero.world_size"] = str(dist.world)
     metadata[FINGERPRINT_KEY] = family.fingerprint(base_model.diffusion_model)
+    if data.fingerprint:
+        metadata[checkpoints.DATASET] = data.fingerprint
+    run = _plan(checkpoint_root, metadata, resume, base_model, dist, run_folders, bool(settings.checkpoint_every))
+    metadata[checkpoints.RUN_ID] = run.run_id
     ms = base_model.model_sampling
     compute = precision.compute_dtype(settings.mixed_precision, device)
     control_model.to(device).train().requires_grad_(True)
@@ -156,16 +164,10 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
     scaler = precision.grad_scaler(device, compute)
     gen = torch.Generator().manual_seed(settings.seed)
     step, losses = 0, []
-    folder = None
-    if resume is True:
-        folder = checkpoints.latest(checkpoint_root) if checkpoint_root else None
-    elif resume:
-        folder = checkpoints.latest(Path(resume)) or Path(resume)
-    if folder is not None:
-        _check_resume(checkpoints.read_metadata(Path(folder)), metadata, folder, base_model)
-        done = checkpoints.load(Path(folder), control_model, opt, gen, scaler)
+    if run.resume_from is not None:
+        done = checkpoints.load(run.resume_from, control_model, opt, gen, scaler)
         step, losses = done.step, done.losses
-        log.info("ControlNet-Zero: resumed from %s at step %d", folder, step)
+        log.info("ControlNet-Zero: resumed from %s at step %d (run %s)", run.resume_from, step, run.run_id)
     latent_shape = tuple(data.images[0]["latent"].shape)
     per_rank, accum = settings.batch_size, settings.gradient_accumulation
     global_batch = per_rank * dist.world
@@ -197,9 +199,9 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
             return dist.mean(total)
 
         def after_step(done: int, curve: list[float]) -> None:
-            if checkpoint_root is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0:
+            if run.folder is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0:
                 if dist.is_main:
-                    checkpoints.save(checkpoint_root, done, control_model, opt, gen, curve, metadata,
+                    checkpoints.save(run.folder, done, control_model, opt, gen, curve, metadata,
                                      keep=settings.keep_checkpoints, scaler=scaler)
                 dist.barrier()
 
@@ -215,32 +217,35 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
     return TrainResult(control_model, losses, step, metadata)
 
 
-def _check_resume(saved: dict[str, str], now: dict[str, str], folder, base_model) -> None:
-    """Refuse a checkpoint from another base model or dataset; a changed batch layout only warns.
+def _same_base(base_model) -> Callable[[str], tuple[bool, str]]:
+    """Compare a stored base fingerprint with ``base_model``'s in any load dtype (``family.same_base``)."""
+    return lambda stored: family.same_base(stored, base_model.diffusion_model)
 
-    The base is compared with ``family.same_base``: the same checkpoint loaded in another dtype matches,
-    and fingerprints written before v2 are still read.
-    """
-    if FINGERPRINT_KEY in saved:
-        same, actual = family.same_base(saved[FINGERPRINT_KEY], base_model.diffusion_model)
-        if not same:
-            raise ValueError(f"checkpoint {folder} was trained with another base model (fingerprint "
-                             f"{family.short(saved[FINGERPRINT_KEY])}, this MODEL's {family.short(actual)}): resume "
-                             "with the same base model, or start a new run (another run name).")
-    key = "controlnet_zero.dataset_size"
-    if key in saved and key in now and saved[key] != now[key]:
-        raise ValueError(f"checkpoint {folder} was trained with another dataset size ({saved[key]}, now {now[key]}): "
-                         "resume with the same model and dataset, or start a new run (another run name).")
-    key = "controlnet_zero.optimizer"
-    was = saved.get(key, "adamw")  # checkpoints from before the optimizer choice are AdamW's
-    if was != now.get(key, "adamw"):
-        raise ValueError(f"checkpoint {folder} holds {was} optimizer state, this run asks for optimizer "
-                         f"{now.get(key)!r}: set optimizer to {was!r} to resume, or start a new run (another run name).")
-    for key in ("controlnet_zero.batch_size", "controlnet_zero.gradient_accumulation", "controlnet_zero.world_size",
-                "controlnet_zero.seed"):
-        if saved.get(key) != now.get(key):
-            log.warning("ControlNet-Zero: %s was %s in the checkpoint and is %s now; the resumed run will not "
-                        "match an uninterrupted one exactly", key, saved.get(key), now.get(key))
+
+def _check_resume(saved: dict[str, str], now: dict[str, str], folder, base_model) -> None:
+    """Refuse a checkpoint of another run (base model, dataset, settings); a changed world size only warns."""
+    checkpoints.check(saved, now, folder, _same_base(base_model))
+
+
+def _plan(root: Path | None, metadata: dict[str, str], resume: bool | Path, base_model, dist: Dist,
+          run_folders: bool, checkpointing: bool) -> checkpoints.Run:
+    """``checkpoints.plan`` on rank 0 (it may create the run folder), its answer (or refusal) shared with all."""
+    answer = None
+    if dist.is_main:
+        try:
+            run = checkpoints.plan(root, metadata, resume, _same_base(base_model), sub_folders=run_folders,
+                                   checkpointing=checkpointing)
+            answer = json.dumps({"folder": run.folder and str(run.folder), "run_id": run.run_id,
+                                 "resume_from": run.resume_from and str(run.resume_from)})
+        except ValueError as error:
+            if not dist.enabled:
+                raise
+            answer = json.dumps({"error": str(error)})
+    shared = json.loads(dist.share_text(answer))
+    if "error" in shared:
+        raise ValueError(shared["error"])
+    return checkpoints.Run(shared["folder"] and Path(shared["folder"]), shared["run_id"],
+                           shared["resume_from"] and Path(shared["resume_from"]))
 
 
 def evaluate(base_model, control_model: torch.nn.Module, data: TrainingData, device: torch.device,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 import comfy.model_management
@@ -18,43 +20,23 @@ import torch
 from comfy_api.latest import io
 
 from ..controlnet_zero import cache, dataset, files, network, trainer
+from ..controlnet_zero.texts import text
 from ..training import files as weights_file
+from ..training import names, user_paths
 from ..training.loss_curve import loss_curve_image
+from . import checks, saved_files
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "FrozenTune/ControlNet-Zero"
 METADATA_ATTR = "frozentune_metadata"
 DISK_CACHE_ABOVE = 256  # pairs; larger sets keep their encodings in a temp folder instead of memory
-CHECKPOINTING_TOOLTIP = (
-    "Recompute the activations of both networks (the ControlNet and the frozen UNet) in the backward pass "
-    "instead of keeping them; costs about one extra forward pass per step. Measured on the tiny SD1.5 test "
-    "model (batch 2, 64 px): the bytes kept for backward drop to 0.31x with an fp32 base and 0.12x with an "
-    "fp16 base; loss and gradients are the same on and off.")
-PRECISION_TOOLTIP = (
-    "The compute dtype. auto: bf16 autocast on CUDA GPUs that support it, else fp16 with loss scaling; fp32 on "
-    "the CPU. bf16/fp16 ask for it (bf16 also runs on the CPU). Only the ControlNet trains, as fp32 weights; "
-    "the base keeps the dtype it was loaded in (fp16, bf16 or fp8 storage) and is cast per operation, and the "
-    "control residuals and their gradients are in the compute dtype, never the base's fp16.")
-OPTIMIZER_TOOLTIP = (
-    "adamw: torch AdamW (the ControlNet paper's optimizer), 8 bytes of state per trained weight. adamw8bit: "
-    "bitsandbytes' blockwise 8-bit AdamW (as diffusers' train_controlnet.py --use_8bit_adam), both moments "
-    "as 8-bit codes (tensors under 4096 values keep fp32 state); measured on the tiny SD1.5's ControlNet (10.5M weights): 20.5 MiB of state against AdamW's 80.2 "
-    "MiB. Needs the bitsandbytes package. Checkpoints store either state and resume it; resume with the "
-    "optimizer the checkpoint was written with.")
-
+SAVE_NODE = "FrozenTuneControlNetZeroSave"
 
 def _with_metadata(control_model: torch.nn.Module, metadata: dict[str, str]):
     control_net = network.wrap(control_model)
     setattr(control_net, METADATA_ATTR, dict(metadata))
     return control_net
-
-
-def _plain_name(value: str, what: str, example: str) -> str:
-    name = value.strip().replace("\\", "/").strip("/")
-    if not name or ".." in name.split("/"):
-        raise ValueError(f"{what} {value!r} is not a plain relative name such as {example!r}.")
-    return name
 
 
 class ControlNetZeroCreate(io.ComfyNode):
@@ -103,46 +85,33 @@ class ControlNetZeroTrain(io.ComfyNode):
                 "image and hint batches. The input MODEL and CONTROL_NET are not modified."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The frozen base model. It is not modified."),
-                io.Clip.Input("clip", tooltip="The model's text encoder, used once per unique caption."),
-                io.Vae.Input("vae", tooltip="The model's VAE, used once per training image."),
-                io.ControlNet.Input("control_net", tooltip="The ControlNet to train: from ControlNet-Zero Create, "
-                                    "or a file of the same base model loaded with Load ControlNet Model to continue."),
-                io.String.Input("dataset_folder", default="", tooltip="A folder with images/, conditioning/ (RGB "
-                                "hints, same file names) and a .txt caption per image, or a .jsonl manifest "
-                                "(image, conditioning_image, text). Relative paths are inside ComfyUI's input "
-                                "folder. Leave empty to train on the image/hint inputs."),
-                io.Int.Input("steps", default=1000, min=1, max=1000000, tooltip="Optimizer steps. Control usually "
-                             "appears suddenly after a few thousand steps at batch 4."),
-                io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Samples per micro-batch."),
-                io.Int.Input("gradient_accumulation", default=1, min=1, max=256, tooltip="Micro-batches per "
-                             "optimizer step (effective batch = batch_size x this)."),
+                io.Model.Input("model", tooltip=text("model")),
+                io.Clip.Input("clip", tooltip=text("clip")),
+                io.Vae.Input("vae", tooltip=text("vae")),
+                io.ControlNet.Input("control_net", tooltip=text("control_net")),
+                io.String.Input("dataset_folder", default="", tooltip=text("dataset_folder")),
+                io.Int.Input("steps", default=1000, min=1, max=1000000, tooltip=text("steps")),
+                io.Int.Input("batch_size", default=4, min=1, max=256, tooltip=text("batch_size")),
+                io.Int.Input("gradient_accumulation", default=1, min=1, max=256, tooltip=text("gradient_accumulation")),
                 io.Float.Input("learning_rate", default=1e-5, min=1e-8, max=1e-2, step=1e-6, round=1e-8,
-                               tooltip="AdamW step size (the ControlNet paper: 1e-5)."),
-                io.Float.Input("prompt_dropout", default=0.5, min=0.0, max=1.0, step=0.05, tooltip="Share of "
-                               "samples trained with an empty caption, so the ControlNet learns the hint's meaning "
-                               "(the paper: 0.5)."),
-                io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip="Training size: images "
-                             "and hints are scaled (short side) and center-cropped to this square."),
-                io.Boolean.Input("gradient_checkpointing", default=True, tooltip=CHECKPOINTING_TOOLTIP),
+                               tooltip=text("learning_rate")),
+                io.Float.Input("prompt_dropout", default=0.5, min=0.0, max=1.0, step=0.05, tooltip=text("prompt_dropout")),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip=text("resolution")),
+                io.Boolean.Input("gradient_checkpointing", default=True, tooltip=text("gradient_checkpointing")),
                 io.Combo.Input("mixed_precision", options=list(trainer.PRECISIONS), default="auto",
-                               tooltip=PRECISION_TOOLTIP),
+                               tooltip=text("mixed_precision")),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed for sample order, noise, timesteps and prompt dropout."),
-                io.Int.Input("checkpoint_every", default=0, min=0, max=1000000, tooltip="Save a resumable "
-                             "checkpoint every N steps into output/controlnet_zero/<run_name>/ (0 = off)."),
-                io.String.Input("run_name", default="controlnet_zero", tooltip="Folder name for this run's "
-                                "checkpoints (under output/controlnet_zero/)."),
-                io.Boolean.Input("resume", default=False, tooltip="Continue from the newest checkpoint of run_name "
-                                 "(weights, optimizer, step and random state) instead of starting over."),
-                io.Image.Input("images", optional=True, tooltip="Target images (instead of a folder)."),
-                io.Image.Input("hints", optional=True, tooltip="RGB hints, one per target image, same size."),
-                io.String.Input("captions", default="", multiline=True, optional=True,
-                                tooltip="Captions for the image inputs: one line for all, or one line per image."),
+                             tooltip=text("seed")),
+                io.Int.Input("checkpoint_every", default=0, min=0, max=1000000, tooltip=text("checkpoint_every")),
+                io.String.Input("run_name", default="controlnet_zero", tooltip=text("run_name")),
+                io.Boolean.Input("resume", default=False, tooltip=text("resume")),
+                io.Image.Input("images", optional=True, tooltip=text("images")),
+                io.Image.Input("hints", optional=True, tooltip=text("hints")),
+                io.String.Input("captions", default="", multiline=True, optional=True, tooltip=text("captions")),
                 # Last and optional, so workflows saved before it existed still load (their widget values
                 # are positional) and train with AdamW as before.
                 io.Combo.Input("optimizer", options=list(trainer.OPTIMIZERS), default="adamw", optional=True,
-                               tooltip=OPTIMIZER_TOOLTIP),
+                               tooltip=text("optimizer")),
             ],
             outputs=[
                 io.ControlNet.Output(display_name="CONTROL_NET", tooltip="The trained ControlNet. Apply it with "
@@ -156,6 +125,7 @@ class ControlNetZeroTrain(io.ComfyNode):
                 learning_rate, prompt_dropout, resolution, gradient_checkpointing, mixed_precision, seed,
                 checkpoint_every, run_name, resume, images=None, hints=None, captions="",
                 optimizer="adamw") -> io.NodeOutput:
+        checks.finite(learning_rate=learning_rate, prompt_dropout=prompt_dropout)
         settings = trainer.TrainSettings(
             steps=steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
             learning_rate=learning_rate, prompt_dropout=prompt_dropout, resolution=resolution,
@@ -168,10 +138,12 @@ class ControlNetZeroTrain(io.ComfyNode):
         network.check_fits(source_module, model.model)
         if vae is None or getattr(vae, "first_stage_model", None) is None:
             raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")
-        run = _plain_name(run_name, "run_name", "controlnet_zero")
+        run = names.plain_name(run_name, input_name="run_name", example="controlnet_zero")
         run_dir = Path(folder_paths.get_output_directory()) / "controlnet_zero" / run
         source = cls._source(dataset_folder, images, hints, captions or "", resolution)
-        cache_dir = run_dir / "cache" if source.count > DISK_CACHE_ABOVE else None
+        cache_dir = None
+        if source.count > DISK_CACHE_ABOVE:  # this run's own, in ComfyUI's temp folder (emptied at start-up too)
+            cache_dir = Path(folder_paths.get_temp_directory()) / f"frozentune_controlnet_zero_{uuid.uuid4().hex}"
 
         pbar = comfy.utils.ProgressBar(steps)
 
@@ -188,10 +160,12 @@ class ControlNetZeroTrain(io.ComfyNode):
                 control_model = network.trainable_copy(source_module, device)
                 metadata = dict(getattr(control_net, METADATA_ATTR, {}) or {})
                 result = trainer.train(model.model, control_model, data, settings, device,
-                                       checkpoint_root=run_dir / "checkpoints", resume=resume,
-                                       metadata=metadata, on_step=on_step)
+                                       checkpoint_root=run_dir, resume=resume, metadata=metadata,
+                                       on_step=on_step, run_folders=True)
                 trained = result.control_model.to(comfy.model_management.unet_offload_device())
         finally:
+            if cache_dir is not None:  # not reused: removed whether the run finished, failed or was cancelled
+                shutil.rmtree(cache_dir, ignore_errors=True)
             comfy.model_management.soft_empty_cache()
         curve = loss_curve_image(result.losses, title="ControlNet-Zero loss")
         return io.NodeOutput(_with_metadata(trained, result.metadata), curve)
@@ -202,11 +176,9 @@ class ControlNetZeroTrain(io.ComfyNode):
         if folder and (images is not None or hints is not None):
             raise ValueError("both dataset_folder and image inputs are given: use one of them (clear "
                              "dataset_folder to train on the images and hints).")
-        if folder:
-            path = Path(folder).expanduser()
-            if not path.is_absolute():
-                path = Path(folder_paths.get_input_directory()) / path
-            return cache.Source.from_pairs(dataset.scan_folder(path), resolution)
+        if folder:  # confined to input/ (and FROZENTUNE_DATA_DIRS) before anything is read
+            roots = user_paths.roots(Path(folder_paths.get_input_directory()))
+            return cache.Source.from_pairs(dataset.scan_folder(folder, roots=roots), resolution)
         if images is None or hints is None:
             raise ValueError("no dataset: set dataset_folder, or connect both images and hints.")
         targets, fitted_hints, caps = dataset.from_images(images, hints, captions, resolution)
@@ -228,24 +200,29 @@ class ControlNetZeroSave(io.ComfyNode):
             ),
             inputs=[
                 io.ControlNet.Input("control_net", tooltip="The CONTROL_NET output of ControlNet-Zero Train."),
-                io.String.Input("filename", default="controlnet_zero/my_controlnet", tooltip="Name under "
-                                "models/controlnet/ (subfolders allowed); a counter is added if it exists."),
-                io.Combo.Input("dtype", options=list(files.DTYPES), default="fp32", tooltip="Weight precision in "
-                               "the file: fp32 keeps the trained weights exactly, fp16/bf16 halve the size."),
+                io.String.Input("filename", default="controlnet_zero/my_controlnet", tooltip=text("filename")),
+                io.Combo.Input("dtype", options=list(files.DTYPES), default="fp32", tooltip=text("save_dtype")),
             ],
             outputs=[io.AnyType.Output(display_name="control_net_name", tooltip="The saved file's name as Load "
                                        "ControlNet Model lists it (connect it to that node's name input).")],
         )
 
     @classmethod
+    def fingerprint_inputs(cls, control_net=None, filename=None, dtype=None) -> int:
+        # Runs again (writing the file again) when the file it wrote for these inputs was deleted.
+        return saved_files.fingerprint(SAVE_NODE, filename=filename, dtype=dtype)
+
+    @classmethod
     def execute(cls, control_net, filename, dtype) -> io.NodeOutput:
         module = network.unwrap(control_net)
-        name = _plain_name(filename, "filename", "controlnet_zero/my_controlnet")
         root = Path(folder_paths.get_folder_paths("controlnet")[0])
-        folder, _, stem = name.rpartition("/")
-        path = weights_file.unused_path(root / folder if folder else root, stem)
+        folder, stem = names.save_target(filename, input_name="filename", folders={"controlnet": root},
+                                         default="controlnet")
+        files.check_stem(Path(stem))  # before anything is written
+        path = weights_file.unused_path(folder, stem)
         with torch.inference_mode(False):
             files.save(path, module, getattr(control_net, METADATA_ATTR, {}) or {}, dtype)
+        saved_files.remember(SAVE_NODE, path, filename=filename, dtype=dtype)
         listed = os.path.relpath(path, root).replace(os.sep, "/")
         log.info("ControlNet-Zero: saved %s", path)
         return io.NodeOutput(listed)

@@ -38,6 +38,8 @@ def controlnet_folder(tmp_path, monkeypatch):
     folder.mkdir()
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "controlnet", ([str(folder)], {".safetensors"}))
     monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    monkeypatch.setattr(folder_paths, "input_directory", str(tmp_path / "input"))
+    monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path / "temp"))
     return folder
 
 
@@ -166,12 +168,12 @@ def test_continue_from_a_controlnet_of_another_family_is_refused(loaded):
         train(sdxl_model, sdxl_clip, sdxl_vae, create(sd15_model), steps=1)
 
 
-def test_folder_dataset_errors_reach_the_user_before_training(loaded, tmp_path):
+def test_folder_dataset_errors_reach_the_user_before_training(loaded, controlnet_folder):
     model, clip, vae = loaded["sd15"]
-    root = disks.write_folder(tmp_path / "set", count=3, size=R)
+    root = disks.write_folder(controlnet_folder.parent / "input" / "set", count=3, size=R)
     (root / "conditioning" / "disk_001.png").unlink()
     with pytest.raises(ValueError, match=r"no hint of the same name.*disk_001"):
-        train(model, clip, vae, create(model), dataset_folder=str(root), images=None, hints=None)
+        train(model, clip, vae, create(model), dataset_folder="set", images=None, hints=None)
     with pytest.raises(ValueError, match="use one of them"):
         train(model, clip, vae, create(model), dataset_folder=str(root))
 
@@ -187,7 +189,7 @@ def test_cancel_keeps_last_checkpoint_and_resume_matches_uninterrupted_run(loade
 
     with cancel_at(3), pytest.raises(mm.InterruptProcessingException):
         train(model, clip, vae, create(model), run_name="cut", **settings)
-    run_dir = controlnet_folder.parent / "output" / "controlnet_zero" / "cut" / "checkpoints"
+    run_dir = controlnet_folder.parent / "output" / "controlnet_zero" / "cut" / "run_001"
     assert sorted(p.name for p in run_dir.iterdir()) == ["step_000002"], "Cancel must keep the last saved state"
 
     resumed, _ = train(model, clip, vae, create(model), run_name="cut", resume=True, **settings)
@@ -198,17 +200,24 @@ def test_cancel_keeps_last_checkpoint_and_resume_matches_uninterrupted_run(loade
 
 
 def test_large_sets_train_from_the_disk_cache_exactly_as_from_memory(loaded, controlnet_folder, monkeypatch):
-    """Above DISK_CACHE_ABOVE pairs the encodings go to safetensors shards in the run folder, read lazily."""
+    """Above DISK_CACHE_ABOVE pairs the encodings go to safetensors shards in ComfyUI's temp folder, read lazily,
+    and the cache is removed when training ends (it is not reused)."""
+    from frozentune.controlnet_zero import cache
     from frozentune.nodes import controlnet_zero_nodes
 
     model, clip, vae = loaded["sd15"]
     fresh = create(model)
     in_memory, _ = train(model, clip, vae, fresh, run_name="memory")
-    cache_dir = controlnet_folder.parent / "output" / "controlnet_zero" / "disk" / "cache"
+    written = []
+    plain_write = cache._write_shard
+    monkeypatch.setattr(cache, "_write_shard", lambda path, rows: (written.append(path), plain_write(path, rows)))
     monkeypatch.setattr(controlnet_zero_nodes, "DISK_CACHE_ABOVE", 3)  # train() uses 4 pairs
     on_disk, _ = train(model, clip, vae, fresh, run_name="disk")
-    assert sorted(p.name for p in cache_dir.iterdir()) == ["images.rank0.safetensors", "texts.rank0.safetensors"]
-    assert not (controlnet_folder.parent / "output" / "controlnet_zero" / "memory" / "cache").exists()
+    temp = controlnet_folder.parent / "temp"
+    assert sorted(p.name for p in written) == ["images.rank0.00000.safetensors", "texts.rank0.00000.safetensors"]
+    assert all(temp in p.parents for p in written), written
+    assert not any(p.exists() for p in written) and not any(temp.iterdir()), "the cache must be removed after the run"
+    assert not (controlnet_folder.parent / "output" / "controlnet_zero" / "disk" / "cache").exists()
     a, b = in_memory.control_model.state_dict(), on_disk.control_model.state_dict()
     assert not torch.equal(a["zero_convs.0.0.weight"], fresh.control_model.state_dict()["zero_convs.0.0.weight"])
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]

@@ -1,8 +1,10 @@
-"""ControlNet-Zero datasets: folder and manifest layouts, and a clear error for every bad input."""
+"""ControlNet-Zero datasets: folder and manifest layouts, a clear error for every bad input, paths kept inside input/."""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +106,96 @@ def test_image_batches_are_checked(ds):
 def test_resolution_must_be_a_multiple_of_64(ds):
     with pytest.raises(ValueError, match="multiple of 64"):
         ds.check_resolution(100)
+
+# --- paths stay inside ComfyUI's input folder or FROZENTUNE_DATA_DIRS (issue 12, item 2): the dataset folder, the
+# manifest and every path in it resolve through training.user_paths; anything else is refused before the file
+# system is touched, with a message that reads the same whether the path exists or not, and messages list only
+# names inside the allowed folders. The CLI passes no roots.
+
+
+@pytest.fixture()
+def input_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("FROZENTUNE_DATA_DIRS", raising=False)
+    folder = tmp_path / "input"
+    disks.write_folder(folder / "set", count=2, size=R)
+    return folder
+
+
+def roots(input_dir):
+    from frozentune.training import user_paths
+
+    return user_paths.roots(input_dir)
+
+
+def refusal(ds, value, input_dir) -> str:
+    with pytest.raises(ValueError) as error:
+        ds.scan_folder(value, roots=roots(input_dir))
+    return str(error.value).replace(repr(value), "<value>")
+
+
+def outside(tmp_path) -> Path:
+    """A real dataset outside the input folder, with a private-looking file name."""
+    root = disks.write_folder(tmp_path / "elsewhere", count=2, size=R)
+    (root / "images" / "private_photo.png").write_bytes((root / "images" / "disk_000.png").read_bytes())
+    return root
+
+
+def test_folders_outside_input_are_refused_alike_whether_or_not_they_exist(ds, input_dir, tmp_path, monkeypatch):
+    real = outside(tmp_path)
+    values = ["/etc", "~", "~/x", "../../../../etc", str(real), str(tmp_path / "no_such_folder"), "set/../../elsewhere"]
+    touched = []
+    for name in ("scandir", "listdir", "stat", "lstat"):  # the lexical check must come first
+        plain = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, _plain=plain, **k: (touched.append(a[:1]), _plain(*a, **k))[1])
+    messages = {refusal(ds, v, input_dir) for v in values}
+    monkeypatch.undo()
+    assert len(messages) == 1, messages
+    message = messages.pop()
+    assert "refused" in message and "input folder" in message and "FROZENTUNE_DATA_DIRS" in message
+    assert "exist" not in message and "private_photo" not in message
+    assert not [t for t in touched if t and str(real) in str(t[0])], "the file system was asked about the path"
+
+
+def test_relative_folder_is_inside_input_and_an_admin_folder_is_allowed(ds, input_dir, tmp_path, monkeypatch):
+    assert len(ds.scan_folder("set", roots=roots(input_dir))) == 2
+    real = outside(tmp_path)
+    (real / "images" / "private_photo.png").unlink()
+    monkeypatch.setenv("FROZENTUNE_DATA_DIRS", str(tmp_path / "elsewhere"))
+    assert len(ds.scan_folder(str(real), roots=roots(input_dir))) == 2
+    assert len(ds.scan_folder(str(real))) == 2, "the CLI (no roots) reads where its owner says"
+
+
+def manifest(folder: Path, rows: list[dict]) -> None:
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+@pytest.mark.parametrize("image", ["/etc/passwd", "/no/such/file.png", "../../outside.png", "{outside}"])
+def test_manifest_paths_outside_input_are_refused_alike(ds, input_dir, tmp_path, image):
+    real = outside(tmp_path)
+    image = image.replace("{outside}", str(real / "images" / "disk_000.png"))
+    manifest(input_dir / "set", [{"image": image, "conditioning_image": "conditioning/disk_000.png", "text": "x"}])
+    message = refusal(ds, "set", input_dir)
+    assert message.startswith("train.jsonl line 1 image ") and "is refused" in message
+    assert "does not exist" not in message and "cannot identify" not in message
+
+
+def test_manifest_paths_inside_input_still_read(ds, input_dir):
+    manifest(input_dir / "set", [{"image": "images/disk_000.png", "conditioning_image": "conditioning/disk_000.png",
+                                  "text": "x"}])
+    assert [p.image.name for p in ds.scan_folder("set", roots=roots(input_dir))] == ["disk_000.png"]
+    manifest(input_dir / "set", [{"image": "images/gone.png", "conditioning_image": "conditioning/disk_000.png",
+                                  "text": "x"}])
+    with pytest.raises(ValueError, match="line 1: image .*gone.png' does not exist"):  # inside input: may say so
+        ds.scan_folder("set", roots=roots(input_dir))
+
+
+def test_a_link_in_the_dataset_pointing_outside_is_refused(ds, input_dir, tmp_path):
+    real = outside(tmp_path)
+    image = input_dir / "set" / "images" / "disk_001.png"
+    image.unlink()
+    image.symlink_to(real / "images" / "private_photo.png")
+    with pytest.raises(ValueError, match=r"image disk_001.png .*is refused"):
+        ds.scan_folder("set", roots=roots(input_dir))
+    (input_dir / "linked").symlink_to(real, target_is_directory=True)
+    message = refusal(ds, "linked", input_dir)
+    assert "private_photo" not in message

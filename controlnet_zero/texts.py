@@ -1,0 +1,95 @@
+"""What each ControlNet-Zero setting means: one text per setting, read by the node tooltips and the CLI's --help.
+
+A setting the node and ``python -m controlnet_zero.train`` share (``steps``, ``resume``, ...) has one
+entry here, so the UI and the command line can never explain it differently; the CLI-only flags
+(``checkpoint``, ``work_dir``, ...) and the node-only inputs have theirs too. No ``%`` anywhere
+(argparse would read it as a format).
+"""
+
+from __future__ import annotations
+
+# the node input a CLI flag shares its text with, where the names differ
+CLI_TO_NODE = {"save_dtype": "dtype"}
+
+TEXTS: dict[str, str] = {
+    # --- shared by the Train node and the CLI
+    "steps": "Optimizer steps. Control usually appears suddenly after a few thousand steps at batch 4.",
+    "batch_size": "Samples per micro-batch (per process under torchrun).",
+    "gradient_accumulation": "Micro-batches per optimizer step (effective batch = batch_size x this).",
+    "learning_rate": "AdamW step size (the ControlNet paper: 1e-5). Must be a finite positive number.",
+    "prompt_dropout": "Share of samples trained with an empty caption, so the ControlNet learns the hint's "
+                      "meaning (the paper: 0.5).",
+    "resolution": "Training size: images and hints are scaled (short side) and center-cropped to this square.",
+    "gradient_checkpointing": (
+        "Recompute the activations of both networks (the ControlNet and the frozen UNet) in the backward pass "
+        "instead of keeping them; costs about one extra forward pass per step. Measured on the tiny SD1.5 test "
+        "model (batch 2, 64 px): the bytes kept for backward drop to 0.31x with an fp32 base and 0.12x with an "
+        "fp16 base; loss and gradients are the same on and off."),
+    "mixed_precision": (
+        "The compute dtype. auto: bf16 autocast on CUDA GPUs that support it, else fp16 with loss scaling; fp32 on "
+        "the CPU. bf16/fp16 ask for it (bf16 also runs on the CPU). Only the ControlNet trains, as fp32 weights; "
+        "the base keeps the dtype it was loaded in (fp16, bf16 or fp8 storage) and is cast per operation, and the "
+        "control residuals and their gradients are in the compute dtype, never the base's fp16."),
+    "optimizer": (
+        "adamw: torch AdamW (the ControlNet paper's optimizer), 8 bytes of state per trained weight. adamw8bit: "
+        "bitsandbytes' blockwise 8-bit AdamW (as diffusers' train_controlnet.py --use_8bit_adam), both moments "
+        "as 8-bit codes (tensors under 4096 values keep fp32 state); measured on the tiny SD1.5's ControlNet "
+        "(10.5M weights): 20.5 MiB of state against AdamW's 80.2 MiB. Needs the bitsandbytes package. "
+        "Checkpoints store either state and resume it; resume with the optimizer the checkpoint was written with."),
+    "seed": "Seed for sample order, noise, timesteps and prompt dropout.",
+    "checkpoint_every": (
+        "Save a resumable checkpoint every N steps (0 = off) into this run's own folder: "
+        "output/controlnet_zero/<run_name>/run_NNN/ in the node, <work_dir>/checkpoints/run_NNN/ on the command "
+        "line. Only this run's newest checkpoints are kept (keep_checkpoints, 2); other runs' are never touched."),
+    "resume": (
+        "On: continue the newest checkpoint of an earlier run with the same settings and dataset (weights, "
+        "optimizer, step and random state): of run_name in the node, of work_dir on the command line (where it "
+        "may also name a checkpoint folder). A run is the same when the base model, the dataset's files and "
+        "captions, resolution, optimizer, learning_rate, weight_decay, max_grad_norm, prompt_dropout, batch_size, "
+        "gradient_accumulation and seed match; otherwise it is refused, naming the settings that differ. With no "
+        "checkpoint to continue, a new run starts and the log says so. Off: a new run, in a new run_NNN "
+        "sub-folder, so earlier runs' checkpoints are kept."),
+    "save_dtype": "Weight precision in the file: fp32 keeps the trained weights exactly, fp16/bf16 halve the size.",
+    # --- Train node only
+    "model": "The frozen base model. It is not modified.",
+    "clip": "The model's text encoder, used once per unique caption.",
+    "vae": "The model's VAE, used once per training image.",
+    "control_net": "The ControlNet to train: from ControlNet-Zero Create, or a file of the same base model loaded "
+                   "with Load ControlNet Model to continue.",
+    "dataset_folder": (
+        "A folder with images/, conditioning/ (RGB hints, same file names) and a .txt caption per image, or a "
+        ".jsonl manifest (image, conditioning_image, text; paths relative to the folder). It and every path in a "
+        "manifest must be inside ComfyUI's input folder (relative paths start there) or a folder the server's "
+        "admin lists in FROZENTUNE_DATA_DIRS; other paths are refused. Leave empty to train on the image/hint "
+        "inputs. More than 256 pairs are encoded into a temporary cache in ComfyUI's temp folder, removed "
+        "when training ends."),
+    "run_name": "Folder name for this run's checkpoints, under output/controlnet_zero/: one plain name (no "
+                "folders). Each new run gets its own run_NNN sub-folder.",
+    "images": "Target images (instead of a folder).",
+    "hints": "RGB hints, one per target image, same size.",
+    "captions": "Captions for the image inputs: one line for all, or one line per image.",
+    # --- Save node only
+    "filename": "Name under models/controlnet/ (sub-folders allowed, e.g. controlnet_zero/edges; 'controlnet/...' "
+                "is the same folder); a counter is added if it exists. Absolute paths, '..', hidden names, other "
+                "model folders and names ending in _shuffle are refused.",
+    # --- command line only
+    "config": "TOML file with the settings below (flags override it).",
+    "checkpoint": "The frozen base model file (a ComfyUI checkpoint). Command-line paths are used as given: "
+                  "the CLI is run by the machine's owner and is not confined to ComfyUI's folders.",
+    "dataset": "The dataset folder: images/ + conditioning/ + a .txt caption per image, or a .jsonl manifest "
+               "(paths relative to the folder). Not confined to ComfyUI's input folder (the node's dataset_folder is).",
+    "output": "The ControlNet file to write, e.g. models/controlnet/my_controlnet.safetensors.",
+    "controlnet": "Optional: an ldm-layout ControlNet file of the same base model to continue training from.",
+    "work_dir": "Folder for checkpoints (checkpoints/run_NNN/) and losses.json; the encoding cache lives there "
+                "while training and is removed after. Default: <output>_run/.",
+    "eval_rows": "Training pairs to measure a fixed-draw loss on before and after training (0 = off).",
+    "log_every": "Log the loss every N steps.",
+    "weight_decay": "AdamW weight decay.",
+    "max_grad_norm": "Clip the gradient norm to this before each step (0 = off).",
+    "keep_checkpoints": "How many of this run's newest checkpoints to keep (0 = all).",
+}
+
+
+def text(name: str) -> str:
+    """The explanation of setting ``name`` (KeyError for an unknown one: every setting needs a text)."""
+    return TEXTS[name]
