@@ -8,11 +8,17 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import controlnet_zero_nodes, instantstyle_nodes, prompt_guidance_nodes, unitune_nodes
+from . import (
+    controlnet_zero_nodes,
+    instantstyle_nodes,
+    prompt_guidance_nodes,
+    textual_inversion_nodes,
+    unitune_nodes,
+)
 
 # Every node class of the pack, in menu order. Node ids start with "FrozenTune" and never change.
 NODE_CLASSES: list[type[io.ComfyNode]] = [*unitune_nodes.NODES, *prompt_guidance_nodes.NODES, *instantstyle_nodes.NODES,
-                                            *controlnet_zero_nodes.NODES]
+                                            *controlnet_zero_nodes.NODES, *textual_inversion_nodes.NODES]
 
 
 class FrozenTuneExtension(ComfyExtension):

@@ -1,0 +1,208 @@
+"""Textual Inversion Train on the tiny models: the stock prompt path reads the file, frozen is frozen, bad input.
+
+The tiny checkpoints carry full-size random CLIP text encoders; a CPU step through a 12-layer CLIP-L (and
+32-layer CLIP-G) takes many seconds here, so these tests load them with 3 transformer layers through
+ComfyUI's own ``<clip>_model_config`` text-encoder option (same code, same token table, fewer layers).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from harness.images import subject_image
+
+SHALLOW_TEXT = {"clip_l_model_config": {"num_hidden_layers": 3}, "clip_g_model_config": {"num_hidden_layers": 3}}
+log = logging.getLogger(__name__)
+
+
+@pytest.fixture(scope="module")
+def embeddings_dir(tmp_path_factory, comfy_root):
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("embeddings")
+    saved = folder_paths.folder_names_and_paths["embeddings"]
+    folder_paths.folder_names_and_paths["embeddings"] = ([str(folder)], saved[1])
+    yield folder
+    folder_paths.folder_names_and_paths["embeddings"] = saved
+
+
+def load_shallow(path, embeddings_dir, dtype=None):
+    import comfy.sd
+
+    options = {"dtype": dtype} if dtype is not None else {}
+    return comfy.sd.load_checkpoint_guess_config(str(path), embedding_directory=[str(embeddings_dir)],
+                                                 model_options=options, te_model_options=SHALLOW_TEXT)[:3]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoints, pack, embeddings_dir):
+    return {f: load_shallow(tiny_checkpoints[f], embeddings_dir) for f in ("sd15", "sdxl")}
+
+
+def run_node(model, clip, vae, image=None, **overrides):
+    from frozentune.nodes.textual_inversion_nodes import TextualInversionTrain
+
+    args = dict(name="tiword", init_text="object", vectors=2, captions="object templates", steps=2, batch_size=2,
+                learning_rate=5e-2, seed=0)
+    args.update(overrides)
+    out = TextualInversionTrain.execute(model=model, clip=clip, vae=vae,
+                                        image=subject_image() if image is None else image, **args)
+    return out.args
+
+
+def weight_hash(module: torch.nn.Module) -> str:
+    """harness.hashing.weight_hash, also for 0-d tensors (the text encoders' logit_scale)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def hashes(model, clip) -> dict[str, str]:
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([model])
+    out = {"unet": weight_hash(model.model.diffusion_model), "text": weight_hash(clip.cond_stage_model)}
+    for key in ("clip_l", "clip_g"):
+        enc = getattr(clip.cond_stage_model, key, None)
+        if enc is not None:
+            out[f"vocabulary {key}"] = weight_hash(enc.transformer.get_input_embeddings())
+    return out
+
+
+def trainer_conditioning(model, clip, vectors, name, text):
+    """The conditioning the trainer computes for ``text`` with ``vectors`` (its own TrainingRun)."""
+    from frozentune.unitune import textual_inversion as ti
+
+    settings = ti.TextualInversionSettings(steps=1, precision="fp32")
+    ti._load(model, clip)
+    with torch.inference_mode(False), torch.no_grad():
+        run = ti.TrainingRun(model, clip, vae_latent(), settings, name)
+        run.vectors = dict(vectors)
+        run.view = ti.tokenizing_clip(clip, name, run.vectors)
+        return run.conditioning(text)
+
+
+def vae_latent():
+    return torch.zeros(1, 4, 8, 8)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_stock_prompt_reads_the_trained_vectors(family, loaded, embeddings_dir):
+    import nodes
+    import safetensors
+
+    from frozentune.training import family as families
+    from frozentune.unitune import textual_inversion as ti
+
+    model, clip, vae = loaded[family]
+    before = hashes(model, clip)
+    word, curve, path = run_node(model, clip, vae, name=f"ti_{family}")
+    assert word == f"embedding:ti_{family}" and curve.shape[-1] == 3
+    assert hashes(model, clip) == before  # UNet, text encoders and their vocabulary tables unchanged
+
+    keys = {"sd15": {"emb_params"}, "sdxl": {"clip_l", "clip_g"}}[family]
+    with safetensors.safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    assert set(tensors) == keys
+    assert meta["format"] == ti.FILE_FORMAT and meta["textual_inversion.family"] == family
+    assert families.fingerprints_match(meta["textual_inversion.base_fingerprint"],
+                                       families.fingerprint(model.model.diffusion_model))
+    vectors = {"clip_l": tensors.get("emb_params", tensors.get("clip_l"))}
+    if family == "sdxl":
+        vectors["clip_g"] = tensors["clip_g"]
+    widths = {"clip_l": 768, "clip_g": 1280}
+    start = ti.initial_vectors(clip, tuple(vectors), "object", 2)
+    for key, v in vectors.items():
+        assert v.shape == (2, widths[key]) and v.dtype == torch.float32
+        assert not torch.equal(v, start[key]), "the vectors did not train"
+
+    # The stock tokenizer puts exactly these vectors where the word is.
+    text = "a photo of a " + word
+    tokens = clip.tokenize(text)
+    prefix = len(clip.tokenizer.clip_l.tokenizer("a photo of a")["input_ids"]) - 1  # start token + words
+    for short, key in (("l", "clip_l"), ("g", "clip_g")):
+        if key not in vectors:
+            continue
+        row = tokens[short][0]
+        placed = [i for i, (t, _) in enumerate(row) if torch.is_tensor(t)]
+        assert placed == [prefix, prefix + 1], placed
+        assert torch.equal(torch.stack([row[i][0] for i in placed]), vectors[key])
+
+    # Stock CLIPTextEncode gives the conditioning (and pooled output) the trainer computes with them.
+    assert text.replace(word, "{}") in ti.OBJECT_TEMPLATES
+    stock = nodes.CLIPTextEncode().encode(clip, text)[0]
+    cond, pooled = trainer_conditioning(model, clip, vectors, f"ti_{family}", text)
+    assert torch.equal(stock[0][0], cond)  # bit for bit: the trainer runs the stock tokenizer and encoder code
+    if family == "sdxl":
+        assert pooled.shape == (1, 1280)
+        assert torch.equal(stock[0][1]["pooled_output"], pooled)
+    plain = nodes.CLIPTextEncode().encode(clip, "a photo of a object object")[0][0][0]
+    assert (plain - cond).abs().max() > 1e-3  # the word is not the init_text any more
+
+
+def test_base_samples_identically_and_cancel_leaves_no_file(loaded, embeddings_dir):
+    import comfy.model_management as mm
+    import nodes
+
+    from harness.cancel import cancel_at
+
+    model, clip, vae = loaded["sd15"]
+    pos = nodes.CLIPTextEncode().encode(clip, "a photo")[0]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+
+    def sample():
+        return nodes.common_ksampler(model, 3, 3, 2.0, "euler", "normal", pos, pos, latent)[0]["samples"]
+
+    first = sample()
+    before = hashes(model, clip)
+    files = sorted(p.name for p in embeddings_dir.rglob("*"))
+    seen = []
+    with cancel_at(2, seen), pytest.raises(mm.InterruptProcessingException):
+        run_node(model, clip, vae, name="cancelled", steps=50)
+    assert seen[-1] == 2  # stopped within the step
+    assert sorted(p.name for p in embeddings_dir.rglob("*")) == files  # no partial or temporary file
+    assert hashes(model, clip) == before
+    assert torch.equal(sample(), first)
+
+
+def test_taken_name_gets_a_counter_and_the_old_file_stays(loaded, embeddings_dir):
+    model, clip, vae = loaded["sd15"]
+    word, _, path = run_node(model, clip, vae, name="twice", steps=1)
+    old = open(path, "rb").read()
+    word2, _, path2 = run_node(model, clip, vae, name="twice", steps=1, seed=1)
+    assert (word, word2) == ("embedding:twice", "embedding:twice_00001")
+    assert open(path, "rb").read() == old and path2 != path
+
+
+def test_bad_inputs_are_refused_before_training(loaded, embeddings_dir):
+    model, clip, vae = loaded["sd15"]
+    cases = {
+        "": "name '' is refused: it is empty",
+        "my dog": "cannot spell",
+        "(dog)": "cannot spell",
+        "../dog": "is refused",
+        "checkpoints/dog": "another loader's folder",
+    }
+    for name, message in cases.items():
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            run_node(model, clip, vae, name=name)
+    for init_text, message in (("   ", "init_text is empty"), ("<|endoftext|>", "tokenizes to nothing"),
+                               ("a big red dog", "is 4 tokens but vectors=2")):
+        with pytest.raises(ValueError, match=message):
+            run_node(model, clip, vae, init_text=init_text)
+    for vectors in (0, 17):
+        with pytest.raises(ValueError, match=f"vectors={vectors} is out of range: give 1 to 16"):
+            run_node(model, clip, vae, vectors=vectors)
+    with pytest.raises(ValueError, match="learning_rate is nan"):
+        run_node(model, clip, vae, learning_rate=float("nan"))
+    with pytest.raises(ValueError, match="different sizes"):
+        run_node(model, clip, vae, image=[subject_image(64)[0], subject_image(48)[0]])
+    assert not list(embeddings_dir.glob("dog*"))
