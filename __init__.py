@@ -5,6 +5,9 @@ nothing heavy (torch, diffusers, comfy.*) is imported until ComfyUI asks for the
 """
 
 __version__ = "0.1.0"
+# Served by ComfyUI at /extensions/<this folder>/: the nodes' help pages (docs/<node id>.md), which
+# the frontend's node library shows.
+WEB_DIRECTORY = "./nodes/web"
 
 
 def comfy_entrypoint():
