@@ -1,0 +1,107 @@
+"""Textual inversion learns (held-out loss below init_text's and a random token's) and runs in half precision.
+
+Shallow text encoders as in test_textual_inversion.py (ComfyUI's ``<clip>_model_config`` option).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from harness.images import subject_image
+from harness.precision import native_compute
+
+SHALLOW_TEXT = {"clip_l_model_config": {"num_hidden_layers": 3}, "clip_g_model_config": {"num_hidden_layers": 3}}
+log = logging.getLogger(__name__)
+
+
+def load(path, dtype=None):
+    import comfy.sd
+
+    options = {"dtype": dtype} if dtype is not None else {}
+    return comfy.sd.load_checkpoint_guess_config(str(path), embedding_directory=[], model_options=options,
+                                                 te_model_options=SHALLOW_TEXT)[:3]
+
+
+def random_token(clip, keys, seed: int) -> dict[str, torch.Tensor]:
+    """The embedding of one random vocabulary token per encoder (the 'nonsense word' baseline)."""
+    token = int(torch.randint(1000, 40000, (1,), generator=torch.Generator().manual_seed(seed)))
+    return {k: getattr(clip.cond_stage_model, k).transformer.get_input_embeddings().weight[[token]].float().clone()
+            for k in keys}
+
+
+def test_learned_word_beats_init_text_and_a_random_token_on_held_out_draws(tiny_checkpoints, pack, monkeypatch):
+    from frozentune.unitune import textual_inversion as ti
+
+    model, clip, vae = load(tiny_checkpoints["sd15"])
+    latents = vae.encode(subject_image())
+    texts = []
+    conditioning = ti.TrainingRun.conditioning
+
+    def recording(self, text):
+        texts.append(text)
+        return conditioning(self, text)
+
+    monkeypatch.setattr(ti.TrainingRun, "conditioning", recording)
+    settings = ti.TextualInversionSettings(init_text="object", vectors=1, steps=8, batch_size=4, learning_rate=3e-2)
+    result = ti.train(model, clip, latents, settings, name="learned")
+    monkeypatch.undo()
+    # The captions option: one object template per step, with the word where the template's {} is.
+    assert len(texts) == 8 and len(set(texts)) > 1
+    assert all(t.replace("embedding:learned", "{}") in ti.OBJECT_TEMPLATES for t in texts)
+
+    keys = tuple(result.vectors)
+    arms = {"learned": result.vectors, "init_text": ti.initial_vectors(clip, keys, "object", 1),
+            "random token": random_token(clip, keys, 7)}
+    losses = {name: ti.heldout_loss(model, clip, latents, v, "object templates", seed=1234, draws=8)
+              for name, v in arms.items()}
+    log.info("held-out loss after 8 steps (SD1.5 tiny, shallow CLIP): %s; margin vs init_text %.1f%%, vs random "
+             "%.1f%%", losses, 100 * (1 - losses["learned"] / losses["init_text"]),
+             100 * (1 - losses["learned"] / losses["random token"]))
+    assert losses["learned"] < 0.95 * losses["init_text"], losses
+    assert losses["learned"] < 0.95 * losses["random token"], losses
+
+
+@pytest.mark.parametrize("dtype_name, compute", [("bf16", "auto"), ("fp16", "bf16")])
+def test_half_precision_tier(dtype_name, compute, tiny_checkpoints, pack, tmp_path, monkeypatch):
+    """UNet loaded in bf16/fp16 computing natively: vectors train in fp32, the base keeps its dtype and weights."""
+    import comfy.model_management as mm
+    import folder_paths
+    import nodes
+    import safetensors
+
+    from frozentune.nodes.textual_inversion_nodes import TextualInversionTrain
+    from harness.hashing import weight_hash
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "embeddings", ([str(tmp_path)], {".safetensors"}))
+    with native_compute():
+        import comfy.sd
+
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+            str(tiny_checkpoints["sd15"]), embedding_directory=[str(tmp_path)], model_options={"dtype": dtype},
+            te_model_options=SHALLOW_TEXT)[:3]
+    assert model.model.manual_cast_dtype is None and model.model.get_dtype() == dtype
+    mm.load_models_gpu([model])
+    before = weight_hash(model.model.diffusion_model)
+    word, _, path = TextualInversionTrain.execute(
+        model=model, clip=clip, vae=vae, image=subject_image(), name=f"half_{dtype_name}", init_text="object",
+        vectors=1, captions="object templates", steps=2, batch_size=2, learning_rate=5e-2, seed=0,
+        precision=compute).args
+    mm.load_models_gpu([model])
+    assert weight_hash(model.model.diffusion_model) == before
+    assert model.model.get_dtype() == dtype
+    with safetensors.safe_open(path, "pt") as f:
+        vector, meta = f.get_tensor("emb_params"), f.metadata()
+    assert vector.dtype == torch.float32 and torch.isfinite(vector).all()
+    assert meta["textual_inversion.compute_dtype"] == {"auto": "float32", "bf16": "bfloat16"}[compute]
+    assert math.isfinite(float(meta["textual_inversion.final_loss"]))
+    tokens = clip.tokenize("a photo of a " + word)["l"][0]
+    assert torch.equal(tokens[5][0], vector[0])
+    cond = nodes.CLIPTextEncode().encode(clip, "a photo of a " + word)[0]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    out = nodes.common_ksampler(model, 1, 2, 2.0, "euler", "normal", cond, cond, latent)[0]["samples"]
+    assert torch.isfinite(out).all()
