@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..training import files as weights_file
+
 PREFIXES = {
     "image_proj.": "image_proj",
     "image_proj_model.": "image_proj",
@@ -62,22 +64,38 @@ class IPAdapter:
 
 
 def read_state_dict(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """``{"image_proj": {...}, "ip_adapter": {...}}`` from a ``.safetensors`` or legacy ``.bin`` file."""
+    """``{"image_proj": {...}, "ip_adapter": {...}}`` from a ``.safetensors`` or legacy ``.bin`` file.
+
+    Every read error names the file and says what to do; tensors holding NaN or infinity are refused
+    (they would make every image black).
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        import safetensors.torch
-
-        flat = safetensors.torch.load_file(str(path), device="cpu")
+        flat, _ = weights_file.load(path)
     elif suffix in (".bin", ".pt", ".pth", ".ckpt"):
-        try:
-            flat = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:  # unpickling refuses anything but plain tensors and containers
-            raise IPAdapterFileError(f"{path.name} could not be read as a weights-only torch file ({err}); "
-                                     "convert it to .safetensors.") from err
+        flat = _load_legacy(path)
     else:
         raise IPAdapterFileError(f"{path.name}: unsupported file type {suffix!r}; use .safetensors or .bin.")
-    return split_sections(flat, path.name)
+    sections = split_sections(flat, path.name)
+    for section, tensors in sections.items():
+        weights_file.check_finite({f"{section}.{k}": v for k, v in tensors.items() if isinstance(v, torch.Tensor)},
+                                  source=path.name)
+    return sections
+
+
+def _load_legacy(path: Path) -> dict:
+    """A pickled ``.bin``, unpickled weights-only (plain tensors and containers, never code)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (or is not a file): pick a file from the list again, "
+                                "or refresh the page if it was removed.")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, corrupt, or objects beyond plain tensors (refused by weights_only)
+        reason = str(err).strip().split("\n", 1)[0] or type(err).__name__
+        raise IPAdapterFileError(f"{path} could not be read as a weights-only torch file ({reason}): it is "
+                                 "truncated, corrupt or holds more than plain tensors. Download or copy it again, "
+                                 "or convert it to .safetensors.") from err
 
 
 def split_sections(flat: dict, name: str = "IP-Adapter") -> dict[str, dict[str, torch.Tensor]]:

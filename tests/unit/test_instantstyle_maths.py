@@ -149,3 +149,27 @@ def test_custom_blocks_accept_comfy_keys_and_diffusers_names():
     for bad in ("output one", "up block 1", "", "output 1, banana"):
         with pytest.raises(ValueError, match="custom"):
             blocks.parse_custom(bad)
+
+
+def test_unreadable_and_non_finite_files_are_refused_naming_the_file(tmp_path):
+    flat = tiny_ipadapter.ipadapter_state_dict(SDXL_LAYERS, 1280)
+    bad = dict(flat, **{"ip_adapter.3.to_k_ip.weight": flat["ip_adapter.3.to_k_ip.weight"].clone()})
+    bad["ip_adapter.3.to_k_ip.weight"][0, 0] = float("nan")
+    safetensors.torch.save_file(bad, str(tmp_path / "nan.safetensors"))
+    torch.save(adapter_file.split_sections(bad), tmp_path / "nan.bin")
+    for name in ("nan.safetensors", "nan.bin"):
+        with pytest.raises(ValueError, match=rf"{name}: tensor 'ip_adapter\.3\.to_k_ip\.weight' holds 1 NaN"):
+            adapter_file.load(tmp_path / name)
+
+    safetensors.torch.save_file(flat, str(tmp_path / "cut.safetensors"))
+    torch.save(adapter_file.split_sections(flat), tmp_path / "cut.bin")
+    for name in ("cut.safetensors", "cut.bin"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.safetensors could not be read as a safetensors file .*truncated"):
+        adapter_file.load(tmp_path / "cut.safetensors")
+    with pytest.raises(adapter_file.IPAdapterFileError,
+                       match=r"cut\.bin could not be read as a weights-only torch file .*truncated, corrupt"):
+        adapter_file.load(tmp_path / "cut.bin")
+    with pytest.raises(FileNotFoundError, match=r"gone\.bin does not exist"):
+        adapter_file.load(tmp_path / "gone.bin")
