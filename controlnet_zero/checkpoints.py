@@ -123,6 +123,7 @@ def load(folder: Path, control_model: torch.nn.Module, optimizer: torch.optim.Op
     folder = Path(folder)
     read_metadata(folder)  # a clear error for an incomplete folder
     weights, _ = weights_file.load(folder / WEIGHTS)
+    weights_file.check_finite(weights, f"checkpoint {folder / WEIGHTS}")
     with torch.no_grad():
         control_model.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=True)
     tensors, meta = weights_file.load(folder / STATE)

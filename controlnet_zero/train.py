@@ -182,6 +182,7 @@ def load_controlnet_file(path: Path, base_model):
     from . import network
 
     tensors, _ = weights_file.load(path)
+    weights_file.check_finite(tensors, f"ControlNet file {path}")
     if "zero_convs.0.0.weight" not in tensors:
         prefixed = {k[len("control_model."):]: v for k, v in tensors.items() if k.startswith("control_model.")}
         if "zero_convs.0.0.weight" not in prefixed:

@@ -33,6 +33,7 @@ METADATA_ATTR = "frozentune_metadata"
 DISK_CACHE_ABOVE = 256  # pairs; larger sets keep their encodings in a temp folder instead of memory
 SAVE_NODE = "FrozenTuneControlNetZeroSave"
 
+
 def _with_metadata(control_model: torch.nn.Module, metadata: dict[str, str]):
     control_net = network.wrap(control_model)
     setattr(control_net, METADATA_ATTR, dict(metadata))
@@ -133,12 +134,12 @@ class ControlNetZeroTrain(io.ComfyNode):
             checkpoint_every=checkpoint_every, optimizer=optimizer,
         )
         settings.check()
+        run = names.plain_name(run_name, input_name="run_name", example="controlnet_zero")
         source_module = network.unwrap(control_net)
         comfy.model_management.load_models_gpu([model])
         network.check_fits(source_module, model.model)
         if vae is None or getattr(vae, "first_stage_model", None) is None:
             raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")
-        run = names.plain_name(run_name, input_name="run_name", example="controlnet_zero")
         run_dir = Path(folder_paths.get_output_directory()) / "controlnet_zero" / run
         source = cls._source(dataset_folder, images, hints, captions or "", resolution)
         cache_dir = None

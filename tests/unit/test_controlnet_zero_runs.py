@@ -153,3 +153,13 @@ def test_a_damaged_checkpoint_is_named_with_the_fix(tmp_path):
         checkpoints.read_metadata(folder)
     with pytest.raises(ValueError, match=rf"{state}.*could not be read"):
         weights_file.load(state)
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_by_name(tmp_path):
+    folder = write(tmp_path, 1, {**identity(), checkpoints.RUN_ID: "x"})
+    weights, meta = weights_file.load(folder / checkpoints.WEIGHTS)
+    weights["weight"][0, 0] = float("nan")
+    weights_file.save(folder / checkpoints.WEIGHTS, weights, meta, format="t")
+    module = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=rf"checkpoint {folder / checkpoints.WEIGHTS}: tensor 'weight' holds 1 NaN"):
+        checkpoints.load(folder, module, torch.optim.AdamW(module.parameters()), torch.Generator())
