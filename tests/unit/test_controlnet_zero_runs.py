@@ -22,6 +22,8 @@ from frozentune.training import family  # noqa: E402
 from frozentune.training import files as weights_file  # noqa: E402
 
 BASE = torch.nn.Linear(4, 4)
+# the metadata keys, as stored in the files (spelled out so the checks also run against older code)
+RUN_ID, DATASET = "controlnet_zero.run_id", "controlnet_zero.dataset_fingerprint"
 
 
 def same_base(stored: str) -> tuple[bool, str]:
@@ -32,8 +34,8 @@ def identity(**changes) -> dict[str, str]:
     """The metadata trainer.train gives a run (settings + base + dataset), with ``changes``."""
     settings = trainer.TrainSettings(steps=4, batch_size=1, learning_rate=1e-3, resolution=64)
     meta = settings.metadata()
-    meta.update({checkpoints.BASE: family.fingerprint(BASE), "controlnet_zero.dataset_size": "4",
-                 checkpoints.DATASET: "d" * 64, "controlnet_zero.world_size": "1"})
+    meta.update({trainer.FINGERPRINT_KEY: family.fingerprint(BASE), "controlnet_zero.dataset_size": "4",
+                 DATASET: "d" * 64, "controlnet_zero.world_size": "1"})
     meta.update({f"controlnet_zero.{k}": str(v) for k, v in changes.items()})
     return meta
 
@@ -47,15 +49,15 @@ def write(folder, step: int, meta: dict[str, str], keep: int = 2):
 
 
 def steps(folder) -> list[str]:
-    return [p.name for p in checkpoints.complete(folder)]
+    return sorted(p.parent.name for p in folder.glob("step_*/state.safetensors"))
 
 
 def test_pruning_keeps_other_runs_checkpoints(tmp_path):
     """The issue's case: an earlier run left step 35/40; a new run's step 5/10 must survive its own pruning."""
-    old = {**identity(), checkpoints.RUN_ID: "old"}
+    old = {**identity(), RUN_ID: "old"}
     for step in (35, 40):
         write(tmp_path, step, old)
-    new = {**identity(), checkpoints.RUN_ID: "new"}
+    new = {**identity(), RUN_ID: "new"}
     for step in (5, 10, 15):
         write(tmp_path, step, new)
     assert steps(tmp_path) == ["step_000010", "step_000015", "step_000035", "step_000040"]
@@ -64,7 +66,7 @@ def test_pruning_keeps_other_runs_checkpoints(tmp_path):
 def test_a_new_run_on_a_used_name_gets_its_own_folder_and_says_so(tmp_path, caplog):
     first = checkpoints.plan(tmp_path, identity(), False, same_base, sub_folders=True)
     assert first.folder == tmp_path / "run_001" and first.resume_from is None
-    write(first.folder, 2, {**identity(), checkpoints.RUN_ID: first.run_id})
+    write(first.folder, 2, {**identity(), RUN_ID: first.run_id})
     with caplog.at_level(logging.INFO):
         second = checkpoints.plan(tmp_path, identity(), False, same_base, sub_folders=True)
     assert second.folder == tmp_path / "run_002" and second.run_id != first.run_id
@@ -77,9 +79,9 @@ def test_a_new_run_on_a_used_name_gets_its_own_folder_and_says_so(tmp_path, capl
 
 def test_resume_continues_the_newest_matching_run_in_its_own_folder(tmp_path):
     a = checkpoints.plan(tmp_path, identity(), False, same_base, sub_folders=True)
-    write(a.folder, 4, {**identity(), checkpoints.RUN_ID: a.run_id})
+    write(a.folder, 4, {**identity(), RUN_ID: a.run_id})
     b = checkpoints.plan(tmp_path, identity(learning_rate=1e-4), False, same_base, sub_folders=True)
-    write(b.folder, 2, {**identity(learning_rate=1e-4), checkpoints.RUN_ID: b.run_id})
+    write(b.folder, 2, {**identity(learning_rate=1e-4), RUN_ID: b.run_id})
 
     run = checkpoints.plan(tmp_path, identity(), True, same_base, sub_folders=True)
     assert (run.folder, run.run_id, run.resume_from) == (a.folder, a.run_id, a.folder / "step_000004")
@@ -89,9 +91,9 @@ def test_resume_continues_the_newest_matching_run_in_its_own_folder(tmp_path):
 
 def test_resume_of_another_run_is_refused_naming_stored_and_requested(tmp_path):
     a = checkpoints.plan(tmp_path, identity(), False, same_base, sub_folders=True)
-    write(a.folder, 40, {**identity(), checkpoints.RUN_ID: a.run_id})
+    write(a.folder, 40, {**identity(), RUN_ID: a.run_id})
     other = identity(learning_rate=1e-4, seed=3)
-    other[checkpoints.DATASET] = "e" * 64
+    other[DATASET] = "e" * 64
     with pytest.raises(ValueError) as refused:
         checkpoints.plan(tmp_path, other, True, same_base, sub_folders=True)
     message = str(refused.value)
@@ -115,7 +117,7 @@ def test_resume_with_nothing_to_resume_warns_naming_the_folder(tmp_path, caplog,
 
 def legacy(folder, step: int, meta: dict[str, str]):
     """A checkpoint as written before run identities: no run id, no dataset fingerprint."""
-    meta = {k: v for k, v in meta.items() if k not in (checkpoints.RUN_ID, checkpoints.DATASET)}
+    meta = {k: v for k, v in meta.items() if k not in (RUN_ID, DATASET)}
     return write(folder, step, meta)
 
 
@@ -132,7 +134,7 @@ def test_a_checkpoint_without_run_identity_resumes_when_its_settings_match(tmp_p
 
 
 def test_flat_folder_refuses_a_new_run_over_another_runs_checkpoints(tmp_path):
-    write(tmp_path, 2, {**identity(), checkpoints.RUN_ID: "x"})
+    write(tmp_path, 2, {**identity(), RUN_ID: "x"})
     with pytest.raises(ValueError, match="already holds checkpoints of another run"):
         checkpoints.plan(tmp_path, identity(), False, same_base)
     assert checkpoints.plan(tmp_path, identity(), False, same_base, checkpointing=False).folder is None
@@ -146,7 +148,7 @@ def test_trainer_check_resume_still_reads_old_metadata():
 
 
 def test_a_damaged_checkpoint_is_named_with_the_fix(tmp_path):
-    folder = write(tmp_path, 1, {**identity(), checkpoints.RUN_ID: "x"})
+    folder = write(tmp_path, 1, {**identity(), RUN_ID: "x"})
     state = folder / checkpoints.STATE
     state.write_bytes(state.read_bytes()[:40])  # truncated
     with pytest.raises(ValueError, match=rf"{state}.*could not be read.*truncated.*copy or download it again"):
@@ -156,7 +158,7 @@ def test_a_damaged_checkpoint_is_named_with_the_fix(tmp_path):
 
 
 def test_a_checkpoint_with_non_finite_weights_is_refused_by_name(tmp_path):
-    folder = write(tmp_path, 1, {**identity(), checkpoints.RUN_ID: "x"})
+    folder = write(tmp_path, 1, {**identity(), RUN_ID: "x"})
     weights, meta = weights_file.load(folder / checkpoints.WEIGHTS)
     weights["weight"][0, 0] = float("nan")
     weights_file.save(folder / checkpoints.WEIGHTS, weights, meta, format="t")
