@@ -346,6 +346,7 @@ def train(model, clip, latents: torch.Tensor, settings: TextualInversionSettings
             compute = str(run.dtype).removeprefix("torch.")
         metadata = settings.metadata()
         metadata.update({
+            "textual_inversion.name": name,
             "textual_inversion.family": family,
             "textual_inversion.base_fingerprint": families.fingerprint(model.model.diffusion_model),
             "textual_inversion.encoders": ",".join(vectors),

@@ -45,7 +45,7 @@ def loaded(tiny_checkpoints, pack, embeddings_dir):
 def run_node(model, clip, vae, image=None, **overrides):
     from frozentune.nodes.textual_inversion_nodes import TextualInversionTrain
 
-    args = dict(name="tiword", init_text="object", vectors=2, captions="object templates", steps=2, batch_size=2,
+    args = dict(name="tiword", init_text="object", vectors=2, captions="object templates", steps=1, batch_size=2,
                 learning_rate=5e-2, seed=0)
     args.update(overrides)
     out = TextualInversionTrain.execute(model=model, clip=clip, vae=vae,
@@ -165,9 +165,9 @@ def test_base_samples_identically_and_cancel_leaves_no_file(loaded, embeddings_d
     before = hashes(model, clip)
     files = sorted(p.name for p in embeddings_dir.rglob("*"))
     seen = []
-    with cancel_at(2, seen), pytest.raises(mm.InterruptProcessingException):
+    with cancel_at(1, seen), pytest.raises(mm.InterruptProcessingException):
         run_node(model, clip, vae, name="cancelled", steps=50)
-    assert seen[-1] == 2  # stopped within the step
+    assert seen[-1] == 1  # stopped within the step
     assert sorted(p.name for p in embeddings_dir.rglob("*")) == files  # no partial or temporary file
     assert hashes(model, clip) == before
     assert torch.equal(sample(), first)
@@ -175,9 +175,9 @@ def test_base_samples_identically_and_cancel_leaves_no_file(loaded, embeddings_d
 
 def test_taken_name_gets_a_counter_and_the_old_file_stays(loaded, embeddings_dir):
     model, clip, vae = loaded["sd15"]
-    word, _, path = run_node(model, clip, vae, name="twice", steps=1)
+    word, _, path = run_node(model, clip, vae, name="twice")
     old = open(path, "rb").read()
-    word2, _, path2 = run_node(model, clip, vae, name="twice", steps=1, seed=1)
+    word2, _, path2 = run_node(model, clip, vae, name="twice", seed=1)
     assert (word, word2) == ("embedding:twice", "embedding:twice_00001")
     assert open(path, "rb").read() == old and path2 != path
 
@@ -206,3 +206,21 @@ def test_bad_inputs_are_refused_before_training(loaded, embeddings_dir):
     with pytest.raises(ValueError, match="different sizes"):
         run_node(model, clip, vae, image=[subject_image(64)[0], subject_image(48)[0]])
     assert not list(embeddings_dir.glob("dog*"))
+
+
+def test_sd15_embedding_in_an_sdxl_prompt_reaches_clip_l_only(loaded, embeddings_dir, caplog):
+    """What the stock loader does with a one-tensor (SD1.5) file in an SDXL prompt, for the README."""
+    import nodes
+
+    from frozentune.training import files
+
+    model, clip, vae = loaded["sdxl"]
+    vector = torch.randn(1, 768, generator=torch.Generator().manual_seed(0)) * 0.02
+    files.save(embeddings_dir / "sd15_word.safetensors", {"emb_params": vector}, {}, format="test")
+    with caplog.at_level(logging.WARNING):
+        mixed = nodes.CLIPTextEncode().encode(clip, "a photo of a embedding:sd15_word")[0][0]
+    plain = nodes.CLIPTextEncode().encode(clip, "a photo of a")[0][0]
+    assert "shape mismatch" in caplog.text  # ComfyUI's own warning, from the CLIP-G encoder
+    assert not torch.equal(mixed[0][..., :768], plain[0][..., :768])  # CLIP-L used the vector
+    assert torch.equal(mixed[0][..., 768:], plain[0][..., 768:])  # CLIP-G dropped the word
+    assert torch.equal(mixed[1]["pooled_output"], plain[1]["pooled_output"])
