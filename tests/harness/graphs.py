@@ -123,9 +123,9 @@ def unitune_edit(mask: list | None = None, **overrides) -> Graph:
     g = Graph()
     ckpt = _checkpoint(g)
     image = _image(g)
-    inputs = {"token": "beikkpic", "edit_prompt": "as a watercolor painting", "negative": "", "steps": 2,
+    inputs = {"token": "beikkpic", "edit_prompt": "as a watercolor painting", "negative": "", "steps": 1,
               "cfg": 7.5, "pg": 1.0, "sampler_name": "euler", "scheduler": "normal", "seed": 0, "batch": 1,
-              "start": 0.9, "blend": 0.0, "blend_unchanged": 0.0, **overrides}
+              "start": 1.0, "blend": 0.0, "blend_unchanged": 0.0, **overrides}
     if mask is not None:
         inputs["mask"] = mask
     g.target = g.add("FrozenTuneUniTuneEdit", model=out(ckpt), image=out(image), vae=out(ckpt, 2),
@@ -203,6 +203,19 @@ def controlnet_zero_save(filename: str = "controlnet_zero/fuzz", dtype: str = "f
     return g
 
 
+def textual_inversion_train(**overrides) -> Graph:
+    """Textual Inversion Train for one tiny step (an output node: it saves into models/embeddings/)."""
+    g = Graph()
+    ckpt = _checkpoint(g)
+    image = _image(g)
+    inputs = {"name": "fuzz_concept", "init_text": "object", "vectors": 1, "captions": "object templates",
+              "steps": 1, "batch_size": 1, "learning_rate": 2e-3, "seed": 0, "precision": "fp32", **overrides}
+    g.target = g.add("FrozenTuneTextualInversionTrain", model=out(ckpt), clip=out(ckpt, 1), vae=out(ckpt, 2),
+                     image=out(image), **inputs)
+    g.add("PreviewImage", images=out(g.target, 1))
+    return g
+
+
 def stock_text_to_image(seed: int = 0, steps: int = 2, text: str = "a photo of a cat") -> Graph:
     """The stock text-to-image graph on the tiny SD1.5 (no FrozenTune node); target = its PreviewImage."""
     g = Graph()
@@ -234,4 +247,5 @@ BASES = {
     "FrozenTuneControlNetZeroCreate": controlnet_zero_create,
     "FrozenTuneControlNetZeroTrain": controlnet_zero_train,
     "FrozenTuneControlNetZeroSave": controlnet_zero_save,
+    "FrozenTuneTextualInversionTrain": textual_inversion_train,
 }

@@ -16,7 +16,8 @@ from pathlib import Path
 from .server import ComfyServer, ServerError, error_message
 
 # What a queued job may write under a server's base directory. Anything else is a leak.
-WRITABLE = ("output", "temp", "user", "models/unitune", "models/loras", "models/controlnet", "comfyui.log")
+WRITABLE = ("output", "temp", "user", "models/unitune", "models/loras", "models/controlnet", "models/embeddings",
+            "comfyui.log")
 
 
 @dataclass
@@ -32,21 +33,32 @@ class Outcome:
         return word in self.input_names or word in self.message
 
 
+def _refusal(body: dict) -> Outcome:
+    names, messages = [], [body.get("error", {}).get("message", "") if body.get("error") else ""]
+    for node in (body.get("node_errors") or {}).values():
+        for e in node.get("errors", []):
+            names.append(e.get("extra_info", {}).get("input_name", ""))
+            messages.append(f"{e.get('message')}: {e.get('details')}")
+    return Outcome("refused", "; ".join(m for m in messages if m), names)
+
+
 def submit(srv: ComfyServer, prompt: dict) -> tuple[Outcome | None, str | None]:
-    """POST a prompt: (the refusal, None) if validation refused it, else (None, its prompt id)."""
+    """POST a prompt: (the refusal, None) if validation refused any node of it, else (None, its prompt id).
+
+    ComfyUI still queues a prompt whose other outputs are valid (HTTP 200 with ``node_errors``): that run
+    is waited for, so the queue is idle again when a refusal is returned.
+    """
     try:
-        return None, srv.queue(prompt)
+        answer = srv.post("/prompt", {"prompt": prompt, "client_id": srv.client_id})
     except ServerError as err:
         text = str(err)
         if "HTTP 400" not in text:
             raise
-        body = json.loads(text.split(": ", 1)[1])
-        names, messages = [], [body.get("error", {}).get("message", "")]
-        for node in (body.get("node_errors") or {}).values():
-            for e in node.get("errors", []):
-                names.append(e.get("extra_info", {}).get("input_name", ""))
-                messages.append(f"{e.get('message')}: {e.get('details')}")
-        return Outcome("refused", "; ".join(messages), names), None
+        return _refusal(json.loads(text.split(": ", 1)[1])), None
+    if answer.get("node_errors"):
+        srv.wait(answer["prompt_id"])
+        return _refusal(answer), None
+    return None, answer["prompt_id"]
 
 
 def finish(srv: ComfyServer, prompt_id: str, timeout: float = 600) -> Outcome:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 BAD_STRINGS = {"empty": "", "dot": ".", "dotdot": "../x", "abs": "/abs", "long": "n" * 300, "nul": "a\x00b"}
 # Free text (prompts, captions, a token word): any text is valid input, so success is allowed.
-TEXT = {"token", "class_word", "edit_prompt", "negative", "content_text", "captions"}
+TEXT = {"token", "class_word", "edit_prompt", "negative", "content_text", "captions", "init_text"}
 # Numeric inputs whose out-of-range values the node documents as clamped instead of refused: none so far.
 CLAMPED: dict[tuple[str, str], str] = {}
 # Inputs fuzzed on another base graph than the node's default one.
@@ -38,7 +38,8 @@ BASE_FOR_INPUT = {
 # Node ids in the order they run: the SD1.5 ones first, then the SDXL-family ones (one model switch).
 NODE_ORDER = ["FrozenTuneUniTuneFineTune", "FrozenTuneUniTuneSave", "FrozenTuneUniTuneLoad",
               "FrozenTunePromptGuidanceGuider", "FrozenTuneUniTuneEdit", "FrozenTuneControlNetZeroCreate",
-              "FrozenTuneControlNetZeroTrain", "FrozenTuneControlNetZeroSave", "FrozenTuneIPAdapterLoader",
+              "FrozenTuneControlNetZeroTrain", "FrozenTuneControlNetZeroSave", "FrozenTuneTextualInversionTrain",
+              "FrozenTuneIPAdapterLoader",
               "FrozenTuneInstantStyleApply"]
 
 
@@ -64,11 +65,13 @@ def cases_for(info: dict) -> list[tuple[str, str, str, object]]:
     return cases
 
 
-def names_input(outcome: hostile.Outcome, name: str) -> bool:
-    return outcome.names(name) or name.replace("_", " ") in outcome.message
+def names_input(outcome: hostile.Outcome, name: str, value: object) -> bool:
+    """The answer names the input, or quotes the bad value (as "custom block '.' is not a block key")."""
+    quoted = isinstance(value, str) and value and repr(value) in outcome.message
+    return outcome.names(name) or name.replace("_", " ") in outcome.message or bool(quoted)
 
 
-def judge(node: str, name: str, kind: str, label: str, outcome: hostile.Outcome) -> str | None:
+def judge(node: str, name: str, kind: str, value: object, outcome: hostile.Outcome) -> str | None:
     """None if the answer is acceptable, else what is wrong with it."""
     if outcome.status == "success":
         if kind == "STRING" and name in TEXT:
@@ -78,7 +81,7 @@ def judge(node: str, name: str, kind: str, label: str, outcome: hostile.Outcome)
         return "succeeded"
     if outcome.status == "interrupted":
         return "was interrupted"
-    if not names_input(outcome, name):
+    if not names_input(outcome, name, value):
         return f"{outcome.status} without naming {name}: {outcome.message[:200]}"
     return None
 
@@ -89,7 +92,8 @@ def frozentune_info(hostile_server) -> dict:
 
 
 def test_fuzz_covers_every_frozentune_node(frozentune_info):
-    assert sorted(frozentune_info) == sorted(NODE_ORDER), "a FrozenTune node has no fuzz base graph"
+    missing = sorted(set(frozentune_info) - set(NODE_ORDER))
+    assert not missing, f"FrozenTune nodes without a fuzz base graph (add one to harness.graphs): {missing}"
 
 
 def _base(node: str, name: str, unitune_file: Path) -> graphs.Graph:
@@ -100,34 +104,72 @@ def _base(node: str, name: str, unitune_file: Path) -> graphs.Graph:
     return graphs.BASES[node]()
 
 
+def plan(node: str, info: dict) -> list[tuple[str, dict[str, object], list[tuple[str, str]]]]:
+    """The prompts to send: (label, {input: value}, [(input, kind)]).
+
+    One case per prompt, except free text: every free-text input of the node gets the same bad string in
+    one prompt (they may all succeed, so one run checks them together); if that prompt is not a success its
+    inputs are re-run one by one (``run_case``), so a refusal is still pinned to the input it names.
+    """
+    prompts, text = [], {}
+    for name, kind, label, value in cases_for(info):
+        if kind == "STRING" and name in TEXT and (node, name) not in BASE_FOR_INPUT:
+            text.setdefault(label, []).append((name, value))
+        else:
+            prompts.append((f"{name}={label}", {name: value}, [(name, kind)]))
+    for label, pairs in text.items():
+        prompts.append((f"{'+'.join(n for n, _ in pairs)}={label}", dict(pairs), [(n, "STRING") for n, _ in pairs]))
+    return prompts
+
+
+class Checked:
+    """Runs fuzz prompts against one server and collects what is wrong with the answers."""
+
+    def __init__(self, srv, node: str, unitune_file: Path):
+        self.srv, self.node, self.unitune_file = srv, node, unitune_file
+        self.problems: list[str] = []
+        self.counts = {"refused": 0, "error": 0, "success": 0, "interrupted": 0}
+        self.neighbours = sorted(p.name for p in srv.base.parent.iterdir())
+
+    def run_case(self, where: str, values: dict[str, object], kinds: list[tuple[str, str]]) -> None:
+        first = kinds[0][0]
+        abs_existed = Path("/abs").exists()
+        before = hostile.snapshot(self.srv.base)
+        prompt = _base(self.node, first, self.unitune_file).prompt(**values)
+        outcome = hostile.run(self.srv, prompt, timeout=300)
+        after = hostile.snapshot(self.srv.base)
+        if len(kinds) > 1 and outcome.status != "success":  # grouped free text: pin it on one input
+            for name, kind in kinds:
+                self.run_case(f"{name}={where.split('=', 1)[1]}", {name: values[name]}, [(name, kind)])
+            return
+        self.counts[outcome.status] += 1
+        for name, kind in kinds:
+            verdict = judge(self.node, name, kind, values[name], outcome)
+            if verdict:
+                self.problems.append(f"{where}: {verdict}")
+        leaked = hostile.leaks(hostile.changes(before, after))
+        if leaked:
+            self.problems.append(f"{where}: wrote outside the job folders: {leaked[:5]}")
+        if not abs_existed and Path("/abs").exists():
+            shutil.rmtree("/abs") if Path("/abs").is_dir() else Path("/abs").unlink()
+            self.problems.append(f"{where}: created /abs on the host")
+        if sorted(p.name for p in self.srv.base.parent.iterdir()) != self.neighbours:
+            self.problems.append(f"{where}: wrote beside the base directory")
+        assert self.srv.proc.poll() is None, f"the server died at {where}:\n{self.srv.log_tail()}"
+        self.srv.get("/system_stats", timeout=10)  # still answers
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("node", NODE_ORDER)
 def test_fuzz_node_inputs(hostile_server, frozentune_info, unitune_file, node):
     srv = hostile_server
-    problems, counts = [], {"refused": 0, "error": 0, "success": 0, "interrupted": 0}
+    if node not in frozentune_info:
+        pytest.skip(f"{node} is not in this server's /object_info")
     base_ok = hostile.run(srv, _base(node, "", unitune_file).prompt())
     assert base_ok.status == "success", f"the base graph of {node} fails: {base_ok.message}"
-    neighbours = sorted(p.name for p in srv.base.parent.iterdir())
+    checked = Checked(srv, node, unitune_file)
     started = time.monotonic()
-    for name, kind, label, value in cases_for(frozentune_info[node]):
-        abs_existed = Path("/abs").exists()
-        before = hostile.snapshot(srv.base)
-        outcome = hostile.run(srv, _base(node, name, unitune_file).prompt(**{name: value}), timeout=300)
-        after = hostile.snapshot(srv.base)
-        counts[outcome.status] += 1
-        where = f"{name}={label}"
-        verdict = judge(node, name, kind, label, outcome)
-        if verdict:
-            problems.append(f"{where}: {verdict}")
-        leaked = hostile.leaks(hostile.changes(before, after))
-        if leaked:
-            problems.append(f"{where}: wrote outside the job folders: {leaked[:5]}")
-        if not abs_existed and Path("/abs").exists():
-            shutil.rmtree("/abs") if Path("/abs").is_dir() else Path("/abs").unlink()
-            problems.append(f"{where}: created /abs on the host")
-        if sorted(p.name for p in srv.base.parent.iterdir()) != neighbours:
-            problems.append(f"{where}: wrote beside the base directory")
-        assert srv.proc.poll() is None, f"the server died at {where}:\n{srv.log_tail()}"
-        srv.get("/system_stats", timeout=10)  # still answers
-    log.warning("fuzz %s: %s in %.1f s", node, counts, time.monotonic() - started)
-    assert not problems, f"{node}: {len(problems)} bad answer(s):\n" + "\n".join(problems)
+    for where, values, kinds in plan(node, frozentune_info[node]):
+        checked.run_case(where, values, kinds)
+    log.warning("fuzz %s: %s in %.1f s", node, checked.counts, time.monotonic() - started)
+    assert not checked.problems, f"{node}: {len(checked.problems)} bad answer(s):\n" + "\n".join(checked.problems)
