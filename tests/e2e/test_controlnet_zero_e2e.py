@@ -48,7 +48,7 @@ def test_torchrun_two_processes_on_cpu_write_a_loadable_file_and_loss_falls(tmp_
     assert proc.returncode == 0, log[-4000:]
     assert "[rank 1]" in log and "rank 1 of 2 (gloo)" in log, log[-4000:]
     assert out.is_file()
-    assert (out.parent / "ddp_run" / "checkpoints" / "step_000004" / "state.safetensors").is_file()
+    assert (out.parent / "ddp_run" / "checkpoints" / "run_001" / "step_000004" / "state.safetensors").is_file()
 
     with caplog.at_level(logging.DEBUG):
         loaded = comfy.controlnet.load_controlnet(str(out))
