@@ -40,7 +40,7 @@ def _help_blocks(text: str) -> dict[str, str]:
     blocks: dict[str, list[str]] = {}
     current = None
     for line in text.splitlines():
-        m = re.match(r"^\s{2}(--[a-z0-9-]+)(?: [A-Z_]+)?(?:\s{2,}(.*))?$", line)
+        m = re.match(r"^\s{2}(--[a-z0-9-]+)(?: \S+)?(?:\s{2,}(.*))?$", line)
         if m:
             current = m.group(1)
             blocks[current] = [m.group(2) or ""]
