@@ -13,9 +13,11 @@ from comfy_api.latest import io
 
 from ..training import family as families
 from ..training import files as weights_file
+from ..training import names
 from ..training import precision as training_precision
 from ..training.loss_curve import loss_curve_image
 from ..unitune import compress, finetune
+from . import checks, saved_files
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,7 @@ class UniTuneFineTune(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image, token, class_word, steps, batch_size, learning_rate, optimizer,
                 train, lora_rank, gradient_checkpointing, seed, precision="auto") -> io.NodeOutput:
+        checks.finite(learning_rate=learning_rate)
         family = families.model_family(model.model)
         mode = ("lora" if family == "sdxl" else "full") if train == "auto" else train
         steps, learning_rate = finetune.recipe(mode, steps, learning_rate)
@@ -151,9 +154,10 @@ class UniTuneSave(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL output of UniTune Fine-Tune."),
-                io.String.Input("filename", default="unitune/beikkpic", tooltip="File name under models/; a "
-                                "counter is appended if it exists. Keep the 'unitune/' prefix so UniTune Load "
-                                "lists it, or use 'loras/...' for the stock LoraLoader."),
+                io.String.Input("filename", default="unitune/beikkpic", tooltip="File name in models/unitune/ "
+                                "(listed by UniTune Load), or 'loras/...' for models/loras/ (the stock LoraLoader); "
+                                "a name without a folder, or with sub-folders ('people/alice'), goes in "
+                                "models/unitune/. A counter is appended if the file exists."),
                 io.Combo.Input("save_as", options=list(SAVE_AS), default="as trained", optional=True,
                                tooltip="as trained: the exact result. lora: compress a full or attention "
                                "result to a LoRA of lora_rank (truncated SVD; much smaller file, the relative "
@@ -165,17 +169,20 @@ class UniTuneSave(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, model=None, filename=None, save_as=None, lora_rank=None) -> int:
+        # Runs again (writing the file again) when the file it wrote for these inputs was deleted.
+        return saved_files.fingerprint(cls.__name__, filename=filename, save_as=save_as, lora_rank=lora_rank)
+
+    @classmethod
     def execute(cls, model, filename, save_as="as trained", lora_rank=32) -> io.NodeOutput:
         result = model.attachments.get(ATTACHMENT)
         if result is None:
             raise ValueError("this MODEL was not made by UniTune Fine-Tune (nothing to save): connect the MODEL "
                              "output of UniTune Fine-Tune.")
-        name = filename.strip().replace("\\", "/").strip("/")
-        if not name or ".." in name.split("/"):
-            raise ValueError(f"filename {filename!r} is not a plain relative name such as 'unitune/my_subject'.")
-        folder, _, stem = name.rpartition("/")
-        root = folder_paths.models_dir
-        target_dir = os.path.join(root, folder) if folder else folder_paths.get_folder_paths(FOLDER)[0]
+        if save_as not in SAVE_AS:
+            raise ValueError(f"save_as {save_as!r} is not one of {', '.join(SAVE_AS)}.")
+        folders = {word: Path(folder_paths.get_folder_paths(word)[0]) for word in (FOLDER, "loras")}
+        folder, stem = names.save_target(filename, input_name="filename", folders=folders, default=FOLDER)
         tensors, metadata = result.tensors, dict(result.metadata)
         if save_as == "lora" and result.settings.mode != "lora":
             tensors, error = compress.delta_to_lora(tensors, lora_rank)
@@ -184,8 +191,9 @@ class UniTuneSave(io.ComfyNode):
                      result.settings.mode, lora_rank, error)
         elif save_as == "lora":
             log.info("UniTune: this result is a LoRA already; saved as trained")
-        path = weights_file.unused_path(Path(target_dir), stem)
+        path = weights_file.unused_path(folder, stem)
         weights_file.save(path, tensors, metadata, format=finetune.FILE_FORMAT)
+        saved_files.remember(cls.__name__, path, filename=filename, save_as=save_as, lora_rank=lora_rank)
         log.info("UniTune: saved %d tensors to %s", len(tensors), path)
         return io.NodeOutput(str(path))
 
@@ -210,8 +218,10 @@ class UniTuneLoad(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, unitune_name, strength) -> io.NodeOutput:
+        checks.finite(strength=strength)
         path = folder_paths.get_full_path_or_raise(FOLDER, unitune_name)
         tensors, metadata = weights_file.load(path)
+        weights_file.check_finite(tensors, source=unitune_name)
         expected = metadata.get("unitune.base_fingerprint")
         if expected:
             comfy.model_management.load_models_gpu([model], force_patch_weights=True)
@@ -223,7 +233,7 @@ class UniTuneLoad(io.ComfyNode):
                     f"{families.short(expected)}) than this MODEL ({families.model_family(model.model)}, fingerprint "
                     f"{families.short(actual)}): connect the checkpoint it was trained on (in any dtype)."
                 )
-        return io.NodeOutput(finetune.apply_patches(model, tensors, strength))
+        return io.NodeOutput(finetune.apply_patches(model, tensors, strength, source=unitune_name))
 
 
 NODES = [UniTuneFineTune, UniTuneSave, UniTuneLoad]

@@ -340,16 +340,78 @@ def _module_key(key: str) -> str:
     return key
 
 
-def apply_patches(base, tensors: dict[str, torch.Tensor], strength: float = 1.0):
-    """A clone of ``base`` carrying the patches in ``tensors`` (ComfyUI LoRA key format)."""
+def _expected_shape(base, target) -> tuple[str, tuple[int, ...]]:
+    """The model weight a key-map target names, and its shape (a ``(name, (dim, start, length))`` target
+    is a slice of that weight, as ComfyUI's key maps use for fused weights)."""
+    import comfy.utils
+
+    name, offset = (target[0], target[1]) if isinstance(target, tuple) else (target, None)
+    shape = list(comfy.utils.get_attr(base.model, name).shape)
+    if offset is not None:
+        shape[offset[0]] = offset[2]
+    return name, tuple(shape)
+
+
+def _patch_shape(patch) -> tuple[int, ...] | None:
+    """The shape of the weight change a loaded patch makes: ``.diff``/``set`` tensors, or a plain LoRA's
+    ``up @ down`` (as ``comfy.weight_adapter.LoRAAdapter`` computes it); None for other adapter kinds."""
+    from comfy.weight_adapter.lora import LoRAAdapter
+
+    if isinstance(patch, tuple) and patch[0] in ("diff", "set"):
+        return tuple(patch[1][0].shape)
+    if isinstance(patch, LoRAAdapter) and patch.weights[3] is None and patch.weights[5] is None:
+        up, down = patch.weights[0], patch.weights[1]
+        if up.flatten(1).shape[1] != down.shape[0]:  # lora_up and lora_down ranks disagree: never fits
+            return (up.shape[0], -1)
+        return (up.shape[0], *down.shape[1:])
+    return None
+
+
+def check_fit(base, tensors: dict[str, torch.Tensor], patches: dict, key_map: dict, source: str) -> None:
+    """Refuse patches that would not merge: keys no model weight has, or shapes that differ from the weight's.
+
+    ComfyUI itself only logs "WEIGHT NOT MERGED" when it samples and carries on with the unpatched
+    weight, so a file made for another model would seem to load.
+    """
+    fix = "load it onto the base model it was trained on."
+    missing = sorted({_module_key(k) for k in tensors} - set(key_map))
+    if missing or not patches:
+        example = f" (the first: {missing[0]!r})" if missing else ""
+        raise ValueError(f"{source}: {len(missing) or len(tensors)} of its {len(tensors)} tensors match no weight "
+                         f"of this MODEL{example}: {fix}")
+    in_file = {_module_key(k) for k in tensors}
+    module_of = {(t if isinstance(t, str) else t[0]): m for m, t in key_map.items() if m in in_file}  # weight -> key
+    for target, patch in patches.items():
+        name, expected = _expected_shape(base, target)
+        key = _file_key(name, module_of, tensors)
+        shape = _patch_shape(patch)
+        if shape is None:
+            raise ValueError(f"{source}: {key!r} is a {getattr(patch, 'name', patch[0])} patch; UniTune files "
+                             "hold .diff deltas or lora_up/lora_down factors. Load other LoRA kinds with the stock "
+                             "LoraLoader.")
+        # ComfyUI reshapes up @ down to the weight, so a LoRA only has to match in size per output row.
+        fits = (shape == expected if isinstance(patch, tuple)
+                else shape[0] == expected[0] and math.prod(shape[1:]) == math.prod(expected[1:]))
+        if not fits:
+            raise ValueError(f"{source}: {key!r} changes a weight of shape {list(shape)}, but this MODEL's "
+                             f"{name} has shape {list(expected)}: {fix}")
+
+
+def _file_key(weight: str, module_of: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """The file key that patches model weight ``weight`` (for the error message)."""
+    if weight.endswith(".bias"):
+        return f"{module_of.get(weight[: -len('bias')] + 'weight', weight)}.diff_b"
+    module = module_of.get(weight, weight)
+    return next((module + s for s in (".diff", ".lora_up.weight", ".set_weight") if module + s in tensors), module)
+
+
+def apply_patches(base, tensors: dict[str, torch.Tensor], strength: float = 1.0, source: str = "UniTune patches"):
+    """A clone of ``base`` carrying the patches in ``tensors`` (ComfyUI LoRA key format), checked to fit first."""
     import comfy.lora
 
     key_map = comfy.lora.model_lora_keys_unet(base.model, {})
     patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
-    missing = sorted({_module_key(k) for k in tensors} - set(key_map))
-    if missing or not patches:
-        raise ValueError(f"{len(missing)} UniTune patches do not fit this MODEL (e.g. {missing[:3]}): "
-                         "load the file onto the base model it was trained on.")
+    check_fit(base, tensors, patches, key_map, source)
     tuned = base.clone()
     tuned.add_patches(patches, strength)
     return tuned
