@@ -6,7 +6,7 @@ PORT ?= 8188
 VENV_PY := $(CURDIR)/.venv/bin/python
 HARNESS := cd tests && $(VENV_PY)
 
-.PHONY: setup test test-unit test-node test-e2e test-reliability demo serve lint validate bench gpu-check clean
+.PHONY: setup test test-unit test-node test-e2e test-reliability test-browser demo serve lint validate bench gpu-check clean
 
 setup:
 	@$(PYTHON) tests/harness/setup_runtime.py
@@ -14,7 +14,7 @@ setup:
 test: setup
 	$(HARNESS) -m pytest
 
-test-unit test-node test-e2e test-reliability: setup
+test-unit test-node test-e2e test-reliability test-browser: setup
 	$(HARNESS) -m pytest -m $(subst test-,,$@)
 
 demo: setup

@@ -15,7 +15,7 @@ import pytest
 
 from harness import comfy_env
 
-TIERS = ("unit", "node", "e2e", "reliability")
+TIERS = ("unit", "node", "e2e", "reliability", "browser")
 # comfy_extras modules that fail to import without torchaudio (left out on purpose: its wheels
 # need another torch build). Any other "IMPORT FAILED" in the server log fails the e2e fixture.
 KNOWN_OPTIONAL_IMPORT_FAILURES = {"nodes_audio.py", "nodes_audio_encoder.py"}
