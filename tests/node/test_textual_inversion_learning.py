@@ -67,9 +67,13 @@ def test_learned_word_beats_init_text_and_a_random_token_on_held_out_draws(seed,
     assert losses["learned"] < 0.95 * losses["random token"], losses
 
 
-@pytest.mark.parametrize("dtype_name, compute", [("bf16", "auto"), ("fp16", "bf16")])
-def test_half_precision_tier(dtype_name, compute, tiny_checkpoints, pack, tmp_path, monkeypatch):
-    """UNet loaded in bf16/fp16 computing natively: vectors train in fp32, the base keeps its dtype and weights."""
+@pytest.mark.parametrize("family, dtype_name, compute, text", [
+    ("sd15", "bf16", "auto", "full-size"), ("sd15", "fp16", "bf16", "shallow"), ("sdxl", "bf16", "auto", "shallow")])
+def test_half_precision_tier(family, dtype_name, compute, text, tiny_checkpoints, pack, tmp_path, monkeypatch):
+    """UNet loaded in bf16/fp16 computing natively: vectors train in fp32, the base keeps its dtype and weights.
+
+    The first case loads through harness.precision.load_checkpoint, with the checkpoint's full-size CLIP-L.
+    """
     import comfy.model_management as mm
     import folder_paths
     import nodes
@@ -77,32 +81,40 @@ def test_half_precision_tier(dtype_name, compute, tiny_checkpoints, pack, tmp_pa
 
     from frozentune.nodes.textual_inversion_nodes import TextualInversionTrain
     from harness.hashing import weight_hash
+    from harness.precision import load_checkpoint
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "embeddings", ([str(tmp_path)], {".safetensors"}))
-    with native_compute():
-        import comfy.sd
+    if text == "full-size":
+        model, clip, vae = load_checkpoint(tiny_checkpoints[family], dtype)
+    else:
+        with native_compute():
+            import comfy.sd
 
-        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
-            str(tiny_checkpoints["sd15"]), embedding_directory=[str(tmp_path)], model_options={"dtype": dtype},
-            te_model_options=SHALLOW_TEXT)[:3]
+            model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+                str(tiny_checkpoints[family]), embedding_directory=[str(tmp_path)], model_options={"dtype": dtype},
+                te_model_options=SHALLOW_TEXT)[:3]
     assert model.model.manual_cast_dtype is None and model.model.get_dtype() == dtype
     mm.load_models_gpu([model])
     before = weight_hash(model.model.diffusion_model)
     word, _, path = TextualInversionTrain.execute(
-        model=model, clip=clip, vae=vae, image=subject_image(), name=f"half_{dtype_name}", init_text="object",
-        vectors=1, captions="object templates", steps=1, batch_size=2, learning_rate=5e-2, seed=0,
-        precision=compute).args
+        model=model, clip=clip, vae=vae, image=subject_image(), name=f"half_{family}_{dtype_name}",
+        init_text="object", vectors=1, captions="object templates", steps=1, batch_size=2, learning_rate=5e-2,
+        seed=0, precision=compute).args
     mm.load_models_gpu([model])
     assert weight_hash(model.model.diffusion_model) == before
     assert model.model.get_dtype() == dtype
     with safetensors.safe_open(path, "pt") as f:
-        vector, meta = f.get_tensor("emb_params"), f.metadata()
-    assert vector.dtype == torch.float32 and torch.isfinite(vector).all()
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    vectors = {"l": tensors.get("emb_params", tensors.get("clip_l")), "g": tensors.get("clip_g")}
     assert meta["textual_inversion.compute_dtype"] == {"auto": "float32", "bf16": "bfloat16"}[compute]
     assert math.isfinite(float(meta["textual_inversion.final_loss"]))
-    tokens = clip.tokenize("a photo of a " + word)["l"][0]
-    assert torch.equal(tokens[5][0], vector[0])
+    tokens = clip.tokenize("a photo of a " + word)
+    for short, vector in vectors.items():
+        if vector is None:
+            continue
+        assert vector.dtype == torch.float32 and torch.isfinite(vector).all()
+        assert torch.equal(tokens[short][0][5][0], vector[0])
     cond = nodes.CLIPTextEncode().encode(clip, "a photo of a " + word)[0]
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     out = nodes.common_ksampler(model, 1, 2, 2.0, "euler", "normal", cond, cond, latent)[0]["samples"]
