@@ -8,6 +8,7 @@ ComfyUI's own ``<clip>_model_config`` text-encoder option (same code, same token
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -175,11 +176,38 @@ def test_base_samples_identically_and_cancel_leaves_no_file(loaded, embeddings_d
 
 def test_taken_name_gets_a_counter_and_the_old_file_stays(loaded, embeddings_dir):
     model, clip, vae = loaded["sd15"]
+    import safetensors.torch
+
+    from frozentune.nodes.textual_inversion_nodes import TextualInversionTrain
+
     word, _, path = run_node(model, clip, vae, name="twice")
     old = open(path, "rb").read()
     word2, _, path2 = run_node(model, clip, vae, name="twice", seed=1)
-    assert (word, word2) == ("embedding:twice", "embedding:twice_00001")
-    assert open(path, "rb").read() == old and path2 != path
+    word3, _, path3 = run_node(model, clip, vae, name="twice")
+    assert (word, word2, word3) == ("embedding:twice", "embedding:twice_00001", "embedding:twice_00002")
+    assert open(path, "rb").read() == old and len({path, path2, path3}) == 3
+    first, other, again = (safetensors.torch.load_file(p)["emb_params"] for p in (path, path2, path3))
+    assert torch.equal(first, again) and not torch.equal(first, other)  # the seed decides the result
+
+    # ComfyUI re-runs the node on re-queue once a file it wrote is gone (its cache would return the old word).
+    widgets = dict(name="twice", init_text="object", vectors=2, captions="object templates", steps=1,
+                   batch_size=2, learning_rate=5e-2, seed=1, precision="auto")
+    kept = TextualInversionTrain.fingerprint_inputs(model=None, clip=None, vae=None, image=None, **widgets)
+    os.remove(path2)
+    assert TextualInversionTrain.fingerprint_inputs(model=None, clip=None, vae=None, image=None, **widgets) != kept
+
+
+@pytest.mark.parametrize("captions, first, count", [("object templates", "a photo of a embedding:w", 27),
+                                                     ("style templates", "a painting in the style of embedding:w", 17),
+                                                     ("token alone", "embedding:w", 1)])
+def test_captions_option_sets_the_training_captions(captions, first, count, loaded):
+    from frozentune.unitune import textual_inversion as ti
+
+    model, clip, _ = loaded["sd15"]
+    ti._load(model, clip)
+    with torch.inference_mode(False):
+        run = ti.TrainingRun(model, clip, vae_latent(), ti.TextualInversionSettings(captions=captions), "w")
+    assert (run.caption(0), len(run.templates)) == (first, count)
 
 
 def test_bad_inputs_are_refused_before_training(loaded, embeddings_dir):
