@@ -12,6 +12,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..unitune import edit, finetune, guidance
+from . import checks
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class PromptGuidanceGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, baseline, negative, cfg, pg, pg_start, pg_end, rescale) -> io.NodeOutput:
+        checks.finite(cfg=cfg, pg=pg, pg_start=pg_start, pg_end=pg_end, rescale=rescale)
         guider = guidance.PromptGuidanceGuider(model, cfg=cfg, pg=pg, pg_start=pg_start, pg_end=pg_end,
                                                rescale=rescale)
         guider.set_conds(positive, negative, baseline)
@@ -123,6 +125,7 @@ class UniTuneEdit(io.ComfyNode):
     @classmethod
     def execute(cls, model, image, vae, clip, token, edit_prompt, negative, steps, cfg, pg, sampler_name, scheduler,
                 seed, batch, start, blend, blend_unchanged, mask=None) -> io.NodeOutput:
+        checks.finite(cfg=cfg, pg=pg, start=start, blend=blend, blend_unchanged=blend_unchanged)
         if vae is None or getattr(vae, "first_stage_model", None) is None:
             raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")
         if clip is None:
@@ -133,10 +136,11 @@ class UniTuneEdit(io.ComfyNode):
             raise ValueError(f"UniTune Edit edits one image, got a batch of {image.shape[0]}: pick one (e.g. with "
                              "ImageFromBatch) and use `batch` for variations.")
         edit.check_start(start)
+        edit.check_blend(blend, blend_unchanged)
         guidance.check_scales(cfg, pg, 0.0, 1.0, 0.0)
         original = finetune.prepare_images([image[0]])
         height, width = original.shape[1:3]
-        mask = edit.fit_mask(mask, height, width)
+        mask = edit.fit_mask(mask, height, width, batch)
         latent = vae.encode(original)
         if start == 0.0:
             log.info("UniTune Edit: start = 0, returning the original")

@@ -37,14 +37,27 @@ def late_start(sigmas: torch.Tensor, start: float) -> torch.Tensor:
     return sigmas[skip:]
 
 
-def fit_mask(mask: torch.Tensor | None, height: int, width: int) -> torch.Tensor | None:
-    """A mask ``[B, H, W]`` at the image size; a mask of another size is resized with a logged note."""
+def check_blend(blend: float, blend_unchanged: float) -> None:
+    for name, value in (("blend", blend), ("blend_unchanged", blend_unchanged)):
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"{name}={value} must be between 0 and 1.")
+
+
+def fit_mask(mask: torch.Tensor | None, height: int, width: int, batch: int | None = None) -> torch.Tensor | None:
+    """A mask ``[B, H, W]`` at the image size; a mask of another size is resized with a logged note.
+
+    With ``batch`` (the number of variations), the mask batch must be 1 (one mask for all) or ``batch``
+    (one each): anything else would only fail deep inside the sampler.
+    """
     if mask is None:
         return None
     if mask.ndim == 2:
         mask = mask[None]
     if mask.ndim != 3:
         raise ValueError(f"mask has shape {tuple(mask.shape)}: expected [H, W] or [B, H, W] (a ComfyUI MASK).")
+    if batch is not None and mask.shape[0] not in (1, batch):
+        raise ValueError(f"mask is a batch of {mask.shape[0]} masks but batch is {batch}: give 1 mask (used for "
+                         f"every variation) or {batch} (one per variation).")
     if tuple(mask.shape[-2:]) != (height, width):
         log.info("UniTune Edit: mask is %dx%d, image is %dx%d; resizing the mask to the image",
                  mask.shape[-1], mask.shape[-2], width, height)
@@ -78,9 +91,7 @@ def blend_back(edited: torch.Tensor, original: torch.Tensor, blend: float, blend
     additionally restores the original where the edit did not change the image (difference-driven soft
     mask). With ``mask`` ``[B, H, W]`` (1 = edit), pixels where it is 0 are the original exactly.
     """
-    for name, value in (("blend", blend), ("blend_unchanged", blend_unchanged)):
-        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-            raise ValueError(f"{name}={value} must be between 0 and 1.")
+    check_blend(blend, blend_unchanged)
     original = original.to(edited)
     if original.shape[0] != edited.shape[0]:
         original = original.expand(edited.shape[0], *original.shape[1:])

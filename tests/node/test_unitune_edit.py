@@ -7,6 +7,7 @@ natively) and fp8 (storage), with the fp32 CLIP and VAE; the stock graph in the 
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -127,3 +128,36 @@ def test_bad_inputs_are_named(sd15, photo, overrides, message):
 def test_one_image_only(sd15, photo):
     with pytest.raises(ValueError, match="batch of 2"):
         run_edit(sd15, photo.repeat(2, 1, 1, 1), steps=1)
+
+
+def _no_work(*args, **kwargs):
+    pytest.fail("UniTune Edit started work (encoding or sampling) before checking its inputs")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (dict(blend=2.0), r"blend=2.0 must be between 0 and 1"),
+    (dict(blend_unchanged=-0.5), r"blend_unchanged=-0.5 must be between 0 and 1"),
+    (dict(blend=math.nan), r"blend is nan: give a finite number"),
+    (dict(blend_unchanged=math.inf), r"blend_unchanged is inf: give a finite number"),
+    (dict(cfg=math.nan), r"cfg is nan: give a finite number"),
+    (dict(pg=-math.inf), r"pg is -inf: give a finite number"),
+    (dict(start=math.nan), r"start is nan: give a finite number"),
+    (dict(mask=torch.ones(2, 64, 64), batch=3), r"mask is a batch of 2 masks but batch is 3: give 1 mask \(used "
+                                                r"for every variation\) or 3 \(one per variation\)"),
+])
+def test_bad_numbers_and_mask_batches_are_refused_before_any_work(sd15, photo, monkeypatch, overrides, message):
+    from frozentune.unitune import guidance
+
+    monkeypatch.setattr(sd15[2], "encode", _no_work)
+    monkeypatch.setattr(guidance.PromptGuidanceGuider, "sample", _no_work)
+    with pytest.raises(ValueError, match=message):
+        run_edit(sd15, photo, steps=1, **overrides)
+
+
+def test_one_mask_per_variation(sd15, photo):
+    masks = torch.zeros(2, 64, 64)
+    masks[0, :32] = 1.0  # top half edited in the first variation
+    masks[1, 32:] = 1.0  # bottom half in the second
+    image, _ = run_edit(sd15, photo, mask=masks, batch=2, steps=2)
+    assert torch.equal(image[0, 32:], photo[0, 32:]) and torch.equal(image[1, :32], photo[0, :32])
+    assert not torch.equal(image[0, :32], photo[0, :32]) and not torch.equal(image[1, 32:], photo[0, 32:])
