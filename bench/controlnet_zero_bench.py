@@ -240,8 +240,8 @@ def child_ours_disk(args, folder: Path) -> dict:
                                                   output_clip=False)[0]
     shards = folder / "ours"
     ids = safetensors.torch.load_file(str(shards / "caption_ids.safetensors"))["caption_ids"]
-    data = cache.TrainingData(cache.Rows(files=[shards / "images.rank0.safetensors"]),
-                              cache.Rows(files=[shards / "texts.rank0.safetensors"]), ids, args.res)
+    data = cache.TrainingData(cache.Rows(files=cache.shard_files(shards, "images")),
+                              cache.Rows(files=cache.shard_files(shards, "texts")), ids, args.res)
     return _ours_train(args, model, data)
 
 
