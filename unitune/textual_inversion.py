@@ -317,10 +317,10 @@ class TrainingRun:
 
 
 def _load(model, clip) -> None:
+    """Load the UNet and the text encoder(s) together, so loading one never offloads the other under the twins."""
     import comfy.model_management as mm
 
-    mm.load_models_gpu([model], force_patch_weights=True)
-    mm.load_models_gpu([clip.patcher], force_full_load=True, force_patch_weights=True)
+    mm.load_models_gpu([model, clip.patcher], force_patch_weights=True)
 
 
 def train(model, clip, latents: torch.Tensor, settings: TextualInversionSettings, name: str = "concept",
