@@ -50,7 +50,8 @@ def fingerprint(unet: torch.nn.Module) -> str:
     sample = []
     for _, t in big[::stride][:SAMPLE_TENSORS]:
         flat = t.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, SAMPLE_VALUES).long().to(flat.device)
+        # fp32 positions (as files were fingerprinted); past 2**24 elements they can round up to numel
+        idx = torch.linspace(0, flat.numel() - 1, SAMPLE_VALUES).long().clamp_(max=flat.numel() - 1).to(flat.device)
         sample.append(flat[idx].to("cpu", torch.float32))
     values = base64.b64encode(torch.cat(sample).numpy().tobytes()).decode("ascii")
     return f"{FINGERPRINT_PREFIX}{h.hexdigest()[:32]}:{values}"
