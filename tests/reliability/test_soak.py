@@ -30,7 +30,7 @@ def _job(k: int) -> tuple[str, dict]:
         return "cancel", graphs.unitune_fine_tune(steps=400, seed=k).prompt()
     kind = ("infer", "unitune", "infer", "controlnet")[k % 4]
     if kind == "infer":
-        return kind, graphs.stock_text_to_image(seed=1000 + k, text=f"soak job {k}").prompt()
+        return kind, graphs.stock_text_to_image(seed=1000 + k, text="soak").prompt()  # one text: encoded once
     if kind == "unitune":
         return kind, graphs.unitune_save(filename=f"unitune/soak_{k}", seed=k).prompt()
     return kind, graphs.controlnet_zero_save(filename=f"controlnet_zero/soak_{k}", seed=k).prompt()
@@ -38,7 +38,7 @@ def _job(k: int) -> tuple[str, dict]:
 
 def _first_job() -> dict:
     """Job 0 uses every kind at once, so every model and buffer the soak needs is in memory after it."""
-    return graphs.merge(graphs.stock_text_to_image(seed=999, text="soak job 0"),
+    return graphs.merge(graphs.stock_text_to_image(seed=999, text="soak"),
                         graphs.unitune_save(filename="unitune/soak_0", seed=0),
                         graphs.controlnet_zero_save(filename="controlnet_zero/soak_0", seed=0))
 
