@@ -9,6 +9,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..instantstyle import adapter_file, apply, blocks
+from . import checks
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class InstantStyleApply(io.ComfyNode):
     def execute(cls, model, ipadapter, clip_vision, image, weight, preset, custom_blocks, combine_images,
                 content_text, subtract, start_at, end_at, clip=None, negative_image=None,
                 attn_mask=None) -> io.NodeOutput:
+        checks.finite(weight=weight, subtract=subtract, start_at=start_at, end_at=end_at)
         settings = apply.StyleSettings(weight=weight, preset=preset, custom_blocks=custom_blocks,
                                        combine=combine_images, subtract=subtract, start=start_at, end=end_at)
         chosen = apply.select_layers(model, ipadapter, settings)

@@ -12,6 +12,7 @@ the UNet's dtype), so only the UNet is loaded again.
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -356,3 +357,27 @@ def test_plus_adapter_negative_image_concat_mask_and_window(models, stand_ins, s
     ms = model.get_model_object("model_sampling")
     assert (p.sigma_start, p.sigma_end) == (float(ms.percent_to_sigma(0.2)), float(ms.percent_to_sigma(0.9)))
     assert torch.isfinite(sample(patched, clip)).all()
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("name", ["weight", "subtract", "start_at", "end_at"])
+def test_non_finite_numbers_are_refused_before_any_work(models, stand_ins, style_image, monkeypatch, name, value):
+    """NaN passes ComfyUI's min/max check; with content_text set, subtract = NaN used to give black images."""
+    xl, xl_clip, _ = models["sdxl_blocks"]
+    cv = stand_ins["clip_vision"]
+    monkeypatch.setattr(cv, "encode_image", lambda *a, **k: pytest.fail("encoded the image before the checks"))
+    with pytest.raises(ValueError, match=rf"{name} is {value!r}: give a finite number"):
+        style(xl, stand_ins["xl"], cv, style_image, content_text="a cat", clip=xl_clip, **{name: value})
+
+
+def test_loader_node_names_a_bad_file(tmp_path, monkeypatch):
+    import folder_paths
+
+    from frozentune.nodes.instantstyle_nodes import FOLDER, IPAdapterLoader
+    from harness import tiny_ipadapter
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, FOLDER, ([str(tmp_path)], {".safetensors", ".bin"}))
+    good = tiny_ipadapter.ipadapter_path("sdxl_blocks").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=r"cut\.safetensors could not be read as a safetensors file .*truncated"):
+        IPAdapterLoader.execute("cut.safetensors")
