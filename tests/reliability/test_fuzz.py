@@ -27,6 +27,13 @@ BAD_STRINGS = {"empty": "", "dot": ".", "dotdot": "../x", "abs": "/abs", "long":
 TEXT = {"token", "class_word", "edit_prompt", "negative", "content_text", "captions", "init_text"}
 # Numeric inputs whose out-of-range values the node documents as clamped instead of refused: none so far.
 CLAMPED: dict[tuple[str, str], str] = {}
+# Cases that still fail, waiting for a fix: (node, "input=label") -> the missing fix. Strict: such a case that
+# passes fails the test until it is removed from here; any other bad answer fails it at once.
+KNOWN: dict[tuple[str, str], str] = {
+    ("FrozenTuneControlNetZeroTrain", "dataset_folder=long"):
+        "a 300-character dataset_folder gets the raw OSError '[Errno 36] File name too long' from Path.is_dir in "
+        "controlnet_zero.dataset.scan_folder: refuse over-long names in training.user_paths.resolve or catch OSError",
+}
 # Inputs fuzzed on another base graph than the node's default one.
 BASE_FOR_INPUT = {
     # the folder is only read when no image inputs are connected
@@ -172,4 +179,11 @@ def test_fuzz_node_inputs(hostile_server, frozentune_info, unitune_file, node):
     for where, values, kinds in plan(node, frozentune_info[node]):
         checked.run_case(where, values, kinds)
     log.warning("fuzz %s: %s in %.1f s", node, checked.counts, time.monotonic() - started)
-    assert not checked.problems, f"{node}: {len(checked.problems)} bad answer(s):\n" + "\n".join(checked.problems)
+    known = {where for n, where in KNOWN if n == node}
+    new = [p for p in checked.problems if p.split(": ", 1)[0] not in known]
+    assert not new, f"{node}: {len(new)} bad answer(s):\n" + "\n".join(new)
+    still = sorted({p.split(": ", 1)[0] for p in checked.problems} & known)
+    fixed = sorted(known - set(still))
+    assert not fixed, f"{node}: {fixed} now pass: remove them from KNOWN"
+    if still:
+        pytest.xfail("; ".join(KNOWN[(node, where)] for where in still))
