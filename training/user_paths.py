@@ -18,6 +18,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ENV = "FROZENTUNE_DATA_DIRS"
+NAME_MAX = 255  # bytes per file or folder name on Linux, macOS and Windows file systems
 
 
 def roots(input_dir: Path) -> list[Path]:
@@ -46,6 +47,9 @@ def resolve(value: str, *, input_name: str, roots: Sequence[Path], base: Path | 
     text = str(value).strip()
     if not text or "\x00" in text or text.startswith("~"):
         raise refusal
+    if any(len(part.encode("utf-8", "surrogatepass")) > NAME_MAX for part in text.replace("\\", "/").split("/")):
+        raise ValueError(f"{input_name} {value!r} is refused: a file or folder name in it is longer than "
+                         f"{NAME_MAX} bytes, which no file system allows. Give the dataset a shorter name.")
     start = str(base if base is not None else roots[0])
     lexical = os.path.normpath(text if os.path.isabs(text) else os.path.join(start, text))
     root_texts = [os.path.normpath(str(r)) for r in roots]

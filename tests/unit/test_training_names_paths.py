@@ -91,6 +91,13 @@ def test_resolve_refuses_outside_and_tells_nothing(input_dir, value):
     assert "FROZENTUNE_DATA_DIRS" in message
 
 
+def test_resolve_refuses_a_name_no_file_system_allows(input_dir):
+    # before: Path.is_dir raised the raw "[Errno 36] File name too long" for such a dataset_folder
+    with pytest.raises(ValueError, match="longer than 255 bytes"):
+        user_paths.resolve("n" * 300, input_name="dataset_folder", roots=user_paths.roots(input_dir))
+    assert user_paths.resolve("n" * 255, input_name="dataset_folder", roots=user_paths.roots(input_dir))
+
+
 def test_resolve_refuses_a_link_out(input_dir, tmp_path):
     (tmp_path / "secret").mkdir()
     os.symlink(tmp_path / "secret", input_dir / "link")
