@@ -1,7 +1,7 @@
 """Textual Inversion Train on the tiny models: the stock prompt path reads the file, frozen is frozen, bad input.
 
 The tiny checkpoints carry full-size random CLIP text encoders; a CPU step through a 12-layer CLIP-L (and
-32-layer CLIP-G) takes many seconds here, so these tests load them with 3 transformer layers through
+32-layer CLIP-G) takes many seconds here, so these tests load them with 2 (SD1.5) or 3 (SDXL) transformer layers through
 ComfyUI's own ``<clip>_model_config`` text-encoder option (same code, same token table, fewer layers).
 """
 
@@ -13,9 +13,12 @@ import os
 import pytest
 import torch
 
+from harness.hashing import weight_hash
 from harness.images import subject_image
 
+# SD1.5 reads CLIP-L's last layer; SDXL reads the penultimate (layer -2), which ComfyUI allows from 3 layers on.
 SHALLOW_TEXT = {"clip_l_model_config": {"num_hidden_layers": 3}, "clip_g_model_config": {"num_hidden_layers": 3}}
+SHALLOW_SD15 = {"clip_l_model_config": {"num_hidden_layers": 2}}
 log = logging.getLogger(__name__)
 
 
@@ -30,39 +33,29 @@ def embeddings_dir(tmp_path_factory, comfy_root):
     folder_paths.folder_names_and_paths["embeddings"] = saved
 
 
-def load_shallow(path, embeddings_dir, dtype=None):
+def load_shallow(path, embeddings_dir, family, dtype=None):
     import comfy.sd
 
     options = {"dtype": dtype} if dtype is not None else {}
     return comfy.sd.load_checkpoint_guess_config(str(path), embedding_directory=[str(embeddings_dir)],
-                                                 model_options=options, te_model_options=SHALLOW_TEXT)[:3]
+                                                 model_options=options,
+                                                 te_model_options=SHALLOW_SD15 if family == "sd15" else SHALLOW_TEXT)[:3]
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoints, pack, embeddings_dir):
-    return {f: load_shallow(tiny_checkpoints[f], embeddings_dir) for f in ("sd15", "sdxl")}
+    return {f: load_shallow(tiny_checkpoints[f], embeddings_dir, f) for f in ("sd15", "sdxl")}
 
 
 def run_node(model, clip, vae, image=None, **overrides):
     from frozentune.nodes.textual_inversion_nodes import TextualInversionTrain
 
-    args = dict(name="tiword", init_text="object", vectors=2, captions="object templates", steps=1, batch_size=2,
+    args = dict(name="tiword", init_text="object", vectors=2, captions="object templates", steps=1, batch_size=1,
                 learning_rate=5e-2, seed=0)
     args.update(overrides)
     out = TextualInversionTrain.execute(model=model, clip=clip, vae=vae,
-                                        image=subject_image() if image is None else image, **args)
+                                        image=subject_image(32) if image is None else image, **args)
     return out.args
-
-
-def weight_hash(module: torch.nn.Module) -> str:
-    """harness.hashing.weight_hash, also for 0-d tensors (the text encoders' logit_scale)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def hashes(model, clip) -> dict[str, str]:
@@ -94,8 +87,27 @@ def vae_latent():
     return torch.zeros(1, 4, 8, 8)
 
 
+@pytest.fixture(scope="module")
+def trained(loaded, embeddings_dir):
+    """One node run per family, shared: the stock-prompt checks and the taken-name check read the same file.
+
+    Returns ``(hashes before, hashes after, node outputs)``.
+    """
+    runs = {}
+
+    def get(family: str):
+        if family not in runs:
+            model, clip, vae = loaded[family]
+            before = hashes(model, clip)
+            out = run_node(model, clip, vae, name=f"ti_{family}")
+            runs[family] = before, hashes(model, clip), out
+        return runs[family]
+
+    return get
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_stock_prompt_reads_the_trained_vectors(family, loaded, embeddings_dir):
+def test_stock_prompt_reads_the_trained_vectors(family, loaded, trained):
     import nodes
     import safetensors
 
@@ -103,10 +115,9 @@ def test_stock_prompt_reads_the_trained_vectors(family, loaded, embeddings_dir):
     from frozentune.unitune import textual_inversion as ti
 
     model, clip, vae = loaded[family]
-    before = hashes(model, clip)
-    word, curve, path = run_node(model, clip, vae, name=f"ti_{family}")
+    before, after, (word, curve, path) = trained(family)
     assert word == f"embedding:ti_{family}" and curve.shape[-1] == 3
-    assert hashes(model, clip) == before  # UNet, text encoders and their vocabulary tables unchanged
+    assert after == before  # UNet, text encoders and their vocabulary tables unchanged
 
     keys = {"sd15": {"emb_params"}, "sdxl": {"clip_l", "clip_g"}}[family]
     with safetensors.safe_open(path, "pt") as f:
@@ -157,10 +168,10 @@ def test_base_samples_identically_and_cancel_leaves_no_file(loaded, embeddings_d
 
     model, clip, vae = loaded["sd15"]
     pos = nodes.CLIPTextEncode().encode(clip, "a photo")[0]
-    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    latent = {"samples": torch.zeros(1, 4, 4, 4)}
 
     def sample():
-        return nodes.common_ksampler(model, 3, 3, 2.0, "euler", "normal", pos, pos, latent)[0]["samples"]
+        return nodes.common_ksampler(model, 3, 2, 2.0, "euler", "normal", pos, pos, latent)[0]["samples"]
 
     first = sample()
     before = hashes(model, clip)
@@ -174,24 +185,24 @@ def test_base_samples_identically_and_cancel_leaves_no_file(loaded, embeddings_d
     assert torch.equal(sample(), first)
 
 
-def test_taken_name_gets_a_counter_and_the_old_file_stays(loaded, embeddings_dir):
+def test_taken_name_gets_a_counter_and_the_old_file_stays(loaded, trained):
     model, clip, vae = loaded["sd15"]
     import safetensors.torch
 
     from frozentune.nodes.textual_inversion_nodes import TextualInversionTrain
 
-    word, _, path = run_node(model, clip, vae, name="twice")
+    word, _, path = trained("sd15")[2]  # name ti_sd15, seed 0
     old = open(path, "rb").read()
-    word2, _, path2 = run_node(model, clip, vae, name="twice", seed=1)
-    word3, _, path3 = run_node(model, clip, vae, name="twice")
-    assert (word, word2, word3) == ("embedding:twice", "embedding:twice_00001", "embedding:twice_00002")
+    word2, _, path2 = run_node(model, clip, vae, name="ti_sd15", seed=1)
+    word3, _, path3 = run_node(model, clip, vae, name="ti_sd15")
+    assert (word, word2, word3) == ("embedding:ti_sd15", "embedding:ti_sd15_00001", "embedding:ti_sd15_00002")
     assert open(path, "rb").read() == old and len({path, path2, path3}) == 3
     first, other, again = (safetensors.torch.load_file(p)["emb_params"] for p in (path, path2, path3))
     assert torch.equal(first, again) and not torch.equal(first, other)  # the seed decides the result
 
     # ComfyUI re-runs the node on re-queue once a file it wrote is gone (its cache would return the old word).
-    widgets = dict(name="twice", init_text="object", vectors=2, captions="object templates", steps=1,
-                   batch_size=2, learning_rate=5e-2, seed=1, precision="auto")
+    widgets = dict(name="ti_sd15", init_text="object", vectors=2, captions="object templates", steps=1,
+                   batch_size=1, learning_rate=5e-2, seed=1, precision="auto")
     kept = TextualInversionTrain.fingerprint_inputs(model=None, clip=None, vae=None, image=None, **widgets)
     os.remove(path2)
     assert TextualInversionTrain.fingerprint_inputs(model=None, clip=None, vae=None, image=None, **widgets) != kept
