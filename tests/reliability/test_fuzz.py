@@ -1,8 +1,8 @@
 """Fuzz every FrozenTune node through the HTTP API: bad numbers and bad strings get a clear error.
 
 For each node the server lists (``GET /object_info``, ids starting "FrozenTune"), every numeric input is
-set to NaN, +inf, -inf, min-1 and max+1, and every string input to "", ".", "../x", "/abs", a 300-character
-name and a NUL byte, one at a time, on a small valid base graph (``harness.graphs``: 64 px, one training
+set to NaN, +inf, -inf, min-1 and max+1, every string input to "", ".", "../x", "/abs", a 300-character
+name and a NUL byte, and every choice input to an unknown value, one at a time, on a small valid base graph (``harness.graphs``: 64 px, one training
 step). Each case must end in a validation error at POST /prompt or an execution error that names the
 input (free-text prompts may also succeed: any text is a prompt), the server must answer afterwards, and
 nothing may be written outside the folders a job writes (the base directory is listed before and after).
@@ -29,10 +29,12 @@ TEXT = {"token", "class_word", "edit_prompt", "negative", "content_text", "capti
 CLAMPED: dict[tuple[str, str], str] = {}
 # Cases that still fail, waiting for a fix: (node, "input=label") -> the missing fix. Strict: such a case that
 # passes fails the test until it is removed from here; any other bad answer fails it at once.
+# (dataset_folder=long, a raw 'File name too long' OSError, was fixed by 49cdb88 in training.user_paths.)
 KNOWN: dict[tuple[str, str], str] = {
-    ("FrozenTuneControlNetZeroTrain", "dataset_folder=long"):
-        "a 300-character dataset_folder gets the raw OSError '[Errno 36] File name too long' from Path.is_dir in "
-        "controlnet_zero.dataset.scan_folder: refuse over-long names in training.user_paths.resolve or catch OSError",
+    ("FrozenTuneUniTuneEdit", "sampler_name=unknown"):
+        "UniTune Edit passes an unknown sampler_name to comfy.samplers.sampler_object: raw AttributeError "
+        "\"module 'comfy.k_diffusion.sampling' has no attribute 'sample_...'\"; check it against SAMPLER_NAMES "
+        "(ComfyUI 0.3.75 does not check V3 combo values at POST /prompt)",
 }
 # Inputs fuzzed on another base graph than the node's default one.
 BASE_FOR_INPUT = {
@@ -70,6 +72,12 @@ def cases_for(info: dict) -> list[tuple[str, str, str, object]]:
             elif kind == "STRING":
                 cases += [(name, kind, label, v) for label, v in BAD_STRINGS.items()]
     return cases
+
+
+def combo_cases(info: dict) -> list[tuple[str, str, str, object]]:
+    """An unknown value for every choice input: ComfyUI 0.3.75 does not check V3 combos ("COMBO") at POST."""
+    return [(name, "COMBO", "unknown", "no_such_choice") for group in ("required", "optional")
+            for name, spec in info["input"].get(group, {}).items() if spec[0] == "COMBO"]
 
 
 def names_input(outcome: hostile.Outcome, name: str, value: object) -> bool:
@@ -129,6 +137,20 @@ def plan(node: str, info: dict) -> list[tuple[str, dict[str, object], list[tuple
     return prompts
 
 
+def _verdict(node: str, problems: list[str], prefix: str) -> None:
+    """Fail on any bad answer not in KNOWN; a KNOWN case of this test that passed fails too (strict xfail)."""
+    known = {where for n, where in KNOWN if n == node and where.endswith(prefix)}
+    if not prefix:
+        known = {where for where in known if not where.endswith("=unknown")}
+    new = [p for p in problems if p.split(": ", 1)[0] not in known]
+    assert not new, f"{node}: {len(new)} bad answer(s):\n" + "\n".join(new)
+    still = sorted({p.split(": ", 1)[0] for p in problems} & known)
+    fixed = sorted(known - set(still))
+    assert not fixed, f"{node}: {fixed} now pass: remove them from KNOWN"
+    if still:
+        pytest.xfail("; ".join(KNOWN[(node, where)] for where in still))
+
+
 class Checked:
     """Runs fuzz prompts against one server and collects what is wrong with the answers."""
 
@@ -179,11 +201,18 @@ def test_fuzz_node_inputs(hostile_server, frozentune_info, unitune_file, node):
     for where, values, kinds in plan(node, frozentune_info[node]):
         checked.run_case(where, values, kinds)
     log.warning("fuzz %s: %s in %.1f s", node, checked.counts, time.monotonic() - started)
-    known = {where for n, where in KNOWN if n == node}
-    new = [p for p in checked.problems if p.split(": ", 1)[0] not in known]
-    assert not new, f"{node}: {len(new)} bad answer(s):\n" + "\n".join(new)
-    still = sorted({p.split(": ", 1)[0] for p in checked.problems} & known)
-    fixed = sorted(known - set(still))
-    assert not fixed, f"{node}: {fixed} now pass: remove them from KNOWN"
-    if still:
-        pytest.xfail("; ".join(KNOWN[(node, where)] for where in still))
+    _verdict(node, checked.problems, prefix="")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("node", NODE_ORDER)
+def test_fuzz_unknown_choices(hostile_server, frozentune_info, unitune_file, node):
+    """Every combo input set to a value that is not one of its options: refused, naming the input."""
+    srv = hostile_server
+    if node not in frozentune_info:
+        pytest.skip(f"{node} is not in this server's /object_info")
+    checked = Checked(srv, node, unitune_file)
+    for name, kind, label, value in combo_cases(frozentune_info[node]):
+        checked.run_case(f"{name}={label}", {name: value}, [(name, kind)])
+    log.warning("fuzz choices %s: %s", node, checked.counts)
+    _verdict(node, checked.problems, prefix="=unknown")
