@@ -48,6 +48,7 @@ TINY_RUN_OVERRIDES: dict[str, dict[str, object]] = {
     "EmptyLatentImage": {"width": 64, "height": 64},
     "FrozenTuneUniTuneFineTune": {"steps": 16, "batch_size": 2},
     "FrozenTuneControlNetZeroTrain": {"steps": 2, "batch_size": 2, "resolution": 64},
+    "FrozenTuneTextualInversionTrain": {"steps": 2, "batch_size": 1},
     "KSampler": {"steps": 6},
     "BasicScheduler": {"steps": 6},
     "FrozenTuneUniTuneEdit": {"steps": 6},
