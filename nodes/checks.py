@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 
 def finite(**values: float | None) -> None:
@@ -13,3 +14,10 @@ def finite(**values: float | None) -> None:
         if not math.isfinite(float(value)):
             raise ValueError(f"{name} is {value!r}: give a finite number (NaN and infinity would make every "
                              "result black or break training).")
+
+
+def choice(name: str, value: str, options: Sequence[str]) -> None:
+    """Refuse a value outside a dropdown's list: ComfyUI 0.3.75 does not check V3 combo values when queued."""
+    if value not in options:
+        shown = ", ".join(map(repr, list(options)[:12])) + (", ..." if len(options) > 12 else "")
+        raise ValueError(f"{name} {value!r} is not one of its choices ({shown}): pick one from the list.")

@@ -126,6 +126,8 @@ class UniTuneEdit(io.ComfyNode):
     def execute(cls, model, image, vae, clip, token, edit_prompt, negative, steps, cfg, pg, sampler_name, scheduler,
                 seed, batch, start, blend, blend_unchanged, mask=None) -> io.NodeOutput:
         checks.finite(cfg=cfg, pg=pg, start=start, blend=blend, blend_unchanged=blend_unchanged)
+        checks.choice("sampler_name", sampler_name, comfy.samplers.SAMPLER_NAMES)
+        checks.choice("scheduler", scheduler, comfy.samplers.SCHEDULER_NAMES)
         if vae is None or getattr(vae, "first_stage_model", None) is None:
             raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")
         if clip is None:

@@ -142,6 +142,9 @@ def _no_work(*args, **kwargs):
     (dict(cfg=math.nan), r"cfg is nan: give a finite number"),
     (dict(pg=-math.inf), r"pg is -inf: give a finite number"),
     (dict(start=math.nan), r"start is nan: give a finite number"),
+    # ComfyUI 0.3.75 does not check V3 combo values at POST /prompt; before: a raw AttributeError from sampling
+    (dict(sampler_name="no_such_sampler"), r"sampler_name 'no_such_sampler' is not one of its choices \('euler'"),
+    (dict(scheduler="no_such_schedule"), r"scheduler 'no_such_schedule' is not one of its choices"),
     (dict(mask=torch.ones(2, 64, 64), batch=3), r"mask is a batch of 2 masks but batch is 3: give 1 mask \(used "
                                                 r"for every variation\) or 3 \(one per variation\)"),
 ])

@@ -29,13 +29,9 @@ TEXT = {"token", "class_word", "edit_prompt", "negative", "content_text", "capti
 CLAMPED: dict[tuple[str, str], str] = {}
 # Cases that still fail, waiting for a fix: (node, "input=label") -> the missing fix. Strict: such a case that
 # passes fails the test until it is removed from here; any other bad answer fails it at once.
-# (dataset_folder=long, a raw 'File name too long' OSError, was fixed by 49cdb88 in training.user_paths.)
-KNOWN: dict[tuple[str, str], str] = {
-    ("FrozenTuneUniTuneEdit", "sampler_name=unknown"):
-        "UniTune Edit passes an unknown sampler_name to comfy.samplers.sampler_object: raw AttributeError "
-        "\"module 'comfy.k_diffusion.sampling' has no attribute 'sample_...'\"; check it against SAMPLER_NAMES "
-        "(ComfyUI 0.3.75 does not check V3 combo values at POST /prompt)",
-}
+# (dataset_folder=long, a raw 'File name too long' OSError, was fixed by 49cdb88 in training.user_paths;
+# UniTune Edit sampler_name=unknown, a raw AttributeError, by nodes.checks.choice.)
+KNOWN: dict[tuple[str, str], str] = {}
 # Inputs fuzzed on another base graph than the node's default one.
 BASE_FOR_INPUT = {
     # the folder is only read when no image inputs are connected
