@@ -6,16 +6,28 @@ PORT ?= 8188
 VENV_PY := $(CURDIR)/.venv/bin/python
 HARNESS := cd tests && $(VENV_PY)
 
-.PHONY: setup test test-unit test-node test-e2e test-reliability test-browser demo serve lint validate bench gpu-check clean
+.PHONY: setup test test-all test-long test-unit test-node test-e2e test-reliability test-browser demo serve lint validate bench gpu-check clean
 
 setup:
 	@$(PYTHON) tests/harness/setup_runtime.py
 
+# `make test` (and CI) leaves out the `long` tests (reliability fuzz and soak, ~30 min on 2 cores);
+# `make test-long` runs only those, `make test-reliability` the whole reliability group, `make test-all` everything.
 test: setup
+	$(HARNESS) -m pytest -m "not long"
+
+test-all: setup
 	$(HARNESS) -m pytest
 
-test-unit test-node test-e2e test-reliability test-browser: setup
+test-long: setup
+	$(HARNESS) -m pytest -m long
+
+test-unit test-node test-e2e test-browser: setup
 	$(HARNESS) -m pytest -m $(subst test-,,$@)
+
+# the whole reliability group, its fuzz and soak included
+test-reliability: setup
+	$(HARNESS) -m pytest -m reliability
 
 demo: setup
 	$(HARNESS) -m harness.demo

@@ -184,7 +184,7 @@ class Checked:
         self.srv.get("/system_stats", timeout=10)  # still answers
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("node", NODE_ORDER)
 def test_fuzz_node_inputs(hostile_server, frozentune_info, unitune_file, node):
     srv = hostile_server
@@ -200,7 +200,7 @@ def test_fuzz_node_inputs(hostile_server, frozentune_info, unitune_file, node):
     _verdict(node, checked.problems, prefix="")
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("node", NODE_ORDER)
 def test_fuzz_unknown_choices(hostile_server, frozentune_info, unitune_file, node):
     """Every combo input set to a value that is not one of its options: refused, naming the input."""

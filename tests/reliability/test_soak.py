@@ -53,7 +53,7 @@ def _stock_pixels(srv) -> bytes:
         return img.convert("RGB").tobytes()
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_sixty_mixed_jobs_with_five_cancels_leave_the_base_and_memory_as_they_were(hostile_server, fresh_server):
     srv = hostile_server
     started = time.monotonic()
