@@ -28,9 +28,7 @@ def chromium():
 
 
 def _page(chromium, server):
-    # A first visit opens the Templates dialog over the canvas (the frontend's new-user tour); the tests open
-    # the menus they need themselves, as a returning user does.
-    server.post("/settings/Comfy.TutorialCompleted", True)
+    browser_harness.preset_settings(server)
     context = chromium.new_context(viewport=browser_harness.VIEWPORT)
     page = browser_harness.ComfyPage(context, server.url).open()
     return context, page

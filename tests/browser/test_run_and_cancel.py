@@ -51,7 +51,7 @@ def test_run_button_queues_the_workflow_and_its_image_shows(comfy_page, comfy_se
                    .filter(i => i.type === 'output').map(i => i.filename))""")
     assert sorted(received) == saved, received
     # and the SaveImage nodes show them (the canvas draws, and so loads, the nodes in view: fit them all in)
-    comfy_page.page.get_by_role("button", name="Fit View (.)").click()
+    comfy_page.fit_view()
     deadline = time.monotonic() + 60
     while True:
         shown = [s for s in comfy_page.images_shown() if "type=output" in s["src"]]

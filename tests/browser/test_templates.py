@@ -32,8 +32,9 @@ def test_template_loads_with_no_missing_nodes_and_no_page_error(module_page, pat
     module_page.page.wait_for_load_state("networkidle")
     module_page.errors.clear()  # the menu's own errors (thumbnails) are the test above's
     module_page.load_template(PACK_NAME, path.stem)
-    module_page.screenshot(SCREENSHOTS / f"{path.stem}.png")
     assert module_page.missing_nodes_report() is None, module_page.missing_nodes_report()
+    module_page.fit_view()
+    module_page.screenshot(SCREENSHOTS / f"{path.stem}.png")
     assert module_page.errors == []
     expected = sorted(n["type"] for n in json.loads(path.read_text())["nodes"])
     assert sorted(module_page.node_types()) == expected
@@ -48,8 +49,15 @@ def test_frontend_prompt_equals_the_e2e_prompt(module_page, comfy_server, path):
 
 def test_missing_node_check_fires_for_a_renamed_node_id(comfy_page):
     """The checks above can fail: a copy of a workflow with one FrozenTune node id renamed, served from the
-    Templates endpoint in its place, makes the frontend report that node as missing; a thrown error is caught."""
+    Templates endpoint in its place, makes the frontend report that node as missing; a missing thumbnail and a
+    thrown error are caught."""
     path = WORKFLOWS[0]
+    comfy_page.page.route(f"**/api/workflow_templates/{PACK_NAME}/{path.stem}.jpg",
+                          lambda route: route.fulfill(status=404, body="not found"))
+    comfy_page.open_templates(PACK_NAME)
+    comfy_page.page.wait_for_load_state("networkidle")
+    assert any(f"{path.stem}.jpg" in e for e in comfy_page.errors), comfy_page.errors
+
     workflow = json.loads(path.read_text())
     node = next(n for n in workflow["nodes"] if n["type"].startswith("FrozenTune"))
     node["type"] = renamed = node["type"] + "Renamed"

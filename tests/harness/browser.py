@@ -25,9 +25,13 @@ CHROMIUM_CANDIDATES = ("/usr/lib/chromium/chromium", "chromium", "chromium-brows
 CHROMIUM_ENV = "FROZENTUNE_CHROMIUM"
 # root (CI) cannot use Chromium's sandbox; /dev/shm is small in containers.
 LAUNCH_ARGS = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]
-VIEWPORT = {"width": 1400, "height": 900}
+VIEWPORT = {"width": 1920, "height": 1080}
 READY_JS = "() => !!(window.app && window.app.graph && window.app.canvas && window.app.extensionManager)"
 CARD_TITLE = "h3.line-clamp-1"  # a template card's title in frontend 1.32's Templates dialog
+# Server-side user settings the browser tier starts the page with: no first-visit Templates tour over the canvas
+# (the tests open the menus they need, as a returning user does), nodes drawn with their text at any zoom and no
+# minimap, so the screenshots of whole workflows are readable.
+PAGE_SETTINGS = {"Comfy.TutorialCompleted": True, "LiteGraph.Canvas.MinFontSizeForLOD": 0, "Comfy.Minimap.Visible": False}
 MISSING_NODES_TEXT = "This workflow has missing nodes"
 
 
@@ -86,6 +90,12 @@ class PageErrors:
         if source and not source.startswith(self.server + "/") and source in self.blocked:
             return  # "Failed to load resource" for a request we aborted on purpose
         self.errors.append(f"console.error: {msg.text[:2000]}" + (f" ({source})" if source else ""))
+
+
+def preset_settings(server) -> None:
+    """Store PAGE_SETTINGS as the server's user settings (read by the page when it opens)."""
+    for key, value in PAGE_SETTINGS.items():
+        server.post(f"/settings/{key}", value)
 
 
 class ComfyPage:
@@ -185,6 +195,11 @@ class ComfyPage:
         """Press the queue bar's "Cancel current run" (it POSTs /api/interrupt)."""
         with self.page.expect_response(lambda r: r.url.endswith("/api/interrupt")):
             self.page.get_by_role("button", name="Cancel current run").click()
+
+    def fit_view(self) -> None:
+        """The canvas's "Fit View" button: every node in view (the canvas only draws, and loads images of, those)."""
+        self.page.get_by_role("button", name="Fit View (.)").click()
+        self.page.wait_for_timeout(500)
 
     def screenshot(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -189,8 +189,12 @@ def ensure_chromium() -> None:
                     "browser tests; they skip until then.")
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    run([apt, "update", "-qq"], env=env)
-    run([apt, "install", "-y", "-qq", "--no-install-recommends", "chromium"], env=env)
+    try:
+        run([apt, "update", "-qq"], env=env)
+        run([apt, "install", "-y", "-qq", "--no-install-recommends", "chromium"], env=env)
+    except subprocess.CalledProcessError as err:  # the rest of the runtime still builds; CI's browser tier fails
+        log.warning("apt-get could not install chromium (exit code %s): the browser tests will skip (and fail "
+                    "under CI=true). Run `apt-get install chromium` by hand.", err.returncode)
 
 
 def setup() -> Path:
