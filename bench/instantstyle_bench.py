@@ -21,14 +21,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # for `harness`, from any cwd
-from sampling_timer import seconds_per_step  # noqa: E402 (bench/ is the script's folder)
+from full_size import SDXL_FULL  # noqa: E402 (bench/ is the script's folder)
+from sampling_timer import seconds_per_step  # noqa: E402
 
 from harness import comfy_env, tiny_ipadapter, tiny_models  # noqa: E402
-
-SDXL_UNET = dict(model_channels=320, in_channels=4, out_channels=4, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
-                 transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
-                 transformer_depth_middle=10, context_dim=2048, num_heads=-1, num_head_channels=64,
-                 use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential")
 
 
 def load_model(kind: str):
@@ -43,8 +39,7 @@ def load_model(kind: str):
         import torch
         from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-        unet = UNetModel(image_size=32, use_checkpoint=False, use_spatial_transformer=True, legacy=False,
-                         dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init, **SDXL_UNET)
+        unet = UNetModel(dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init, **SDXL_FULL)
         sd = tiny_models.random_state_dict(unet, tiny_models.SEED)
     return comfy.sd.load_diffusion_model_state_dict(sd)
 
