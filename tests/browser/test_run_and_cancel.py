@@ -12,8 +12,8 @@ from harness.server import TINY_RUN_OVERRIDES, error_message
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "out" / "browser"
-RUN_WORKFLOW = ROOT / "workflows" / "unitune_edit_sd15.json"
-TRAIN_WORKFLOW = ROOT / "workflows" / "unitune_fine_tune_sd15.json"
+RUN_WORKFLOW = ROOT / "workflows" / "UniTune - edit a photo with a prompt (SD1.5).json"
+TRAIN_WORKFLOW = ROOT / "workflows" / "UniTune - fine-tune on a photo then sample (SD1.5).json"
 TRAIN_NODE = "FrozenTuneUniTuneFineTune"
 LONG_STEPS = 10_000  # the node's maximum; hours on this machine: only Cancel ends it within the test
 # The e2e tier's tiny-model sizes, with training and sampling cut to 2 steps: this test is about the button.

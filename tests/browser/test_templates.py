@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
+from harness.browser import is_template_url
 from harness.comfy_env import PACK_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,16 +54,16 @@ def test_missing_node_check_fires_for_a_renamed_node_id(comfy_page):
     Templates endpoint in its place, makes the frontend report that node as missing; a missing thumbnail and a
     thrown error are caught."""
     path = WORKFLOWS[0]
-    comfy_page.page.route(f"**/api/workflow_templates/{PACK_NAME}/{path.stem}.jpg",
+    comfy_page.page.route(lambda url: is_template_url(url, PACK_NAME, path.stem, "jpg"),
                           lambda route: route.fulfill(status=404, body="not found"))
     comfy_page.open_templates(PACK_NAME)
     comfy_page.page.wait_for_load_state("networkidle")
-    assert any(f"{path.stem}.jpg" in e for e in comfy_page.errors), comfy_page.errors
+    assert any(f"{path.stem}.jpg" in unquote(e) for e in comfy_page.errors), comfy_page.errors
 
     workflow = json.loads(path.read_text())
     node = next(n for n in workflow["nodes"] if n["type"].startswith("FrozenTune"))
     node["type"] = renamed = node["type"] + "Renamed"
-    comfy_page.page.route(f"**/api/workflow_templates/{PACK_NAME}/{path.stem}.json",
+    comfy_page.page.route(lambda url: is_template_url(url, PACK_NAME, path.stem, "json"),
                           lambda route: route.fulfill(json=workflow))
     comfy_page.load_template(PACK_NAME, path.stem)
     report = comfy_page.missing_nodes_report()

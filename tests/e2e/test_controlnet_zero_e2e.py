@@ -12,7 +12,7 @@ from pathlib import Path
 from harness import comfy_env, disks
 
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOW = REPO / "workflows" / "controlnet_zero_train_sd15.json"
+WORKFLOW = REPO / "workflows" / "ControlNet-Zero - train a ControlNet on a folder (SD1.5).json"
 
 
 def test_example_workflow_saves_a_controlnet_the_stock_loader_uses(comfy_server):

@@ -17,6 +17,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,12 @@ class PageErrors:
         self.errors.append(f"console.error: {msg.text[:2000]}" + (f" ({source})" if source else ""))
 
 
+def is_template_url(url: str, pack: str, name: str, ext: str) -> bool:
+    """Whether ``url`` fetches the pack's template file ``name.ext``; the names hold spaces and parentheses, which
+    the browser percent-encodes (some of them), so the URL is compared decoded."""
+    return unquote(url.split("?", 1)[0]).endswith(f"/api/workflow_templates/{pack}/{name}.{ext}")
+
+
 def preset_settings(server) -> None:
     """Store PAGE_SETTINGS as the server's user settings (read by the page when it opens)."""
     for key, value in PAGE_SETTINGS.items():
@@ -143,7 +150,7 @@ class ComfyPage:
     def load_template(self, pack: str, name: str) -> None:
         """Click the template's card, as a user does; the frontend fetches it from /api/workflow_templates/."""
         dialog = self.open_templates(pack)
-        with self.page.expect_response(lambda r: r.url.endswith(f"/api/workflow_templates/{pack}/{name}.json")):
+        with self.page.expect_response(lambda r: is_template_url(r.url, pack, name, "json")):
             dialog.get_by_text(name, exact=True).first.click()
         dialog.wait_for(state="hidden")
         self.page.wait_for_timeout(1500)  # load-time dialogs (missing nodes/models) and node previews settle

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                     copied.append(Path(shutil.copy2(f, dest / f.name)))
                 seconds = time.monotonic() - start
                 shown = ", ".join(str(c.relative_to(REPO)) if c.is_relative_to(REPO) else str(c) for c in copied)
-                log.info("%-4s %-40s %6.1fs  %s", "OK" if ok else "FAIL", path.stem, seconds, shown or detail)
+                log.info("%-4s %-58s %6.1fs  %s", "OK" if ok else "FAIL", path.stem, seconds, shown or detail)
                 results.append(ok and bool(copied))
     except ServerError as err:
         log.error("demo: %s", err)

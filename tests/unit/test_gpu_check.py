@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,11 +123,12 @@ def test_training_steps_are_capped_and_nothing_else(gpu_check):
 
 # The e2e tier runs every example workflow twice already; the dry run takes the two with training nodes
 # (the step caps apply to them) so that CI stays well under its time budget.
-DRY_RUN_WORKFLOWS = ("controlnet_zero_train_sd15", "unitune_fine_tune_sd15")
+DRY_RUN_WORKFLOWS = ("ControlNet-Zero - train a ControlNet on a folder (SD1.5)",
+                     "UniTune - fine-tune on a photo then sample (SD1.5)")
 
 
 def test_an_unknown_workflow_name_is_refused(gpu_check):
-    with pytest.raises(SystemExit, match="no workflow nope; choose from .*unitune_fine_tune_sd15"):
+    with pytest.raises(SystemExit, match="no workflow nope; choose from .*" + re.escape(DRY_RUN_WORKFLOWS[1])):
         gpu_check.workflow_files(["nope"])
     assert [p.stem for p in gpu_check.workflow_files(list(DRY_RUN_WORKFLOWS))] == list(DRY_RUN_WORKFLOWS)
 
@@ -160,7 +162,7 @@ def test_cpu_dry_run_runs_every_item_and_writes_the_report(tmp_path):
         item = by_name[f"workflow {w}"]
         assert item["outputs"] and all((out / o).is_file() for o in item["outputs"]), item
         assert item["node_it_per_s"], f"the probe saw no node's steps in {w}"
-    capped = by_name["workflow controlnet_zero_train_sd15"]["settings"]
+    capped = by_name["workflow ControlNet-Zero - train a ControlNet on a folder (SD1.5)"]["settings"]
     assert [v for k, v in capped.items() if k.endswith("FrozenTuneControlNetZeroTrain.checkpoint_every")] == \
         ["250 -> 2"], capped
     # the full-size files, built on the meta device by the same builder: ComfyUI detects SD15 / SDXL, and the
