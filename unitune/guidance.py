@@ -8,12 +8,26 @@ guider adds what UniTune editing needs on top of it:
 
 - one batched ``calc_cond_batch`` call per step for all three conditionings, in the order
   [positive, negative, baseline], so attention patches see ``cond_or_uncond`` 0 = positive,
-  1 = negative (unconditional), 2 = baseline (a conditional prompt);
+  1 = negative (unconditional), 2 = baseline (a conditional prompt). The guider declares this through
+  ``training.cond_chunks`` (only index 1 is unconditional), so e.g. InstantStyle gives the baseline the
+  style image tokens and the negative the unconditional ones;
 - a ``pg`` window (``pg_start``..``pg_end`` as fractions of the schedule); outside it the baseline
   is not evaluated at all and the step is exactly stock CFG;
 - guidance rescale (φ, as in CFG-rescale) applied to the combined prediction;
 - the positive prompt's ControlNet is given to a baseline that has none, so structure guidance
   applies to all three terms and they stay in one batch.
+
+Model hooks that assume plain CFG (``sampler_pre_cfg_function``: stock APG, LatentApplyOperationCFG,
+TCFG, FreSca...) get exactly what stock ``CFGGuider`` hands them: ``conds`` [positive, negative],
+``conds_out`` a new list [D_pos, D_neg], ``cond_scale`` cfg; the baseline is not shown to them. They
+rewrite the CFG term only; the pg term uses the raw predictions. With (D_pos', D_neg') what the hooks
+return, one step is
+
+    D = D_neg' + cfg·(D_pos' − D_neg') + pg·(D_pos − D_base)
+
+(the CFG part is the model's ``sampler_cfg_function`` instead, if it has one), then rescale toward
+D_pos' and the ``sampler_post_cfg_function`` hooks (given D_pos', D_neg'), in ``cfg_function``'s order.
+With pg = 0 (or outside the window) and rescale = 0 the step is stock ``sampling_function`` itself.
 """
 
 from __future__ import annotations
@@ -23,8 +37,11 @@ import math
 import comfy.samplers
 import torch
 
+from ..training import cond_chunks
+
 GUIDER_CONDS = ("positive", "negative", "baseline")
 BASELINE_INDEX = 2  # cond_or_uncond value of the baseline chunks
+UNCONDITIONAL = (1,)  # the negative; the baseline is a conditional prompt
 
 
 def with_positive_control(baseline: list, positive: list) -> list:
@@ -59,6 +76,8 @@ def rescale_guidance(denoised: torch.Tensor, positive: torch.Tensor, x: torch.Te
 class PromptGuidanceGuider(comfy.samplers.CFGGuider):
     """A GUIDER for ``SamplerCustomAdvanced`` (and UniTune Edit) computing the formula above."""
 
+    frozentune_unconditional_indexes = UNCONDITIONAL  # read by training.cond_chunks (cond_chunks.ATTRIBUTE)
+
     def __init__(self, model_patcher, cfg: float = 7.0, pg: float = 0.0, pg_start: float = 0.0,
                  pg_end: float = 1.0, rescale: float = 0.0):
         super().__init__(model_patcher)
@@ -79,6 +98,7 @@ class PromptGuidanceGuider(comfy.samplers.CFGGuider):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
         positive, negative, baseline = (self.conds.get(k) for k in GUIDER_CONDS)
+        model_options = cond_chunks.declare(model_options, UNCONDITIONAL)
         pg = self.pg_at(float(timestep.reshape(-1)[0]))
         if pg == 0.0 and self.rescale == 0.0:
             # Exactly what the stock CFGGuider does (and the baseline is never evaluated).
@@ -94,23 +114,26 @@ class PromptGuidanceGuider(comfy.samplers.CFGGuider):
             out = model_options["sampler_calc_cond_batch_function"](args)
         else:
             out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        hooked = list(out[:2])  # a new list: hooks such as LatentApplyOperationCFG assign into it
         for fn in model_options.get("sampler_pre_cfg_function", []):
-            out = fn({"conds": conds, "conds_out": out, "cond_scale": self.cfg, "timestep": timestep, "input": x,
-                      "sigma": timestep, "model": self.inner_model, "model_options": model_options})
-        return self._combine(out, pg, x, timestep, model_options, positive, conds[1])
+            hooked = fn({"conds": conds[:2], "conds_out": hooked, "cond_scale": self.cfg, "timestep": timestep,
+                         "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})
+        denoised = self._cfg(hooked[0], hooked[1], x, timestep, model_options, positive, conds[1])
+        if pg != 0.0:
+            denoised = denoised + (out[0] - out[BASELINE_INDEX]) * pg
+        return self._finish(denoised, hooked[0], hooked[1], x, timestep, model_options, positive, conds[1])
 
-    def _combine(self, out, pg, x, timestep, model_options, positive, negative):
-        """cfg, then the pg term, then rescale, then the model's post-cfg hooks (as ``cfg_function`` orders them)."""
-        pos, neg = out[0], out[1]
+    def _cfg(self, pos, neg, x, timestep, model_options, positive, negative):
+        """The CFG term, as ``cfg_function`` computes it (the model's ``sampler_cfg_function`` if it has one)."""
         if "sampler_cfg_function" in model_options:
             args = {"cond": x - pos, "uncond": x - neg, "cond_scale": self.cfg, "timestep": timestep, "input": x,
                     "sigma": timestep, "cond_denoised": pos, "uncond_denoised": neg, "model": self.inner_model,
                     "model_options": model_options, "input_cond": positive, "input_uncond": negative}
-            denoised = x - model_options["sampler_cfg_function"](args)
-        else:
-            denoised = neg + (pos - neg) * self.cfg
-        if pg != 0.0:
-            denoised = denoised + (pos - out[BASELINE_INDEX]) * pg
+            return x - model_options["sampler_cfg_function"](args)
+        return neg + (pos - neg) * self.cfg
+
+    def _finish(self, denoised, pos, neg, x, timestep, model_options, positive, negative):
+        """Rescale, then the model's post-cfg hooks (as ``cfg_function`` orders them)."""
         if self.rescale > 0.0:
             denoised = rescale_guidance(denoised, pos, x, timestep, self.rescale)
         for fn in model_options.get("sampler_post_cfg_function", []):
