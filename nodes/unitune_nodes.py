@@ -16,8 +16,10 @@ from ..training import files as weights_file
 from ..training import names
 from ..training import precision as training_precision
 from ..training.loss_curve import loss_curve_image
-from ..unitune import compress, finetune
+from ..unitune import compress, finetune, pivotal
+from ..unitune import textual_inversion as ti
 from . import checks, saved_files
+from .textual_inversion_nodes import embedding_target
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,15 @@ CHECKPOINTING_TOOLTIP = (
     "Recompute each UNet layer in the backward pass instead of keeping its activations: costs an extra "
     "forward of each layer. Measured on the tiny SD1.5 test UNet (16M parameters) at 64 px, batch 4: the "
     "bytes kept for backward drop from 35.3 to 3.2 MiB (0.09x), with equal training results.")
+EMBEDDING_TOOLTIP = (
+    "Optional (pivotal tuning): a learned word, 'embedding:name' (the embedding output of Textual Inversion Train, "
+    "or a file in models/embeddings/). The caption then uses that word instead of the token, and the word travels "
+    "with the output MODEL (UniTune Save writes it beside the patches). Leave empty to use the token.")
+PIVOTAL_TOOLTIP = (
+    "Pivotal tuning: learn the token as a word first (textual inversion, this many steps, AdamW at 2e-3, UNet and "
+    "text encoder frozen; the vectors start from the token's own), then tune with 'embedding:<token>' in the "
+    "caption. The word travels with the output MODEL and the clip output; UniTune Save writes it to "
+    "models/embeddings/. 0 = off. Not with the embedding input.")
 PRECISION_TOOLTIP = (
     "Compute dtype of training (autocast). auto: bf16 on a CUDA GPU that supports it, else fp16 with loss "
     "scaling; fp32 on the CPU. What trains is fp32 whatever you pick; the base keeps its load dtype.")
@@ -99,44 +110,72 @@ class UniTuneFineTune(io.ComfyNode):
                              tooltip="Seed for the noise and timesteps; the same seed gives the same result."),
                 io.Combo.Input("precision", options=list(training_precision.PRECISIONS), default="auto",
                                optional=True, tooltip=PRECISION_TOOLTIP),
+                io.String.Input("embedding", default="", optional=True, tooltip=EMBEDDING_TOOLTIP),
+                io.Int.Input("pivotal_steps", default=0, min=0, max=100000, optional=True, tooltip=PIVOTAL_TOOLTIP),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The tuned model: the base plus the trained "
-                                "patches. Connect it to UniTune Save to keep it."),
-                io.Image.Output(display_name="loss_curve", tooltip="Training loss per step."),
+                                "patches (and the learned word, when pivotal). Connect it to UniTune Save to keep it."),
+                io.Image.Output(display_name="loss_curve", tooltip="Training loss per step (the UniTune steps)."),
+                io.Clip.Output(display_name="clip", tooltip="The input CLIP; when pivotal, a view of it whose prompts "
+                               "read 'embedding:<word>' as the learned vectors before any file is saved (the same "
+                               "conditioning the stock loader gives once UniTune Save wrote the word). The CLIP itself "
+                               "is not changed."),
+                io.String.Output(display_name="token", tooltip="What the image is bound to, for the edit prompt: the "
+                                 "token, or 'embedding:<word>' when pivotal."),
             ],
         )
 
     @classmethod
     def execute(cls, model, clip, vae, image, token, class_word, steps, batch_size, learning_rate, optimizer,
-                train, lora_rank, gradient_checkpointing, seed, precision="auto") -> io.NodeOutput:
+                train, lora_rank, gradient_checkpointing, seed, precision="auto", embedding="",
+                pivotal_steps=0) -> io.NodeOutput:
         checks.finite(learning_rate=learning_rate)
         family = families.model_family(model.model)
         mode = ("lora" if family == "sdxl" else "full") if train == "auto" else train
         steps, learning_rate = finetune.recipe(mode, steps, learning_rate)
+        embedding = (embedding or "").strip()
+        if embedding and pivotal_steps:
+            raise ValueError(f"embedding {embedding!r} and pivotal_steps={pivotal_steps} are both set: give a learned "
+                             "word (embedding) or learn one here (pivotal_steps), not both.")
+        word = pivotal.read_word(model, clip, embedding) if embedding else None
         settings = finetune.FineTuneSettings(
             token=token, class_word=class_word, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
             optimizer=optimizer, mode=mode, lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing,
-            seed=seed, precision=precision,
+            seed=seed, precision=precision, pivotal_steps=pivotal_steps,
+            embedding=word.name if word else token.strip() if pivotal_steps else "",
         )
         settings.check()
+        if pivotal_steps:
+            ti.encoder_keys(model, clip)  # refuse a family textual inversion does not know before any work
         if vae is None or getattr(vae, "first_stage_model", None) is None:
             raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")
         pixels = finetune.prepare_images(list(image))
         latents = vae.encode(pixels)
-        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(settings.caption))
+        pbar = comfy.utils.ProgressBar(pivotal_steps + steps)
 
-        pbar = comfy.utils.ProgressBar(steps)
+        if pivotal_steps:
+            def on_word_step(step: int, total: int, loss: float) -> None:
+                pbar.update_absolute(step, pivotal_steps + steps)  # also raises on Cancel
+                if step == 1 or step % 50 == 0 or step == total:
+                    log.info("Pivotal UniTune: word step %d/%d loss %.5f", step, total, loss)
+
+            word = pivotal.learn_word(model, clip, latents, token, pivotal_steps, batch_size, seed, precision,
+                                      on_step=on_word_step)
+        view = pivotal.caption_clip(clip, word)
+        conditioning = view.encode_from_tokens_scheduled(view.tokenize(settings.caption))
 
         def on_step(step: int, total: int, loss: float) -> None:
-            pbar.update_absolute(step, total)  # also raises on Cancel
+            pbar.update_absolute(pivotal_steps + step, pivotal_steps + total)  # also raises on Cancel
             if step == 1 or step % 16 == 0 or step == total:
                 log.info("UniTune step %d/%d loss %.5f", step, total, loss)
 
         result = finetune.fine_tune(model, latents, conditioning, settings, on_step=on_step)
+        result.word = word
         tuned = finetune.apply_patches(model, result.tensors)
         tuned.set_attachments(ATTACHMENT, result)
-        return io.NodeOutput(tuned, loss_curve_image(result.losses, title=f"UniTune {mode} loss"))
+        curve = loss_curve_image(result.losses, title=f"UniTune {mode} loss")
+        return io.NodeOutput(tuned, curve, view, settings.word)
 
 
 class UniTuneSave(io.ComfyNode):
@@ -150,7 +189,9 @@ class UniTuneSave(io.ComfyNode):
             description=(
                 "Saves what UniTune Fine-Tune trained into models/unitune/ as a safetensors file in ComfyUI's LoRA "
                 "format (weight deltas, or LoRA factors), with the settings and the base model's identity in its "
-                "metadata. UniTune Load, and the stock LoraLoader, read it back."
+                "metadata. UniTune Load, and the stock LoraLoader, read it back. A pivotal result (a learned word) "
+                "is saved as a pair: the patches file plus the word in models/embeddings/ under the same name (the "
+                "stock embedding layout), its name and SHA-256 in the patches file's metadata."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL output of UniTune Fine-Tune."),
@@ -165,7 +206,9 @@ class UniTuneSave(io.ComfyNode):
                 io.Int.Input("lora_rank", default=32, min=1, max=1024, optional=True,
                              tooltip="Rank of the compressed LoRA (save_as = lora only)."),
             ],
-            outputs=[io.String.Output(display_name="path", tooltip="Where the file was written.")],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the file was written."),
+                     io.String.Output(display_name="token", tooltip="What to write in prompts: 'embedding:<name>' "
+                                      "for a pivotal result (the word as saved to models/embeddings/), else the token.")],
         )
 
     @classmethod
@@ -192,10 +235,55 @@ class UniTuneSave(io.ComfyNode):
         elif save_as == "lora":
             log.info("UniTune: this result is a LoRA already; saved as trained")
         path = weights_file.unused_path(folder, stem)
+        word = result.word
+        token = result.settings.word
+        if word is not None:  # the pair: the word first, then the patches file that names it
+            word_path, token = save_word(word, Path(stem).name, path.name)
+            metadata.update({"unitune.embedding_file": token.removeprefix(pivotal.PREFIX),
+                             "unitune.embedding_sha256": pivotal.digest(word.file_tensors()),
+                             "unitune.embedding_source": word.source})
+            saved_files.remember(cls.__name__, word_path, filename=filename, save_as=save_as, lora_rank=lora_rank)
         weights_file.save(path, tensors, metadata, format=finetune.FILE_FORMAT)
         saved_files.remember(cls.__name__, path, filename=filename, save_as=save_as, lora_rank=lora_rank)
         log.info("UniTune: saved %d tensors to %s", len(tensors), path)
-        return io.NodeOutput(str(path))
+        return io.NodeOutput(str(path), token)
+
+
+def save_word(word: pivotal.Word, stem: str, unitune_file: str) -> tuple[Path, str]:
+    """Write a pivotal result's word to models/embeddings/<stem>.safetensors (a counter if taken); returns
+    the path and the prompt word ``embedding:<name>``. The vectors are the trained ones, under the saved name."""
+    try:
+        ti.check_name(stem)
+    except ValueError as error:
+        raise ValueError(f"filename: the learned word is saved under the file's name, and {error}") from None
+    path, name = embedding_target(stem)
+    metadata = dict(word.metadata)
+    metadata.update({"textual_inversion.name": name, "textual_inversion.family": word.family,
+                     "textual_inversion.trained_as": word.name, "textual_inversion.unitune_file": unitune_file})
+    weights_file.save(path, word.file_tensors(), metadata, format=ti.FILE_FORMAT)
+    log.info("UniTune: saved the learned word embedding:%s to %s", name, path)
+    return path, f"{pivotal.PREFIX}{name}"
+
+
+def load_word(metadata: dict[str, str], source: str) -> str:
+    """The prompt word of a saved UniTune file: ``embedding:<name>`` once its embedding file is found in an
+    embeddings folder and matches the SHA-256 it was saved with; the token for a file without a word."""
+    import comfy.sd1_clip
+
+    name = metadata.get("unitune.embedding_file")
+    if not name:
+        return metadata.get("unitune.token", "")
+    folders = comfy.sd1_clip.expand_directory_list(folder_paths.get_folder_paths("embeddings"))
+    found = next((Path(f, f"{name}.safetensors") for f in folders if Path(f, f"{name}.safetensors").is_file()), None)
+    if found is None:
+        raise ValueError(f"{source} was saved with its learned word embedding:{name}, but {name}.safetensors is in "
+                         "no embeddings folder: put the file UniTune Save wrote with it back into models/embeddings/.")
+    tensors, _ = weights_file.load(found)
+    expected, actual = metadata.get("unitune.embedding_sha256", ""), pivotal.digest(tensors)
+    if actual != expected:
+        raise ValueError(f"{found} is not the word {source} was saved with (SHA-256 {actual[:12]}, expected "
+                         f"{expected[:12]}): put back the file UniTune Save wrote, or rename the other one.")
+    return f"{pivotal.PREFIX}{name}"
 
 
 class UniTuneLoad(io.ComfyNode):
@@ -205,7 +293,8 @@ class UniTuneLoad(io.ComfyNode):
             node_id="FrozenTuneUniTuneLoad",
             display_name="UniTune Load",
             category=CATEGORY,
-            description="Applies a saved UniTune result to its base model. Refuses a file trained on another model.",
+            description=("Applies a saved UniTune result to its base model. Refuses a file trained on another model. "
+                         "A pivotal file's learned word is checked in models/embeddings/, so prompts can use it."),
             inputs=[
                 io.Model.Input("model", tooltip="The base model the file was trained on. It is not modified."),
                 io.Combo.Input("unitune_name", options=folder_paths.get_filename_list(FOLDER),
@@ -213,7 +302,10 @@ class UniTuneLoad(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=-2.0, max=2.0, step=0.05,
                                tooltip="How much of the trained change to apply (1 = as trained)."),
             ],
-            outputs=[io.Model.Output(display_name="MODEL", tooltip="The base model with the tuned weights.")],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The base model with the tuned weights."),
+                     io.String.Output(display_name="token", tooltip="What the image is bound to, for the edit "
+                                      "prompt: 'embedding:<name>' for a pivotal file (its word, checked present in "
+                                      "models/embeddings/ and unchanged), else the token it was trained with.")],
         )
 
     @classmethod
@@ -233,7 +325,8 @@ class UniTuneLoad(io.ComfyNode):
                     f"{families.short(expected)}) than this MODEL ({families.model_family(model.model)}, fingerprint "
                     f"{families.short(actual)}): connect the checkpoint it was trained on (in any dtype)."
                 )
-        return io.NodeOutput(finetune.apply_patches(model, tensors, strength, source=unitune_name))
+        token = load_word(metadata, unitune_name)
+        return io.NodeOutput(finetune.apply_patches(model, tensors, strength, source=unitune_name), token)
 
 
 NODES = [UniTuneFineTune, UniTuneSave, UniTuneLoad]

@@ -65,11 +65,18 @@ class FineTuneSettings:
     gradient_checkpointing: bool = False
     seed: int = 0
     precision: str = "auto"
+    embedding: str = ""  # pivotal: the learned word's name; the caption says "embedding:<name>" instead of the token
+    pivotal_steps: int = 0  # pivotal: steps the word was learned for first (0: read from a file, or no word)
+
+    @property
+    def word(self) -> str:
+        """What the image is bound to: the token, or ``embedding:<name>`` (pivotal)."""
+        return f"embedding:{self.embedding}" if self.embedding else self.token.strip()
 
     @property
     def caption(self) -> str:
-        """The training caption: the token alone (as in the paper), or token + class word."""
-        return f"{self.token.strip()} {self.class_word.strip()}".strip()
+        """The training caption: the token (or learned word) alone (as in the paper), or + class word."""
+        return f"{self.word} {self.class_word.strip()}".strip()
 
     def check(self) -> None:
         if not self.token.strip():
@@ -86,6 +93,8 @@ class FineTuneSettings:
             raise ValueError(f"steps={self.steps} and batch_size={self.batch_size} must both be at least 1.")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate={self.learning_rate} must be a positive number such as 1e-4.")
+        if self.pivotal_steps < 0:
+            raise ValueError(f"pivotal_steps={self.pivotal_steps} must be 0 (off) or more.")
         if self.mode == "lora" and self.lora_rank < 1:
             raise ValueError(f"lora_rank={self.lora_rank} must be at least 1 (32 is the default).")
 
@@ -101,6 +110,7 @@ class FineTuneResult:
     base_fingerprint: str
     family: str
     metadata: dict[str, str] = field(default_factory=dict)
+    word: object = None  # pivotal.Word: the learned word the caption used (Save writes it beside the patches)
 
 
 def prepare_images(images: list[torch.Tensor]) -> torch.Tensor:
