@@ -68,6 +68,13 @@ TEXTS: dict[str, str] = {
     "images": "Target images (instead of a folder).",
     "hints": "RGB hints, one per target image, same size.",
     "captions": "Captions for the image inputs: one line for all, or one line per image.",
+    "preview_every": (
+        "Show a preview in this node every N optimizer steps (0 = off): the first training hint and its caption "
+        "drawn from a fixed noise with the ControlNet as trained so far (4 Euler steps, the longer side at most "
+        "256 px, colours straight from the latent as ComfyUI's latent2rgb preview, no VAE). Each preview costs a "
+        "few sampler steps; the trained ControlNet is bit-identical with previews on or off (tested)."),
+    "previews": "The previews drawn while training, side by side in step order (a 64x64 black image when "
+                "preview_every is 0).",
     # --- Save node only
     "filename": "Name under models/controlnet/ (sub-folders allowed, e.g. controlnet_zero/edges; 'controlnet/...' "
                 "is the same folder); a counter is added if it exists. Absolute paths, '..', hidden names, other "

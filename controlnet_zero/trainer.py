@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..training import checkpointing, family, loop, objective, optimizers, precision
+from ..training import preview as previews
 from . import checkpoints, network
 from .cache import TrainingData
 from .distributed import Dist
@@ -94,38 +95,83 @@ def _control(outputs: dict, dtype: torch.dtype) -> dict:
             "output": [c.to(dtype) for c in outputs["output"]]}
 
 
-@contextlib.contextmanager
-def controlled_loss(base_model, control_model: torch.nn.Module, device: torch.device, compute: torch.dtype,
-                    gradient_checkpointing: bool = False) -> Iterator[LossFn]:
-    """``loss(model, x0, hint, conds, sigma, noise)`` of the controlled frozen UNet, while the block runs.
+Forward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
-    ``model`` is ``control_model`` or its DDP wrapper. The frozen twin of the base UNet (aliased weights,
-    cast per op) and the checkpointing of both networks live as long as the block; both are undone after.
+
+@contextlib.contextmanager
+def controlled_forward(base_model, control_model: torch.nn.Module, device: torch.device, compute: torch.dtype,
+                       gradient_checkpointing: bool = False) -> Iterator[Forward]:
+    """``forward(model, x_t, sigma, hint, conds)``: the controlled frozen UNet's raw output, while the block runs.
+
+    As ComfyUI runs a ControlNet at sampling time; ``model`` is ``control_model`` or its DDP wrapper.
+    The frozen twin of the base UNet (aliased weights, cast per op) and the checkpointing of both
+    networks live as long as the block; both are undone after.
     """
     unet = precision.frozen_twin(base_model.diffusion_model)
     precision.cast_on_use(unet)
     ms = base_model.model_sampling
 
-    def loss(model, x0, hint, conds, sigma, noise) -> torch.Tensor:
-        x_t = objective.noised(ms, sigma, noise, x0)
+    def forward(model, x_t, sigma, hint, conds) -> torch.Tensor:
         x_in = ms.calculate_input(sigma, x_t)
         timesteps = ms.timestep(sigma).float()
         context, y = conds["c_crossattn"], conds.get("y")
         with precision.autocast(device, compute):
             outputs = model(x=x_in, hint=hint, timesteps=timesteps, context=context, y=y)
-            out = unet(x_in.to(compute), timesteps, context=context.to(compute),
-                       y=None if y is None else y.to(compute), control=_control(outputs, compute),
-                       transformer_options={})
-        return objective.output_loss(ms, sigma, x_t, x0, out)
+            return unet(x_in.to(compute), timesteps, context=context.to(compute),
+                        y=None if y is None else y.to(compute), control=_control(outputs, compute),
+                        transformer_options={})
 
     with checkpointing.gradient_checkpointing([control_model, unet], gradient_checkpointing):
-        yield loss
+        yield forward
+
+
+def _loss(forward: Forward, ms) -> LossFn:
+    def loss(model, x0, hint, conds, sigma, noise) -> torch.Tensor:
+        x_t = objective.noised(ms, sigma, noise, x0)
+        return objective.output_loss(ms, sigma, x_t, x0, forward(model, x_t, sigma, hint, conds))
+
+    return loss
+
+
+@contextlib.contextmanager
+def controlled_loss(base_model, control_model: torch.nn.Module, device: torch.device, compute: torch.dtype,
+                    gradient_checkpointing: bool = False) -> Iterator[LossFn]:
+    """``loss(model, x0, hint, conds, sigma, noise)`` of the controlled frozen UNet, while the block runs.
+
+    The MSE of the UNet's raw output against the output that reproduces ``x0``, in the base model's
+    own parameterization (``training.objective``), through ``controlled_forward``.
+    """
+    with controlled_forward(base_model, control_model, device, compute, gradient_checkpointing) as forward:
+        yield _loss(forward, base_model.model_sampling)
+
+
+def preview_render(forward: Forward, control_model: torch.nn.Module, data: TrainingData, ms,
+                   pv: previews.Preview, device: torch.device) -> previews.Render:
+    """The preview: the first dataset hint (and its caption) -> image, by Euler from the preview's fixed noise.
+
+    Drawn at the preview's size (the hint is resized to it) through the training forward with the
+    ControlNet's current weights; ``Preview.maybe`` runs it under no_grad with the RNG forked.
+    """
+    _, hint, conds = data.batch(torch.tensor([0]), torch.zeros(1, dtype=torch.bool), device)
+    channels = data.images[0]["latent"].shape[0]
+    h, w = pv.latent_size(hint.shape[-2], hint.shape[-1])
+    if (h * 8, w * 8) != tuple(hint.shape[-2:]):
+        hint = torch.nn.functional.interpolate(hint, size=(h * 8, w * 8), mode="bilinear", antialias=True)
+    noise = previews.fixed_noise((1, channels, h, w), pv.seed, device, torch.float32)
+    sigmas = previews.sigmas(ms, pv.steps)
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        out = forward(control_model, x, sigma, hint, conds)
+        return ms.calculate_denoised(sigma, out.float(), x)
+
+    return lambda: previews.euler(denoise, noise, sigmas, model_sampling=ms)
 
 
 def train(base_model, control_model: torch.nn.Module, data: TrainingData, settings: TrainSettings,
           device: torch.device, *, checkpoint_root: Path | None = None, resume: bool | Path = False,
           dist: Dist | None = None, metadata: dict[str, str] | None = None,
-          on_step: loop.StepHook | None = None, run_folders: bool = False) -> TrainResult:
+          on_step: loop.StepHook | None = None, run_folders: bool = False,
+          preview: previews.Preview | None = None) -> TrainResult:
     """Train ``control_model`` (a trainable fp32 ``cldm.ControlNet`` on ``device``) around ``base_model``.
 
     ``base_model`` is a loaded ``comfy.model_base.BaseModel`` on ``device``; it is only read.
@@ -134,7 +180,9 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
     ``checkpoint_root`` is a run name's folder and every new run gets its own ``run_NNN/`` in it (the
     node and the CLI); otherwise the checkpoints go to ``checkpoint_root`` itself.
     ``on_step(step, total, loss)`` runs after every optimizer step (ComfyUI's ProgressBar there makes
-    Cancel work; the last checkpoint on disk stays as it was).
+    Cancel work; the last checkpoint on disk stays as it was). ``preview`` (``training.preview``) draws
+    the first dataset hint -> image after ``on_step`` when due, on rank 0 only; it never changes the
+    trained weights (no_grad, its own noise, the RNG forked).
     """
     settings.check()
     dist = dist or Dist()
@@ -174,7 +222,17 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
     mine = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
     n_sigmas = len(ms.sigmas)
 
-    with controlled_loss(base_model, control_model, device, compute, settings.gradient_checkpointing) as loss_fn:
+    with controlled_forward(base_model, control_model, device, compute, settings.gradient_checkpointing) as forward:
+        loss_fn = _loss(forward, ms)
+        stepped = on_step
+        if preview is not None and preview.every and dist.is_main:
+            render = preview_render(forward, control_model, data, ms, preview, device)
+
+            def stepped(done: int, total: int, value: float) -> None:
+                if on_step is not None:
+                    on_step(done, total, value)  # first: it raises on Cancel
+                preview.maybe(done, render, modules=[control_model])
+
         def one_step(_: int) -> float:
             opt.zero_grad(set_to_none=True)
             total = 0.0
@@ -206,7 +264,7 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
                 dist.barrier()
 
         losses = loop.run(settings.steps, one_step, what="ControlNet-Zero", learning_rate=settings.learning_rate,
-                          on_step=on_step, start=step, losses=losses, after_step=after_step,
+                          on_step=stepped, start=step, losses=losses, after_step=after_step,
                           hint=", or set mixed_precision to fp32")
         step = max(step, settings.steps)
 

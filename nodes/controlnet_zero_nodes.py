@@ -23,6 +23,7 @@ from ..controlnet_zero import cache, dataset, files, network, trainer
 from ..controlnet_zero.texts import text
 from ..training import files as weights_file
 from ..training import names, user_paths
+from ..training import preview as previews
 from ..training.loss_curve import loss_curve_image
 from . import checks, saved_files
 
@@ -32,6 +33,7 @@ CATEGORY = "FrozenTune/ControlNet-Zero"
 METADATA_ATTR = "frozentune_metadata"
 DISK_CACHE_ABOVE = 256  # pairs; larger sets keep their encodings in a temp folder instead of memory
 SAVE_NODE = "FrozenTuneControlNetZeroSave"
+PREVIEW_SIZE = 256  # pixels of a training preview's longer side (at most the training resolution)
 
 
 def _with_metadata(control_model: torch.nn.Module, metadata: dict[str, str]):
@@ -113,11 +115,14 @@ class ControlNetZeroTrain(io.ComfyNode):
                 # are positional) and train with AdamW as before.
                 io.Combo.Input("optimizer", options=list(trainer.OPTIMIZERS), default="adamw", optional=True,
                                tooltip=text("optimizer")),
+                io.Int.Input("preview_every", default=0, min=0, max=1000000, optional=True,
+                             tooltip=text("preview_every")),
             ],
             outputs=[
                 io.ControlNet.Output(display_name="CONTROL_NET", tooltip="The trained ControlNet. Apply it with "
                                      "Apply ControlNet, and keep it with ControlNet-Zero Save."),
                 io.Image.Output(display_name="loss_curve", tooltip="Training loss per optimizer step."),
+                io.Image.Output(display_name="previews", tooltip=text("previews")),
             ],
         )
 
@@ -125,7 +130,7 @@ class ControlNetZeroTrain(io.ComfyNode):
     def execute(cls, model, clip, vae, control_net, dataset_folder, steps, batch_size, gradient_accumulation,
                 learning_rate, prompt_dropout, resolution, gradient_checkpointing, mixed_precision, seed,
                 checkpoint_every, run_name, resume, images=None, hints=None, captions="",
-                optimizer="adamw") -> io.NodeOutput:
+                optimizer="adamw", preview_every=0) -> io.NodeOutput:
         checks.finite(learning_rate=learning_rate, prompt_dropout=prompt_dropout)
         settings = trainer.TrainSettings(
             steps=steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
@@ -147,6 +152,9 @@ class ControlNetZeroTrain(io.ComfyNode):
             cache_dir = Path(folder_paths.get_temp_directory()) / f"frozentune_controlnet_zero_{uuid.uuid4().hex}"
 
         pbar = comfy.utils.ProgressBar(steps)
+        shown = previews.Shown(pbar, steps)
+        preview = previews.Preview(every=preview_every, show=shown, latent_format=model.model.latent_format,
+                                   size=min(PREVIEW_SIZE, resolution))
 
         def on_step(step: int, total: int, loss: float) -> None:
             pbar.update_absolute(step, total)  # also raises on Cancel
@@ -162,14 +170,14 @@ class ControlNetZeroTrain(io.ComfyNode):
                 metadata = dict(getattr(control_net, METADATA_ATTR, {}) or {})
                 result = trainer.train(model.model, control_model, data, settings, device,
                                        checkpoint_root=run_dir, resume=resume, metadata=metadata,
-                                       on_step=on_step, run_folders=True)
+                                       on_step=on_step, run_folders=True, preview=preview)
                 trained = result.control_model.to(comfy.model_management.unet_offload_device())
         finally:
             if cache_dir is not None:  # not reused: removed whether the run finished, failed or was cancelled
                 shutil.rmtree(cache_dir, ignore_errors=True)
             comfy.model_management.soft_empty_cache()
         curve = loss_curve_image(result.losses, title="ControlNet-Zero loss")
-        return io.NodeOutput(_with_metadata(trained, result.metadata), curve)
+        return io.NodeOutput(_with_metadata(trained, result.metadata), curve, shown.grid())
 
     @staticmethod
     def _source(folder: str, images, hints, captions: str, resolution: int) -> cache.Source:
