@@ -41,9 +41,13 @@ class PromptGuidanceGuider(io.ComfyNode):
                 f"CFG plus Prompt Guidance: {FORMULA}. The baseline is another prompt, e.g. the bare UniTune "
                 "token or a caption of the original, so pg pushes along the direction 'baseline → edit'. "
                 "All three prompts run in one batched model call per step (attention patches see "
-                "cond_or_uncond 0 = positive, 1 = negative, 2 = baseline); outside the pg_start..pg_end window "
-                "the baseline is skipped and the step is exactly stock CFG. A baseline without a ControlNet "
-                "gets the positive's. Connect to SamplerCustomAdvanced."
+                "cond_or_uncond 0 = positive, 1 = negative, 2 = baseline, and the guider declares only 1 "
+                "unconditional, so InstantStyle gives the baseline the style tokens); outside the "
+                "pg_start..pg_end window the baseline is skipped and the step is exactly stock CFG. Model "
+                "hooks written for plain CFG (APG, LatentApplyOperationCFG: sampler_pre_cfg_function) get the "
+                "[positive, negative] pair stock CFG gives them and rewrite the CFG term; the pg term uses the "
+                "raw predictions. A baseline without a ControlNet gets the positive's. Connect to "
+                "SamplerCustomAdvanced."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample, e.g. the UniTune-tuned MODEL."),
