@@ -6,7 +6,7 @@ PORT ?= 8188
 VENV_PY := $(CURDIR)/.venv/bin/python
 HARNESS := cd tests && $(VENV_PY)
 
-.PHONY: setup test test-all test-long test-unit test-node test-e2e test-reliability test-browser demo serve lint validate bench gpu-check clean
+.PHONY: setup test test-all test-long test-unit test-node test-e2e test-reliability test-browser demo thumbnails serve lint validate bench gpu-check clean
 
 setup:
 	@$(PYTHON) tests/harness/setup_runtime.py
@@ -31,6 +31,11 @@ test-reliability: setup
 
 demo: setup
 	$(HARNESS) -m harness.demo
+
+# the Templates-menu thumbnails (workflows/<name>.jpg): the graph captured in the real page, for the missing and
+# stale ones (a node test fails on those); THUMBNAILS_ARGS="--all" captures every one
+thumbnails: setup
+	cd tests && PYTHONPATH=. $(VENV_PY) -m harness.thumbnails --write $(THUMBNAILS_ARGS)
 
 serve: setup
 	$(HARNESS) -m harness.serve --port $(PORT)
