@@ -11,6 +11,8 @@ It owns what every trainer around a frozen ComfyUI model needs, once:
 - ``family``         model-family detection (one vocabulary) and the dtype-independent base fingerprint
 - ``files``          atomic, durable safetensors I/O
 - ``loss_curve``     the loss curve as a ComfyUI IMAGE
+- ``preview``        previews while training: fixed-noise Euler at the current weights, RNG-forked, as a
+                     ComfyUI progress-bar image, and their grid
 
 Plain torch and ``comfy.*`` code: it never imports the node schema or the server, nor any capability
 package. Nothing heavy is imported here.
