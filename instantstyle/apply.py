@@ -13,13 +13,17 @@ from dataclasses import dataclass
 
 import torch
 
+from ..training import cond_chunks
 from . import blocks, projection
 from .adapter_file import IPAdapter
-from .attention import IPAttention
+from .attention import SCALING_MODES, IPAttention
+from .embeds import StyleEmbeds, check_fits, kind_for
 from .subtraction import check_subtraction, subtract_content
 
 log = logging.getLogger(__name__)
-COMBINE_MODES = ("average", "concat")
+# Several style images: average their features (one image's tokens), concatenate their tokens (all attended
+# to at once), or batch: one image per latent of the batch (cubiq's "unfold"; the last image repeats).
+COMBINE_MODES = ("average", "concat", "batch")
 
 
 @dataclass(frozen=True)
@@ -31,10 +35,16 @@ class StyleSettings:
     subtract: float = 0.0
     start: float = 0.0
     end: float = 1.0
+    scaling: str = "V only"  # embeds_scaling, see attention.SCALING_MODES
+    composition_weight: float | None = None  # layout block's weight in style+layout / precise style (None: weight)
 
     def check(self) -> None:
         if not -1.0 <= self.weight <= 5.0:
             raise ValueError(f"weight {self.weight} is outside -1..5.")
+        if self.composition_weight is not None and not -1.0 <= self.composition_weight <= 5.0:
+            raise ValueError(f"composition_weight {self.composition_weight} is outside -1..5.")
+        if self.scaling not in SCALING_MODES:
+            raise ValueError(f"embeds_scaling {self.scaling!r} must be one of {', '.join(SCALING_MODES)}.")
         if self.combine not in COMBINE_MODES:
             raise ValueError(f"combine {self.combine!r} must be one of {', '.join(COMBINE_MODES)}.")
         if not 0.0 <= self.start < self.end <= 1.0:
@@ -63,11 +73,60 @@ def zero_image_features(clip_vision, plus: bool, like: torch.Tensor) -> torch.Te
 
 
 def style_tokens(adapter: IPAdapter, features: torch.Tensor, combine: str) -> torch.Tensor:
-    """[1, T, C] tokens for one or several images: mean of the features, or their tokens side by side."""
+    """Image tokens for one or several images' features: [1, T, C] (average: mean of the features),
+    [1, N*T, C] (concat: their tokens side by side) or [N, T, C] (batch: one row per image)."""
     if combine == "average" and features.shape[0] > 1:
         features = features.mean(dim=0, keepdim=True)
     tokens = projection.project(adapter, features)
-    return tokens.reshape(1, -1, tokens.shape[-1])
+    return tokens if combine == "batch" else tokens.reshape(1, -1, tokens.shape[-1])
+
+
+def uncond_tokens(adapter: IPAdapter, features: torch.Tensor, combine: str) -> torch.Tensor:
+    """Unconditional tokens: one row (the mean of the negative images' features), or one per image in batch mode."""
+    if combine == "batch":
+        return projection.project(adapter, features)
+    return style_tokens(adapter, features, "average")
+
+
+def encode_embeds(adapter: IPAdapter, clip_vision, images: torch.Tensor, subtract: float = 0.0,
+                  content_pooled: torch.Tensor | None = None,
+                  negative_images: torch.Tensor | None = None) -> tuple[StyleEmbeds, StyleEmbeds]:
+    """(embeds, negative embeds) of the style image(s): CLIP-vision features, minus ``subtract`` times the
+    content text embedding (cond side only), and the negative image(s)' features or the reference zeros."""
+    subtracting = content_pooled is not None and subtract != 0
+    if subtracting:  # fail before the (slow) image encoding
+        check_subtraction(adapter.projection, adapter.embed_width, content_pooled.shape[-1], adapter.name)
+    plus = adapter.projection == "plus"
+    features = image_features(clip_vision, images, plus)
+    if negative_images is not None:
+        negative = image_features(clip_vision, negative_images, plus)
+    else:
+        negative = zero_image_features(clip_vision, plus, features)
+    source = "image"
+    if subtracting:
+        features = subtract_content(features, content_pooled, subtract)
+        source = f"image minus {subtract:g} x content text"
+    kind = kind_for(adapter.projection)
+    return StyleEmbeds(features, kind, source), StyleEmbeds(negative, kind, "negative image" if negative_images
+                                                             is not None else "zeros")
+
+
+def zero_negative(adapter: IPAdapter, embeds: StyleEmbeds) -> StyleEmbeds:
+    """The reference unconditional features when no negative embeds are connected (plain adapters only: the
+    Plus ones are the encoder's output for zero pixels, so they need the encoder)."""
+    if adapter.projection == "plus":
+        raise ValueError(f"{adapter.name} is a Plus adapter: its unconditional features come from the image "
+                         "encoder; connect the negative_embeds output of InstantStyle Encode (or Load Embeds).")
+    return StyleEmbeds(torch.zeros_like(embeds.features[:1]), embeds.kind, "zeros")
+
+
+def tokens_from_embeds(adapter: IPAdapter, embeds: StyleEmbeds, negative: StyleEmbeds | None,
+                       combine: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond) image tokens from embeds, checked against the adapter."""
+    check_fits(embeds, adapter.projection, adapter.embed_width, adapter.name)
+    negative = negative if negative is not None else zero_negative(adapter, embeds)
+    check_fits(negative, adapter.projection, adapter.embed_width, adapter.name, "negative_embeds")
+    return style_tokens(adapter, embeds.features, combine), uncond_tokens(adapter, negative.features, combine)
 
 
 def build_tokens(adapter: IPAdapter, cond_features: torch.Tensor, uncond_features: torch.Tensor,
@@ -76,24 +135,17 @@ def build_tokens(adapter: IPAdapter, cond_features: torch.Tensor, uncond_feature
     if content_pooled is not None and settings.subtract != 0:
         check_subtraction(adapter.projection, adapter.embed_width, content_pooled.shape[-1], adapter.name)
         cond_features = subtract_content(cond_features, content_pooled, settings.subtract)
-    cond = style_tokens(adapter, cond_features, settings.combine)
-    uncond = style_tokens(adapter, uncond_features, "average")
-    return cond, uncond
+    return (style_tokens(adapter, cond_features, settings.combine),
+            uncond_tokens(adapter, uncond_features, settings.combine))
 
 
 def encode_tokens(adapter: IPAdapter, clip_vision, images: torch.Tensor, settings: StyleSettings,
                   negative_images: torch.Tensor | None = None,
                   content_pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cond, uncond) image tokens from the style image(s), the optional negative image(s) and content text."""
-    if content_pooled is not None and settings.subtract != 0:  # fail before the (slow) image encoding
-        check_subtraction(adapter.projection, adapter.embed_width, content_pooled.shape[-1], adapter.name)
-    plus = adapter.projection == "plus"
-    features = image_features(clip_vision, images, plus)
-    if negative_images is not None:
-        uncond = image_features(clip_vision, negative_images, plus).mean(dim=0, keepdim=True)
-    else:
-        uncond = zero_image_features(clip_vision, plus, features)
-    return build_tokens(adapter, features, uncond, settings, content_pooled)
+    embeds, negative = encode_embeds(adapter, clip_vision, images, settings.subtract, content_pooled, negative_images)
+    return style_tokens(adapter, embeds.features, settings.combine), uncond_tokens(adapter, negative.features,
+                                                                                  settings.combine)
 
 
 def check_fit(adapter: IPAdapter, layers: list[blocks.AttnLayer]) -> None:
@@ -120,31 +172,61 @@ def sigma_range(model, start: float, end: float) -> tuple[float, float]:
     return sigma_start, sigma_end
 
 
-def select_layers(model, adapter: IPAdapter, settings: StyleSettings) -> list[blocks.AttnLayer]:
-    """The layers the preset patches, after checking the adapter fits the model (cheap: run it first)."""
+def select_layers(model, adapter: IPAdapter, settings: StyleSettings) -> list[blocks.Planned]:
+    """The layers the preset patches (with weight factors and roles), after checking the adapter fits the
+    model (cheap: run it first)."""
     settings.check()
     layers = blocks.attention_layers(model.model.diffusion_model)
     if not layers:
         raise ValueError("MODEL has no cross-attention layers: InstantStyle needs an SD1.5 or SDXL-family UNet.")
     check_fit(adapter, layers)
-    chosen = blocks.select(layers, settings.preset, settings.custom_blocks)
+    chosen = blocks.plan(layers, settings.preset, settings.custom_blocks)
     log.info("InstantStyle: %s, preset %r -> %d of %d cross-attention layers (%s)", adapter.name, settings.preset,
-             len(chosen), len(layers), ", ".join(dict.fromkeys(f"{c.key[0]} {c.key[1]}" for c in chosen)))
+             len(chosen), len(layers), ", ".join(dict.fromkeys(f"{c.layer.key[0]} {c.layer.key[1]}" for c in chosen)))
     return chosen
 
 
-def patch_model(model, adapter: IPAdapter, chosen: list[blocks.AttnLayer], cond: torch.Tensor,
-                uncond: torch.Tensor, settings: StyleSettings, mask: torch.Tensor | None = None):
-    """A clone of ``model`` with the IP attention added in the ``chosen`` layers only."""
+def layer_weight(planned: blocks.Planned, settings: StyleSettings) -> float:
+    """weight x the block's factor; the layout block of style+layout / precise style gets composition_weight
+    when it is set (cubiq's ``weight_composition`` / ``style_boost``: the value itself, not a factor)."""
+    if (planned.role == "layout" and settings.composition_weight is not None
+            and settings.preset in ("style+layout", "precise style")):
+        return float(settings.composition_weight)
+    return float(settings.weight) * planned.factor
+
+
+def patch_model(model, adapter: IPAdapter, chosen: list[blocks.Planned], cond: torch.Tensor,
+                uncond: torch.Tensor, settings: StyleSettings, mask: torch.Tensor | None = None,
+                composition_cond: torch.Tensor | None = None):
+    """A clone of ``model`` with the IP attention added in the ``chosen`` layers only.
+
+    Layout-block layers read ``composition_cond`` when given (style from one image, composition from
+    another). In preset "precise style" they get the image tokens on the unconditional chunks and zero
+    tokens on the conditional ones (cubiq's swap), so guidance pushes away from the reference's layout.
+    """
+    if composition_cond is not None and not any(p.role == "layout" for p in chosen):
+        raise ValueError(f"composition_embeds need a preset with the layout block (style+layout, layout or precise "
+                         f"style), not {settings.preset!r}: change the preset or disconnect composition_embeds.")
     sigma_start, sigma_end = sigma_range(model, settings.start, settings.end)
     if mask is not None:
         mask = mask.reshape(-1, mask.shape[-2], mask.shape[-1]).float().clamp(0, 1)
     existing = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     clone = model.clone()
-    for layer in chosen:
+    zeros: dict[int, torch.Tensor] = {}
+    for planned in chosen:
+        layer = planned.layer
         k_w, v_w = adapter.layers[layer.index]
         prev = existing.get(layer.key, existing.get(layer.block))
-        patch = IPAttention(to_k_ip=k_w, to_v_ip=v_w, cond=cond, uncond=uncond, weight=float(settings.weight),
-                            sigma_start=sigma_start, sigma_end=sigma_end, mask=mask, prev=prev, key=layer.key)
+        layer_cond, layer_uncond = cond, uncond
+        if planned.role == "layout" and composition_cond is not None:
+            layer_cond = composition_cond
+        if planned.role == "layout" and settings.preset == "precise style":
+            key = id(layer_cond)
+            zeros.setdefault(key, torch.zeros_like(layer_cond))
+            layer_cond, layer_uncond = zeros[key], layer_cond
+        patch = IPAttention(to_k_ip=k_w, to_v_ip=v_w, cond=layer_cond, uncond=layer_uncond,
+                            weight=layer_weight(planned, settings), sigma_start=sigma_start, sigma_end=sigma_end,
+                            mask=mask, prev=prev, key=layer.key, scaling=settings.scaling)
         clone.set_model_attn2_replace(patch, *layer.key)
+    cond_chunks.add_guider_wrapper(clone)  # stock guiders (PerpNeg, DualCFG) say which chunks are unconditional
     return clone

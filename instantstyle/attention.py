@@ -5,9 +5,16 @@ before ``to_out``. The text attention is computed exactly as the stock layer doe
 arguments), or by the replace that was already on this key (so patches compose); then
 ``weight * softmax(q k_ip^T) v_ip`` is added, as IP-Adapter does (``IPAdapterAttnProcessor2_0``).
 
-The batch arrives in chunks, one per entry of ``cond_or_uncond``: 1 is the unconditional (negative) chunk
-and gets the unconditional image tokens (projection of a zero embedding, or of the negative image); every
-other value (0 = positive, 2 = the Prompt Guidance baseline, ...) gets the style image tokens.
+The batch arrives in chunks, one per entry of ``cond_or_uncond``. The chunks whose index the guider
+declared unconditional (``training.cond_chunks.unconditional_indexes``: stock CFG and our Prompt Guidance
+{1}, PerpNeg {1, 2}, DualCFG {0}) get the unconditional image tokens (projection of a zero embedding, or
+of the negative image); every other chunk gets the style image tokens. Tokens hold one row, or one row per
+latent in batch mode: row r of every chunk reads row min(r, rows - 1) (cubiq's "unfold").
+
+``scaling`` says where the weight goes (cubiq's ``embeds_scaling``, CrossAttentionPatch.py at f204d6f):
+``V only`` = ``w * softmax(q k^T) v`` (the reference, diffusers/official); ``K+V`` = ``softmax(q (w k)^T)
+(w v)``, which also sharpens or flattens the softmax; ``K+V w/ C penalty`` = ``K+V`` with ``w * C / 1280``,
+C the layer's inner width, so the 640-wide SDXL layers get half the weight.
 
 Patch objects are immutable: chaining wraps, ``to(device)`` returns a new object, ``to(dtype)`` changes
 nothing (the weights and tokens keep their own dtype and are cast to the query's at use), and
@@ -23,7 +30,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-UNCOND = 1
+from ..training import cond_chunks
+
+SCALING_MODES = ("V only", "K+V", "K+V w/ C penalty")
+C_PENALTY_WIDTH = 1280  # cubiq: weight * inner_dim / 1280
 
 
 def token_grid(latent_hw: tuple[int, int], seq_len: int) -> tuple[int, int]:
@@ -59,14 +69,15 @@ class IPAttention:
 
     to_k_ip: torch.Tensor  # [inner, context]
     to_v_ip: torch.Tensor
-    cond: torch.Tensor  # [1, T, context] style image tokens
-    uncond: torch.Tensor  # [1, T', context] tokens for unconditional chunks
+    cond: torch.Tensor  # [1 or rows, T, context] style image tokens
+    uncond: torch.Tensor  # [1 or rows, T', context] tokens for unconditional chunks
     weight: float
     sigma_start: float = math.inf  # active while sigma_end <= sigma <= sigma_start
     sigma_end: float = 0.0
     mask: torch.Tensor | None = None  # [M, H, W] in 0..1, or None
     prev: Callable | None = None  # the replace that was on this key before, if any
     key: tuple = ()
+    scaling: str = "V only"
 
     def __deepcopy__(self, memo):
         return self
@@ -104,29 +115,46 @@ class IPAttention:
             return None
         return active.to(like.device, like.dtype)
 
+    def effective_weight(self) -> float:
+        if self.scaling == "K+V w/ C penalty":
+            return self.weight * self.to_k_ip.shape[0] / C_PENALTY_WIDTH
+        return self.weight
+
     def image_attention(self, q: torch.Tensor, extra: dict) -> torch.Tensor:
-        """softmax(q k_ip^T) v_ip per row, with the cond or uncond tokens each chunk calls for."""
+        """The weighted image-attention term per row, with the cond or uncond tokens each chunk calls for."""
         heads = extra["n_heads"]
         chunks = list(extra.get("cond_or_uncond") or [0])
+        unconditional = cond_chunks.unconditional_indexes(extra)
         rows = q.shape[0]
         if rows % len(chunks):
             raise ValueError(f"batch of {rows} does not split into the {len(chunks)} chunks of cond_or_uncond {chunks}")
         per = rows // len(chunks)
         k_w = self.to_k_ip.to(q.device, q.dtype)
         v_w = self.to_v_ip.to(q.device, q.dtype)
+        weight = self.effective_weight()
+        kv_scaled = self.scaling != "V only"
         out = torch.empty_like(q)
         for is_uncond in (False, True):
-            idx = [i * per + r for i, c in enumerate(chunks) if (c == UNCOND) == is_uncond for r in range(per)]
-            if not idx:
+            picked = [i for i, c in enumerate(chunks) if (c in unconditional) == is_uncond]
+            if not picked:
                 continue
+            idx = [i * per + r for i in picked for r in range(per)]
             tokens = (self.uncond if is_uncond else self.cond).to(q.device, q.dtype)
-            k_ip = torch.nn.functional.linear(tokens, k_w).expand(len(idx), -1, -1)
-            v_ip = torch.nn.functional.linear(tokens, v_w).expand(len(idx), -1, -1)
+            k_ip = torch.nn.functional.linear(tokens, k_w)
+            v_ip = torch.nn.functional.linear(tokens, v_w)
+            if kv_scaled:
+                k_ip, v_ip = k_ip * weight, v_ip * weight
+            if tokens.shape[0] == 1:
+                k_ip, v_ip = k_ip.expand(len(idx), -1, -1), v_ip.expand(len(idx), -1, -1)
+            else:  # batch mode: row r of each chunk reads token row min(r, N - 1)
+                which = torch.clamp(torch.arange(per, device=q.device), max=tokens.shape[0] - 1).repeat(len(picked))
+                k_ip, v_ip = k_ip[which], v_ip[which]
             if len(idx) == rows:
-                return _attention(q, k_ip, v_ip, heads, extra)
+                out = _attention(q, k_ip, v_ip, heads, extra)
+                break
             index = torch.tensor(idx, device=q.device)
             out[index] = _attention(q[index], k_ip, v_ip, heads, extra)
-        return out
+        return out if kv_scaled else out * weight
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
         base = self.prev(q, k, v, extra) if self.prev is not None else _attention(q, k, v, extra["n_heads"], extra)
@@ -135,7 +163,7 @@ class IPAttention:
         gate = self._gate(extra, q.shape[0], q)
         if gate is not None and not bool(gate.any()):
             return base
-        ip = self.image_attention(q, extra) * self.weight
+        ip = self.image_attention(q, extra)
         if gate is not None:
             ip = ip * gate[:, None, None]
         if self.mask is not None:

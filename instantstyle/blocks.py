@@ -14,27 +14,34 @@ style and layout has been shown for SD1.5 (B-LoRA #8); cubiq's SD1.5 "style tran
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 import torch
 
-PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
-    "sdxl": {
-        "style": ("up_blocks.0.attentions.1",),
-        "layout": ("down_blocks.2.attentions.1",),
-        "style+layout": ("up_blocks.0.attentions.1", "down_blocks.2.attentions.1"),
-    },
-    "sd15": {
-        "style": ("up_blocks.1",),
-        "layout": ("down_blocks.2", "mid_block"),
-        "style+layout": ("up_blocks.1", "down_blocks.2", "mid_block"),
-    },
+# The style and the layout block of each family (diffusers names); a preset is a choice of them.
+BLOCK_ROLES: dict[str, dict[str, tuple[str, ...]]] = {
+    "sdxl": {"style": ("up_blocks.0.attentions.1",), "layout": ("down_blocks.2.attentions.1",)},
+    "sd15": {"style": ("up_blocks.1",), "layout": ("down_blocks.2", "mid_block")},
 }
-PRESET_NAMES = ("style", "layout", "style+layout", "all blocks", "custom")
+# preset -> the roles it patches. "precise style" (cubiq's "style transfer precise", CrossAttentionPatch.py
+# at f204d6f): the style block as "style", and the layout block with the image tokens given to the
+# unconditional chunks and zero tokens to the conditional ones, so CFG steers away from the reference's
+# layout (see apply.plan_layers).
+PRESET_ROLES: dict[str, tuple[str, ...]] = {
+    "style": ("style",), "layout": ("layout",), "style+layout": ("style", "layout"),
+    "precise style": ("style", "layout"),
+}
+PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
+    family: {preset: tuple(p for role in roles for p in blocks[role]) for preset, roles in PRESET_ROLES.items()}
+    for family, blocks in BLOCK_ROLES.items()
+}
+PRESET_NAMES = ("style", "layout", "style+layout", "all blocks", "custom", "precise style")
 KINDS = ("input", "middle", "output")
 _COMFY_KEY = re.compile(r"\b(input|middle|output)\b\W{0,4}?(\d+)(?:\W{1,4}(\d+))?", re.IGNORECASE)
 _DIFFUSERS_NAME = re.compile(r"\b((?:down|up)_blocks\.\d+(?:\.attentions\.\d+)?|mid_block(?:\.attentions\.0)?)\b")
+_WEIGHT = re.compile(r"(.*?)\s*[:=]\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
 
 
 @dataclass(frozen=True)
@@ -130,55 +137,109 @@ def select_by_names(layers: list[AttnLayer], prefixes: tuple[str, ...], what: st
     return sorted(chosen, key=lambda layer: layer.index)
 
 
-def parse_custom(text: str) -> list[tuple[str, int, int | None] | str]:
-    """``"output 1, input 8, middle 0"`` (also ``output:1``, ``('output', 1)``, ``output 1 3`` for one
-    transformer index, or diffusers names like ``up_blocks.0.attentions.1``) -> block specs.
+Spec = tuple[str, int, "int | None"] | str
+
+
+def _clean(entry: str) -> str:
+    return entry.strip().strip("()[]\"' ")
+
+
+def _spec(entry: str) -> Spec | None:
+    m = _COMFY_KEY.fullmatch(entry.replace('"', "").replace("'", "").strip("()[] "))
+    if m:
+        return m.group(1).lower(), int(m.group(2)), None if m.group(3) is None else int(m.group(3))
+    d = _DIFFUSERS_NAME.fullmatch(entry)
+    return d.group(1) if d else None
+
+
+def parse_weighted(text: str) -> list[tuple[Spec, float]]:
+    """``"output 1:1.0, input 8:0.5"`` -> [(block spec, weight)]; an entry without ``:w`` has weight 1.
+
+    A block is a ComfyUI key (``output 1``, ``output:1``, ``('output', 1)``, ``output 1 3`` for one
+    transformer index) or a diffusers name (``up_blocks.0.attentions.1``); ``:w`` (or ``=w``) after a
+    complete block gives its weight, a factor on the node's weight (cubiq's ``layer_weights`` idea).
     """
-    specs: list[tuple[str, int, int | None] | str] = []
+    specs: list[tuple[Spec, float]] = []
     for raw in re.split(r"[;,\n]\s*(?=[A-Za-z(\[\"']|$)", text):
-        entry = raw.strip().strip("()[]\"' ")
-        if not entry:
+        entry = raw.strip()
+        if not entry.strip("()[]\"' "):
             continue
-        m = _COMFY_KEY.fullmatch(entry.replace('"', "").replace("'", "").strip("()[] "))
-        d = _DIFFUSERS_NAME.fullmatch(entry)
-        if m:
-            specs.append((m.group(1).lower(), int(m.group(2)), None if m.group(3) is None else int(m.group(3))))
-        elif d:
-            specs.append(d.group(1))
+        weight, w = 1.0, _WEIGHT.fullmatch(entry)
+        spec = _spec(_clean(w.group(1))) if w else None
+        if spec is not None:
+            weight = float(w.group(2))
         else:
-            raise ValueError(f"custom block {entry!r} is not a block key: write e.g. 'output 1, input 8, middle 0' "
-                             "(ComfyUI keys) or 'up_blocks.0.attentions.1' (diffusers names).")
+            spec = _spec(_clean(entry))
+        if spec is None:
+            raise ValueError(f"custom block {entry!r} is not a block key: write e.g. 'output 1, input 8:0.5, "
+                             "middle 0' (ComfyUI keys, ':weight' optional) or 'up_blocks.0.attentions.1' "
+                             "(diffusers names).")
+        if not math.isfinite(weight):
+            raise ValueError(f"custom block {entry!r} has weight {weight}: give a finite number.")
+        specs.append((spec, weight))
     if not specs:
         raise ValueError("preset 'custom' needs at least one block in custom_blocks, e.g. 'output 1'.")
     return specs
 
 
+def parse_custom(text: str) -> list[Spec]:
+    """The block specs of ``custom_blocks`` (weights dropped); see :func:`parse_weighted`."""
+    return [spec for spec, _ in parse_weighted(text)]
+
+
+def _hit(layers: list[AttnLayer], spec: Spec) -> list[AttnLayer]:
+    if isinstance(spec, str):
+        return select_by_names(layers, (spec,), f"custom block {spec!r}")
+    kind, block_id, t = spec
+    hit = [layer for layer in layers if layer.block == (kind, block_id) and (t is None or layer.key[2] == t)]
+    if not hit:
+        label = f"{kind} {block_id}" + ("" if t is None else f" {t}")
+        raise ValueError(f"custom block '{label}' does not exist in this model; its cross-attention blocks "
+                         f"are: {available_blocks(layers)}.")
+    return hit
+
+
+def weighted_custom(layers: list[AttnLayer], text: str) -> list[tuple[AttnLayer, float]]:
+    """(layer, weight factor) for every layer ``custom_blocks`` names; a later entry overrides an earlier one."""
+    chosen: dict[int, tuple[AttnLayer, float]] = {}
+    for spec, weight in parse_weighted(text):
+        for layer in _hit(layers, spec):
+            chosen[layer.index] = (layer, weight)
+    return [chosen[i] for i in sorted(chosen)]
+
+
 def select_custom(layers: list[AttnLayer], text: str) -> list[AttnLayer]:
-    chosen: list[AttnLayer] = []
-    for spec in parse_custom(text):
-        if isinstance(spec, str):
-            hit = select_by_names(layers, (spec,), f"custom block {spec!r}")
-        else:
-            kind, block_id, t = spec
-            hit = [layer for layer in layers if layer.block == (kind, block_id) and (t is None or layer.key[2] == t)]
-            if not hit:
-                label = f"{kind} {block_id}" + ("" if t is None else f" {t}")
-                raise ValueError(f"custom block '{label}' does not exist in this model; its cross-attention blocks "
-                                 f"are: {available_blocks(layers)}.")
-        chosen += [layer for layer in hit if layer not in chosen]
-    return sorted(chosen, key=lambda layer: layer.index)
+    return [layer for layer, _ in weighted_custom(layers, text)]
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A layer a preset patches, its weight factor, and its role ("style", "layout", or "" for others)."""
+
+    layer: AttnLayer
+    factor: float = 1.0
+    role: str = ""
+
+
+def plan(layers: list[AttnLayer], preset: str, custom: str = "") -> list[Planned]:
+    """The layers a preset patches, with their weight factors and roles (validated against the model)."""
+    if preset == "all blocks":
+        return [Planned(layer) for layer in layers]
+    if preset == "custom":
+        return [Planned(layer, factor) for layer, factor in weighted_custom(layers, custom)]
+    if preset not in PRESET_NAMES:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}.")
+    family = model_family(layers)
+    if family not in BLOCK_ROLES:
+        raise ValueError(f"preset {preset!r} is defined for SDXL and SD1.5 models, not for this {family} model: "
+                         "use 'all blocks' or 'custom'.")
+    planned: dict[int, Planned] = {}
+    for role in PRESET_ROLES[preset]:
+        for layer in select_by_names(layers, BLOCK_ROLES[family][role], f"preset {preset!r} ({family})"):
+            planned.setdefault(layer.index, Planned(layer, 1.0, role))
+    return [planned[i] for i in sorted(planned)]
 
 
 def select(layers: list[AttnLayer], preset: str, custom: str = "") -> list[AttnLayer]:
     """The layers a preset patches on this model (validated: a missing block is an error, never skipped)."""
-    if preset == "all blocks":
-        return list(layers)
-    if preset == "custom":
-        return select_custom(layers, custom)
-    if preset not in PRESET_NAMES:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}.")
-    family = model_family(layers)
-    if family not in PRESETS:
-        raise ValueError(f"preset {preset!r} is defined for SDXL and SD1.5 models, not for this {family} model: "
-                         "use 'all blocks' or 'custom'.")
-    return select_by_names(layers, PRESETS[family][preset], f"preset {preset!r} ({family})")
+    return [p.layer for p in plan(layers, preset, custom)]

@@ -1,26 +1,75 @@
-"""IP-Adapter Loader and InstantStyle Apply: thin V3 wrappers over ``instantstyle``."""
+"""IP-Adapter Loader, InstantStyle Apply and the embeds nodes (Encode, Apply Embeds, Combine, Save, Load):
+thin V3 wrappers over ``instantstyle``."""
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import folder_paths
 from comfy_api.latest import io
 
-from ..instantstyle import adapter_file, apply, blocks
-from . import checks
+from ..instantstyle import adapter_file, apply, attention, blocks
+from ..instantstyle import embeds as style_embeds
+from ..training import files as weights_file
+from ..training import names
+from . import checks, saved_files
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "FrozenTune/InstantStyle"
 FOLDER = "ipadapter"
+EMBEDS_FOLDER = "ipadapter_embeds"
 IPAdapterType = io.Custom("IPADAPTER")
+# Our own socket type: cubiq's "EMBEDS" is a bare tensor his nodes read without checks, so sharing the
+# name would let either pack's embeds reach the other's nodes and fail there (see embeds.py).
+EmbedsType = io.Custom("IPADAPTER_EMBEDS")
 
 # models/ipadapter/ (the folder name other IP-Adapter packs use too, so files are found by both).
 if FOLDER not in folder_paths.folder_names_and_paths:
     folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)],
                                                    {".safetensors", ".bin"})
+# models/ipadapter_embeds/: embeds written by InstantStyle Save Embeds, listed by Load Embeds.
+if EMBEDS_FOLDER not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths[EMBEDS_FOLDER] = ([os.path.join(folder_paths.models_dir, EMBEDS_FOLDER)],
+                                                          {".safetensors"})
+
+PRESET_TIP = ("Blocks that receive the image: style (SDXL output 1), layout (SDXL input 8), style+layout, all blocks "
+              "(the original IP-Adapter), custom (custom_blocks with a weight per block), or precise style (style "
+              "block at weight; the layout block's image tokens go to the unconditional side, so guidance steers "
+              "away from the reference's layout; cubiq's 'style transfer precise').")
+CUSTOM_TIP = ("For preset 'custom': comma-separated blocks with optional weights (factors on weight), e.g. "
+              "'output 1:1.0, input 8:0.5, middle 0' (or diffusers names like up_blocks.0.attentions.1:0.8). "
+              "Checked against the model: a block it lacks is an error listing the ones it has.")
+SCALING_TIP = ("Where the weight acts: V only (weight x the image attention; the official/diffusers maths), K+V (keys "
+               "and values scaled, which also sharpens or flattens the attention), K+V w/ C penalty (K+V with weight "
+               "x width/1280, so SDXL's 640-wide layers get half).")
+
+
+def model_input() -> io.Model.Input:
+    return io.Model.Input("model", tooltip="The model to style (SD1.5 or SDXL family). It is not modified.")
+
+
+def window_inputs() -> list[io.Float.Input]:
+    return [io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
+                           tooltip="Fraction of the schedule where the image attention starts (by sigma)."),
+            io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
+                           tooltip="Fraction of the schedule where it stops.")]
+
+
+def subtraction_inputs() -> list:
+    return [io.String.Input("content_text", default="", tooltip="What the reference shows (e.g. 'a cat'): its CLIP "
+                            "text embedding is subtracted from the image embedding to keep its content out. Needs "
+                            "the clip input; plain adapters only."),
+            io.Float.Input("subtract", default=0.5, min=0.0, max=2.0, step=0.05,
+                           tooltip="Scale of the content subtraction: image_embeds - subtract * text_embeds "
+                           "(official gradio default 0.5). Ignored while content_text is empty.")]
+
+
+def mask_input() -> io.Mask.Input:
+    return io.Mask.Input("attn_mask", optional=True, tooltip="Optional mask: where in the picture the style "
+                         "image acts (1) and where not (0).")
 
 
 class IPAdapterLoader(io.ComfyNode):
@@ -67,7 +116,7 @@ class InstantStyleApply(io.ComfyNode):
                 "is untouched. SD1.5 presets are experimental (style = up_blocks.1; layout = down_blocks.2 + middle)."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The model to style (SD1.5 or SDXL family). It is not modified."),
+                model_input(),
                 IPAdapterType.Input("ipadapter", tooltip="From IP-Adapter Loader; it must match the model family."),
                 io.ClipVision.Input("clip_vision", tooltip="The adapter's image encoder from the stock CLIPVisionLoader "
                                     "(ViT-bigG for ip-adapter_sdxl, ViT-H for the vit-h and SD1.5 adapters)."),
@@ -75,31 +124,19 @@ class InstantStyleApply(io.ComfyNode):
                                "concatenated (see combine_images)."),
                 io.Float.Input("weight", default=1.0, min=-1.0, max=5.0, step=0.05,
                                tooltip="Strength of the image attention (1 = the official scale; 0 = no effect)."),
-                io.Combo.Input("preset", options=list(blocks.PRESET_NAMES), default="style",
-                               tooltip="Blocks that receive the image: style (SDXL output 1), layout (SDXL input 8), "
-                               "style+layout, all blocks (the original IP-Adapter), or custom."),
-                io.String.Input("custom_blocks", default="output 1", tooltip="For preset 'custom': comma-separated "
-                                "block keys such as 'output 1, input 8, middle 0' (or diffusers names like "
-                                "up_blocks.0.attentions.1). Checked against the model."),
+                io.Combo.Input("preset", options=list(blocks.PRESET_NAMES), default="style", tooltip=PRESET_TIP),
+                io.String.Input("custom_blocks", default="output 1", tooltip=CUSTOM_TIP),
                 io.Combo.Input("combine_images", options=list(apply.COMBINE_MODES), default="average",
-                               tooltip="Several style images: average their embeddings, or concatenate their tokens "
-                               "(every image attended to at once)."),
-                io.String.Input("content_text", default="", tooltip="What the reference shows (e.g. 'a cat'): its "
-                                "CLIP text embedding is subtracted from the image embedding to keep its content "
-                                "out. Needs the clip input; plain adapters only."),
-                io.Float.Input("subtract", default=0.5, min=0.0, max=2.0, step=0.05,
-                               tooltip="Scale of the content subtraction: image_embeds - subtract * text_embeds "
-                               "(official gradio default 0.5). Ignored while content_text is empty."),
-                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the schedule where the image attention starts (by sigma)."),
-                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the schedule where it stops."),
+                               tooltip="Several style images: average their embeddings, concatenate their tokens "
+                               "(every image attended to at once), or batch (image i styles latent i of the "
+                               "batch; the last image repeats)."),
+                *subtraction_inputs(),
+                *window_inputs(),
                 io.Clip.Input("clip", optional=True, tooltip="Text encoder for content_text, in the image encoder's "
                               "space: the SDXL CLIP (clip_g pooled, 1280-d) for ViT-bigG adapters."),
                 io.Image.Input("negative_image", optional=True, tooltip="Optional image for the unconditional "
                                "branch instead of the zero embedding (e.g. noise, or what to steer away from)."),
-                io.Mask.Input("attn_mask", optional=True, tooltip="Optional mask: where in the picture the style "
-                              "image acts (1) and where not (0)."),
+                mask_input(),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="A patched copy of the model.")],
         )
@@ -112,15 +149,225 @@ class InstantStyleApply(io.ComfyNode):
         settings = apply.StyleSettings(weight=weight, preset=preset, custom_blocks=custom_blocks,
                                        combine=combine_images, subtract=subtract, start=start_at, end=end_at)
         chosen = apply.select_layers(model, ipadapter, settings)
-        content_pooled = None
-        if content_text.strip() and subtract != 0:
-            if clip is None:
-                raise ValueError("content_text is set but the clip input is empty: connect the text encoder "
-                                 "(the SDXL CLIP for ViT-bigG adapters), or clear content_text.")
-            _, content_pooled = clip.encode_from_tokens(clip.tokenize(content_text), return_pooled=True)
-            content_pooled = content_pooled.float()
+        content_pooled = content_embedding(clip, content_text, subtract)
         cond, uncond = apply.encode_tokens(ipadapter, clip_vision, image, settings, negative_image, content_pooled)
         return io.NodeOutput(apply.patch_model(model, ipadapter, chosen, cond, uncond, settings, attn_mask))
 
 
-NODES = [IPAdapterLoader, InstantStyleApply]
+def content_embedding(clip, content_text: str, subtract: float):
+    """The pooled text embedding of content_text (None when nothing is to be subtracted)."""
+    if not content_text.strip() or subtract == 0:
+        return None
+    if clip is None:
+        raise ValueError("content_text is set but the clip input is empty: connect the text encoder "
+                         "(the SDXL CLIP for ViT-bigG adapters), or clear content_text.")
+    _, pooled = clip.encode_from_tokens(clip.tokenize(content_text), return_pooled=True)
+    return pooled.float()
+
+
+class InstantStyleEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FrozenTuneInstantStyleEncode",
+            display_name="InstantStyle Encode",
+            category=CATEGORY,
+            description=(
+                "Encodes style image(s) once into embeds (the CLIP-vision features the IP-Adapter projects, "
+                "minus the content text embedding when content_text is set), to apply, combine or save. "
+                "negative_embeds are the negative image's features, or the reference's zeros."
+            ),
+            inputs=[
+                IPAdapterType.Input("ipadapter", tooltip="From IP-Adapter Loader: says which features to keep "
+                                    "(image embeds for plain adapters, patch tokens for Plus) and their width."),
+                io.ClipVision.Input("clip_vision", tooltip="The adapter's image encoder from the stock "
+                                    "CLIPVisionLoader (ViT-bigG for ip-adapter_sdxl)."),
+                io.Image.Input("image", tooltip="The style reference(s); every image is kept (one row each)."),
+                *subtraction_inputs(),
+                io.Clip.Input("clip", optional=True, tooltip="Text encoder for content_text: the SDXL CLIP "
+                              "(clip_g pooled, 1280-d) for ViT-bigG adapters."),
+                io.Image.Input("negative_image", optional=True, tooltip="Image(s) for the unconditional side "
+                               "instead of the zero embedding."),
+            ],
+            outputs=[EmbedsType.Output(display_name="embeds", tooltip="The style embeds, one row per image."),
+                     EmbedsType.Output(display_name="negative_embeds", tooltip="The unconditional embeds.")],
+        )
+
+    @classmethod
+    def execute(cls, ipadapter, clip_vision, image, content_text, subtract, clip=None,
+                negative_image=None) -> io.NodeOutput:
+        checks.finite(subtract=subtract)
+        pooled = content_embedding(clip, content_text, subtract)
+        embeds, negative = apply.encode_embeds(ipadapter, clip_vision, image, subtract, pooled, negative_image)
+        log.info("InstantStyle Encode: %s", embeds.describe())
+        return io.NodeOutput(embeds, negative)
+
+
+class InstantStyleApplyEmbeds(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FrozenTuneInstantStyleApplyEmbeds",
+            display_name="InstantStyle Apply Embeds",
+            category=CATEGORY,
+            description=(
+                "InstantStyle Apply from embeds (InstantStyle Encode, Combine Embeds or Load Embeds) instead of "
+                "images, so one encoding serves many generations. composition_embeds give the layout block its "
+                "own image (style from one image, composition from another); weight and composition_weight are "
+                "the style and layout blocks' sliders. Returns a patched copy of MODEL."
+            ),
+            inputs=[
+                model_input(),
+                IPAdapterType.Input("ipadapter", tooltip="From IP-Adapter Loader; the embeds must come from its "
+                                    "image encoder."),
+                EmbedsType.Input("embeds", tooltip="Style embeds (one or more images)."),
+                io.Float.Input("weight", default=1.0, min=-1.0, max=5.0, step=0.05,
+                               tooltip="Strength of the image attention in the style block (and every other block "
+                               "the preset patches); 1 = the official scale, 0 = no effect."),
+                io.Float.Input("composition_weight", default=1.0, min=-1.0, max=5.0, step=0.05,
+                               tooltip="Strength in the layout block for presets style+layout and precise style "
+                               "(cubiq's weight_composition / style_boost)."),
+                io.Combo.Input("preset", options=list(blocks.PRESET_NAMES), default="style+layout",
+                               tooltip=PRESET_TIP),
+                io.String.Input("custom_blocks", default="output 1:1.0, input 8:0.5", tooltip=CUSTOM_TIP),
+                io.Combo.Input("combine_embeds", options=list(apply.COMBINE_MODES), default="average",
+                               tooltip="Several images in the embeds: average their features, concatenate their "
+                               "tokens, or batch (image i styles latent i; the last repeats)."),
+                io.Combo.Input("embeds_scaling", options=list(attention.SCALING_MODES), default="V only",
+                               tooltip=SCALING_TIP),
+                *window_inputs(),
+                EmbedsType.Input("negative_embeds", optional=True, tooltip="Unconditional embeds (from Encode or "
+                                 "Load Embeds); empty = the zero embedding (plain adapters; Plus needs them)."),
+                EmbedsType.Input("composition_embeds", optional=True, tooltip="Embeds for the layout block only "
+                                 "(needs a preset with the layout block); empty = the style embeds."),
+                mask_input(),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="A patched copy of the model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, ipadapter, embeds, weight, composition_weight, preset, custom_blocks, combine_embeds,
+                embeds_scaling, start_at, end_at, negative_embeds=None, composition_embeds=None,
+                attn_mask=None) -> io.NodeOutput:
+        checks.finite(weight=weight, composition_weight=composition_weight, start_at=start_at, end_at=end_at)
+        settings = apply.StyleSettings(weight=weight, preset=preset, custom_blocks=custom_blocks,
+                                       combine=combine_embeds, start=start_at, end=end_at, scaling=embeds_scaling,
+                                       composition_weight=composition_weight)
+        chosen = apply.select_layers(model, ipadapter, settings)
+        cond, uncond = apply.tokens_from_embeds(ipadapter, embeds, negative_embeds, combine_embeds)
+        composition = None
+        if composition_embeds is not None:
+            style_embeds.check_fits(composition_embeds, ipadapter.projection, ipadapter.embed_width, ipadapter.name,
+                                    "composition_embeds")
+            composition = apply.style_tokens(ipadapter, composition_embeds.features, combine_embeds)
+        return io.NodeOutput(apply.patch_model(model, ipadapter, chosen, cond, uncond, settings, attn_mask,
+                                               composition))
+
+
+class InstantStyleCombineEmbeds(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FrozenTuneInstantStyleCombineEmbeds",
+            display_name="InstantStyle Combine Embeds",
+            category=CATEGORY,
+            description=("Combines up to four embeds: concat keeps every image (Apply then averages, "
+                         "concatenates or batches them), average makes one image of all, weighted makes one image "
+                         "sum(w_i * e_i) / sum(w_i) from the inputs' means."),
+            inputs=[
+                io.Combo.Input("method", options=list(style_embeds.COMBINE_METHODS), default="average",
+                               tooltip="concat (all images kept), average (the mean of every image's features) "
+                               "or weighted (the inputs' means weighted by weight_1..4, divided by their sum)."),
+                EmbedsType.Input("embeds_1", tooltip="Embeds from Encode, Load Embeds or another Combine."),
+                io.Float.Input("weight_1", default=1.0, min=-5.0, max=5.0, step=0.05,
+                               tooltip="Weight of embeds_1 (method weighted only)."),
+                EmbedsType.Input("embeds_2", optional=True, tooltip="More embeds (same image encoder)."),
+                io.Float.Input("weight_2", default=1.0, min=-5.0, max=5.0, step=0.05, optional=True,
+                               tooltip="Weight of embeds_2 (method weighted only)."),
+                EmbedsType.Input("embeds_3", optional=True, tooltip="More embeds (same image encoder)."),
+                io.Float.Input("weight_3", default=1.0, min=-5.0, max=5.0, step=0.05, optional=True,
+                               tooltip="Weight of embeds_3 (method weighted only)."),
+                EmbedsType.Input("embeds_4", optional=True, tooltip="More embeds (same image encoder)."),
+                io.Float.Input("weight_4", default=1.0, min=-5.0, max=5.0, step=0.05, optional=True,
+                               tooltip="Weight of embeds_4 (method weighted only)."),
+            ],
+            outputs=[EmbedsType.Output(display_name="embeds", tooltip="The combined embeds.")],
+        )
+
+    @classmethod
+    def execute(cls, method, embeds_1, weight_1, embeds_2=None, weight_2=1.0, embeds_3=None, weight_3=1.0,
+                embeds_4=None, weight_4=1.0) -> io.NodeOutput:
+        checks.finite(weight_1=weight_1, weight_2=weight_2, weight_3=weight_3, weight_4=weight_4)
+        checks.choice("method", method, style_embeds.COMBINE_METHODS)
+        pairs = [(e, w) for e, w in ((embeds_1, weight_1), (embeds_2, weight_2), (embeds_3, weight_3),
+                                     (embeds_4, weight_4)) if e is not None]
+        return io.NodeOutput(style_embeds.combine([e for e, _ in pairs], method, [w for _, w in pairs]))
+
+
+class InstantStyleSaveEmbeds(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FrozenTuneInstantStyleSaveEmbeds",
+            display_name="InstantStyle Save Embeds",
+            category=CATEGORY,
+            is_output_node=True,
+            description=("Saves embeds (and their negative) as a safetensors file in models/ipadapter_embeds/, "
+                         "listed by InstantStyle Load Embeds. Its outputs are the embeds read back from the file, "
+                         "so what follows uses exactly what was saved."),
+            inputs=[
+                EmbedsType.Input("embeds", tooltip="The embeds to save."),
+                io.String.Input("filename", default="ipadapter_embeds/style", tooltip="File name in "
+                                "models/ipadapter_embeds/ (sub-folders allowed, e.g. 'paintings/monet'). A counter "
+                                "is appended if the file exists."),
+                EmbedsType.Input("negative_embeds", optional=True, tooltip="Saved with them, so Load Embeds "
+                                 "returns both."),
+            ],
+            outputs=[EmbedsType.Output(display_name="embeds", tooltip="The embeds as read back from the file."),
+                     EmbedsType.Output(display_name="negative_embeds", tooltip="The negative embeds as read back "
+                                       "(empty when none were saved)."),
+                     io.String.Output(display_name="path", tooltip="Where the file was written.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, embeds=None, filename=None, negative_embeds=None) -> int:
+        # Runs again (writing the file again) when the file it wrote for these inputs was deleted.
+        return saved_files.fingerprint(cls.__name__, filename=filename)
+
+    @classmethod
+    def execute(cls, embeds, filename, negative_embeds=None) -> io.NodeOutput:
+        folders = {EMBEDS_FOLDER: Path(folder_paths.get_folder_paths(EMBEDS_FOLDER)[0])}
+        folder, stem = names.save_target(filename, input_name="filename", folders=folders, default=EMBEDS_FOLDER)
+        path = weights_file.unused_path(folder, stem)
+        style_embeds.save(path, embeds, negative_embeds)
+        saved_files.remember(cls.__name__, path, filename=filename)
+        log.info("InstantStyle: saved %s to %s", embeds.describe(), path)
+        back, negative = style_embeds.load(path)
+        return io.NodeOutput(back, negative, str(path))
+
+
+class InstantStyleLoadEmbeds(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FrozenTuneInstantStyleLoadEmbeds",
+            display_name="InstantStyle Load Embeds",
+            category=CATEGORY,
+            description="Loads embeds written by InstantStyle Save Embeds from models/ipadapter_embeds/.",
+            inputs=[io.Combo.Input("embeds_file", options=folder_paths.get_filename_list(EMBEDS_FOLDER),
+                                   tooltip="A file from models/ipadapter_embeds/.")],
+            outputs=[EmbedsType.Output(display_name="embeds", tooltip="The saved embeds."),
+                     EmbedsType.Output(display_name="negative_embeds", tooltip="The saved negative embeds (empty "
+                                       "when none were saved).")],
+        )
+
+    @classmethod
+    def execute(cls, embeds_file) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(EMBEDS_FOLDER, embeds_file)
+        embeds, negative = style_embeds.load(path)
+        log.info("InstantStyle: loaded %s from %s", embeds.describe(), embeds_file)
+        return io.NodeOutput(embeds, negative)
+
+
+NODES = [IPAdapterLoader, InstantStyleApply, InstantStyleEncode, InstantStyleApplyEmbeds, InstantStyleCombineEmbeds,
+         InstantStyleSaveEmbeds, InstantStyleLoadEmbeds]

@@ -30,8 +30,9 @@ def ours(layer, weight=0.7, **kw):
     from frozentune.instantstyle.attention import IPAttention
 
     proc = layer["proc"]
+    kw = {"cond": layer["cond"], "uncond": layer["uncond"], **kw}
     return IPAttention(to_k_ip=proc.to_k_ip[0].weight.detach(), to_v_ip=proc.to_v_ip[0].weight.detach(),
-                       cond=layer["cond"], uncond=layer["uncond"], weight=weight, **kw)
+                       weight=weight, **kw)
 
 
 def run_ours(layer, patch, x, text, cond_or_uncond, **extra):
@@ -240,3 +241,73 @@ def test_missing_blocks_are_errors_never_skipped(pack):
         blocks.select_custom(layers, "middle 0")
     with pytest.raises(ValueError, match="'output 1 4' does not exist"):
         blocks.select_custom(layers, "output 1 4")
+
+
+def formula(q, k_ip, v_ip, heads, weight, scaling):
+    """cubiq's embeds_scaling (CrossAttentionPatch.py at f204d6f), written out in float64 per head."""
+    if scaling == "K+V w/ C penalty":
+        weight = weight * k_ip.shape[-1] / 1280.0
+    if scaling != "V only":
+        k_ip, v_ip = k_ip * weight, v_ip * weight
+    b, n, inner = q.shape
+    d = inner // heads
+
+    def split(t):
+        return t.double().reshape(b, -1, heads, d).transpose(1, 2)
+
+    attn = torch.softmax(split(q) @ split(k_ip).transpose(-1, -2) / d ** 0.5, dim=-1)
+    out = (attn @ split(v_ip)).transpose(1, 2).reshape(b, n, inner)
+    return out * weight if scaling == "V only" else out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scaling", ["V only", "K+V", "K+V w/ C penalty"])
+def test_the_three_embeds_scalings_match_their_formulas(layer, scaling, dtype):
+    """V only = w * attn(q, k, v); K+V = attn(q, w k, w v); C penalty = K+V with w * inner / 1280
+    (here inner = 64, so w / 20). K+V at w = 3 differs from V only: scaling the keys sharpens the softmax."""
+    x, _ = inputs(4)
+    attn = layer["attn"]
+    with torch.no_grad():
+        q = attn.to_q(x).to(dtype)
+    opts = dict(n_heads=HEADS, attn_precision=None, cond_or_uncond=[0, 1])
+    patch = ours(layer, weight=3.0, scaling=scaling)
+    got = patch.image_attention(q, opts)
+    assert got.dtype == dtype
+    w_k, w_v = patch.to_k_ip.double(), patch.to_v_ip.double()
+    tokens = torch.cat([layer["cond"].expand(2, -1, -1), layer["uncond"].expand(2, -1, -1)]).double()
+    expected = formula(q, tokens @ w_k.T, tokens @ w_v.T, HEADS, 3.0, scaling)
+    rel = ((got.double() - expected).norm() / expected.norm()).item()
+    assert rel < {torch.float32: 1e-6, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype], rel
+    if scaling == "K+V" and dtype == torch.float32:
+        v_only = ours(layer, weight=3.0).image_attention(q, opts)
+        assert not torch.allclose(got, v_only, rtol=1e-2)
+    if scaling == "K+V w/ C penalty" and dtype == torch.float32:
+        assert patch.effective_weight() == 3.0 * HEADS * DIM_HEAD / 1280
+
+
+def test_batch_mode_gives_row_i_the_tokens_of_image_i(layer):
+    """cond tokens [3, T, C]: in every chunk, row r attends to image min(r, 2) (the last repeats)."""
+    gen = torch.Generator().manual_seed(7)
+    images = torch.randn(3, TOKENS, CTX, generator=gen)
+    per = 4
+    x, text = inputs(2 * per)
+    patch = ours(layer, cond=images, uncond=layer["uncond"])
+    got = run_ours(layer, patch, x, text, [1, 0])
+    for r in range(per):
+        row = per + r  # the conditional chunk is the second one
+        alone = run_diffusers(layer, x[row:row + 1], text[row:row + 1], images[min(r, 2)][None])
+        assert_close(got[row:row + 1], alone)
+        assert_close(got[r:r + 1], run_diffusers(layer, x[r:r + 1], text[r:r + 1], layer["uncond"]))
+    assert not torch.allclose(got[per], got[per + 1], atol=1e-3)
+
+
+@pytest.mark.parametrize("declared, uncond_chunks", [(None, {1}), ((1, 2), {1, 2}), ((0,), {0})])
+def test_the_guiders_declaration_says_which_chunks_get_the_unconditional_tokens(layer, declared, uncond_chunks):
+    from frozentune.training import cond_chunks
+
+    x, text = inputs(3)
+    extra = {} if declared is None else {cond_chunks.KEY: declared}
+    got = run_ours(layer, ours(layer), x, text, [0, 1, 2], **extra)
+    for row in range(3):
+        tokens = layer["uncond"] if row in uncond_chunks else layer["cond"]
+        assert_close(got[row:row + 1], run_diffusers(layer, x[row:row + 1], text[row:row + 1], tokens))
