@@ -205,3 +205,18 @@ class Shown:
 
     def grid(self) -> torch.Tensor:
         return grid(self.images)
+
+
+def after_step(on_step: Callable[[int, int, float], None] | None, preview: Preview | None, render: Render,
+               modules: Iterable[torch.nn.Module] = ()) -> Callable[[int, int, float], None] | None:
+    """A trainer's step hook: ``on_step`` first (so Cancel comes first), then the preview when one is due."""
+    if preview is None or preview.every == 0:
+        return on_step
+    modules = tuple(modules)
+
+    def hook(step: int, total: int, loss: float) -> None:
+        if on_step is not None:
+            on_step(step, total, loss)
+        preview.maybe(step, render, modules=modules)
+
+    return hook

@@ -20,11 +20,13 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 
 from ..training import checkpointing, loop, objective, optimizers, precision
 from ..training import family as families
+from ..training import preview as previews
 from ..training.conditioning import training_conds
 from .lora import LoraWeight
 
@@ -206,6 +208,7 @@ class TrainingRun:
         self.optimizer = _optimizer(self.params, settings, in_backward=self.in_backward)
         self.scaler = precision.grad_scaler(device, self.dtype)
         self.x0 = self.twin.latent_format.process_in(latents.detach().to(device, torch.float32).clone())
+        self.conditioning = conditioning
         conds = training_conds(self.twin, conditioning, self.x0[:1], device)
         self.conds = {k: v.expand(settings.batch_size, *v.shape[1:]) for k, v in conds.items()}
 
@@ -235,6 +238,23 @@ class TrainingRun:
         self.scaler.update()
         return value
 
+    def render(self, preview: previews.Preview) -> torch.Tensor:
+        """The preview latent: the training caption drawn from the preview's fixed noise (the image reconstructed).
+
+        The twin's forward with the current trained weights, under the training autocast; the noise keeps
+        the training image's aspect at the preview's size, and SDXL's size conditioning is built for it.
+        """
+        h, w = preview.latent_size(self.x0.shape[-2] * 8, self.x0.shape[-1] * 8)
+        noise = previews.fixed_noise((1, self.x0.shape[1], h, w), preview.seed, self.device, torch.float32)
+        conds = training_conds(self.twin, self.conditioning, noise, self.device)
+        ms = self.twin.model_sampling
+
+        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            with precision.autocast(self.device, self.dtype):
+                return self.twin.apply_model(x, sigma, **conds).float()
+
+        return previews.euler(denoise, noise, previews.sigmas(ms, preview.steps), model_sampling=ms)
+
     def release(self) -> None:
         """Free the optimizer state and gradients (before the deltas are built, which need neither)."""
         if isinstance(self.optimizer, optimizers.StepInBackward):
@@ -249,27 +269,30 @@ class TrainingRun:
 
 
 def fine_tune(base, latents: torch.Tensor, conditioning: list, settings: FineTuneSettings,
-              on_step: Callable[[int, int, float], None] | None = None) -> FineTuneResult:
+              on_step: Callable[[int, int, float], None] | None = None,
+              preview: previews.Preview | None = None) -> FineTuneResult:
     """Train on a frozen twin of ``base`` (a ModelPatcher) on ``latents`` ``[N, C, h, w]`` (VAE space).
 
     ``on_step(step, total, loss)`` runs after every optimizer step; ComfyUI's ProgressBar there is
-    what makes Cancel work. Returns the trained patches; the twin and its fp32 state are freed before
-    returning.
+    what makes Cancel work. Then, when one is due, ``preview`` draws the caption at the current weights
+    (``TrainingRun.render``; no effect on training). Returns the trained patches; the twin and its fp32
+    state are freed before returning.
     """
     import comfy.model_management as mm
 
     settings.check()
     mm.load_models_gpu([base], force_patch_weights=True)
     family = families.model_family(base.model)
-    run = None
+    run = hook = None
     try:
         with torch.inference_mode(False), torch.enable_grad():
             base_print = families.fingerprint(base.model.diffusion_model)
             run = TrainingRun(base, latents, conditioning, settings)
             initial, live_print = _initial_weights(base, run.unet, run.loras)
+            hook = previews.after_step(on_step, preview, partial(run.render, preview), modules=(run.twin,))
             with run.checkpointing():
                 losses = loop.run(settings.steps, run.step, what="UniTune", learning_rate=settings.learning_rate,
-                                  on_step=on_step)
+                                  on_step=hook)
             run.release()
             with torch.no_grad():
                 if run.loras:
@@ -289,7 +312,7 @@ def fine_tune(base, latents: torch.Tensor, conditioning: list, settings: FineTun
     finally:
         if run is not None:
             run.release()  # also on Cancel: the per-parameter hooks would keep the state alive
-        del run
+        del run, hook  # the preview hook holds the run too
         mm.soft_empty_cache()
 
 
