@@ -27,10 +27,14 @@ from pathlib import Path
 import torch
 
 from ..training import user_paths
+from ..training.image_folder import IMAGE_SUFFIXES
+from ..training.image_folder import list_images as _list_images
+from ..training.image_folder import names as _names
+from ..training.image_folder import open_image as _open
+from ..training.image_folder import to_uint8 as _to_tensor
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MANIFEST_KEYS = ("image", "conditioning_image", "text")
 
 
@@ -39,24 +43,6 @@ class Pair:
     image: Path
     hint: Path
     caption: str
-
-
-def _list_images(folder: Path) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-            continue
-        if path.stem in found:
-            raise ValueError(f"{folder} holds two images named {path.stem!r} ({found[path.stem].name} and "
-                             f"{path.name}): keep one, names must be unique by stem.")
-        found[path.stem] = path
-    return found
-
-
-def _names(paths, limit: int = 5) -> str:
-    paths = sorted(paths)
-    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
-    return ", ".join(paths[:limit]) + more
 
 
 class _Confined:
@@ -155,23 +141,6 @@ def fingerprint(pairs: list[Pair]) -> str:
                 digest.update(f"{path.name}\0".encode() + hashlib.file_digest(f, "sha256").digest())
         digest.update(pair.caption.encode("utf-8") + b"\0")
     return digest.hexdigest()
-
-
-def _open(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        img = Image.open(path)
-        img.load()
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise ValueError(f"cannot read {path} ({err}): replace the file or remove the pair.") from err
-    return img
-
-
-def _to_tensor(img) -> torch.Tensor:
-    import numpy as np
-
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
 
 
 def fit(images: torch.Tensor, resolution: int, method: str) -> torch.Tensor:

@@ -10,8 +10,9 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..training import files as weights_file
-from ..training import names
+from ..training import image_folder, names, user_paths
 from ..training import precision as training_precision
+from ..training import preview as previews
 from ..training.loss_curve import loss_curve_image
 from ..unitune import textual_inversion as ti
 from ..unitune.finetune import prepare_images
@@ -30,6 +31,22 @@ CAPTIONS_TOOLTIP = (
 PRECISION_TOOLTIP = (
     "Compute dtype of training (autocast). auto: bf16 on a CUDA GPU that supports it, else fp16 with loss "
     "scaling; fp32 on the CPU. The vectors train in fp32 whatever you pick; the models keep their load dtype.")
+
+FOLDER_TOOLTIP = (
+    "Instead of the image input: a folder of views of the concept (.png, .jpg, .jpeg, .webp, .bmp directly in it; "
+    "other files and subfolders are ignored), read as the stock Load Image node reads a file. All must be the "
+    "same size (different sizes are refused, naming them; nothing is resized). It must be inside ComfyUI's "
+    "input folder (relative paths start there, e.g. 'my_concept') or a folder the server's admin lists in "
+    "FROZENTUNE_DATA_DIRS; other paths are refused. Leave empty to train on the image input; giving both is "
+    "refused.")
+
+PREVIEW_MAX = 256
+PREVIEW_TOOLTIP = (
+    "Draw a preview every N steps (0 = off): the first caption of the captions choice ('a photo of a "
+    "embedding:name' for object templates) sampled in 4 Euler steps from a fixed noise with the current "
+    "vectors, at the images' size up to 256 px, shown in the node and gathered in the previews output. Each "
+    "preview costs 1 text-encoder and 4 UNet passes without gradients (a step: 1 of each, forward and "
+    "backward). The trained vectors are identical with previews on or off.")
 
 
 def _taken(stem: str) -> bool:
@@ -60,6 +77,29 @@ def embedding_target(name: str) -> tuple[Path, str]:
     return folder / f"{word}.safetensors", word
 
 
+def preview_size(image_size) -> int:
+    """Previews as large as the training images, rounded up to 64 px, at most 256 px (the longer side)."""
+    longest = max(int(v) for v in image_size)
+    return min(PREVIEW_MAX, max(64, -(-longest // 64) * 64))
+
+
+def _roots() -> list[Path]:
+    return user_paths.roots(Path(folder_paths.get_input_directory()))
+
+
+def _views(image, folder: str) -> list:
+    """The training views: the image batch, or the images in ``folder`` (confined before anything is read)."""
+    folder = folder.strip()
+    if folder and image is not None:
+        raise ValueError(f"both folder {folder!r} and the image input are given: use one of them (clear folder to "
+                         "train on the image input, or disconnect the image).")
+    if folder:
+        return image_folder.read_views(folder, input_name="folder", roots=_roots())
+    if image is None:
+        raise ValueError("no images: connect the image input (one or several views of the concept) or set folder.")
+    return list(image)
+
+
 class TextualInversionTrain(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -80,7 +120,8 @@ class TextualInversionTrain(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="The model's text encoder(s). They are not modified; the vectors are "
                               "trained for CLIP-L (SD1.5) or CLIP-L and CLIP-G together (SDXL)."),
                 io.Vae.Input("vae", tooltip="The model's VAE, used once to encode the images."),
-                io.Image.Input("image", tooltip="One or several views of the concept, all the same size."),
+                io.Image.Input("image", optional=True, tooltip="One or several views of the concept, all the same "
+                               "size (a batch). Or leave it unconnected and set folder."),
                 io.String.Input("name", default="my_concept", tooltip="The new word: write 'embedding:name' in a "
                                 "prompt. Saved as models/embeddings/name.safetensors; if that word is taken, "
                                 "name_00001 (see the embedding output). Letters, digits, '-', '_', '.'."),
@@ -102,24 +143,32 @@ class TextualInversionTrain(io.ComfyNode):
                              tooltip="Seed for captions, noise and timesteps; the same seed gives the same result."),
                 io.Combo.Input("precision", options=list(training_precision.PRECISIONS), default="auto",
                                optional=True, tooltip=PRECISION_TOOLTIP),
+                io.String.Input("folder", default="", optional=True, tooltip=FOLDER_TOOLTIP),
+                io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
+                             tooltip=PREVIEW_TOOLTIP),
             ],
             outputs=[
                 io.String.Output(display_name="embedding", tooltip="The word to write in prompts, e.g. "
                                  "'embedding:my_concept'."),
                 io.Image.Output(display_name="loss_curve", tooltip="Training loss per step."),
                 io.String.Output(display_name="path", tooltip="Where the file was written."),
+                io.Image.Output(display_name="previews", tooltip="The previews drawn while training, side by side "
+                                "(a 64x64 black image when preview_every is 0)."),
             ],
         )
 
     @classmethod
     def fingerprint_inputs(cls, **inputs) -> int:
         # Runs again (writing the file again) when the file it wrote for these widget values was deleted.
+        # A folder also runs it again when its images change (as the stock Load Image re-runs on a changed file).
         widgets = {k: v for k, v in inputs.items() if k not in ("model", "clip", "vae", "image")}
-        return saved_files.fingerprint(cls.__name__, **widgets)
+        folder = (inputs.get("folder") or "").strip()
+        views = image_folder.signature(folder, input_name="folder", roots=_roots()) if folder else ""
+        return f"{saved_files.fingerprint(cls.__name__, **widgets)}:{views}"
 
     @classmethod
-    def execute(cls, model, clip, vae, image, name, init_text, vectors, captions, steps, batch_size, learning_rate,
-                seed, precision="auto") -> io.NodeOutput:
+    def execute(cls, model, clip, vae, name, init_text, vectors, captions, steps, batch_size, learning_rate,
+                seed, precision="auto", image=None, folder="", preview_every=0) -> io.NodeOutput:
         checks.finite(learning_rate=learning_rate)
         settings = ti.TextualInversionSettings(init_text=init_text, vectors=vectors, captions=captions, steps=steps,
                                                batch_size=batch_size, learning_rate=learning_rate, seed=seed,
@@ -128,8 +177,9 @@ class TextualInversionTrain(io.ComfyNode):
         if vae is None or getattr(vae, "first_stage_model", None) is None:
             raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")
         ti.initial_vectors(clip, ti.encoder_keys(model, clip), init_text, vectors)  # refuse a bad init_text first
+        views = _views(image, folder or "")
         path, word = embedding_target(name)
-        pixels = prepare_images(list(image))
+        pixels = prepare_images(views)
         latents = vae.encode(pixels)
         pbar = comfy.utils.ProgressBar(steps)
 
@@ -138,14 +188,17 @@ class TextualInversionTrain(io.ComfyNode):
             if step == 1 or step % 50 == 0 or step == total:
                 log.info("Textual inversion step %d/%d loss %.5f", step, total, loss)
 
-        result = ti.train(model, clip, latents, settings, name=word, on_step=on_step)
+        shown = previews.Shown(pbar, steps)
+        preview = previews.Preview(every=preview_every, show=shown, latent_format=model.model.latent_format,
+                                   size=preview_size(pixels.shape[1:3]))
+        result = ti.train(model, clip, latents, settings, name=word, on_step=on_step, preview=preview)
         weights_file.save(path, result.file_tensors(), result.metadata, format=ti.FILE_FORMAT)
         saved_files.remember(cls.__name__, path, name=name, init_text=init_text, vectors=vectors, captions=captions,
                              steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                             precision=precision)
+                             precision=precision, folder=folder, preview_every=preview_every)
         log.info("Textual inversion: saved embedding:%s (%s) to %s", word, ", ".join(result.vectors), path)
         curve = loss_curve_image(result.losses, title="textual inversion loss")
-        return io.NodeOutput(f"embedding:{word}", curve, str(path))
+        return io.NodeOutput(f"embedding:{word}", curve, str(path), shown.grid())
 
 
 NODES = [TextualInversionTrain]

@@ -31,6 +31,7 @@ import torch
 
 from ..training import family as families
 from ..training import loop, objective, optimizers, precision
+from ..training import preview as previews
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +313,24 @@ class TrainingRun:
         self.scaler.update()
         return value
 
+    def render(self, preview: previews.Preview) -> torch.Tensor:
+        """The preview latent: the first caption template with the word, Euler from the preview's fixed noise.
+
+        Same conditioning and UNet forward as training (current vectors); the noise has the training
+        images' aspect at the preview's size, so SDXL's size conditioning matches what is drawn.
+        """
+        h, w = preview.latent_size(self.x0.shape[-2] * 8, self.x0.shape[-1] * 8)
+        noise = previews.fixed_noise((1, self.x0.shape[1], h, w), preview.seed, self.device, torch.float32)
+        cond, pooled = self.conditioning(self.caption(0))
+        conds = unet_inputs(self.twin, cond, pooled, noise, self.device)
+        ms = self.twin.model_sampling
+
+        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            with precision.autocast(self.device, self.dtype):
+                return self.twin.apply_model(x, sigma, **conds).float()
+
+        return previews.euler(denoise, noise, previews.sigmas(ms, preview.steps), model_sampling=ms)
+
     def trained(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.vectors.items()}
 
@@ -324,10 +343,12 @@ def _load(model, clip) -> None:
 
 
 def train(model, clip, latents: torch.Tensor, settings: TextualInversionSettings, name: str = "concept",
-          on_step: Callable[[int, int, float], None] | None = None) -> TextualInversionResult:
+          on_step: Callable[[int, int, float], None] | None = None,
+          preview: previews.Preview | None = None) -> TextualInversionResult:
     """Learn the vectors for ``name`` on ``latents`` ``[N, C, h, w]`` (VAE space) beside a frozen MODEL and CLIP.
 
-    ``on_step(step, total, loss)`` runs after every step (ComfyUI's ProgressBar there makes Cancel work).
+    ``on_step(step, total, loss)`` runs after every step (ComfyUI's ProgressBar there makes Cancel work);
+    then, when due, ``preview`` draws the first caption with the current vectors (no effect on training).
     """
     import comfy.model_management as mm
 
@@ -341,7 +362,7 @@ def train(model, clip, latents: torch.Tensor, settings: TextualInversionSettings
         with torch.inference_mode(False), torch.enable_grad():
             run = TrainingRun(model, clip, latents, settings, name)
             losses = loop.run(settings.steps, run.step, what="Textual inversion",
-                              learning_rate=settings.learning_rate, on_step=on_step)
+                              learning_rate=settings.learning_rate, on_step=_with_preview(on_step, preview, run))
             vectors = run.trained()
             compute = str(run.dtype).removeprefix("torch.")
         metadata = settings.metadata()
@@ -360,6 +381,19 @@ def train(model, clip, latents: torch.Tensor, settings: TextualInversionSettings
     finally:
         del run
         mm.soft_empty_cache()
+
+
+def _with_preview(on_step, preview: previews.Preview | None, run: TrainingRun):
+    """``on_step`` followed by the preview when one is due (after it, so Cancel comes first)."""
+    if preview is None or preview.every == 0:
+        return on_step
+
+    def hook(step: int, total: int, loss: float) -> None:
+        if on_step is not None:
+            on_step(step, total, loss)
+        preview.maybe(step, lambda: run.render(preview), modules=(run.twin, run.text))
+
+    return hook
 
 
 def heldout_loss(model, clip, latents: torch.Tensor, vectors: Mapping[str, torch.Tensor], captions: str,

@@ -47,14 +47,14 @@ def loaded(tiny_checkpoints, pack, embeddings_dir):
     return {f: load_shallow(tiny_checkpoints[f], embeddings_dir, f) for f in ("sd15", "sdxl")}
 
 
-def run_node(model, clip, vae, image=None, **overrides):
+def run_node(model, clip, vae, image=..., **overrides):
     from frozentune.nodes.textual_inversion_nodes import TextualInversionTrain
 
     args = dict(name="tiword", init_text="object", vectors=2, captions="object templates", steps=1, batch_size=1,
                 learning_rate=5e-2, seed=0)
     args.update(overrides)
     out = TextualInversionTrain.execute(model=model, clip=clip, vae=vae,
-                                        image=subject_image(32) if image is None else image, **args)
+                                        image=subject_image(32) if image is ... else image, **args)
     return out.args
 
 
@@ -115,7 +115,7 @@ def test_stock_prompt_reads_the_trained_vectors(family, loaded, trained):
     from frozentune.unitune import textual_inversion as ti
 
     model, clip, vae = loaded[family]
-    before, after, (word, curve, path) = trained(family)
+    before, after, (word, curve, path, _) = trained(family)
     assert word == f"embedding:ti_{family}" and curve.shape[-1] == 3
     assert after == before  # UNet, text encoders and their vocabulary tables unchanged
 
@@ -191,10 +191,10 @@ def test_taken_name_gets_a_counter_and_the_old_file_stays(loaded, trained):
 
     from frozentune.nodes.textual_inversion_nodes import TextualInversionTrain
 
-    word, _, path = trained("sd15")[2]  # name ti_sd15, seed 0
+    word, _, path, _ = trained("sd15")[2]  # name ti_sd15, seed 0
     old = open(path, "rb").read()
-    word2, _, path2 = run_node(model, clip, vae, name="ti_sd15", seed=1)
-    word3, _, path3 = run_node(model, clip, vae, name="ti_sd15")
+    word2, _, path2, _ = run_node(model, clip, vae, name="ti_sd15", seed=1)
+    word3, _, path3, _ = run_node(model, clip, vae, name="ti_sd15")
     assert (word, word2, word3) == ("embedding:ti_sd15", "embedding:ti_sd15_00001", "embedding:ti_sd15_00002")
     assert open(path, "rb").read() == old and len({path, path2, path3}) == 3
     first, other, again = (safetensors.torch.load_file(p)["emb_params"] for p in (path, path2, path3))
@@ -263,3 +263,105 @@ def test_sd15_embedding_in_an_sdxl_prompt_reaches_clip_l_only(loaded, embeddings
     assert not torch.equal(mixed[0][..., :768], plain[0][..., :768])  # CLIP-L used the vector
     assert torch.equal(mixed[0][..., 768:], plain[0][..., 768:])  # CLIP-G dropped the word
     assert torch.equal(mixed[1]["pooled_output"], plain[1]["pooled_output"])
+
+
+def _write_views(folder, sizes):
+    """Seeded noise images: a PNG with alpha, a JPEG stored rotated with an EXIF orientation, a note and a subfolder."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    (h, w), (h2, w2) = sizes
+    Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA").save(folder / "a.png")
+    rotated = Image.fromarray(rng.integers(0, 256, (w2, h2, 3), dtype=np.uint8), "RGB")  # stored h/w swapped
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": LoadImage's exif_transpose turns it back to h2 x w2
+    rotated.save(folder / "b.jpg", exif=exif)
+    (folder / "captions.txt").write_text("ignored")
+    (folder / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "sub" / "ignored.png")
+
+
+def test_folder_input_reads_views_as_stock_load_image_and_trains_the_same(loaded, embeddings_dir, tmp_path,
+                                                                         monkeypatch):
+    import folder_paths
+    import nodes
+    import safetensors.torch
+
+    from frozentune.nodes.textual_inversion_nodes import TextualInversionTrain
+
+    model, clip, vae = loaded["sd15"]
+    monkeypatch.setattr(folder_paths, "input_directory", str(tmp_path / "input"))
+    _write_views(tmp_path / "input" / "concept", [(32, 40), (32, 40)])
+    stock = torch.cat([nodes.LoadImage().load_image(f"concept/{f}")[0] for f in ("a.png", "b.jpg")])
+    assert stock.shape == (2, 32, 40, 3)
+    word, _, path, _ = run_node(model, clip, vae, image=None, folder="concept", name="from_folder")
+    word2, _, path2, _ = run_node(model, clip, vae, image=stock, name="from_images")
+    first, second = (safetensors.torch.load_file(p)["emb_params"] for p in (path, path2))
+    assert torch.equal(first, second)  # the folder trains exactly as the same files loaded by LoadImage
+
+    # A changed folder runs the node again (ComfyUI caches by the fingerprint).
+    widgets = dict(name="from_folder", folder="concept")
+    kept = TextualInversionTrain.fingerprint_inputs(image=None, **widgets)
+    assert TextualInversionTrain.fingerprint_inputs(image=None, **widgets) == kept
+    (tmp_path / "input" / "concept" / "a.png").rename(tmp_path / "input" / "concept" / "c.png")
+    assert TextualInversionTrain.fingerprint_inputs(image=None, **widgets) != kept
+
+
+def test_folder_input_refusals(loaded, embeddings_dir, tmp_path, monkeypatch):
+    import folder_paths
+
+    model, clip, vae = loaded["sd15"]
+    monkeypatch.setattr(folder_paths, "input_directory", str(tmp_path / "input"))
+    _write_views(tmp_path / "input" / "mixed", [(32, 40), (24, 32)])
+    (tmp_path / "input" / "empty").mkdir()
+    _write_views(tmp_path / "outside", [(32, 40), (32, 40)])
+    cases = {
+        "mixed": r"different sizes \(32x24: b.jpg; 40x32: a.png\): resize or crop them to one size",
+        "empty": "holds no images",
+        "missing": "is not a folder",
+        "../outside": "is refused: datasets are read only from ComfyUI's input folder",
+        str(tmp_path / "outside"): "is refused",
+    }
+    for folder, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            run_node(model, clip, vae, image=None, folder=folder, name="refused")
+    with pytest.raises(ValueError, match="both folder 'mixed' and the image input are given"):
+        run_node(model, clip, vae, folder="mixed", name="refused")
+    with pytest.raises(ValueError, match="no images: connect the image input"):
+        run_node(model, clip, vae, image=None, name="refused")
+    assert not list(embeddings_dir.glob("refused*"))
+
+
+def test_previews_do_not_change_the_trained_vectors(loaded, embeddings_dir, monkeypatch):
+    import comfy.model_base
+    import safetensors.torch
+
+    from frozentune.unitune import textual_inversion as ti
+
+    model, clip, vae = loaded["sd15"]
+    off = run_node(model, clip, vae, name="preview_off", steps=2)
+    calls = {"text": 0, "unet": 0}
+
+    def counted(owner, attr, key):
+        original = getattr(owner, attr)
+
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, attr, wrapper)
+
+    counted(ti.TrainingRun, "conditioning", "text")
+    counted(comfy.model_base.BaseModel, "apply_model", "unet")
+    on = run_node(model, clip, vae, name="preview_on", steps=2, preview_every=1)
+    monkeypatch.undo()
+    assert calls == {"text": 2 + 2 * 1, "unet": 2 + 2 * 4}  # 2 steps, 2 previews of 1 text + 4 UNet passes (tooltip)
+    first, second = (safetensors.torch.load_file(out[2])["emb_params"] for out in (off, on))
+    assert torch.equal(first, second)  # bit for bit
+    assert off[3].shape == (1, 64, 64, 3) and not off[3].any()  # off: the black placeholder
+    grid = on[3]  # 32 px training images -> 64 px previews (the smallest), one per step, side by side
+    assert grid.shape == (1, 64, 2 * 64, 3)
+    frames = grid[0].reshape(64, 2, 64, 3)
+    assert frames.std() > 0.01 and not torch.equal(frames[:, 0], frames[:, 1])  # drawn, and the vectors moved
