@@ -18,6 +18,18 @@ WORKFLOWS = thumbnails.workflow_files()
 FIX = "run `make thumbnails` (cd tests && PYTHONPATH=. ../.venv/bin/python -m harness.thumbnails --write) and commit"
 
 
+# `<Capability> - <what it does, sentence case> (<base>)`: the frontend shows the file name as the card's title; no
+# commas (gpu-check's --workflows takes a comma-separated list) or other characters a shell or URL treats specially.
+TITLE = re.compile(r"[A-Z][A-Za-z0-9 .()-]* - [a-z][A-Za-z0-9 .()-]* \([A-Za-z0-9.]+\)")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_file_name_reads_as_a_title(path):
+    assert TITLE.fullmatch(path.stem), (
+        f"{path.name!r}: name it '<Capability> - <what it does, sentence case> (<base>).json' with ASCII letters, "
+        "digits, spaces, hyphens, parentheses and dots only, e.g. 'UniTune - edit a photo with a prompt (SD1.5).json'")
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_workflow_has_a_current_thumbnail(path):
     why = thumbnails.stale(path)
