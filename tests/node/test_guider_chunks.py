@@ -13,7 +13,8 @@ rows equal one of the two, which says which image tokens that chunk got. Expecte
 - a guider of unknown order: the fallback, 1, and one log line.
 
 Conditionings are random tensors of SDXL's shapes (the full-size random CLIP would add ~15 s and ~4 GiB).
-The half-precision tier runs the same on the UNet stored in bf16 / fp16 (computing natively).
+The half-precision tier runs PerpNeg, DualCFG (regular) and ours on the UNet stored in bf16 / fp16 (computing
+natively).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from harness import half_tier
 from harness.hashing import weight_hash
 
 DTYPES = ("fp32", "bf16", "fp16")
+HALF_SKIPS = ("CFGGuider", "DualCFGGuider nested")  # same chunk orders as tested ones; native half is slow on a CPU
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -138,6 +140,8 @@ def test_each_guider_gives_the_unconditional_tokens_to_exactly_its_unconditional
     before, wrappers = weight_hash(base.model.diffusion_model), repr(base.wrappers)
     model, log = recording(styled(base, style_kit))
     for name, (guider, expected) in guiders(model, conds).items():
+        if dtype != "fp32" and name in HALF_SKIPS:
+            continue
         log.clear()
         sample_once(guider, model)
         got = dict(log)

@@ -10,7 +10,8 @@ Oracles are stock only: with pg = 0 the guider on a hooked model is bitwise stoc
 of euler); with pg ≠ 0 one evaluation of the guider equals stock CFGGuider on the hooked model plus pg
 times the difference of two stock BasicGuider evaluations (positive, baseline) of the unhooked model, at
 the same x and sigma (a one-evaluation sampler returns the denoised prediction). Tiny SD1.5 UNet, random
-conditionings of its shape; the half-precision tier stores the UNet in bf16 / fp16 computing natively.
+conditionings of its shape; the half-precision tier stores the UNet in bf16 / fp16 computing natively
+(one hook per dtype and test, the other hook in the other test).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import torch
 
 from harness import half_tier
 
-DTYPES = ("fp32", "bf16", "fp16")
 CFG, PG = 5.0, 2.0
 # The guider evaluates [positive, negative, baseline] in one batch of 3, the oracle in batches of 2 and 1,
 # and the oracle sums three results where the guider sums inside one expression: a few roundings of the
-# dtype, amplified by cfg and pg (relative to the result's scale). Measured: see the report / log lines.
-TOLERANCE = {"fp32": 1e-5, "bf16": 3e-2, "fp16": 4e-3}
+# dtype, amplified by cfg and pg (relative to the result's scale). Measured (cfg 5, pg 2, both hooks):
+# 2.1e-6 (fp32), 0 (bf16: this CPU's bf16 kernels give each row the same result in any batch), 1.4e-3 (fp16).
+TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 4e-3}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -119,21 +120,26 @@ def assert_close(got, expected, tol):
     assert err <= tol * scale, f"max abs error {err:.3g} at scale {scale:.3g} (relative {err / scale:.3g})"
 
 
-@pytest.mark.parametrize("hook", HOOKS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_pg_zero_with_a_stock_pre_cfg_hook_is_stock_cfg_bitwise(tiny_checkpoints, conds, hook, dtype):
+# Every hook in fp32; in half precision each test runs one hook per dtype (native half on a CPU is slow).
+CASES = [("fp32", "APG"), ("fp32", "LatentApplyOperationCFG"), ("bf16", "APG"), ("fp16", "LatentApplyOperationCFG")]
+FORMULA_CASES = [("fp32", "APG"), ("fp32", "LatentApplyOperationCFG"), ("bf16", "LatentApplyOperationCFG"),
+                 ("fp16", "APG")]
+
+
+@pytest.mark.parametrize(("dtype", "hook"), CASES)
+def test_pg_zero_with_a_stock_pre_cfg_hook_is_stock_cfg_bitwise(tiny_checkpoints, conds, dtype, hook):
     model = unet(tiny_checkpoints, dtype)
-    got = sample(ours(HOOKS[hook](model), conds, 0.0), model)
+    got = sample(ours(HOOKS[hook](model), conds, 0.0), model, steps=3)
     assert torch.isfinite(got).all()
-    assert torch.equal(got, sample(stock_cfg(HOOKS[hook](model), conds), model))
-    assert not torch.allclose(got, sample(stock_cfg(model, conds), model), atol=1e-3)  # the hook acted
+    assert torch.equal(got, sample(stock_cfg(HOOKS[hook](model), conds), model, steps=3))
+    if dtype == "fp32":
+        assert not torch.allclose(got, sample(stock_cfg(model, conds), model, steps=3), atol=1e-3)  # the hook acted
 
 
-@pytest.mark.parametrize("hook", HOOKS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_pg_with_a_stock_pre_cfg_hook_matches_the_documented_formula(tiny_checkpoints, conds, hook, dtype):
+@pytest.mark.parametrize(("dtype", "hook"), FORMULA_CASES)
+def test_pg_with_a_stock_pre_cfg_hook_matches_the_documented_formula(tiny_checkpoints, conds, dtype, hook):
     model = unet(tiny_checkpoints, dtype)
-    for step in (0, 2):
+    for step in (0, 2) if dtype == "fp32" else (1,):
         got = evaluate(ours(HOOKS[hook](model), conds, PG), model, step)
         cfg_part = evaluate(stock_cfg(HOOKS[hook](model), conds), model, step)
         pg_part = evaluate(basic(model, conds["positive"]), model, step) - evaluate(basic(model, conds["baseline"]),
