@@ -19,6 +19,10 @@ SHALLOW_TEXT = {"clip_l_model_config": {"num_hidden_layers": 3}, "clip_g_model_c
 SHALLOW_SD15 = {"clip_l_model_config": {"num_hidden_layers": 2}}
 log = logging.getLogger(__name__)
 STEPS, BATCH, DRAWS = 8, 2, 6  # the learning test's budget
+# Learned must beat both baselines by 2%: twice the largest gap measured between the two untrained words
+# (init_text vs random token: 0.3% to 1.1% on these draws), while the learned word's margins measured
+# 5.8% to 12.6% (seeds 0-3, lr 3e-2 and 1e-1), so the threshold sits 3x below the thinnest seed.
+MARGIN = 0.02
 
 
 def load(path, dtype=None):
@@ -43,7 +47,7 @@ def sd15_shallow(tiny_checkpoints, pack):
     return model, clip, vae.encode(subject_image(32))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_learned_word_beats_init_text_and_a_random_token_on_held_out_draws(seed, sd15_shallow, monkeypatch):
     from frozentune.unitune import textual_inversion as ti
 
@@ -72,8 +76,8 @@ def test_learned_word_beats_init_text_and_a_random_token_on_held_out_draws(seed,
     log.info("seed %d: held-out loss on %d draws after %d steps of batch %d (SD1.5 tiny, 2-layer CLIP, 32 px): %s; "
              "margin vs init_text %.1f%%, vs random %.1f%%", seed, DRAWS, STEPS, BATCH, losses, 100 * (1 - losses["learned"] / losses["init_text"]),
              100 * (1 - losses["learned"] / losses["random token"]))
-    assert losses["learned"] < 0.95 * losses["init_text"], losses
-    assert losses["learned"] < 0.95 * losses["random token"], losses
+    assert losses["learned"] < (1 - MARGIN) * losses["init_text"], losses
+    assert losses["learned"] < (1 - MARGIN) * losses["random token"], losses
 
 
 @pytest.mark.parametrize("family, dtype_name, compute, text", [
@@ -106,10 +110,11 @@ def test_half_precision_tier(family, dtype_name, compute, text, tiny_checkpoints
     assert model.model.manual_cast_dtype is None and model.model.get_dtype() == dtype
     mm.load_models_gpu([model])
     before = weight_hash(model.model.diffusion_model)
-    word, _, path = TextualInversionTrain.execute(
+    word, _, path, shown = TextualInversionTrain.execute(
         model=model, clip=clip, vae=vae, image=subject_image(32), name=f"half_{family}_{dtype_name}",
         init_text="object", vectors=1, captions="object templates", steps=1, batch_size=1, learning_rate=5e-2,
-        seed=0, precision=compute).args
+        seed=0, precision=compute, preview_every=1).args
+    assert shown.shape == (1, 64, 64, 3) and torch.isfinite(shown).all() and shown.std() > 0  # the preview drew
     mm.load_models_gpu([model])
     assert weight_hash(model.model.diffusion_model) == before
     assert model.model.get_dtype() == dtype
