@@ -53,6 +53,10 @@ TINY_RUN_OVERRIDES: dict[str, dict[str, object]] = {
     "BasicScheduler": {"steps": 6},
     "FrozenTuneUniTuneEdit": {"steps": 6},
 }
+# Inputs capped rather than set (0 must stay 0: pivotal_steps 0 is classic UniTune).
+TINY_RUN_CAPS: dict[str, dict[str, int]] = {
+    "FrozenTuneUniTuneFineTune": {"pivotal_steps": 1},
+}
 # The half-precision e2e server: UNets stored in bf16 computing natively in bf16 (see native_half_node/).
 NATIVE_HALF_ENV = "FROZENTUNE_TEST_NATIVE_HALF"
 HALF_ARGS = ["--bf16-unet"]
@@ -118,12 +122,15 @@ def prepare_base(base: Path, with_models: bool = True) -> Path:
 
 
 def shrink_for_tiny_models(prompt: dict) -> dict:
-    """A copy of an API prompt with TINY_RUN_OVERRIDES applied to the nodes they name."""
+    """A copy of an API prompt with TINY_RUN_OVERRIDES (and TINY_RUN_CAPS) applied to the nodes they name."""
     out = json.loads(json.dumps(prompt))
     for node in out.values():
         for name, value in TINY_RUN_OVERRIDES.get(node.get("class_type"), {}).items():
             if name in node.get("inputs", {}):
                 node["inputs"][name] = value
+        for name, cap in TINY_RUN_CAPS.get(node.get("class_type"), {}).items():
+            if isinstance(node.get("inputs", {}).get(name), int):
+                node["inputs"][name] = min(node["inputs"][name], cap)
     return out
 
 
