@@ -18,6 +18,14 @@ before the loop and read from VmHWM), timing rounds alternating:
   every step VAE-encodes the batch and encodes one caption per image; epsilon MSE loss.
 
 Same batch, resolution, vectors, learning rate, fp32, no gradient checkpointing, CPU.
+
+What ours caches: the latents (the VAE runs once, before training) and, per step, the text encoder's
+output (one caption, shared by the ``batch`` draws). Not cached: the caption's prefix. CLIP's causal
+mask makes the hidden states before the new word independent of the vectors, but ``prefix`` (an arm
+of this script, in its own process) measures what caching them could save at most: CLIP-L's 12 layers
+forward and backward on 77 tokens against 77 minus the templates' mean prefix (5.85 tokens: start +
+"a photo of a"), as a share of one training step. Everything from the word on (with the padding,
+and SDXL's pooled output at the end token) depends on the vectors and must run every step.
 Run from tests/: ``cd tests && ../.venv/bin/python ../bench/textual_inversion_bench.py``.
 Random tiny weights: these figures are about the machinery, not image quality.
 """
@@ -194,6 +202,50 @@ def child_diffusers(args) -> dict:
             "text_params": sum(p.numel() for p in text_encoder.parameters())}
 
 
+def child_prefix(args) -> dict:
+    """The most caching the caption prefix could save per step (bench settings, one process)."""
+    from harness import comfy_env, tiny_models
+
+    comfy_env.import_comfy()
+    comfy_env.import_pack()
+    import comfy.sd
+    import torch
+
+    from frozentune.unitune import textual_inversion as ti
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_models.checkpoint_path("sd15")),
+                                                                 embedding_directory=[])
+    latents = vae.encode(_pixels(args))
+    settings = ti.TextualInversionSettings(init_text="object", vectors=args.vectors, captions=CAPTIONS, steps=1,
+                                           batch_size=args.batch, learning_rate=args.lr, seed=0, precision="fp32")
+    sub = clip.tokenizer.clip_l
+    prefix = statistics.mean(len(sub.tokenizer(t.split("{}")[0].strip())["input_ids"]) - 1
+                             for t in ti.OBJECT_TEMPLATES)  # start token + the words before the placeholder
+
+    def seconds(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    ti._load(model, clip)
+    with torch.inference_mode(False), torch.enable_grad():
+        run = ti.TrainingRun(model, clip, latents, settings, "benchword")
+        encoder = run.text.clip_l.transformer.text_model.encoder
+
+        def layers(tokens: int) -> None:
+            x = torch.randn(1, tokens, 768, requires_grad=True)
+            encoder(x, mask=torch.full((tokens, tokens), float("-inf")).triu_(1))[0].sum().backward()
+
+        # Interleaved, and the fastest of each kept: a shared machine's load only ever adds time.
+        times: dict[str, list[float]] = {"step": [], "full": [], "cached": []}
+        for _ in range(args.warmup + args.steps):
+            times["step"].append(seconds(lambda: run.step(0)))
+            times["full"].append(seconds(lambda: layers(77)))
+            times["cached"].append(seconds(lambda: layers(77 - round(prefix))))
+        step, full, cached = (min(times[k][args.warmup:]) for k in ("step", "full", "cached"))
+    return {"prefix": prefix, "step": step, "full": full, "cached": cached}
+
+
 def run_child(arm: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", arm, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--batch", str(args.batch), "--res", str(args.res), "--images", str(args.images), "--vectors",
@@ -217,13 +269,15 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: stable under load)")
     p.add_argument("--rounds", type=int, default=2, help="alternating timing rounds")
+    p.add_argument("--no-prefix", dest="prefix", action="store_false", help="skip the caption-prefix measurement")
     args = p.parse_args()
     if args.child:
         import torch
 
         torch.set_num_threads(args.threads)
         sys.path.insert(0, str(TESTS))
-        print(json.dumps({"ours": child_ours, "diffusers": child_diffusers}[args.child](args)))
+        arms = {"ours": child_ours, "diffusers": child_diffusers, "prefix": child_prefix}
+        print(json.dumps(arms[args.child](args)))
         return
     mib = 1024 ** 2
     load = os.getloadavg()[0]
@@ -249,6 +303,12 @@ def main() -> None:
     print(f"ratios ours/diffusers: seconds per step {sec['ours'] / sec['diffusers']:.2f}x, peak RSS "
           f"{peak['ours'] / peak['diffusers']:.2f}x, training RSS growth "
           f"{growth['ours'] / max(growth['diffusers'], 1):.2f}x (targets: below 1)")
+    if args.prefix:
+        pre = run_child("prefix", args)
+        saved = pre["full"] - pre["cached"]
+        print(f"caption prefix cache, at most: CLIP-L 12 layers forward+backward {pre['full']:.3f} s on 77 tokens, "
+              f"{pre['cached']:.3f} s on {77 - round(pre['prefix'])} (mean prefix {pre['prefix']:.2f} tokens): "
+              f"{saved:.3f} s of a {pre['step']:.3f} s step ({100 * saved / pre['step']:.1f}%)")
 
 
 if __name__ == "__main__":
