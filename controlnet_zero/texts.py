@@ -72,7 +72,9 @@ TEXTS: dict[str, str] = {
         "Show a preview in this node every N optimizer steps (0 = off): the first training hint and its caption "
         "drawn from a fixed noise with the ControlNet as trained so far (4 Euler steps, the longer side at most "
         "256 px, colours straight from the latent as ComfyUI's latent2rgb preview, no VAE). Each preview costs a "
-        "few sampler steps; the trained ControlNet is bit-identical with previews on or off (tested)."),
+        "few sampler steps: measured on the tiny SD1.5 test model (CPU, batch 4), one preview took 0.86x the time "
+        "of a training step at 64 px and 0.62x at 256 px. The trained ControlNet is bit-identical with previews "
+        "on or off (tested)."),
     "previews": "The previews drawn while training, side by side in step order (a 64x64 black image when "
                 "preview_every is 0).",
     # --- Save node only

@@ -123,3 +123,34 @@ def test_last_preview_is_comfyuis_ksampler_with_the_trained_controlnet(sd15, run
     diff = (last - expected).abs()
     assert diff.max() <= 2 / 255 and diff.mean() <= 0.1 / 255, (diff.max(), diff.mean())
     assert (last - preview.to_image(torch.zeros(1, 4, 8, 8), model.model.latent_format)).abs().max() > 0.05
+
+
+def test_fp16_base_bf16_compute_previews_leave_training_identical(tiny_checkpoints, pack):
+    """Half precision: an fp16-stored base computing in bf16 autocast, previews off vs every step."""
+    import comfy.model_management as mm
+
+    from frozentune.controlnet_zero import cache, network, trainer
+    from frozentune.training import preview
+    from harness.precision import load_checkpoint
+
+    with torch.inference_mode():
+        model, clip, vae = load_checkpoint(tiny_checkpoints["sd15"], torch.float16)
+    targets, hints = disks.disks(2, R, seed=0)
+    with torch.inference_mode(False):
+        data = cache.encode(cache.Source.from_tensors(targets, hints, [disks.CAPTION] * 2), model.model, vae, clip, R)
+    mm.load_models_gpu([model], force_full_load=True)
+    device = model.load_device
+    assert model.model.diffusion_model.input_blocks[0][0].weight.dtype == torch.float16
+    settings = trainer.TrainSettings(steps=2, batch_size=2, learning_rate=1e-3, resolution=R,
+                                     gradient_checkpointing=False, mixed_precision="bf16")
+    images = []
+    results = []
+    for pv in (None, preview.Preview(every=1, show=lambda step, image: images.append(image),
+                                     latent_format=model.model.latent_format, size=R)):
+        with torch.inference_mode(False), torch.enable_grad():
+            cn = network.trainable_copy(network.create(model.model, torch.Generator().manual_seed(0)), device)
+            results.append(trainer.train(model.model, cn, data, settings, device, preview=pv).control_model)
+    a, b = (r.state_dict() for r in results)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert len(images) == 2 and all(i.shape == (1, R, R, 3) and torch.isfinite(i).all() for i in images)
+    assert float(images[-1].std()) > 0.01, "a flat preview: nothing was drawn"
