@@ -11,23 +11,26 @@ HARNESS := cd tests && $(VENV_PY)
 setup:
 	@$(PYTHON) tests/harness/setup_runtime.py
 
-# `make test` (and CI) leaves out the `long` tests (reliability fuzz and soak, ~30 min on 2 cores);
+# `make test` (and CI) leaves out the `long` tests (reliability fuzz and soak, the whole gpu-check CPU dry run);
 # `make test-long` runs only those, `make test-reliability` the whole reliability group, `make test-all` everything.
+# Each prints its 25 slowest tests, so a CI log shows where the time goes.
+DURATIONS := --durations=25
+
 test: setup
-	$(HARNESS) -m pytest -m "not long"
+	$(HARNESS) -m pytest -m "not long" $(DURATIONS)
 
 test-all: setup
-	$(HARNESS) -m pytest
+	$(HARNESS) -m pytest $(DURATIONS)
 
 test-long: setup
-	$(HARNESS) -m pytest -m long
+	$(HARNESS) -m pytest -m long $(DURATIONS)
 
 test-unit test-node test-e2e test-browser: setup
-	$(HARNESS) -m pytest -m $(subst test-,,$@)
+	$(HARNESS) -m pytest -m $(subst test-,,$@) $(DURATIONS)
 
 # the whole reliability group, its fuzz and soak included
 test-reliability: setup
-	$(HARNESS) -m pytest -m reliability
+	$(HARNESS) -m pytest -m reliability $(DURATIONS)
 
 demo: setup
 	$(HARNESS) -m harness.demo

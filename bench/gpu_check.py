@@ -2,7 +2,8 @@
 
 Nothing here has run on a GPU when it was written (the project is built on a CPU-only machine), so
 everything but the device is exercised by ``tests/unit/test_gpu_check.py`` through the same code on the
-CPU (``--device cpu --tiny``: tiny UNets, 64 px, 2 steps).
+CPU (``--device cpu --tiny``: tiny UNets, 64 px, 2 steps; ``make test`` runs a subset, one load per family
+and dtype and one workflow, with ``--loads`` and ``--workflows``; the whole dry run is a ``long`` test).
 
 What it does, in one process plus one ComfyUI server:
 
@@ -55,6 +56,8 @@ BUILD_VERSION = 1
 SEED = 20261201
 PROBE_DIR = Path(__file__).resolve().parent / "gpu_check_probe"
 DTYPES = ("bf16", "fp16")
+FAMILIES = ("sd15", "sdxl")
+ALL_LOADS = tuple(f"{family}:{dtype}" for family in FAMILIES for dtype in DTYPES)  # what the GPU run loads
 BUDGET_SECONDS = 300  # the issue's "under 5 minutes"
 
 # The full-size UNets, as comfy/model_detection.py spells them (unet_config_from_diffusers_unet: SD15, SDXL).
@@ -529,15 +532,28 @@ def trainer_items(mode: Mode, path: Path, family: str, dtype_name: str, device: 
     return items
 
 
-def run_trainers(mode: Mode, paths: dict[str, Path], device: str) -> list[Item]:
+def parse_loads(text: str) -> list[tuple[str, str]]:
+    """``"sd15:fp16,sdxl:bf16"`` -> ``[("sd15", "fp16"), ("sdxl", "bf16")]``; empty: every family in every dtype.
+
+    A subset is how the CPU dry run in CI checks the wiring of every family and every dtype without the
+    cost of all four loads (the full dry run is the ``long`` test).
+    """
+    names = [n.strip() for n in text.split(",") if n.strip()] or list(ALL_LOADS)
+    unknown = [n for n in names if n not in ALL_LOADS]
+    if unknown:
+        raise SystemExit(f"gpu-check: unknown --loads {', '.join(unknown)}; choose from {', '.join(ALL_LOADS)}")
+    return [tuple(n.split(":")) for n in names]
+
+
+def run_trainers(mode: Mode, paths: dict[str, Path], device: str,
+                 loads: list[tuple[str, str]] | None = None) -> list[Item]:
     import torch
 
     items = []
-    for family in ("sd15", "sdxl"):
-        for dtype_name in DTYPES:
-            with torch.inference_mode():  # as ComfyUI's executor runs every node
-                items += trainer_items(mode, paths[family], family, dtype_name, device)
-            release_models(device)
+    for family, dtype_name in loads or parse_loads(""):
+        with torch.inference_mode():  # as ComfyUI's executor runs every node
+            items += trainer_items(mode, paths[family], family, dtype_name, device)
+        release_models(device)
     return items
 
 
@@ -716,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the random models are cached")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per workflow")
     parser.add_argument("--workflows", default="", help="comma-separated workflow file stems (default: all)")
+    parser.add_argument("--loads", default="", help="comma-separated family:dtype checkpoint loads the trainers run "
+                        f"on (default: all of {', '.join(ALL_LOADS)})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -725,6 +743,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu-check: {reason}", file=sys.stderr)
         return 2
 
+    loads = parse_loads(args.loads)  # a typo fails here, before any work
+    names = [n.strip() for n in args.workflows.split(",") if n.strip()]
+    if names:
+        workflow_files(names)
     from harness import comfy_env
 
     comfy_env.import_comfy(cpu=args.device == "cpu")
@@ -743,9 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     build_seconds = time.perf_counter() - start
     items = []
     if args.only in ("all", "trainers"):
-        items += run_trainers(mode, paths, args.device)
+        items += run_trainers(mode, paths, args.device, loads)
     if args.only in ("all", "workflows"):
-        names = [n.strip() for n in args.workflows.split(",") if n.strip()]
         items += run_workflows(mode, paths, args.device, build, args.out, args.timeout, names)
     report = {
         "mode": mode.name, "environment": environment(args.device),

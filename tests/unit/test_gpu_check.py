@@ -4,8 +4,9 @@
 - ``--device cpu --tiny`` runs the very same code on the CPU: the random models are built by the same
   builder (tiny UNets, full-size CLIP and real-size KL VAE, detected by ComfyUI's loader; the full-size
   layouts on the meta device), the trainers
-  run from their schema defaults in bf16 and fp16, every example workflow runs on a headless server
-  with the probe, and the report is written.
+  run from their schema defaults in bf16 and fp16, the example workflows run on a headless server
+  with the probe, and the report is written. ``make test`` runs one load per family and per dtype and
+  one workflow; the whole dry run (every load, every workflow) is marked ``long``.
 - The pure helpers (schema arguments, step rates, per-item failure capture, step caps) on fakes.
 
 The script is run as a subprocess, as ``make gpu-check`` runs it, so ComfyUI is never imported here.
@@ -121,50 +122,68 @@ def test_training_steps_are_capped_and_nothing_else(gpu_check):
                        "1 FrozenTuneControlNetZeroTrain.checkpoint_every": "250 -> 8"}
 
 
-# The e2e tier runs every example workflow twice already; the dry run takes the two with training nodes
-# (the step caps apply to them) so that CI stays well under its time budget.
-DRY_RUN_WORKFLOWS = ("ControlNet-Zero - train a ControlNet on a folder (SD1.5)",
-                     "UniTune - fine-tune on a photo then sample (SD1.5)")
+# The e2e tier runs every example workflow twice already. `make test` runs the script's wiring once per
+# family and per dtype (sd15 in fp16, sdxl in bf16: the SDXL-family UNet is the costly one and bf16 the faster
+# dtype on the CPU) and one workflow with a training node (its step cap applied); the whole dry run, every load
+# and every workflow as a GPU runs them, is the `long` test below (`make test-long`, `make test-all`).
+DRY_RUN_WORKFLOWS = ("UniTune - fine-tune on a photo then sample (SD1.5)",)
+DRY_RUN_LOADS = ("sd15:fp16", "sdxl:bf16")
 
 
 def test_an_unknown_workflow_name_is_refused(gpu_check):
-    with pytest.raises(SystemExit, match="no workflow nope; choose from .*" + re.escape(DRY_RUN_WORKFLOWS[1])):
+    with pytest.raises(SystemExit, match="no workflow nope; choose from .*" + re.escape(DRY_RUN_WORKFLOWS[0])):
         gpu_check.workflow_files(["nope"])
     assert [p.stem for p in gpu_check.workflow_files(list(DRY_RUN_WORKFLOWS))] == list(DRY_RUN_WORKFLOWS)
 
 
-@pytest.mark.slow
-def test_cpu_dry_run_runs_every_item_and_writes_the_report(tmp_path):
-    out = tmp_path / "gpu_check"
-    done = _run("--device", "cpu", "--tiny", "--out", str(out), "--workflows", ",".join(DRY_RUN_WORKFLOWS),
-                timeout=3600)
+def test_loads_default_to_every_family_in_every_dtype_and_a_typo_is_refused(gpu_check):
+    assert gpu_check.parse_loads("") == [("sd15", "bf16"), ("sd15", "fp16"), ("sdxl", "bf16"), ("sdxl", "fp16")]
+    assert gpu_check.parse_loads(" sdxl:bf16, sd15:fp16 ") == [("sdxl", "bf16"), ("sd15", "fp16")]
+    with pytest.raises(SystemExit, match="unknown --loads sdxl:fp32; choose from sd15:bf16, sd15:fp16, "):
+        gpu_check.parse_loads("sd15:bf16,sdxl:fp32")
+
+
+def test_a_bad_loads_value_fails_before_any_work(tmp_path):
+    done = _run("--device", "cpu", "--tiny", "--out", str(tmp_path / "report"), "--loads", "sd21:bf16")
+    assert done.returncode != 0 and "unknown --loads sd21:bf16" in done.stderr, done.stderr
+    assert not (tmp_path / "report").exists()
+
+
+def dry_run(out: Path, loads: list[str], workflows: list[str]) -> dict:
+    """Run the CPU dry run and check its report: every item passed, as the GPU run would report it."""
+    args = ["--device", "cpu", "--tiny", "--out", str(out)]
+    if loads:
+        args += ["--loads", ",".join(loads)]
+    if workflows:
+        args += ["--workflows", ",".join(workflows)]
+    done = _run(*args, timeout=7200)
     report = json.loads((out / "report.json").read_text())
     failed = {i["name"]: i["error"] for i in report["items"] if not i["passed"]}
     assert done.returncode == 0 and not failed, f"{failed}\n{done.stderr[-4000:]}"
 
     names = [i["name"] for i in report["items"]]
-    workflows = list(DRY_RUN_WORKFLOWS)
-    expected = [f"{kind} {family} {dtype}" for family in ("sd15", "sdxl") for dtype in ("bf16", "fp16")
+    loads = [tuple(x.split(":")) for x in loads] or [(f, d) for f in ("sd15", "sdxl") for d in ("bf16", "fp16")]
+    workflows = workflows or sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+    expected = [f"{kind} {family} {dtype}" for family, dtype in loads
                 for kind in ("load", "unitune_finetune", "controlnet_zero")]
     assert names == expected + [f"workflow {w}" for w in workflows]
     by_name = {i["name"]: i for i in report["items"]}
-    for family in ("sd15", "sdxl"):
-        for dtype in ("bf16", "fp16"):
-            assert by_name[f"load {family} {dtype}"]["settings"] == {"unet_dtype": {"bf16": "bfloat16",
-                                                                                    "fp16": "float16"}[dtype],
-                                                                     "manual_cast": "None"}
-            for trainer in ("unitune_finetune", "controlnet_zero"):
-                item = by_name[f"{trainer} {family} {dtype}"]
-                assert item["steps"] == 2 and item["it_per_s"] > 0, item
-                assert item["settings"]["steps"] == 2
-                assert item["max_memory_allocated"] is None  # CPU: no CUDA counter
+    for family, dtype in loads:
+        assert by_name[f"load {family} {dtype}"]["settings"] == {"unet_dtype": {"bf16": "bfloat16",
+                                                                                "fp16": "float16"}[dtype],
+                                                                 "manual_cast": "None"}
+        for trainer in ("unitune_finetune", "controlnet_zero"):
+            item = by_name[f"{trainer} {family} {dtype}"]
+            assert item["steps"] == 2 and item["it_per_s"] > 0, item
+            assert item["settings"]["steps"] == 2
+            assert item["max_memory_allocated"] is None  # CPU: no CUDA counter
+        if family == "sdxl":  # the SDXL case: 8-bit AdamW where the node offers it, checkpointing
+            assert by_name[f"controlnet_zero {family} {dtype}"]["settings"]["optimizer"] == "adamw8bit"
+            assert by_name[f"unitune_finetune {family} {dtype}"]["settings"]["gradient_checkpointing"] is True
     for w in workflows:
         item = by_name[f"workflow {w}"]
         assert item["outputs"] and all((out / o).is_file() for o in item["outputs"]), item
         assert item["node_it_per_s"], f"the probe saw no node's steps in {w}"
-    capped = by_name["workflow ControlNet-Zero - train a ControlNet on a folder (SD1.5)"]["settings"]
-    assert [v for k, v in capped.items() if k.endswith("FrozenTuneControlNetZeroTrain.checkpoint_every")] == \
-        ["250 -> 2"], capped
     # the full-size files, built on the meta device by the same builder: ComfyUI detects SD15 / SDXL, and the
     # sizes are those of the published models (SD1.5 UNet 859,520,964; SDXL UNet 2,567,463,684 parameters;
     # 70 SDXL cross-attention layers, as ip-adapter_sdxl numbers them; ViT-bigG: 48 layers)
@@ -174,3 +193,20 @@ def test_cpu_dry_run_runs_every_item_and_writes_the_report(tmp_path):
     assert 1.2e9 < layouts["sdxl_controlnet_parameters"] < 1.3e9
     md = (out / "report.md").read_text()
     assert all(n in md for n in names) and "**FAIL**" not in md
+    return by_name
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_of_each_family_and_dtype_writes_the_report(tmp_path):
+    by_name = dry_run(tmp_path / "gpu_check", list(DRY_RUN_LOADS), list(DRY_RUN_WORKFLOWS))
+    capped = by_name[f"workflow {DRY_RUN_WORKFLOWS[0]}"]["settings"]
+    assert [v for k, v in capped.items() if k.endswith("FrozenTuneUniTuneFineTune.steps")] == ["16 -> 2"], capped
+
+
+@pytest.mark.long
+def test_cpu_dry_run_of_everything_the_gpu_runs_writes_the_report(tmp_path):
+    """The whole dry run: every load (both families in bf16 and fp16) and every example workflow."""
+    by_name = dry_run(tmp_path / "gpu_check", [], [])
+    capped = by_name["workflow ControlNet-Zero - train a ControlNet on a folder (SD1.5)"]["settings"]
+    assert [v for k, v in capped.items() if k.endswith("FrozenTuneControlNetZeroTrain.checkpoint_every")] == \
+        ["250 -> 2"], capped
