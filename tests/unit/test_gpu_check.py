@@ -163,7 +163,7 @@ def dry_run(out: Path, loads: list[str], workflows: list[str]) -> dict:
 
     names = [i["name"] for i in report["items"]]
     loads = [tuple(x.split(":")) for x in loads] or [(f, d) for f in ("sd15", "sdxl") for d in ("bf16", "fp16")]
-    workflows = workflows or sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+    workflows = workflows or [p.stem for p in sorted((REPO / "workflows").glob("*.json"))]  # the script's order
     expected = [f"{kind} {family} {dtype}" for family, dtype in loads
                 for kind in ("load", "unitune_finetune", "controlnet_zero")]
     assert names == expected + [f"workflow {w}" for w in workflows]
