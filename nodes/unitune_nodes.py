@@ -156,8 +156,9 @@ class UniTuneFineTune(io.ComfyNode):
             embedding=word.name if word else token.strip() if pivotal_steps else "",
         )
         settings.check()
-        if pivotal_steps:
-            ti.encoder_keys(model, clip)  # refuse a family textual inversion does not know before any work
+        if pivotal_steps:  # refuse a family textual inversion does not know, or an unusable token, before any work
+            ti.encoder_keys(model, clip)
+            pivotal.check_token(clip, token)
         if vae is None or getattr(vae, "first_stage_model", None) is None:
             raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")
         pixels = finetune.prepare_images(list(image))

@@ -120,6 +120,19 @@ def token_count(clip, text: str) -> int:
     return max(counts, default=0)
 
 
+def check_token(clip, token: str) -> int:
+    """Refuse a token that cannot be a learned word's name; returns how many vectors its word gets."""
+    try:
+        ti.check_name(token.strip())
+    except ValueError as error:
+        raise ValueError(f"token {token!r} cannot be the learned word (pivotal_steps > 0): {error}") from None
+    count = token_count(clip, token.strip())
+    if not 1 <= count <= ti.MAX_VECTORS:
+        raise ValueError(f"token {token!r} is {count} prompt tokens; a learned word holds 1 to {ti.MAX_VECTORS}: "
+                         "use a shorter rare word such as 'beikkpic'.")
+    return count
+
+
 def learn_word(model, clip, latents: torch.Tensor, token: str, steps: int, batch_size: int, seed: int,
                precision: str, on_step: Callable[[int, int, float], None] | None = None) -> Word:
     """Learn the vectors of the word ``token`` on ``latents`` (textual inversion, UNet and CLIP frozen).
@@ -127,15 +140,7 @@ def learn_word(model, clip, latents: torch.Tensor, token: str, steps: int, batch
     The vectors start from the token's own token embeddings, one per token it splits into, so the word
     takes the same prompt positions the token did; the captions are the word alone, as UniTune's are.
     """
-    try:
-        ti.check_name(token.strip())
-    except ValueError as error:
-        raise ValueError(f"token {token!r} cannot be the learned word (pivotal_steps > 0): {error}") from None
-    name = token.strip()
-    count = token_count(clip, name)
-    if not 1 <= count <= ti.MAX_VECTORS:
-        raise ValueError(f"token {token!r} is {count} prompt tokens; a learned word holds 1 to {ti.MAX_VECTORS}: "
-                         "use a shorter rare word such as 'beikkpic'.")
+    name, count = token.strip(), check_token(clip, token)
     settings = ti.TextualInversionSettings(init_text=name, vectors=count, captions="token alone", steps=steps,
                                            batch_size=batch_size, learning_rate=LEARNING_RATE, seed=seed,
                                            precision=precision)

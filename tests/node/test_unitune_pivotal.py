@@ -52,7 +52,7 @@ def run(model, clip, vae, **overrides):
     args = dict(token="beikkpic", class_word="", steps=2, batch_size=1, learning_rate=1e-3, optimizer="adamw",
                 train="lora", lora_rank=4, gradient_checkpointing=False, seed=0)
     args.update(overrides)
-    return UniTuneFineTune.execute(model=model, clip=clip, vae=vae, image=subject_image(32), **args).args
+    return UniTuneFineTune.execute(model=model, clip=clip, vae=vae, image=subject_image(32), **args).args[:4]
 
 
 @pytest.fixture
