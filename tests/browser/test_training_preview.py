@@ -20,6 +20,9 @@ OVERRIDES = {**TINY_RUN_OVERRIDES, "KSampler": {"steps": 2},
 # and whether the image decodes.
 RECORD_JS = """(nodeId) => {
   window.__previews = [];
+  window.__done = false;  // the prompt ended (success or error): stop waiting for a preview
+  for (const ev of ['execution_success', 'execution_error', 'execution_interrupted'])
+    window.comfyAPI.api.api.addEventListener(ev, () => { window.__done = true; });
   window.comfyAPI.api.api.addEventListener('b_preview_with_metadata', ({ detail }) => {
     const entry = { node: String(detail.displayNodeId), running: String(window.app.runningNodeId),
                     value: window.app.progress?.value, max: window.app.progress?.max, width: 0 };
@@ -52,9 +55,10 @@ def test_training_node_shows_progress_and_previews_while_it_runs(comfy_page, com
     prompt_id = comfy_page.click_run()
 
     # while the node runs, the page shows its progress and its preview (the node's preview image slot)
-    page.wait_for_function(
-        """(id) => String(window.app.runningNodeId) === id && (window.app.nodePreviewImages?.[id] || []).length > 0
-                   && window.app.progress && window.app.progress.value >= 1""", arg=train_id, timeout=600_000)
+    shown_js = """(id) => String(window.app.runningNodeId) === id && (window.app.nodePreviewImages?.[id] || []).length > 0
+                          && window.app.progress && window.app.progress.value >= 1"""
+    page.wait_for_function(f"(id) => ({shown_js})(id) || window.__done", arg=train_id, timeout=600_000)
+    assert page.evaluate(shown_js, train_id), "the training node ran without showing a preview in the page"
     comfy_page.screenshot(SCREENSHOTS / "training_preview.png")
     entry = comfy_server.wait(prompt_id, timeout=600)
     assert entry["status"]["status_str"] == "success", error_message(entry)
