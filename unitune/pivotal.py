@@ -75,13 +75,6 @@ def word_name(value: str) -> str:
     return name
 
 
-def _sub_tokenizers(clip) -> list:
-    """The CLIP's stock per-encoder tokenizers (SD1.5: clip_l; SDXL: clip_l and clip_g)."""
-    import comfy.sd1_clip
-
-    return [t for t in vars(clip.tokenizer).values() if isinstance(t, comfy.sd1_clip.SDTokenizer)]
-
-
 def read_word(model, clip, value: str) -> Word:
     """The word ``value`` as the stock loader reads it for this CLIP, checked to fit every text encoder.
 
@@ -94,7 +87,7 @@ def read_word(model, clip, value: str) -> Word:
     name = word_name(value)
     family = families.model_family(model.model)
     vectors = {}
-    for sub in _sub_tokenizers(clip):
+    for sub in ti.sub_tokenizers(clip).values():
         found = comfy.sd1_clip.load_embed(name, sub.embedding_directory, sub.embedding_size, sub.embedding_key)
         if found is None:
             folders = ", ".join(map(str, sub.embedding_directory or [])) or "none"
@@ -114,9 +107,8 @@ def read_word(model, clip, value: str) -> Word:
 def token_count(clip, text: str) -> int:
     """How many prompt tokens ``text`` takes (the most over the text encoders), as the stock tokenizer splits it."""
     counts = []
-    for sub in _sub_tokenizers(clip):
-        ids = sub.tokenizer(text)["input_ids"][sub.tokens_start:]
-        counts.append(len([i for i in ids if i not in (sub.start_token, sub.end_token)]))
+    for sub in ti.sub_tokenizers(clip).values():
+        counts.append(len(ti.word_ids(sub, text)))
     return max(counts, default=0)
 
 

@@ -26,6 +26,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 
@@ -134,7 +135,7 @@ def encoder_keys(model, clip) -> tuple[str, ...]:
     """The text encoders (file keys) a vector set is trained for; refuses families this trainer does not know."""
     family = families.model_family(model.model)
     keys = ENCODER_KEYS.get(family)
-    found = tuple(_sub_tokenizers(clip))
+    found = tuple(sub_tokenizers(clip))
     if keys is None or set(keys) != set(found):
         raise ValueError(f"textual inversion supports SD1.5 (CLIP-L) and the SDXL family (CLIP-L + CLIP-G); this "
                          f"MODEL is {family!r} with text encoders {list(found)}: connect an SD1.5 or SDXL "
@@ -142,11 +143,18 @@ def encoder_keys(model, clip) -> tuple[str, ...]:
     return keys
 
 
-def _sub_tokenizers(clip) -> dict[str, object]:
+def sub_tokenizers(clip) -> dict[str, object]:
     """The CLIP's per-encoder stock tokenizers by embedding key (``clip_l``, ``clip_g``)."""
     import comfy.sd1_clip
 
     return {t.embedding_key: t for t in vars(clip.tokenizer).values() if isinstance(t, comfy.sd1_clip.SDTokenizer)}
+
+
+def word_ids(sub, text: str) -> list[int]:
+    """The token ids ``text`` takes in one stock tokenizer, without start/end tokens (e.g. "<|endoftext|>" typed in)."""
+    ids = sub.tokenizer(text)["input_ids"]
+    ids = ids[sub.tokens_start:-1 if sub.tokenizer_adds_end_token else None]
+    return [i for i in ids if i not in (sub.start_token, sub.end_token)]
 
 
 def _text_encoder(cond_stage_model, key: str) -> torch.nn.Module:
@@ -155,13 +163,11 @@ def _text_encoder(cond_stage_model, key: str) -> torch.nn.Module:
 
 def initial_vectors(clip, keys: tuple[str, ...], init_text: str, count: int) -> dict[str, torch.Tensor]:
     """``count`` fp32 vectors per encoder from the token embeddings of ``init_text`` (cycled when fewer)."""
-    subs = _sub_tokenizers(clip)
+    subs = sub_tokenizers(clip)
     out = {}
     for key in keys:
         sub = subs[key]
-        ids = sub.tokenizer(init_text)["input_ids"]
-        ids = ids[sub.tokens_start:-1 if sub.tokenizer_adds_end_token else None]
-        ids = [i for i in ids if i not in (sub.start_token, sub.end_token)]  # e.g. "<|endoftext|>" typed in
+        ids = word_ids(sub, init_text)
         if not ids:
             raise ValueError(f"init_text {init_text!r} tokenizes to nothing: give one or more words, e.g. 'dog'.")
         if len(ids) > count:
@@ -361,8 +367,9 @@ def train(model, clip, latents: torch.Tensor, settings: TextualInversionSettings
     try:
         with torch.inference_mode(False), torch.enable_grad():
             run = TrainingRun(model, clip, latents, settings, name)
+            hook = previews.after_step(on_step, preview, partial(run.render, preview), modules=(run.twin, run.text))
             losses = loop.run(settings.steps, run.step, what="Textual inversion",
-                              learning_rate=settings.learning_rate, on_step=_with_preview(on_step, preview, run))
+                              learning_rate=settings.learning_rate, on_step=hook)
             vectors = run.trained()
             compute = str(run.dtype).removeprefix("torch.")
         metadata = settings.metadata()
@@ -381,19 +388,6 @@ def train(model, clip, latents: torch.Tensor, settings: TextualInversionSettings
     finally:
         del run
         mm.soft_empty_cache()
-
-
-def _with_preview(on_step, preview: previews.Preview | None, run: TrainingRun):
-    """``on_step`` followed by the preview when one is due (after it, so Cancel comes first)."""
-    if preview is None or preview.every == 0:
-        return on_step
-
-    def hook(step: int, total: int, loss: float) -> None:
-        if on_step is not None:
-            on_step(step, total, loss)
-        preview.maybe(step, lambda: run.render(preview), modules=(run.twin, run.text))
-
-    return hook
 
 
 def heldout_loss(model, clip, latents: torch.Tensor, vectors: Mapping[str, torch.Tensor], captions: str,
