@@ -7,7 +7,9 @@ grid, RGB + mean as the 4 channels, standardized. Everything else is the real pi
 UNet frozen, ComfyUI's cldm ControlNet built by ControlNet-Zero, the RGB disk masks as hints, the
 text conditioning from the real CLIP, the training loop and its eps loss. The learning rate is 1e-3,
 not the paper's 1e-5: at 1e-5 the zero-initialized path takes thousands of steps to open ("sudden
-convergence"), too long for a test; measured here, 100 steps give a clear gap.
+convergence"), too long for a test. Measured here (held-out loss, true / shuffled hints): 1.000 after 30
+steps, 0.991 after 50, 0.903 after 70, 0.717 after 80, 0.724 after 100; the test trains 80 and asks for < 0.85.
+The zero-initialized ControlNet's indifference to the hint is exact, so 4 held-out rows check it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from harness import disks
 
 R = 64
+STEPS = 80
 log = logging.getLogger(__name__)
 
 
@@ -65,14 +68,15 @@ def test_true_hints_beat_shuffled_hints_on_held_out_disks(tiny_checkpoints, pack
     device = model.load_device
     with torch.inference_mode(False):
         cn = network.trainable_copy(network.create(model.model), device)
-        start = trainer.evaluate(model.model, cn, held_out, device, rows)
-        assert trainer.evaluate(model.model, cn, held_out, device, rows, shuffle_hints=True) == start
-        settings = trainer.TrainSettings(steps=100, batch_size=4, learning_rate=1e-3, resolution=R,
+        start = trainer.evaluate(model.model, cn, held_out, device, rows[:4], repeats=1)
+        assert trainer.evaluate(model.model, cn, held_out, device, rows[:4], repeats=1, shuffle_hints=True) == start
+        settings = trainer.TrainSettings(steps=STEPS, batch_size=4, learning_rate=1e-3, resolution=R,
                                          gradient_checkpointing=False)
         result = trainer.train(model.model, cn, train_set, settings, device)
         true = trainer.evaluate(model.model, cn, held_out, device, rows)
         shuffled = trainer.evaluate(model.model, cn, held_out, device, rows, shuffle_hints=True)
-    log.warning("ControlNet-Zero learning check (SD1.5-tiny, 16.2M UNet, 100 steps x batch 4, lr 1e-3): held-out "
-                "loss before %.4f; after: true hints %.4f, shuffled hints %.4f; train loss %.4f -> %.4f",
-                start, true, shuffled, sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10)
+    log.warning("ControlNet-Zero learning check (SD1.5-tiny, 16.2M UNet, %d steps x batch 4, lr 1e-3): held-out "
+                "loss before (4 rows) %.4f; after: true hints %.4f, shuffled hints %.4f (ratio %.3f); train loss "
+                "%.4f -> %.4f", STEPS, start, true, shuffled, true / shuffled, sum(result.losses[:10]) / 10,
+                sum(result.losses[-10:]) / 10)
     assert true < 0.85 * shuffled, (true, shuffled)
