@@ -583,6 +583,10 @@ def prepare_server_base(base: Path, paths: dict[str, Path], tiny: bool) -> Path:
     return base
 
 
+# Nodes whose step counts are training steps (pivotal_steps: UniTune's word steps before the tuning).
+TRAINING_NODES = ("FrozenTuneUniTuneFineTune", "FrozenTuneControlNetZeroTrain", "FrozenTuneTextualInversionTrain")
+
+
 def cap_training_steps(prompt: dict, steps: int) -> tuple[dict, dict]:
     """A copy of an API prompt whose training nodes run at most ``steps`` steps; returns it and what changed."""
     out = json.loads(json.dumps(prompt))
@@ -591,9 +595,9 @@ def cap_training_steps(prompt: dict, steps: int) -> tuple[dict, dict]:
         inputs = node.get("inputs", {})
         if not node.get("class_type", "").startswith("FrozenTune") or not isinstance(inputs.get("steps"), int):
             continue
-        if node["class_type"] not in ("FrozenTuneUniTuneFineTune", "FrozenTuneControlNetZeroTrain"):
+        if node["class_type"] not in TRAINING_NODES:
             continue
-        for name in ("steps", "checkpoint_every"):
+        for name in ("steps", "checkpoint_every", "pivotal_steps"):  # capped, not set: 0 (off) stays 0
             value = inputs.get(name)
             if isinstance(value, int) and value > steps:
                 inputs[name] = steps

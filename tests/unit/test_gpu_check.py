@@ -122,6 +122,20 @@ def test_training_steps_are_capped_and_nothing_else(gpu_check):
                        "1 FrozenTuneControlNetZeroTrain.checkpoint_every": "250 -> 8"}
 
 
+def test_pivotal_and_textual_inversion_steps_are_capped_and_zero_stays_zero(gpu_check):
+    prompt = {"1": {"class_type": "FrozenTuneUniTuneFineTune", "inputs": {"steps": 128, "pivotal_steps": 200}},
+              "2": {"class_type": "FrozenTuneUniTuneFineTune", "inputs": {"steps": 128, "pivotal_steps": 0}},
+              "3": {"class_type": "FrozenTuneTextualInversionTrain", "inputs": {"steps": 1000, "vectors": 1}}}
+    capped, changed = gpu_check.cap_training_steps(prompt, 8)
+    assert capped["1"]["inputs"] == {"steps": 8, "pivotal_steps": 8}
+    assert capped["2"]["inputs"] == {"steps": 8, "pivotal_steps": 0}, "pivotal off (0) must stay off"
+    assert capped["3"]["inputs"] == {"steps": 8, "vectors": 1}
+    assert changed == {"1 FrozenTuneUniTuneFineTune.steps": "128 -> 8",
+                       "1 FrozenTuneUniTuneFineTune.pivotal_steps": "200 -> 8",
+                       "2 FrozenTuneUniTuneFineTune.steps": "128 -> 8",
+                       "3 FrozenTuneTextualInversionTrain.steps": "1000 -> 8"}
+
+
 # The e2e tier runs every example workflow twice already. `make test` runs the script's wiring once per
 # family and per dtype (sd15 in fp16, sdxl in bf16: the SDXL-family UNet is the costly one and bf16 the faster
 # dtype on the CPU) and one workflow with a training node (its step cap applied); the whole dry run, every load
