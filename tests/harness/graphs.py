@@ -166,6 +166,84 @@ def instantstyle_apply(**overrides) -> Graph:
     return g
 
 
+def _style_inputs(g: Graph) -> tuple[str, str, str, str]:
+    """The SDXL-family checkpoint, CLIP vision, style image and IP-Adapter loader every InstantStyle graph starts with."""
+    ckpt = _checkpoint(g, SDXL_BLOCKS)
+    vision = g.add("CLIPVisionLoader", clip_name=CLIP_VISION)
+    image = _image(g)
+    adapter = g.add("FrozenTuneIPAdapterLoader", ipadapter_file=IPADAPTER)
+    return ckpt, vision, image, adapter
+
+
+def _apply_embeds_and_sample(g: Graph, ckpt: str, adapter: str, embeds: list, negative: list | None = None,
+                             **overrides) -> str:
+    """InstantStyle Apply Embeds on ``embeds`` (and ``negative``) -> one sampler step -> preview; returns its id."""
+    inputs = {"weight": 1.0, "composition_weight": 1.0, "preset": "style+layout",
+              "custom_blocks": "output 1:1.0, input 8:0.5", "combine_embeds": "average", "embeds_scaling": "V only",
+              "start_at": 0.0, "end_at": 1.0, **overrides}
+    if negative is not None:
+        inputs["negative_embeds"] = negative
+    applied = g.add("FrozenTuneInstantStyleApplyEmbeds", model=out(ckpt), ipadapter=out(adapter), embeds=embeds,
+                    **inputs)
+    _sample_and_preview(g, out(applied), ckpt)
+    return applied
+
+
+def instantstyle_encode(**overrides) -> Graph:
+    """InstantStyle Encode (content subtraction on) -> Apply Embeds with its negative -> sample."""
+    g = Graph()
+    ckpt, vision, image, adapter = _style_inputs(g)
+    inputs = {"content_text": "a girl in a pink dress", "subtract": 0.5, **overrides}
+    g.target = g.add("FrozenTuneInstantStyleEncode", ipadapter=out(adapter), clip_vision=out(vision),
+                     image=out(image), clip=out(ckpt, 1), **inputs)
+    _apply_embeds_and_sample(g, ckpt, adapter, out(g.target), out(g.target, 1))
+    return g
+
+
+def _retarget(g: Graph, class_type: str, **overrides) -> Graph:
+    g.target = [n for n, v in g.nodes.items() if v["class_type"] == class_type][0]
+    g.nodes[g.target]["inputs"].update(overrides)
+    return g
+
+
+def instantstyle_apply_embeds(**overrides) -> Graph:
+    return _retarget(instantstyle_encode(), "FrozenTuneInstantStyleApplyEmbeds", **overrides)
+
+
+def instantstyle_combine_embeds(**overrides) -> Graph:
+    """Encode -> Combine Embeds (weighted, two inputs, so every weight input is read) -> Apply Embeds -> sample."""
+    g = Graph()
+    ckpt, vision, image, adapter = _style_inputs(g)
+    encoded = g.add("FrozenTuneInstantStyleEncode", ipadapter=out(adapter), clip_vision=out(vision),
+                    image=out(image), content_text="", subtract=0.5)
+    inputs = {"method": "weighted", "weight_1": 1.0, "weight_2": 0.5, "weight_3": 1.0, "weight_4": 1.0, **overrides}
+    g.target = g.add("FrozenTuneInstantStyleCombineEmbeds", embeds_1=out(encoded), embeds_2=out(encoded), **inputs)
+    _apply_embeds_and_sample(g, ckpt, adapter, out(g.target), out(encoded, 1))
+    return g
+
+
+def instantstyle_save_embeds(filename: str = "fuzz", **overrides) -> Graph:
+    """Encode -> Save Embeds (an output node: it writes models/ipadapter_embeds/) -> Apply Embeds of what it read back."""
+    g = Graph()
+    ckpt, vision, image, adapter = _style_inputs(g)
+    encoded = g.add("FrozenTuneInstantStyleEncode", ipadapter=out(adapter), clip_vision=out(vision),
+                    image=out(image), content_text="", subtract=0.5)
+    g.target = g.add("FrozenTuneInstantStyleSaveEmbeds", embeds=out(encoded), negative_embeds=out(encoded, 1),
+                     filename=filename, **overrides)
+    _apply_embeds_and_sample(g, ckpt, adapter, out(g.target), out(g.target, 1))
+    return g
+
+
+def instantstyle_load_embeds(embeds_file: str) -> Graph:
+    """Load Embeds (a file Save Embeds wrote) -> Apply Embeds with its negative -> sample."""
+    g = Graph()
+    ckpt = _checkpoint(g, SDXL_BLOCKS)
+    adapter = g.add("FrozenTuneIPAdapterLoader", ipadapter_file=IPADAPTER)
+    g.target = g.add("FrozenTuneInstantStyleLoadEmbeds", embeds_file=embeds_file)
+    _apply_embeds_and_sample(g, ckpt, adapter, out(g.target), out(g.target, 1))
+    return g
+
+
 def train_inputs(**overrides) -> dict:
     """ControlNet-Zero Train settings for one tiny step on the image inputs."""
     return {"dataset_folder": "", "steps": 1, "batch_size": 1, "gradient_accumulation": 1, "learning_rate": 1e-5,
@@ -203,15 +281,19 @@ def controlnet_zero_save(filename: str = "controlnet_zero/fuzz", dtype: str = "f
     return g
 
 
-def textual_inversion_train(**overrides) -> Graph:
-    """Textual Inversion Train for one tiny step (an output node: it saves into models/embeddings/)."""
+def textual_inversion_train(use_image: bool = True, **overrides) -> Graph:
+    """Textual Inversion Train for one tiny step (an output node: it saves into models/embeddings/).
+
+    ``use_image=False`` leaves the image input empty, so the views come from ``folder`` alone.
+    """
     g = Graph()
     ckpt = _checkpoint(g)
-    image = _image(g)
     inputs = {"name": "fuzz_concept", "init_text": "object", "vectors": 1, "captions": "object templates",
               "steps": 1, "batch_size": 1, "learning_rate": 2e-3, "seed": 0, "precision": "fp32", **overrides}
+    if use_image:
+        inputs["image"] = out(_image(g))
     g.target = g.add("FrozenTuneTextualInversionTrain", model=out(ckpt), clip=out(ckpt, 1), vae=out(ckpt, 2),
-                     image=out(image), **inputs)
+                     **inputs)
     g.add("PreviewImage", images=out(g.target, 1))
     return g
 
@@ -248,4 +330,8 @@ BASES = {
     "FrozenTuneControlNetZeroTrain": controlnet_zero_train,
     "FrozenTuneControlNetZeroSave": controlnet_zero_save,
     "FrozenTuneTextualInversionTrain": textual_inversion_train,
+    "FrozenTuneInstantStyleEncode": instantstyle_encode,
+    "FrozenTuneInstantStyleApplyEmbeds": instantstyle_apply_embeds,
+    "FrozenTuneInstantStyleCombineEmbeds": instantstyle_combine_embeds,
+    "FrozenTuneInstantStyleSaveEmbeds": instantstyle_save_embeds,
 }

@@ -17,7 +17,7 @@ from .server import ComfyServer, ServerError, error_message
 
 # What a queued job may write under a server's base directory. Anything else is a leak.
 WRITABLE = ("output", "temp", "user", "models/unitune", "models/loras", "models/controlnet", "models/embeddings",
-            "comfyui.log")
+            "models/ipadapter_embeds", "comfyui.log")
 
 
 @dataclass

@@ -50,14 +50,27 @@ def hostile_server(request, tmp_path_factory, tiny_checkpoints, pack_node_ids):
         yield srv
 
 
+def saved_by(srv, graph: graphs.Graph, relative: str) -> Path:
+    """Run ``graph`` (it saves a file) and return the file it wrote at ``relative`` under the base directory."""
+    outcome = hostile.run(srv, graph.prompt())
+    assert outcome.status == "success", outcome.message
+    path = srv.base / relative
+    assert path.is_file(), sorted(p.name for p in path.parent.iterdir())
+    return path
+
+
 @pytest.fixture(scope="session")
 def unitune_file(hostile_server) -> Path:
     """A real UniTune result (one LoRA step on the tiny SD1.5) in models/unitune/, saved by UniTune Save."""
-    outcome = hostile.run(hostile_server, graphs.unitune_save(filename="unitune/reliability_base").prompt())
-    assert outcome.status == "success", outcome.message
-    path = hostile_server.base / "models" / "unitune" / "reliability_base.safetensors"
-    assert path.is_file(), sorted(p.name for p in path.parent.iterdir())
-    return path
+    return saved_by(hostile_server, graphs.unitune_save(filename="unitune/reliability_base"),
+                    "models/unitune/reliability_base.safetensors")
+
+
+@pytest.fixture(scope="session")
+def embeds_file(hostile_server) -> Path:
+    """Real InstantStyle embeds (and negative) of the example image in models/ipadapter_embeds/, by Save Embeds."""
+    return saved_by(hostile_server, graphs.instantstyle_save_embeds(filename="reliability_base"),
+                    "models/ipadapter_embeds/reliability_base.safetensors")
 
 
 @pytest.fixture

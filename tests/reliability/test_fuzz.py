@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 BAD_STRINGS = {"empty": "", "dot": ".", "dotdot": "../x", "abs": "/abs", "long": "n" * 300, "nul": "a\x00b"}
 # Free text (prompts, captions, a token word): any text is valid input, so success is allowed.
 TEXT = {"token", "class_word", "edit_prompt", "negative", "content_text", "captions", "init_text"}
+# Optional strings whose empty value is their default and means "not used" (UniTune's embedding: no given word).
+EMPTY_IS_OFF = {("FrozenTuneUniTuneFineTune", "embedding")}
 # Numeric inputs whose out-of-range values the node documents as clamped instead of refused: none so far.
 CLAMPED: dict[tuple[str, str], str] = {}
 # Cases that still fail, waiting for a fix: (node, "input=label") -> the missing fix. Strict: such a case that
@@ -39,13 +41,21 @@ BASE_FOR_INPUT = {
         lambda: graphs.controlnet_zero_train(use_images=False, dataset_folder="controlnet_zero_disks"),
     # custom_blocks is only read with preset "custom"
     ("FrozenTuneInstantStyleApply", "custom_blocks"): lambda: graphs.instantstyle_apply(preset="custom"),
+    ("FrozenTuneInstantStyleApplyEmbeds", "custom_blocks"): lambda: graphs.instantstyle_apply_embeds(preset="custom"),
+    # the folder is the views only when the image input is empty (both given is refused, naming folder)
+    ("FrozenTuneTextualInversionTrain", "folder"): lambda: graphs.textual_inversion_train(use_image=False),
 }
+# Nodes whose base graph reads a file a session fixture writes first: node -> (fixture, graph builder).
+FIXTURE_BASES = {"FrozenTuneUniTuneLoad": ("unitune_file", graphs.unitune_load),
+                 "FrozenTuneInstantStyleLoadEmbeds": ("embeds_file", graphs.instantstyle_load_embeds)}
 # Node ids in the order they run: the SD1.5 ones first, then the SDXL-family ones (one model switch).
 NODE_ORDER = ["FrozenTuneUniTuneFineTune", "FrozenTuneUniTuneSave", "FrozenTuneUniTuneLoad",
               "FrozenTunePromptGuidanceGuider", "FrozenTuneUniTuneEdit", "FrozenTuneControlNetZeroCreate",
               "FrozenTuneControlNetZeroTrain", "FrozenTuneControlNetZeroSave", "FrozenTuneTextualInversionTrain",
               "FrozenTuneIPAdapterLoader",
-              "FrozenTuneInstantStyleApply"]
+              "FrozenTuneInstantStyleApply", "FrozenTuneInstantStyleEncode", "FrozenTuneInstantStyleApplyEmbeds",
+              "FrozenTuneInstantStyleCombineEmbeds", "FrozenTuneInstantStyleSaveEmbeds",
+              "FrozenTuneInstantStyleLoadEmbeds"]
 
 
 def bad_numbers(spec: dict) -> dict[str, float]:
@@ -89,6 +99,8 @@ def judge(node: str, name: str, kind: str, value: object, outcome: hostile.Outco
             return None
         if (node, name) in CLAMPED:
             return None
+        if (node, name) in EMPTY_IS_OFF and value == "":
+            return None
         return "succeeded"
     if outcome.status == "interrupted":
         return "was interrupted"
@@ -105,13 +117,17 @@ def frozentune_info(hostile_server) -> dict:
 def test_fuzz_covers_every_frozentune_node(frozentune_info):
     missing = sorted(set(frozentune_info) - set(NODE_ORDER))
     assert not missing, f"FrozenTune nodes without a fuzz base graph (add one to harness.graphs): {missing}"
+    no_base = [n for n in NODE_ORDER if n not in graphs.BASES and n not in FIXTURE_BASES]
+    assert not no_base, f"nodes in NODE_ORDER without a base graph (harness.graphs.BASES): {no_base}"
 
 
-def _base(node: str, name: str, unitune_file: Path) -> graphs.Graph:
+def _base(node: str, name: str, request: pytest.FixtureRequest) -> graphs.Graph:
+    """The node's base graph for fuzzing ``name``; a fixture file it reads is made on first use (so only then)."""
     if (node, name) in BASE_FOR_INPUT:
         return BASE_FOR_INPUT[(node, name)]()
-    if node == "FrozenTuneUniTuneLoad":
-        return graphs.unitune_load(unitune_file.name)
+    if node in FIXTURE_BASES:
+        fixture, build = FIXTURE_BASES[node]
+        return build(request.getfixturevalue(fixture).name)
     return graphs.BASES[node]()
 
 
@@ -150,8 +166,8 @@ def _verdict(node: str, problems: list[str], prefix: str) -> None:
 class Checked:
     """Runs fuzz prompts against one server and collects what is wrong with the answers."""
 
-    def __init__(self, srv, node: str, unitune_file: Path):
-        self.srv, self.node, self.unitune_file = srv, node, unitune_file
+    def __init__(self, srv, node: str, request: pytest.FixtureRequest):
+        self.srv, self.node, self.request = srv, node, request
         self.problems: list[str] = []
         self.counts = {"refused": 0, "error": 0, "success": 0, "interrupted": 0}
         self.neighbours = sorted(p.name for p in srv.base.parent.iterdir())
@@ -160,7 +176,7 @@ class Checked:
         first = kinds[0][0]
         abs_existed = Path("/abs").exists()
         before = hostile.snapshot(self.srv.base)
-        prompt = _base(self.node, first, self.unitune_file).prompt(**values)
+        prompt = _base(self.node, first, self.request).prompt(**values)
         outcome = hostile.run(self.srv, prompt, timeout=300)
         after = hostile.snapshot(self.srv.base)
         if len(kinds) > 1 and outcome.status != "success":  # grouped free text: pin it on one input
@@ -186,13 +202,13 @@ class Checked:
 
 @pytest.mark.long
 @pytest.mark.parametrize("node", NODE_ORDER)
-def test_fuzz_node_inputs(hostile_server, frozentune_info, unitune_file, node):
+def test_fuzz_node_inputs(request, hostile_server, frozentune_info, node):
     srv = hostile_server
     if node not in frozentune_info:
         pytest.skip(f"{node} is not in this server's /object_info")
-    base_ok = hostile.run(srv, _base(node, "", unitune_file).prompt())
+    base_ok = hostile.run(srv, _base(node, "", request).prompt())
     assert base_ok.status == "success", f"the base graph of {node} fails: {base_ok.message}"
-    checked = Checked(srv, node, unitune_file)
+    checked = Checked(srv, node, request)
     started = time.monotonic()
     for where, values, kinds in plan(node, frozentune_info[node]):
         checked.run_case(where, values, kinds)
@@ -202,12 +218,12 @@ def test_fuzz_node_inputs(hostile_server, frozentune_info, unitune_file, node):
 
 @pytest.mark.long
 @pytest.mark.parametrize("node", NODE_ORDER)
-def test_fuzz_unknown_choices(hostile_server, frozentune_info, unitune_file, node):
+def test_fuzz_unknown_choices(request, hostile_server, frozentune_info, node):
     """Every combo input set to a value that is not one of its options: refused, naming the input."""
     srv = hostile_server
     if node not in frozentune_info:
         pytest.skip(f"{node} is not in this server's /object_info")
-    checked = Checked(srv, node, unitune_file)
+    checked = Checked(srv, node, request)
     for name, kind, label, value in combo_cases(frozentune_info[node]):
         checked.run_case(f"{name}={label}", {name: value}, [(name, kind)])
     log.warning("fuzz choices %s: %s", node, checked.counts)
