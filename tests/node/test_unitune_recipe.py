@@ -31,7 +31,7 @@ def test_node_defaults_resolve_to_the_mode_recipe(tiny_checkpoints, pack, monkey
     class Stop(Exception):
         pass
 
-    def fake_fine_tune(base, latents, conditioning, settings, on_step=None):
+    def fake_fine_tune(base, latents, conditioning, settings, on_step=None, preview=None):
         seen["settings"] = settings
         raise Stop
 
