@@ -89,7 +89,7 @@ def embeds_folder(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", pytest.param("fp16", marks=pytest.mark.long)])  # fp16: make test-long
 def test_saved_embeds_sample_bitwise_what_apply_samples_from_the_images(xl, tiny_checkpoints, embeds_folder,
                                                                           dtype):
     from frozentune.nodes.instantstyle_nodes import InstantStyleLoadEmbeds, InstantStyleSaveEmbeds
