@@ -117,7 +117,11 @@ def test_saved_embeds_sample_bitwise_what_apply_samples_from_the_images(xl, tiny
     assert attn2(model) == {}
 
 
-def test_per_block_weights_reach_only_their_layers_with_their_values(xl, monkeypatch):
+HALF_LONG = ["fp32", pytest.param("bf16", marks=pytest.mark.long), pytest.param("fp16", marks=pytest.mark.long)]
+
+
+@pytest.mark.parametrize("dtype", HALF_LONG)
+def test_per_block_weights_reach_only_their_layers_with_their_values(xl, tiny_checkpoints, dtype, monkeypatch):
     from frozentune.instantstyle.attention import IPAttention
 
     seen: dict[tuple, set] = {}
@@ -129,11 +133,12 @@ def test_per_block_weights_reach_only_their_layers_with_their_values(xl, monkeyp
 
     monkeypatch.setattr(IPAttention, "__call__", recording)
     embeds, _ = encode(xl, picture(1))
-    patched = apply_embeds(xl, xl["model"], embeds, preset="custom", weight=0.5,
+    model = unet(xl, tiny_checkpoints, dtype)
+    patched = apply_embeds(xl, model, embeds, preset="custom", weight=0.5,
                            custom_blocks="output 1:1.0, input 8:0.5, input 8 1:-0.25, middle 0")
     from frozentune.instantstyle import blocks
 
-    keys = [layer.key for layer in blocks.attention_layers(xl["model"].model.diffusion_model)]
+    keys = [layer.key for layer in blocks.attention_layers(model.model.diffusion_model)]
     assert ("input", 8, 1) in keys
     expected = {k: 0.5 for k in keys if k[:2] in (("output", 1), ("middle", 0))}
     expected.update({k: 0.25 for k in keys if k[:2] == ("input", 8)})
@@ -153,12 +158,14 @@ def test_a_block_the_model_lacks_is_an_error_naming_it_and_the_valid_ones(xl):
         apply_embeds(xl, xl["model"], embeds, preset="custom", custom_blocks="output 1:x")
 
 
-def test_batch_mode_gives_latent_i_the_tokens_of_image_i(xl):
+@pytest.mark.parametrize("dtype", HALF_LONG)
+def test_batch_mode_gives_latent_i_the_tokens_of_image_i(xl, tiny_checkpoints, dtype):
     from frozentune.instantstyle import projection
 
     images = torch.cat([picture(1), picture(2)])
     embeds, negative = encode(xl, images)
-    patched = apply_embeds(xl, xl["model"], embeds, negative_embeds=negative, combine_embeds="batch")
+    model = unet(xl, tiny_checkpoints, dtype)
+    patched = apply_embeds(xl, model, embeds, negative_embeds=negative, combine_embeds="batch")
     patch = attn2(patched)[("output", 1, 0)]
     features = xl["cv"].encode_image(images)["image_embeds"].float()
     assert patch.cond.shape == (2, 4, 2048)
@@ -173,7 +180,7 @@ def test_batch_mode_gives_latent_i_the_tokens_of_image_i(xl):
     # (ulp-level token differences grow to ~2e-3 in two cfg-5 steps of the random UNet, so the tokens are
     # made the same way: a batch of two rows through one projection)
     only_first = StyleEmbeds(embeds.features[[0, 0]], embeds.kind)
-    first = sample(xl, apply_embeds(xl, xl["model"], only_first, negative_embeds=negative, combine_embeds="batch"),
+    first = sample(xl, apply_embeds(xl, model, only_first, negative_embeds=negative, combine_embeds="batch"),
                    batch=3)
     gap = (batched[0] - first[0]).abs().max().item()
     assert gap < 1e-5, gap
