@@ -21,7 +21,9 @@ def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("value", ["false", "0", "no"])
+# one spelling in CI (each is a ~40 s CLI run; the parser itself is unit-tested): the others are `long`
+@pytest.mark.parametrize("value", ["false", pytest.param("0", marks=pytest.mark.long),
+                                   pytest.param("no", marks=pytest.mark.long)])
 def test_resume_false_parses_as_a_boolean_and_starts_over(tmp_path, tiny_checkpoints, value):
     data = disks.write_folder(tmp_path / "data", count=2, size=64)
     out = tmp_path / "controlnet" / "cli.safetensors"
