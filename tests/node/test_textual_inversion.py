@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from harness.hashing import weight_hash
+from harness.hashing import frozen_hashes as hashes
 from harness.images import subject_image
 
 # SD1.5 reads CLIP-L's last layer; SDXL reads the penultimate (layer -2), which ComfyUI allows from 3 layers on.
@@ -56,18 +56,6 @@ def run_node(model, clip, vae, image=..., **overrides):
     out = TextualInversionTrain.execute(model=model, clip=clip, vae=vae,
                                         image=subject_image(32) if image is ... else image, **args)
     return out.args
-
-
-def hashes(model, clip) -> dict[str, str]:
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([model])
-    out = {"unet": weight_hash(model.model.diffusion_model), "text": weight_hash(clip.cond_stage_model)}
-    for key in ("clip_l", "clip_g"):
-        enc = getattr(clip.cond_stage_model, key, None)
-        if enc is not None:
-            out[f"vocabulary {key}"] = weight_hash(enc.transformer.get_input_embeddings())
-    return out
 
 
 def trainer_conditioning(model, clip, vectors, name, text):
