@@ -94,7 +94,8 @@ def _ours_train(args, model, data) -> dict:
     """ControlNet-Zero's training loop on ``data`` around ``model``, clocked (and its live bytes if ``--track``)."""
     import comfy.model_management as mm
 
-    from frozentune.controlnet_zero import network, trainer
+    from frozentune.controlnet_zero import network
+    from frozentune.controlnet_zero import training_run as trainer
 
     mm.load_models_gpu([model], force_full_load=True)
     device = model.load_device

@@ -1,6 +1,6 @@
 """Peak training memory against its floor (frozen weights + trainable state), at full size, in the same run.
 
-Each case runs the real trainer entry point (``unitune.finetune.fine_tune``, ``controlnet_zero.trainer.train``)
+Each case runs the real trainer entry point (``unitune.finetune.fine_tune``, ``controlnet_zero.training_run.train``)
 on a UNet built from ComfyUI's own full-size config (``comfy.model_detection``'s SD1.5 / SDXL lists, matched to
 ``comfy.supported_models`` by ``model_config_from_unet_config``), random weights, random conditioning of the right
 shape (no text encoder or VAE: training never runs them). Counted as on a GPU user's machine: UNet weights stored
@@ -238,7 +238,8 @@ def _controlnet_zero(case: Case, base, latent):
     import comfy.model_management as mm
     import torch
 
-    from frozentune.controlnet_zero import cache, network, trainer
+    from frozentune.controlnet_zero import cache, network
+    from frozentune.controlnet_zero import training_run as trainer
 
     res = case.size
     hint = (torch.rand(res, res, 3, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)

@@ -37,7 +37,7 @@ def main() -> None:
     import torch
     from comfy_extras.nodes_custom_sampler import CFGGuider, DualCFGGuider
 
-    from frozentune.nodes.prompt_guidance_nodes import PromptGuidanceGuider
+    from frozentune.nodes.guidance_nodes import PromptGuidanceGuider
 
     torch.set_num_threads(args.threads)
 

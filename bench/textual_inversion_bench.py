@@ -3,7 +3,7 @@
 Arms, each in its own process (one torch thread; peak RSS reset with /proc/self/clear_refs right
 before the loop and read from VmHWM), timing rounds alternating:
 
-- ``ours``: ``unitune.textual_inversion.train`` on the tiny SD1.5 checkpoint loaded by ComfyUI (16.2M
+- ``ours``: ``textual_inversion.word_trainer.train`` on the tiny SD1.5 checkpoint loaded by ComfyUI (16.2M
   UNet, full-size 12-layer CLIP-L, TAESD VAE). The images are VAE-encoded once before training (the
   latent cache); the vectors are two ``[vectors, 768]`` fp32 leaves fed in where the stock tokenizer puts
   an embedding, so the 49408 x 768 token table gets no gradient, no optimizer state and no copy. One
@@ -71,7 +71,7 @@ def child_ours(args) -> dict:
     comfy_env.import_pack()
     import comfy.sd
 
-    from frozentune.unitune import textual_inversion as ti
+    from frozentune.textual_inversion import word_trainer as ti
 
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_models.checkpoint_path("sd15")),
                                                                  embedding_directory=[])
@@ -211,7 +211,7 @@ def child_prefix(args) -> dict:
     import comfy.sd
     import torch
 
-    from frozentune.unitune import textual_inversion as ti
+    from frozentune.textual_inversion import word_trainer as ti
 
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_models.checkpoint_path("sd15")),
                                                                  embedding_directory=[])

@@ -26,7 +26,8 @@ def measure(checkpoint: str, resolution: int, batch: int, steps: int, every: int
     import nodes
     import torch
 
-    from frozentune.controlnet_zero import cache, network, trainer
+    from frozentune.controlnet_zero import cache, network
+    from frozentune.controlnet_zero import training_run as trainer
     from frozentune.nodes.controlnet_zero_nodes import PREVIEW_SIZE
     from frozentune.training import preview as previews
     from harness import disks

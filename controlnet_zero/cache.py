@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..training import files as weights_file
+from ..storage import safetensors_file as weights_file
 from ..training.conditioning import training_conds
 from .dataset import Pair, chunks, load_pairs
 from .dataset import fingerprint as dataset_fingerprint

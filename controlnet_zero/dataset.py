@@ -10,7 +10,7 @@ Folder layout (the layout of public ControlNet datasets such as fill50k):
 
 Every problem is reported with the file and the fix, before any training starts. Given ``roots``
 (the node: ComfyUI's input folder and the admin's ``FROZENTUNE_DATA_DIRS``), the folder, the manifest's
-paths and every file read (links followed) must lie inside them, checked by ``training.user_paths``
+paths and every file read (links followed) must lie inside them, checked by ``storage.user_paths``
 before the file system is touched, so a refusal tells nothing about what exists elsewhere. The CLI
 passes no roots: it is run by the machine's owner, on paths the owner gives.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..training import user_paths
+from ..storage import user_paths
 from ..training.image_folder import IMAGE_SUFFIXES
 from ..training.image_folder import list_images as _list_images
 from ..training.image_folder import names as _names

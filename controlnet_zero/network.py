@@ -13,6 +13,8 @@ import logging
 
 import torch
 
+from .. import families
+
 log = logging.getLogger(__name__)
 
 HINT_CHANNELS = 3  # ComfyUI IMAGE tensors are RGB
@@ -35,14 +37,7 @@ def controlnet_config(base_model) -> dict:
 
 def family_name(config: dict) -> str:
     """A readable name for a UNet configuration (for error messages)."""
-    ctx, adm = config.get("context_dim"), config.get("adm_in_channels")
-    if ctx == 768 and adm is None:
-        return "SD1.x (768-d text context)"
-    if ctx == 1024:
-        return "SD2.x (1024-d text context)"
-    if ctx == 2048:
-        return "SDXL family (2048-d text context)"
-    return f"a UNet with {ctx}-d text context" + (f" and {adm}-d size/pooled conditioning" if adm else "")
+    return families.describe_unet(config.get("context_dim"), config.get("adm_in_channels"))
 
 
 def build(config: dict, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):

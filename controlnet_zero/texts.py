@@ -4,6 +4,10 @@ A setting the node and ``python -m controlnet_zero.train`` share (``steps``, ``r
 entry here, so the UI and the command line can never explain it differently; the CLI-only flags
 (``checkpoint``, ``work_dir``, ...) and the node-only inputs have theirs too. No ``%`` anywhere
 (argparse would read it as a format).
+
+``TEXTS`` are tooltips: at most two sentences and 320 characters (the node's help page,
+nodes/web/docs/FrozenTuneControlNetZeroTrain.md, holds the figures). The command line has no help
+page, so ``cli_text`` appends the detail in ``CLI_MORE`` to a flag's help; it never replaces the text.
 """
 
 from __future__ import annotations
@@ -22,32 +26,24 @@ TEXTS: dict[str, str] = {
     "resolution": "Training size: images and hints are scaled (short side) and center-cropped to this square.",
     "gradient_checkpointing": (
         "Recompute the activations of both networks (the ControlNet and the frozen UNet) in the backward pass "
-        "instead of keeping them; costs about one extra forward pass per step. Measured on the tiny SD1.5 test "
-        "model (batch 2, 64 px): the bytes kept for backward drop to 0.31x with an fp32 base and 0.12x with an "
-        "fp16 base; loss and gradients are the same on and off."),
+        "instead of keeping them: much less memory for about one extra forward pass per step, with the same loss "
+        "and gradients."),
     "mixed_precision": (
-        "The compute dtype. auto: bf16 autocast on CUDA GPUs that support it, else fp16 with loss scaling; fp32 on "
-        "the CPU. bf16/fp16 ask for it (bf16 also runs on the CPU). Only the ControlNet trains, as fp32 weights; "
-        "the base keeps the dtype it was loaded in (fp16, bf16 or fp8 storage) and is cast per operation, and the "
-        "control residuals and their gradients are in the compute dtype, never the base's fp16."),
+        "The compute dtype; only the ControlNet trains, as fp32 weights, and the base keeps its load dtype. auto: "
+        "bf16 autocast on CUDA GPUs that support it, else fp16 with loss scaling, fp32 on the CPU; bf16/fp16 ask "
+        "for it (bf16 also runs on the CPU)."),
     "optimizer": (
-        "adamw: torch AdamW (the ControlNet paper's optimizer), 8 bytes of state per trained weight. adamw8bit: "
-        "bitsandbytes' blockwise 8-bit AdamW (as diffusers' train_controlnet.py --use_8bit_adam), both moments "
-        "as 8-bit codes (tensors under 4096 values keep fp32 state); measured on the tiny SD1.5's ControlNet "
-        "(10.5M weights): 20.5 MiB of state against AdamW's 80.2 MiB. Needs the bitsandbytes package. "
-        "Checkpoints store either state and resume it; resume with the optimizer the checkpoint was written with."),
+        "adamw: torch AdamW (the ControlNet paper's), 8 bytes of state per trained weight; adamw8bit: "
+        "bitsandbytes' 8-bit AdamW, about 2 bytes (needs the bitsandbytes package). Resume with the optimizer "
+        "the checkpoint was written with."),
     "seed": "Seed for sample order, noise, timesteps and prompt dropout.",
     "checkpoint_every": (
         "Save a resumable checkpoint every N steps (0 = off) into this run's own folder: "
         "output/controlnet_zero/<run_name>/run_NNN/ in the node, <work_dir>/checkpoints/run_NNN/ on the command "
         "line. Only this run's newest checkpoints are kept (keep_checkpoints, 2); other runs' are never touched."),
     "resume": (
-        "On: continue the newest checkpoint of an earlier run with the same settings and dataset (weights, "
-        "optimizer, step and random state): of run_name in the node, of work_dir on the command line (where it "
-        "may also name a checkpoint folder). A run is the same when the base model, the dataset's files and "
-        "captions, resolution, optimizer, learning_rate, weight_decay, max_grad_norm, prompt_dropout, batch_size, "
-        "gradient_accumulation and seed match; otherwise it is refused, naming the settings that differ. With no "
-        "checkpoint to continue, a new run starts and the log says so. Off: a new run, in a new run_NNN "
+        "On: continue the newest checkpoint of an earlier run with the same settings and dataset (one with other "
+        "settings is refused, naming them; with none, a new run starts). Off: a new run in a new run_NNN "
         "sub-folder, so earlier runs' checkpoints are kept."),
     "save_dtype": "Weight precision in the file: fp32 keeps the trained weights exactly, fp16/bf16 halve the size.",
     # --- Train node only
@@ -58,11 +54,8 @@ TEXTS: dict[str, str] = {
                    "with Load ControlNet Model to continue.",
     "dataset_folder": (
         "A folder with images/, conditioning/ (RGB hints, same file names) and a .txt caption per image, or a "
-        ".jsonl manifest (image, conditioning_image, text; paths relative to the folder). It and every path in a "
-        "manifest must be inside ComfyUI's input folder (relative paths start there) or a folder the server's "
-        "admin lists in FROZENTUNE_DATA_DIRS; other paths are refused. Leave empty to train on the image/hint "
-        "inputs. More than 256 pairs are encoded into a temporary cache in ComfyUI's temp folder, removed "
-        "when training ends."),
+        ".jsonl manifest, inside ComfyUI's input folder or a folder listed in FROZENTUNE_DATA_DIRS. Leave empty "
+        "to train on the image/hint inputs."),
     "run_name": "Folder name for this run's checkpoints, under output/controlnet_zero/: one plain name (no "
                 "folders). Each new run gets its own run_NNN sub-folder.",
     "images": "Target images (instead of a folder).",
@@ -70,11 +63,8 @@ TEXTS: dict[str, str] = {
     "captions": "Captions for the image inputs: one line for all, or one line per image.",
     "preview_every": (
         "Show a preview in this node every N optimizer steps (0 = off): the first training hint and its caption "
-        "drawn from a fixed noise with the ControlNet as trained so far (4 Euler steps, the longer side at most "
-        "256 px, colours straight from the latent as ComfyUI's latent2rgb preview, no VAE). Each preview costs a "
-        "few sampler steps: measured on the tiny SD1.5 test model (CPU, batch 4), one preview took 0.86x the time "
-        "of a training step at 64 px and 0.62x at 256 px. The trained ControlNet is bit-identical with previews "
-        "on or off (tested)."),
+        "drawn from a fixed noise with the ControlNet as trained so far. The trained ControlNet is bit-identical "
+        "with previews on or off."),
     "previews": "The previews drawn while training, side by side in step order (a 64x64 black image when "
                 "preview_every is 0).",
     # --- Save node only
@@ -99,6 +89,27 @@ TEXTS: dict[str, str] = {
 }
 
 
+# What a flag's --help adds to its short text (the node's help page says the same for the UI).
+CLI_MORE: dict[str, str] = {
+    "gradient_checkpointing": "Measured on the tiny SD1.5 test model (batch 2, 64 px): the bytes kept for backward "
+                              "drop to 0.31x with an fp32 base and 0.12x with an fp16 base.",
+    "mixed_precision": "The base (fp16, bf16 or fp8 storage) is cast per operation; the control residuals and their "
+                       "gradients are in the compute dtype, never the base's fp16.",
+    "optimizer": "adamw8bit is blockwise (as diffusers' train_controlnet.py --use_8bit_adam), both moments as 8-bit "
+                 "codes (tensors under 4096 values keep fp32 state); measured on the tiny SD1.5's ControlNet "
+                 "(10.5M weights): 20.5 MiB of state against AdamW's 80.2 MiB. Checkpoints store either state.",
+    "resume": "Here the earlier run is work_dir's, or give a checkpoint folder instead of true; its weights, "
+              "optimizer, step and random state continue. A run is the same when the base model, the dataset's files and captions, "
+              "resolution, optimizer, learning_rate, weight_decay, max_grad_norm, prompt_dropout, batch_size, "
+              "gradient_accumulation and seed match; with no checkpoint to continue, the log says so.",
+}
+
+
 def text(name: str) -> str:
     """The explanation of setting ``name`` (KeyError for an unknown one: every setting needs a text)."""
     return TEXTS[name]
+
+
+def cli_text(name: str) -> str:
+    """A flag's --help: the setting's text, plus the detail a tooltip leaves to the help page."""
+    return f"{TEXTS[name]} {CLI_MORE[name]}" if name in CLI_MORE else TEXTS[name]

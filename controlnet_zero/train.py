@@ -40,7 +40,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .texts import text
+from .texts import cli_text
 
 log = logging.getLogger("controlnet_zero.train")
 PACKAGE = "frozentune"
@@ -108,23 +108,23 @@ def _bootstrap():
 
 
 def _settings_fields() -> dict[str, type]:
-    from .trainer import TrainSettings
+    from .training_run import TrainSettings
 
     return {f.name: type(f.default) for f in dataclasses.fields(TrainSettings)}
 
 
 def _parser(fields: dict[str, type]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m controlnet_zero.train", description=__doc__.split("\n")[0])
-    p.add_argument("--config", type=Path, help=text("config"))
+    p.add_argument("--config", type=Path, help=cli_text("config"))
     for name, kind in {**RUN_KEYS, **fields}.items():
         flag = "--" + name.replace("_", "-")
         if name == "resume":
-            p.add_argument(flag, type=_argument(resume_value), metavar="BOOL|FOLDER", help=text(name))
+            p.add_argument(flag, type=_argument(resume_value), metavar="BOOL|FOLDER", help=cli_text(name))
         elif kind is bool:
             p.add_argument(flag, type=_argument(lambda v, name=name: boolean(v, name)), metavar="BOOL",
-                           help=text(name))
+                           help=cli_text(name))
         else:
-            p.add_argument(flag, type=kind, help=text(name))
+            p.add_argument(flag, type=kind, help=cli_text(name))
     return p
 
 
@@ -142,7 +142,7 @@ def _read_config(path: Path | None) -> dict:
 
 def options(argv: list[str] | None = None) -> tuple[dict, object]:
     """(run options, TrainSettings) from the config file and flags."""
-    from .trainer import TrainSettings
+    from .training_run import TrainSettings
 
     fields = _settings_fields()
     args = _parser(fields).parse_args(argv)
@@ -163,7 +163,7 @@ def options(argv: list[str] | None = None) -> tuple[dict, object]:
     for key in ("checkpoint", "dataset", "output"):
         if not merged.get(key):
             raise SystemExit(f"missing setting {key!r}: give it in the config file or as --{key}")
-    from .files import check_stem
+    from .controlnet_file import check_stem
 
     try:
         check_stem(Path(merged["output"]))  # before training, not after it
@@ -178,7 +178,7 @@ def load_controlnet_file(path: Path, base_model):
     """A ControlNet module for ``base_model`` with the weights of an ldm-layout file (bare or control_model.)."""
     import torch
 
-    from ..training import files as weights_file
+    from ..storage import safetensors_file as weights_file
     from . import network
 
     tensors, _ = weights_file.load(path)
@@ -216,7 +216,7 @@ def run(opts: dict, settings) -> Path | None:
     import comfy.sd
     import torch
 
-    from . import cache, dataset, distributed, files, network, trainer
+    from . import cache, controlnet_file, dataset, distributed, network, training_run
 
     dist = distributed.from_environment()
     cache_dir = None
@@ -242,7 +242,7 @@ def run(opts: dict, settings) -> Path | None:
         control_model = network.trainable_copy(start, device)
         del start
         eval_rows = list(range(min(int(opts.get("eval_rows", 8)), len(data))))
-        before = trainer.evaluate(model.model, control_model, data, device, eval_rows) if eval_rows else None
+        before = training_run.evaluate(model.model, control_model, data, device, eval_rows) if eval_rows else None
         every = int(opts.get("log_every", 10))
 
         def on_step(step: int, total: int, loss: float) -> None:
@@ -250,16 +250,16 @@ def run(opts: dict, settings) -> Path | None:
                 log.info("step %d/%d loss %.5f", step, total, loss)
 
         meta = {"controlnet_zero.base_checkpoint": Path(opts["checkpoint"]).name}
-        result = trainer.train(model.model, control_model, data, settings, device,
+        result = training_run.train(model.model, control_model, data, settings, device,
                                checkpoint_root=work / "checkpoints", resume=resume_value(opts.get("resume", False)),
                                dist=dist, metadata=meta, on_step=on_step, run_folders=True)
         if eval_rows:
-            after = trainer.evaluate(model.model, control_model, data, device, eval_rows)
+            after = training_run.evaluate(model.model, control_model, data, device, eval_rows)
             result.metadata.update({"controlnet_zero.eval_loss_start": f"{before:.6g}",
                                     "controlnet_zero.eval_loss_end": f"{after:.6g}"})
             log.info("fixed-draw loss on %d training pairs: %.5f -> %.5f", len(eval_rows), before, after)
         if dist.is_main:
-            files.save(output, result.control_model, result.metadata, opts.get("save_dtype", "fp32"))
+            controlnet_file.save(output, result.control_model, result.metadata, opts.get("save_dtype", "fp32"))
             (work / "losses.json").parent.mkdir(parents=True, exist_ok=True)
             (work / "losses.json").write_text(json.dumps({"losses": result.losses, **result.metadata}))
             log.info("saved %s (%d steps)", output, result.step)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..training import files as weights_file
+from ..storage import safetensors_file as weights_file
 
 PREFIXES = {
     "image_proj.": "image_proj",

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..training import cond_chunks
+from ..guidance import cond_chunks
 from . import blocks, projection
 from .adapter_file import IPAdapter
-from .attention import SCALING_MODES, IPAttention
+from .attention import ORDER_HINT, SCALING_MODES, IPAttention
 from .embeds import StyleEmbeds, check_fits, kind_for
 from .subtraction import check_subtraction, subtract_content
 
@@ -24,6 +24,13 @@ log = logging.getLogger(__name__)
 # Several style images: average their features (one image's tokens), concatenate their tokens (all attended
 # to at once), or batch: one image per latent of the batch (cubiq's "unfold"; the last image repeats).
 COMBINE_MODES = ("average", "concat", "batch")
+# Plus adapters' unconditional features when no negative image is given. The official IP-Adapter and diffusers
+# encode zero *normalised* pixels (a mean-grey image); cubiq's IPAdapter_plus encodes an all-black image
+# (IPAdapterPlus.py:380-383 at 9d076a3), which is about -1.8 after CLIP's normalisation: a different uncond.
+# Plain adapters use zero image embeds under both choices (so does cubiq: IPAdapterPlus.py:391).
+PLUS_NEGATIVE_ZEROS = "zeros (official IP-Adapter)"
+PLUS_NEGATIVE_BLACK = "black image (IPAdapter_plus)"
+PLUS_NEGATIVES = (PLUS_NEGATIVE_ZEROS, PLUS_NEGATIVE_BLACK)
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class StyleSettings:
     end: float = 1.0
     scaling: str = "V only"  # embeds_scaling, see attention.SCALING_MODES
     composition_weight: float | None = None  # layout block's weight in style+layout / precise style (None: weight)
+    plus_negative: str = PLUS_NEGATIVE_ZEROS  # see PLUS_NEGATIVES
 
     def check(self) -> None:
         if not -1.0 <= self.weight <= 5.0:
@@ -47,6 +55,7 @@ class StyleSettings:
             raise ValueError(f"embeds_scaling {self.scaling!r} must be one of {', '.join(SCALING_MODES)}.")
         if self.combine not in COMBINE_MODES:
             raise ValueError(f"combine {self.combine!r} must be one of {', '.join(COMBINE_MODES)}.")
+        check_plus_negative(self.plus_negative)
         if not 0.0 <= self.start < self.end <= 1.0:
             raise ValueError(f"start {self.start} / end {self.end} must satisfy 0 <= start < end <= 1 "
                              "(fractions of the sampling schedule).")
@@ -72,6 +81,28 @@ def zero_image_features(clip_vision, plus: bool, like: torch.Tensor) -> torch.Te
     return out[1].to(like.device).float()
 
 
+def check_plus_negative(plus_negative: str) -> None:
+    if plus_negative not in PLUS_NEGATIVES:
+        raise ValueError(f"plus_negative {plus_negative!r} must be one of {', '.join(map(repr, PLUS_NEGATIVES))}.")
+
+
+def black_image_features(clip_vision, like: torch.Tensor) -> torch.Tensor:
+    """Penultimate tokens of an all-black image at the encoder's size through the stock ``encode_image`` (its
+    CLIP normalisation included): cubiq's Plus unconditional features."""
+    size = clip_vision.image_size
+    black = torch.zeros(1, size, size, 3)
+    return image_features(clip_vision, black, plus=True).to(like.device)
+
+
+def unconditional_features(clip_vision, plus: bool, like: torch.Tensor,
+                           plus_negative: str = PLUS_NEGATIVE_ZEROS) -> torch.Tensor:
+    """Unconditional features when no negative image is given; ``plus_negative`` only matters for Plus."""
+    check_plus_negative(plus_negative)
+    if plus and plus_negative == PLUS_NEGATIVE_BLACK:
+        return black_image_features(clip_vision, like)
+    return zero_image_features(clip_vision, plus, like)
+
+
 def style_tokens(adapter: IPAdapter, features: torch.Tensor, combine: str) -> torch.Tensor:
     """Image tokens for one or several images' features: [1, T, C] (average: mean of the features),
     [1, N*T, C] (concat: their tokens side by side) or [N, T, C] (batch: one row per image)."""
@@ -90,9 +121,12 @@ def uncond_tokens(adapter: IPAdapter, features: torch.Tensor, combine: str) -> t
 
 def encode_embeds(adapter: IPAdapter, clip_vision, images: torch.Tensor, subtract: float = 0.0,
                   content_pooled: torch.Tensor | None = None,
-                  negative_images: torch.Tensor | None = None) -> tuple[StyleEmbeds, StyleEmbeds]:
+                  negative_images: torch.Tensor | None = None,
+                  plus_negative: str = PLUS_NEGATIVE_ZEROS) -> tuple[StyleEmbeds, StyleEmbeds]:
     """(embeds, negative embeds) of the style image(s): CLIP-vision features, minus ``subtract`` times the
-    content text embedding (cond side only), and the negative image(s)' features or the reference zeros."""
+    content text embedding (cond side only), and the negative image(s)' features, else the reference zeros
+    (or, for Plus with ``plus_negative`` black, cubiq's black image)."""
+    check_plus_negative(plus_negative)
     subtracting = content_pooled is not None and subtract != 0
     if subtracting:  # fail before the (slow) image encoding
         check_subtraction(adapter.projection, adapter.embed_width, content_pooled.shape[-1], adapter.name)
@@ -100,15 +134,16 @@ def encode_embeds(adapter: IPAdapter, clip_vision, images: torch.Tensor, subtrac
     features = image_features(clip_vision, images, plus)
     if negative_images is not None:
         negative = image_features(clip_vision, negative_images, plus)
+        negative_source = "negative image"
     else:
-        negative = zero_image_features(clip_vision, plus, features)
+        negative = unconditional_features(clip_vision, plus, features, plus_negative)
+        negative_source = "black image" if plus and plus_negative == PLUS_NEGATIVE_BLACK else "zeros"
     source = "image"
     if subtracting:
         features = subtract_content(features, content_pooled, subtract)
         source = f"image minus {subtract:g} x content text"
     kind = kind_for(adapter.projection)
-    return StyleEmbeds(features, kind, source), StyleEmbeds(negative, kind, "negative image" if negative_images
-                                                             is not None else "zeros")
+    return StyleEmbeds(features, kind, source), StyleEmbeds(negative, kind, negative_source)
 
 
 def zero_negative(adapter: IPAdapter, embeds: StyleEmbeds) -> StyleEmbeds:
@@ -143,7 +178,8 @@ def encode_tokens(adapter: IPAdapter, clip_vision, images: torch.Tensor, setting
                   negative_images: torch.Tensor | None = None,
                   content_pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cond, uncond) image tokens from the style image(s), the optional negative image(s) and content text."""
-    embeds, negative = encode_embeds(adapter, clip_vision, images, settings.subtract, content_pooled, negative_images)
+    embeds, negative = encode_embeds(adapter, clip_vision, images, settings.subtract, content_pooled, negative_images,
+                                     settings.plus_negative)
     return style_tokens(adapter, embeds.features, settings.combine), uncond_tokens(adapter, negative.features,
                                                                                   settings.combine)
 
@@ -195,6 +231,44 @@ def layer_weight(planned: blocks.Planned, settings: StyleSettings) -> float:
     return float(settings.weight) * planned.factor
 
 
+SHADOW_WRAPPER_KEY = "frozentune_instantstyle_shadowed_blocks"
+
+
+@dataclass(frozen=True)
+class BlockShadowCheck:
+    """OUTER_SAMPLE wrapper that stops sampling when a whole-block attn2 replace (key ``(block, id)``) was added
+    after our per-layer patches in that block.
+
+    ComfyUI runs a layer's ``(block, id, index)`` replace when there is one, else its block's, so such a replace
+    added after ours never runs on our layers: cubiq's IPAdapter on SD1.5 patches ``(block, id)`` keys, finds no
+    patch of ours there to ``.add`` to (``IPAttention.add``), and would be skipped silently. ``blocks`` are the
+    block keys that were free when our node patched them (one that was taken, we wrapped). Identity cannot tell
+    (ModelPatcher.clone deep-copies other packs' patches), so a block replace already there is not re-checked.
+    """
+
+    blocks: frozenset
+
+    def __call__(self, executor, *args, **kwargs):
+        options = executor.class_obj.model_options
+        attn2 = options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+        hidden = sorted(b for b in self.blocks if b in attn2)
+        if hidden:
+            raise ValueError(
+                f"an attention patch on the whole block(s) {', '.join(map(str, hidden))} was added after FrozenTune "
+                "InstantStyle patched layers in them (e.g. by cubiq's IPAdapter node, ComfyUI_IPAdapter_plus, on an "
+                "SD1.5 model): ComfyUI would run only InstantStyle's patch there and silently skip it. " + ORDER_HINT)
+        return executor(*args, **kwargs)
+
+
+def add_shadow_check(model_patcher, free_blocks) -> None:
+    """Make sampling ``model_patcher`` (a clone we own) refuse block-wide replaces added later over ``free_blocks``."""
+    import comfy.patcher_extension
+
+    if free_blocks:
+        model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, SHADOW_WRAPPER_KEY,
+                                           BlockShadowCheck(frozenset(free_blocks)))
+
+
 def patch_model(model, adapter: IPAdapter, chosen: list[blocks.Planned], cond: torch.Tensor,
                 uncond: torch.Tensor, settings: StyleSettings, mask: torch.Tensor | None = None,
                 composition_cond: torch.Tensor | None = None):
@@ -229,4 +303,5 @@ def patch_model(model, adapter: IPAdapter, chosen: list[blocks.Planned], cond: t
                             mask=mask, prev=prev, key=layer.key, scaling=settings.scaling)
         clone.set_model_attn2_replace(patch, *layer.key)
     cond_chunks.add_guider_wrapper(clone)  # stock guiders (PerpNeg, DualCFG) say which chunks are unconditional
+    add_shadow_check(clone, {p.layer.block for p in chosen if p.layer.block not in existing})
     return clone

@@ -6,7 +6,7 @@ arguments), or by the replace that was already on this key (so patches compose);
 ``weight * softmax(q k_ip^T) v_ip`` is added, as IP-Adapter does (``IPAdapterAttnProcessor2_0``).
 
 The batch arrives in chunks, one per entry of ``cond_or_uncond``. The chunks whose index the guider
-declared unconditional (``training.cond_chunks.unconditional_indexes``: stock CFG and our Prompt Guidance
+declared unconditional (``guidance.cond_chunks.unconditional_indexes``: stock CFG and our Prompt Guidance
 {1}, PerpNeg {1, 2}, DualCFG {0}) get the unconditional image tokens (projection of a zero embedding, or
 of the negative image); every other chunk gets the style image tokens. Tokens hold one row, or one row per
 latent in batch mode: row r of every chunk reads row min(r, rows - 1) (cubiq's "unfold").
@@ -30,10 +30,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..training import cond_chunks
+from ..guidance import cond_chunks
 
 SCALING_MODES = ("V only", "K+V", "K+V w/ C penalty")
 C_PENALTY_WIDTH = 1280  # cubiq: weight * inner_dim / 1280
+# The node order that works beside cubiq's IPAdapter_plus: ours wraps a replace already on the key, his cannot.
+ORDER_HINT = ("Put his IPAdapter nodes first and InstantStyle Apply (or Apply Embeds) after them (InstantStyle then "
+              "wraps his patch, so both act).")
 
 
 def token_grid(latent_hw: tuple[int, int], seq_len: int) -> tuple[int, int]:
@@ -101,6 +104,16 @@ class IPAttention:
 
     def models(self) -> list:
         return self.prev.models() if hasattr(self.prev, "models") else []
+
+    def add(self, *args, **kwargs) -> None:
+        """Refuse cubiq's ``Attn2Replace.add``: his ``set_model_patch_replace`` (IPAdapterPlus.py:222-226 at
+        9d076a3) calls ``.add`` on whatever replace already sits on the key, to append his attention to it in
+        place. This patch is immutable and shared with upstream models, so the run stops here, unchanged."""
+        layer = f" {self.key}" if self.key else ""
+        raise ValueError(
+            f"cubiq's IPAdapter node (ComfyUI_IPAdapter_plus) was applied after FrozenTune InstantStyle on the same "
+            f"attention layer{layer}: it would change InstantStyle's patch in place, which FrozenTune refuses. "
+            + ORDER_HINT)
 
     def _gate(self, extra: dict, rows: int, like: torch.Tensor) -> torch.Tensor | None:
         """Per-row 0/1 factor from the rows' sigmas; None when every row is active."""

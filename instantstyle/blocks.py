@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import families
+
 # The style and the layout block of each family (diffusers names); a preset is a choice of them.
 BLOCK_ROLES: dict[str, dict[str, tuple[str, ...]]] = {
     "sdxl": {"style": ("up_blocks.0.attentions.1",), "layout": ("down_blocks.2.attentions.1",)},
@@ -103,12 +105,8 @@ def attention_layers(unet) -> list[AttnLayer]:
 
 
 def model_family(layers: list[AttnLayer]) -> str:
-    dims = {layer.context_dim for layer in layers}
-    if dims == {768}:
-        return "sd15"
-    if dims == {2048}:
-        return "sdxl"
-    return f"{'/'.join(str(d) for d in sorted(dims))}-d context"
+    """The family id (``families``) whose text context these layers read, else a readable description."""
+    return families.by_context({layer.context_dim for layer in layers})
 
 
 def _block_label(block: tuple[str, int]) -> str:

@@ -6,7 +6,7 @@ So one encoding serves every adapter trained with that image encoder, the conten
 in it, and combining works on features (an average of features is one image's worth of tokens).
 
 Files are safetensors (``features`` and, when saved with it, ``negative``) with the kind, width and the
-encoding's settings in the metadata; they are written atomically (``training.files``).
+encoding's settings in the metadata; they are written atomically (``storage.safetensors_file``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..training import files as weights_file
+from ..storage import safetensors_file as weights_file
 
 FILE_FORMAT = "frozentune.instantstyle_embeds.v1"
 KINDS = ("image_embeds", "penultimate")  # plain adapters / Plus (Resampler) adapters

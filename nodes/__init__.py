@@ -10,14 +10,14 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import (
     controlnet_zero_nodes,
+    guidance_nodes,
     instantstyle_nodes,
-    prompt_guidance_nodes,
     textual_inversion_nodes,
     unitune_nodes,
 )
 
 # Every node class of the pack, in menu order. Node ids start with "FrozenTune" and never change.
-NODE_CLASSES: list[type[io.ComfyNode]] = [*unitune_nodes.NODES, *prompt_guidance_nodes.NODES, *instantstyle_nodes.NODES,
+NODE_CLASSES: list[type[io.ComfyNode]] = [*unitune_nodes.NODES, *guidance_nodes.NODES, *instantstyle_nodes.NODES,
                                             *controlnet_zero_nodes.NODES, *textual_inversion_nodes.NODES]
 
 

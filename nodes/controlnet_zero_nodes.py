@@ -19,10 +19,10 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..controlnet_zero import cache, dataset, files, network, trainer
+from ..controlnet_zero import cache, controlnet_file, dataset, network, training_run
 from ..controlnet_zero.texts import text
-from ..training import files as weights_file
-from ..training import names, user_paths
+from ..storage import names, user_paths
+from ..storage import safetensors_file as weights_file
 from ..training import preview as previews
 from ..training.loss_curve import loss_curve_image
 from . import checks, saved_files
@@ -101,7 +101,7 @@ class ControlNetZeroTrain(io.ComfyNode):
                 io.Float.Input("prompt_dropout", default=0.5, min=0.0, max=1.0, step=0.05, tooltip=text("prompt_dropout")),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip=text("resolution")),
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip=text("gradient_checkpointing")),
-                io.Combo.Input("mixed_precision", options=list(trainer.PRECISIONS), default="auto",
+                io.Combo.Input("mixed_precision", options=list(training_run.PRECISIONS), default="auto",
                                tooltip=text("mixed_precision")),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip=text("seed")),
@@ -113,7 +113,7 @@ class ControlNetZeroTrain(io.ComfyNode):
                 io.String.Input("captions", default="", multiline=True, optional=True, tooltip=text("captions")),
                 # Last and optional, so workflows saved before it existed still load (their widget values
                 # are positional) and train with AdamW as before.
-                io.Combo.Input("optimizer", options=list(trainer.OPTIMIZERS), default="adamw", optional=True,
+                io.Combo.Input("optimizer", options=list(training_run.OPTIMIZERS), default="adamw", optional=True,
                                tooltip=text("optimizer")),
                 io.Int.Input("preview_every", default=0, min=0, max=1000000, optional=True,
                              tooltip=text("preview_every")),
@@ -132,7 +132,7 @@ class ControlNetZeroTrain(io.ComfyNode):
                 checkpoint_every, run_name, resume, images=None, hints=None, captions="",
                 optimizer="adamw", preview_every=0) -> io.NodeOutput:
         checks.finite(learning_rate=learning_rate, prompt_dropout=prompt_dropout)
-        settings = trainer.TrainSettings(
+        settings = training_run.TrainSettings(
             steps=steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
             learning_rate=learning_rate, prompt_dropout=prompt_dropout, resolution=resolution,
             gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision, seed=seed,
@@ -168,7 +168,7 @@ class ControlNetZeroTrain(io.ComfyNode):
                 device = model.load_device
                 control_model = network.trainable_copy(source_module, device)
                 metadata = dict(getattr(control_net, METADATA_ATTR, {}) or {})
-                result = trainer.train(model.model, control_model, data, settings, device,
+                result = training_run.train(model.model, control_model, data, settings, device,
                                        checkpoint_root=run_dir, resume=resume, metadata=metadata,
                                        on_step=on_step, run_folders=True, preview=preview)
                 trained = result.control_model.to(comfy.model_management.unet_offload_device())
@@ -210,7 +210,7 @@ class ControlNetZeroSave(io.ComfyNode):
             inputs=[
                 io.ControlNet.Input("control_net", tooltip="The CONTROL_NET output of ControlNet-Zero Train."),
                 io.String.Input("filename", default="controlnet_zero/my_controlnet", tooltip=text("filename")),
-                io.Combo.Input("dtype", options=list(files.DTYPES), default="fp32", tooltip=text("save_dtype")),
+                io.Combo.Input("dtype", options=list(controlnet_file.DTYPES), default="fp32", tooltip=text("save_dtype")),
             ],
             outputs=[io.AnyType.Output(display_name="control_net_name", tooltip="The saved file's name as Load "
                                        "ControlNet Model lists it (connect it to that node's name input).")],
@@ -227,10 +227,10 @@ class ControlNetZeroSave(io.ComfyNode):
         root = Path(folder_paths.get_folder_paths("controlnet")[0])
         folder, stem = names.save_target(filename, input_name="filename", folders={"controlnet": root},
                                          default="controlnet")
-        files.check_stem(Path(stem))  # before anything is written
+        controlnet_file.check_stem(Path(stem))  # before anything is written
         path = weights_file.unused_path(folder, stem)
         with torch.inference_mode(False):
-            files.save(path, module, getattr(control_net, METADATA_ATTR, {}) or {}, dtype)
+            controlnet_file.save(path, module, getattr(control_net, METADATA_ATTR, {}) or {}, dtype)
         saved_files.remember(SAVE_NODE, path, filename=filename, dtype=dtype)
         listed = os.path.relpath(path, root).replace(os.sep, "/")
         log.info("ControlNet-Zero: saved %s", path)

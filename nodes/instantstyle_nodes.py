@@ -12,8 +12,8 @@ from comfy_api.latest import io
 
 from ..instantstyle import adapter_file, apply, attention, blocks
 from ..instantstyle import embeds as style_embeds
-from ..training import files as weights_file
-from ..training import names
+from ..storage import names
+from ..storage import safetensors_file as weights_file
 from . import checks, saved_files
 
 log = logging.getLogger(__name__)
@@ -21,10 +21,13 @@ log = logging.getLogger(__name__)
 CATEGORY = "FrozenTune/InstantStyle"
 FOLDER = "ipadapter"
 EMBEDS_FOLDER = "ipadapter_embeds"
-IPAdapterType = io.Custom("IPADAPTER")
-# Our own socket type: cubiq's "EMBEDS" is a bare tensor his nodes read without checks, so sharing the
-# name would let either pack's embeds reach the other's nodes and fail there (see embeds.py).
-EmbedsType = io.Custom("IPADAPTER_EMBEDS")
+# Our own socket types, prefixed FROZENTUNE_: cubiq's ComfyUI_IPAdapter_plus uses IPADAPTER (a dict of his
+# models) and EMBEDS (a bare tensor), so sharing a name would let the frontend link either pack's value
+# into the other's nodes, where it fails deep inside (tests/node/test_instantstyle_beside_ipadapter_plus.py).
+# Renamed from IPADAPTER / IPADAPTER_EMBEDS: saved workflows still run, the server checks a link by the
+# source node's RETURN_TYPES, not by the type string saved in the workflow (execution.py validate_inputs).
+IPAdapterType = io.Custom("FROZENTUNE_IPADAPTER")
+EmbedsType = io.Custom("FROZENTUNE_IPADAPTER_EMBEDS")
 
 # models/ipadapter/ (the folder name other IP-Adapter packs use too, so files are found by both).
 if FOLDER not in folder_paths.folder_names_and_paths:
@@ -37,8 +40,7 @@ if EMBEDS_FOLDER not in folder_paths.folder_names_and_paths:
 
 PRESET_TIP = ("Blocks that receive the image: style (SDXL output 1), layout (SDXL input 8), style+layout, all blocks "
               "(the original IP-Adapter), custom (custom_blocks with a weight per block), or precise style (style "
-              "block at weight; the layout block's image tokens go to the unconditional side, so guidance steers "
-              "away from the reference's layout; cubiq's 'style transfer precise').")
+              "block at weight, the layout block's image tokens on the unconditional side).")
 CUSTOM_TIP = ("For preset 'custom': comma-separated blocks with optional weights (factors on weight), e.g. "
               "'output 1:1.0, input 8:0.5, middle 0' (or diffusers names like up_blocks.0.attentions.1:0.8). "
               "Checked against the model: a block it lacks is an error listing the ones it has.")
@@ -65,6 +67,15 @@ def subtraction_inputs() -> list:
             io.Float.Input("subtract", default=0.5, min=0.0, max=2.0, step=0.05,
                            tooltip="Scale of the content subtraction: image_embeds - subtract * text_embeds "
                            "(official gradio default 0.5). Ignored while content_text is empty.")]
+
+
+def plus_negative_input() -> io.Combo.Input:
+    # The last widget: saved workflows store widget values by position, so one added at the end leaves the
+    # older values where they were (a workflow saved before it gets the default).
+    return io.Combo.Input("plus_negative", options=list(apply.PLUS_NEGATIVES), default=apply.PLUS_NEGATIVE_ZEROS,
+                          tooltip="Plus adapters without a negative image: the unconditional tokens come from zero "
+                          "pixels after CLIP normalisation (official IP-Adapter, diffusers) or from a black image "
+                          "(cubiq's IPAdapter_plus). Plain adapters use zero embeds either way.")
 
 
 def mask_input() -> io.Mask.Input:
@@ -137,6 +148,7 @@ class InstantStyleApply(io.ComfyNode):
                 io.Image.Input("negative_image", optional=True, tooltip="Optional image for the unconditional "
                                "branch instead of the zero embedding (e.g. noise, or what to steer away from)."),
                 mask_input(),
+                plus_negative_input(),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="A patched copy of the model.")],
         )
@@ -144,10 +156,11 @@ class InstantStyleApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, ipadapter, clip_vision, image, weight, preset, custom_blocks, combine_images,
                 content_text, subtract, start_at, end_at, clip=None, negative_image=None,
-                attn_mask=None) -> io.NodeOutput:
+                attn_mask=None, plus_negative=apply.PLUS_NEGATIVE_ZEROS) -> io.NodeOutput:
         checks.finite(weight=weight, subtract=subtract, start_at=start_at, end_at=end_at)
         settings = apply.StyleSettings(weight=weight, preset=preset, custom_blocks=custom_blocks,
-                                       combine=combine_images, subtract=subtract, start=start_at, end=end_at)
+                                       combine=combine_images, subtract=subtract, start=start_at, end=end_at,
+                                       plus_negative=plus_negative)
         chosen = apply.select_layers(model, ipadapter, settings)
         content_pooled = content_embedding(clip, content_text, subtract)
         cond, uncond = apply.encode_tokens(ipadapter, clip_vision, image, settings, negative_image, content_pooled)
@@ -175,7 +188,8 @@ class InstantStyleEncode(io.ComfyNode):
             description=(
                 "Encodes style image(s) once into embeds (the CLIP-vision features the IP-Adapter projects, "
                 "minus the content text embedding when content_text is set), to apply, combine or save. "
-                "negative_embeds are the negative image's features, or the reference's zeros."
+                "negative_embeds are the negative image's features, or the reference's zeros (Plus adapters: "
+                "zero pixels, or a black image as cubiq's pack does; see plus_negative)."
             ),
             inputs=[
                 IPAdapterType.Input("ipadapter", tooltip="From IP-Adapter Loader: says which features to keep "
@@ -188,6 +202,7 @@ class InstantStyleEncode(io.ComfyNode):
                               "(clip_g pooled, 1280-d) for ViT-bigG adapters."),
                 io.Image.Input("negative_image", optional=True, tooltip="Image(s) for the unconditional side "
                                "instead of the zero embedding."),
+                plus_negative_input(),
             ],
             outputs=[EmbedsType.Output(display_name="embeds", tooltip="The style embeds, one row per image."),
                      EmbedsType.Output(display_name="negative_embeds", tooltip="The unconditional embeds.")],
@@ -195,10 +210,12 @@ class InstantStyleEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, ipadapter, clip_vision, image, content_text, subtract, clip=None,
-                negative_image=None) -> io.NodeOutput:
+                negative_image=None, plus_negative=apply.PLUS_NEGATIVE_ZEROS) -> io.NodeOutput:
         checks.finite(subtract=subtract)
+        checks.choice("plus_negative", plus_negative, apply.PLUS_NEGATIVES)
         pooled = content_embedding(clip, content_text, subtract)
-        embeds, negative = apply.encode_embeds(ipadapter, clip_vision, image, subtract, pooled, negative_image)
+        embeds, negative = apply.encode_embeds(ipadapter, clip_vision, image, subtract, pooled, negative_image,
+                                               plus_negative)
         log.info("InstantStyle Encode: %s", embeds.describe())
         return io.NodeOutput(embeds, negative)
 

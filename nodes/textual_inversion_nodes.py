@@ -1,4 +1,4 @@
-"""Textual Inversion Train: a thin V3 node over ``unitune.textual_inversion`` (schema, checks, progress, save)."""
+"""Textual Inversion Train: a thin V3 node over ``textual_inversion.word_trainer`` (schema, checks, progress, save)."""
 
 from __future__ import annotations
 
@@ -9,72 +9,44 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..training import files as weights_file
-from ..training import image_folder, names, user_paths
+from ..storage import safetensors_file as weights_file
+from ..storage import user_paths
+from ..textual_inversion import word_trainer as ti
+from ..textual_inversion.embedding_file import embedding_target
+from ..training import image_folder
 from ..training import precision as training_precision
 from ..training import preview as previews
 from ..training.loss_curve import loss_curve_image
-from ..unitune import textual_inversion as ti
 from ..unitune.finetune import prepare_images
 from . import checks, saved_files
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "FrozenTune/Textual Inversion"
-FOLDER = "embeddings"
-EMBEDDING_SUFFIXES = ("", ".safetensors", ".pt", ".bin")  # what comfy.sd1_clip.load_embed tries for a name
 
 CAPTIONS_TOOLTIP = (
-    "Captions the new word is trained in. object templates (default) / style templates: one of the paper's "
-    "short templates per step ('a photo of a {}', 'a painting in the style of {}'), so the word learns to work "
-    "inside a sentence, as you will use it. token alone: the bare word, as UniTune trains.")
+    "Captions the new word is trained in: object templates (default) / style templates take one of the paper's "
+    "short templates per step ('a photo of a {}', 'a painting in the style of {}'); token alone is the bare "
+    "word, as UniTune trains.")
 PRECISION_TOOLTIP = (
-    "Compute dtype of training (autocast). auto: bf16 on a CUDA GPU that supports it, else fp16 with loss "
-    "scaling; fp32 on the CPU. The vectors train in fp32 whatever you pick; the models keep their load dtype.")
+    "Compute dtype of training (autocast); the vectors train in fp32 and the models keep their load dtype. "
+    "auto: bf16 on a CUDA GPU that supports it, else fp16 with loss scaling; fp32 on the CPU.")
 
 FOLDER_TOOLTIP = (
-    "Instead of the image input: a folder of views of the concept (.png, .jpg, .jpeg, .webp, .bmp directly in it; "
-    "other files and subfolders are ignored), read as the stock Load Image node reads a file. All must be the "
-    "same size (different sizes are refused, naming them; nothing is resized). It must be inside ComfyUI's "
-    "input folder (relative paths start there, e.g. 'my_concept') or a folder the server's admin lists in "
-    "FROZENTUNE_DATA_DIRS; other paths are refused. Leave empty to train on the image input; giving both is "
-    "refused.")
+    "Instead of the image input: a folder of same-size views of the concept (.png, .jpg, .jpeg, .webp, .bmp), "
+    "inside ComfyUI's input folder or a folder listed in FROZENTUNE_DATA_DIRS. Leave empty to train on the "
+    "image input; giving both is refused.")
 
 PREVIEW_MAX = 256
 PREVIEW_TOOLTIP = (
-    "Draw a preview every N steps (0 = off): the first caption of the captions choice ('a photo of a "
-    "embedding:name' for object templates) sampled in 4 Euler steps from a fixed noise with the current "
-    "vectors, at the images' size up to 256 px, shown in the node and gathered in the previews output. Each "
-    "preview costs 1 text-encoder and 4 UNet passes without gradients (a step: 1 of each, forward and "
-    "backward). The trained vectors are identical with previews on or off.")
+    "Draw a preview every N steps (0 = off): the first caption of the captions choice sampled from a fixed "
+    "noise with the current vectors, shown in the node and gathered in the previews output. The trained "
+    "vectors are identical with previews on or off.")
 
-
-def _taken(stem: str) -> bool:
-    """Whether the stock loader would find a file for ``embedding:<stem>`` in any embeddings folder."""
-    import comfy.sd1_clip
-
-    for folder in comfy.sd1_clip.expand_directory_list(folder_paths.get_folder_paths(FOLDER)):
-        if any(Path(folder, stem + suffix).is_file() for suffix in EMBEDDING_SUFFIXES):
-            return True
-    return False
-
-
-def embedding_target(name: str) -> tuple[Path, str]:
-    """Where the file goes and the word prompts use; a taken word gets the next free ``_00001`` counter.
-
-    Never overwrites: the counter is checked against every embeddings folder, so the returned word
-    resolves to the new file in a stock prompt.
-    """
-    folder, stem = names.save_target(name, input_name="name", folders={FOLDER: Path(folder_paths.get_folder_paths(
-        FOLDER)[0])}, default=FOLDER)
-    ti.check_name(stem)
-    word, counter = stem, 0
-    while _taken(word):
-        counter += 1
-        word = f"{stem}_{counter:05d}"
-    if counter:
-        log.warning("Textual inversion: embedding:%s exists; this one is saved as embedding:%s", stem, word)
-    return folder / f"{word}.safetensors", word
+NORM_CONTROL_TOOLTIP = (
+    "After every step, pull the spread (std) of the vectors toward that of the words the text encoder knows, "
+    "as diffusers' and cog-sdxl's pivotal tuning do (on in UniTune Fine-Tune's pivotal run). Off (default): the "
+    "paper's textual inversion, whose vectors can grow far past any known word's size.")
 
 
 def preview_size(image_size) -> int:
@@ -123,8 +95,8 @@ class TextualInversionTrain(io.ComfyNode):
                 io.Image.Input("image", optional=True, tooltip="One or several views of the concept, all the same "
                                "size (a batch). Or leave it unconnected and set folder."),
                 io.String.Input("name", default="my_concept", tooltip="The new word: write 'embedding:name' in a "
-                                "prompt. Saved as models/embeddings/name.safetensors; if that word is taken, "
-                                "name_00001 (see the embedding output). Letters, digits, '-', '_', '.'."),
+                                "prompt; saved as models/embeddings/name.safetensors, or name_00001 if that word "
+                                "is taken (see the embedding output). Letters, digits, '-', '_', '.'."),
                 io.String.Input("init_text", default="object", tooltip="Word(s) the vectors start from, e.g. "
                                 "'dog': their token embeddings (repeated to fill the vectors)."),
                 io.Int.Input("vectors", default=1, min=1, max=ti.MAX_VECTORS, tooltip="Vectors per text encoder "
@@ -146,6 +118,7 @@ class TextualInversionTrain(io.ComfyNode):
                 io.String.Input("folder", default="", optional=True, tooltip=FOLDER_TOOLTIP),
                 io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
                              tooltip=PREVIEW_TOOLTIP),
+                io.Boolean.Input("norm_control", default=False, optional=True, tooltip=NORM_CONTROL_TOOLTIP),
             ],
             outputs=[
                 io.String.Output(display_name="embedding", tooltip="The word to write in prompts, e.g. "
@@ -168,11 +141,12 @@ class TextualInversionTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, name, init_text, vectors, captions, steps, batch_size, learning_rate,
-                seed, precision="auto", image=None, folder="", preview_every=0) -> io.NodeOutput:
+                seed, precision="auto", image=None, folder="", preview_every=0,
+                norm_control=False) -> io.NodeOutput:
         checks.finite(learning_rate=learning_rate)
         settings = ti.TextualInversionSettings(init_text=init_text, vectors=vectors, captions=captions, steps=steps,
                                                batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                                               precision=precision)
+                                               precision=precision, norm_control=bool(norm_control))
         settings.check()
         if vae is None or getattr(vae, "first_stage_model", None) is None:
             raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")
@@ -195,7 +169,8 @@ class TextualInversionTrain(io.ComfyNode):
         weights_file.save(path, result.file_tensors(), result.metadata, format=ti.FILE_FORMAT)
         saved_files.remember(cls.__name__, path, name=name, init_text=init_text, vectors=vectors, captions=captions,
                              steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                             precision=precision, folder=folder, preview_every=preview_every)
+                             precision=precision, folder=folder, preview_every=preview_every,
+                             norm_control=norm_control)
         log.info("Textual inversion: saved embedding:%s (%s) to %s", word, ", ".join(result.vectors), path)
         curve = loss_curve_image(result.losses, title="textual inversion loss")
         return io.NodeOutput(f"embedding:{word}", curve, str(path), shown.grid())

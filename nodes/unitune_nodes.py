@@ -1,4 +1,4 @@
-"""UniTune Fine-Tune, Save and Load nodes: thin V3 wrappers over ``unitune.finetune``."""
+"""UniTune Fine-Tune, Save, Load and Edit nodes: thin V3 wrappers over ``unitune`` and ``guidance``."""
 
 from __future__ import annotations
 
@@ -7,62 +7,70 @@ import os
 from pathlib import Path
 
 import comfy.model_management
+import comfy.sample
+import comfy.samplers
 import comfy.utils
 import folder_paths
+import latent_preview
 from comfy_api.latest import io
 
-from ..training import family as families
-from ..training import files as weights_file
-from ..training import names
+from .. import families
+from ..families import fingerprint
+from ..guidance import sdedit
+from ..guidance.guider import DEFAULT_PG, FORMULA, check_scales
+from ..guidance.guider import PromptGuidanceGuider as Guider
+from ..storage import names
+from ..storage import safetensors_file as weights_file
+from ..textual_inversion import word_trainer as ti
+from ..textual_inversion.embedding_file import embedding_target
 from ..training import precision as training_precision
 from ..training import preview as previews
 from ..training.loss_curve import loss_curve_image
 from ..unitune import compress, finetune, pivotal
-from ..unitune import textual_inversion as ti
+from ..unitune.edit_prompts import TuningCaption, edit_prompts
 from . import checks, saved_files
-from .textual_inversion_nodes import embedding_target
+from .sampling_inputs import guidance_inputs
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "FrozenTune/UniTune"
 FOLDER = "unitune"
 ATTACHMENT = "frozentune.unitune"
+# The caption a tuned MODEL was tuned on (TuningCaption), set by Fine-Tune and Load: UniTune Edit's class word.
+CAPTION_ATTACHMENT = "frozentune.unitune.caption"
 MODE_CHOICES = ["auto", *finetune.TRAIN_MODES]
 SAVE_AS = ("as trained", "lora")
-# Memory figures: computed from the parameter counts of ComfyUI's SD1.5 UNet (859.5M; attention 93.5M;
-# rank-8 LoRA on the attention projections 1.59M) and SDXL UNet (2567.5M; 955.4M; 11.6M), 4 bytes per fp32
-# weight and gradient, AdamW's two moments 8 bytes; Adafactor's factored state is a small fraction.
+# The memory each mode costs is on the help page (nodes/web/docs/FrozenTuneUniTuneFineTune.md).
 TRAIN_TOOLTIP = (
-    "What trains; the base's weights are shared in their load dtype, never copied, and only what trains is "
-    "kept in fp32. full: every UNet weight. attention: the attention layers. full and attention step each "
-    "weight during backward, so no gradient buffer is held (except with fp16 compute): fp32 weights SD1.5 "
-    "3.2 / 0.35 GiB, SDXL 9.6 / 3.6 GiB (computed from parameter counts), plus the optimizer state (AdamW "
-    "twice that, Adafactor less). lora: low-rank adapters on the attention projections (rank 32: SD1.5 49 MiB, "
-    "SDXL 354 MiB with gradients). Measured peak at full size (random weights, fp16 base, bf16 compute, "
-    "gradient checkpointing on, Adafactor): SD1.5 full at 512 px, batch 4: 7.2 GiB; SDXL lora rank 32 at "
-    "1024 px, batch 1: 6.3 GiB (bench/README.md). auto: full for SD1.5, lora for SDXL.")
+    "What trains, kept in fp32 (the base's weights are shared, never copied): full = every UNet weight, "
+    "attention = the attention layers, lora = low-rank adapters on the attention projections. auto: full "
+    "for SD1.5, lora for SDXL.")
 CHECKPOINTING_TOOLTIP = (
-    "Recompute each UNet layer in the backward pass instead of keeping its activations: costs an extra "
-    "forward of each layer. Measured on the tiny SD1.5 test UNet (16M parameters) at 64 px, batch 4: the "
-    "bytes kept for backward drop from 35.3 to 3.2 MiB (0.09x), with equal training results.")
+    "Recompute each UNet layer in the backward pass instead of keeping its activations: much less memory "
+    "for an extra forward of each layer, with equal training results.")
 EMBEDDING_TOOLTIP = (
-    "Optional (pivotal tuning): a learned word, 'embedding:name' (the embedding output of Textual Inversion Train, "
-    "or a file in models/embeddings/). The caption then uses that word instead of the token, and the word travels "
-    "with the output MODEL (UniTune Save writes it beside the patches). Leave empty to use the token.")
+    "Optional (pivotal tuning): a learned word, 'embedding:name' (from Textual Inversion Train or "
+    "models/embeddings/), used in the caption instead of the token and carried by the output MODEL. "
+    "Empty = the token.")
 PIVOTAL_TOOLTIP = (
-    "Pivotal tuning: learn the token as a word first (textual inversion, this many steps, AdamW at 2e-3, UNet and "
-    "text encoder frozen; the vectors start from the token's own), then tune with 'embedding:<token>' in the "
-    "caption. The word travels with the output MODEL and the clip output; UniTune Save writes it to "
-    "models/embeddings/. 0 = off. Not with the embedding input.")
+    "Pivotal tuning: first learn the token as a word for this many textual-inversion steps, then tune with "
+    "'embedding:<token>' in the caption; the word travels with the MODEL and clip outputs. 0 = off; not with "
+    "the embedding input.")
+PIVOTAL_LR_TOOLTIP = (
+    "AdamW step size of the word's learning run (pivotal_steps > 0 only). 2e-3 is Textual Inversion Train's "
+    "default; cog-sdxl's joint pivotal run uses 3e-4 (the recipe is on the help page).")
+PIVOTAL_NORM_TOOLTIP = (
+    "After every step of the word's learning run, pull the spread (std) of its vectors toward that of the "
+    "words the text encoder knows, as diffusers' and cog-sdxl's pivotal tuning do. Off: plain textual "
+    "inversion, whose vectors can grow far past any known word's size.")
 PREVIEW_SIZE = 256  # pixels of a preview's longer side (at most the training image's, rounded up to 64)
 PREVIEW_TOOLTIP = (
-    "Show a preview in this node every N UniTune steps (0 = off): the training caption (the token) drawn from a "
-    "fixed noise with the weights as tuned so far, i.e. the image as the model reconstructs it (4 Euler steps, "
-    "the longer side 256 px or the image's if smaller, colours straight from the latent as ComfyUI's latent2rgb preview, no VAE). Each "
-    "preview costs 4 UNet forwards at 256 px; the tuned result is bit-identical with previews on or off (tested).")
+    "Show a preview in this node every N UniTune steps (0 = off): the training caption drawn from a fixed "
+    "noise with the weights as tuned so far, i.e. the image as the model reconstructs it. The tuned result "
+    "is bit-identical with previews on or off.")
 PRECISION_TOOLTIP = (
-    "Compute dtype of training (autocast). auto: bf16 on a CUDA GPU that supports it, else fp16 with loss "
-    "scaling; fp32 on the CPU. What trains is fp32 whatever you pick; the base keeps its load dtype.")
+    "Compute dtype of training (autocast); what trains stays fp32 and the base keeps its load dtype. auto: "
+    "bf16 on a CUDA GPU that supports it, else fp16 with loss scaling; fp32 on the CPU.")
 
 # models/unitune/ for tuned results, safetensors only (listed by UniTune Load).
 if FOLDER not in folder_paths.folder_names_and_paths:
@@ -101,8 +109,7 @@ class UniTuneFineTune(io.ComfyNode):
                              "step, each at its own random timestep (the paper: 4)."),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-5, round=1e-7,
                                tooltip="Step size. 0 = auto: 1e-4 for full and attention (the paper's recipe), 1e-3 "
-                               "for lora (measured on the test models: at 1e-4 a rank-8 LoRA got 37-56% of the way "
-                               "to full mode's reconstruction, at 1e-3 with rank 32 and 256 steps 71-99%)."),
+                               "for lora (measured on the test models)."),
                 io.Combo.Input("optimizer", options=list(finetune.OPTIMIZERS), default="adafactor",
                                tooltip="adafactor (the paper's; factored, small optimizer state), adamw (8 bytes of state "
                                "per trained weight) or adamw8bit (bitsandbytes' 8-bit AdamW, about 2 bytes; needs the "
@@ -110,8 +117,7 @@ class UniTuneFineTune(io.ComfyNode):
                 io.Combo.Input("train", options=MODE_CHOICES, default="auto", tooltip=TRAIN_TOOLTIP),
                 io.Int.Input("lora_rank", default=32, min=1, max=256, tooltip="Rank of the LoRA adapters "
                              "(train = lora only). 32: the best rank measured on the test models (4 was clearly "
-                             "worse, 16 close); the top of published SDXL LoRA practice (diffusers 4, ComfyUI 8, "
-                             "OneTrainer 16, kohya's SDXL example 32)."),
+                             "worse, 16 close)."),
                 io.Boolean.Input("gradient_checkpointing", default=False, tooltip=CHECKPOINTING_TOOLTIP),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed for the noise and timesteps; the same seed gives the same result."),
@@ -120,6 +126,10 @@ class UniTuneFineTune(io.ComfyNode):
                 io.String.Input("embedding", default="", optional=True, tooltip=EMBEDDING_TOOLTIP),
                 io.Int.Input("pivotal_steps", default=0, min=0, max=100000, optional=True, tooltip=PIVOTAL_TOOLTIP),
                 io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True, tooltip=PREVIEW_TOOLTIP),
+                io.Float.Input("pivotal_learning_rate", default=pivotal.LEARNING_RATE, min=1e-6, max=1.0, step=1e-4,
+                               round=1e-6, optional=True, tooltip=PIVOTAL_LR_TOOLTIP),
+                io.Boolean.Input("pivotal_norm_control", default=pivotal.NORM_CONTROL, optional=True,
+                                 tooltip=PIVOTAL_NORM_TOOLTIP),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The tuned model: the base plus the trained "
@@ -139,8 +149,9 @@ class UniTuneFineTune(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image, token, class_word, steps, batch_size, learning_rate, optimizer,
                 train, lora_rank, gradient_checkpointing, seed, precision="auto", embedding="",
-                pivotal_steps=0, preview_every=0) -> io.NodeOutput:
-        checks.finite(learning_rate=learning_rate)
+                pivotal_steps=0, preview_every=0, pivotal_learning_rate=pivotal.LEARNING_RATE,
+                pivotal_norm_control=pivotal.NORM_CONTROL) -> io.NodeOutput:
+        checks.finite(learning_rate=learning_rate, pivotal_learning_rate=pivotal_learning_rate)
         family = families.model_family(model.model)
         mode = ("lora" if family == "sdxl" else "full") if train == "auto" else train
         steps, learning_rate = finetune.recipe(mode, steps, learning_rate)
@@ -159,6 +170,9 @@ class UniTuneFineTune(io.ComfyNode):
         if pivotal_steps:  # refuse a family textual inversion does not know, or an unusable token, before any work
             ti.encoder_keys(model, clip)
             pivotal.check_token(clip, token)
+            if not pivotal_learning_rate > 0:
+                raise ValueError(f"pivotal_learning_rate={pivotal_learning_rate} must be a positive number such as "
+                                 f"{pivotal.LEARNING_RATE:g}.")
         if vae is None or getattr(vae, "first_stage_model", None) is None:
             raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")
         pixels = finetune.prepare_images(list(image))
@@ -175,7 +189,8 @@ class UniTuneFineTune(io.ComfyNode):
                     log.info("Pivotal UniTune: word step %d/%d loss %.5f", step, total, loss)
 
             word = pivotal.learn_word(model, clip, latents, token, pivotal_steps, batch_size, seed, precision,
-                                      on_step=on_word_step)
+                                      on_step=on_word_step, learning_rate=pivotal_learning_rate,
+                                      norm_control=pivotal_norm_control)
         view = pivotal.caption_clip(clip, word)
         conditioning = view.encode_from_tokens_scheduled(view.tokenize(settings.caption))
 
@@ -188,6 +203,7 @@ class UniTuneFineTune(io.ComfyNode):
         result.word = word
         tuned = finetune.apply_patches(model, result.tensors)
         tuned.set_attachments(ATTACHMENT, result)
+        tuned.set_attachments(CAPTION_ATTACHMENT, TuningCaption(settings.word, settings.class_word.strip()))
         curve = loss_curve_image(result.losses, title=f"UniTune {mode} loss")
         return io.NodeOutput(tuned, curve, view, settings.word, shown.grid())
 
@@ -216,13 +232,12 @@ class UniTuneSave(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL output of UniTune Fine-Tune."),
                 io.String.Input("filename", default="unitune/beikkpic", tooltip="File name in models/unitune/ "
-                                "(listed by UniTune Load), or 'loras/...' for models/loras/ (the stock LoraLoader); "
-                                "a name without a folder, or with sub-folders ('people/alice'), goes in "
-                                "models/unitune/. A counter is appended if the file exists."),
+                                "(listed by UniTune Load), sub-folders allowed, or 'loras/...' for models/loras/ "
+                                "(the stock LoraLoader). A counter is appended if the file exists."),
                 io.Combo.Input("save_as", options=list(SAVE_AS), default="as trained", optional=True,
                                tooltip="as trained: the exact result. lora: compress a full or attention "
-                               "result to a LoRA of lora_rank (truncated SVD; much smaller file, the relative "
-                               "error is logged and stored in the metadata). A lora-mode result is saved as is."),
+                               "result to a much smaller LoRA of lora_rank (truncated SVD; a lora-mode result is "
+                               "saved as is)."),
                 io.Int.Input("lora_rank", default=32, min=1, max=1024, optional=True,
                              tooltip="Rank of the compressed LoRA (save_as = lora only)."),
             ],
@@ -337,16 +352,140 @@ class UniTuneLoad(io.ComfyNode):
         expected = metadata.get("unitune.base_fingerprint")
         if expected:
             comfy.model_management.load_models_gpu([model], force_patch_weights=True)
-            matches, actual = families.same_base(expected, model.model.diffusion_model)
+            matches, actual = fingerprint.same_base(expected, model.model.diffusion_model)
             if not matches:
                 family = metadata.get("unitune.family", "?")
                 raise ValueError(
                     f"{unitune_name} was trained on another base model ({family}, fingerprint "
-                    f"{families.short(expected)}) than this MODEL ({families.model_family(model.model)}, fingerprint "
-                    f"{families.short(actual)}): connect the checkpoint it was trained on (in any dtype)."
+                    f"{fingerprint.short(expected)}) than this MODEL ({families.model_family(model.model)}, fingerprint "
+                    f"{fingerprint.short(actual)}): connect the checkpoint it was trained on (in any dtype)."
                 )
         token = load_word(metadata, unitune_name)
-        return io.NodeOutput(finetune.apply_patches(model, tensors, strength, source=unitune_name), token)
+        tuned = finetune.apply_patches(model, tensors, strength, source=unitune_name)
+        tuned.set_attachments(CAPTION_ATTACHMENT, TuningCaption(token, metadata.get("unitune.class_word", "").strip()))
+        return io.NodeOutput(tuned, token)
 
 
-NODES = [UniTuneFineTune, UniTuneSave, UniTuneLoad]
+class UniTuneEdit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FrozenTuneUniTuneEdit",
+            display_name="UniTune Edit",
+            category="FrozenTune/UniTune",
+            description=(
+                "Edits the image a model was UniTune-tuned on, in one node: samples '<token> <class word> <edit "
+                f"prompt>' with CFG plus Prompt Guidance (pg {DEFAULT_PG:g} by default, as the Prompt Guidance Guider) "
+                f"against the tuning caption '<token> <class word>' ({FORMULA}), optionally starting late from the "
+                "noised original (SDEdit), then blends original detail back and keeps everything outside the "
+                "mask as the original."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The tuned MODEL from UniTune Fine-Tune or UniTune Load."),
+                io.Image.Input("image", tooltip="The original image (the one the model was tuned on)."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE: encodes the original and decodes the edit."),
+                io.Clip.Input("clip", tooltip="The checkpoint's text encoder, for the prompts."),
+                io.String.Input("token", default="beikkpic", tooltip="The token the image was bound to. With the "
+                                "class word it is the prompt-guidance baseline, and is put in front of the edit prompt "
+                                "unless the prompt has it already (any case, punctuation around it: 'Beikkpic,')."),
+                io.String.Input("edit_prompt", default="as a watercolor painting", multiline=True,
+                                tooltip="What to change, e.g. 'a minion' or 'in the snow'."),
+                io.String.Input("negative", default="", multiline=True, tooltip="Negative prompt (the paper uses "
+                                "an empty one)."),
+                io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Steps of the full schedule; with "
+                             "start < 1 only the last start × steps of them run."),
+                *guidance_inputs(),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler",
+                               tooltip="The sampling algorithm (the stock list)."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",
+                               tooltip="The noise schedule (the stock list)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the noise; each variation in the batch gets its own noise."),
+                io.Int.Input("batch", default=1, min=1, max=64, tooltip="How many variations to sample."),
+                io.Float.Input("start", default=0.9, min=0.0, max=1.0, step=0.01, tooltip="SDEdit late start: "
+                               "1 = from pure noise; 0.6 = from the original noised to 60% of the schedule (keeps "
+                               "more of it); 0 = return the original."),
+                io.Float.Input("blend", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="After sampling, mix "
+                               "the original back in everywhere (0 = the edit, 1 = the original)."),
+                io.Float.Input("blend_unchanged", default=0.0, min=0.0, max=1.0, step=0.01, tooltip="After "
+                               "sampling, restore the original where the edit barely changed the image (a soft "
+                               "mask from the difference), keeping detail the sampler lost."),
+                io.Mask.Input("mask", optional=True, tooltip="Optional: edit only inside the mask (white); "
+                              "outside it the result is the original exactly. Resized to the image if needed."),
+                # Last: saved workflows store widget values by position, so a new widget goes at the end.
+                io.String.Input("class_word", default="", optional=True, tooltip="The class word the model was "
+                                "tuned with, e.g. 'dog': put after the token in the prompt and the baseline. Empty = "
+                                "the one the MODEL carries from UniTune Fine-Tune or Load (none for other models)."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="IMAGE", tooltip="The edited image(s), after blend and mask."),
+                io.Latent.Output(display_name="LATENT", tooltip="The sampled latent(s), before blend and mask."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, image, vae, clip, token, edit_prompt, negative, steps, cfg, pg, sampler_name, scheduler,
+                seed, batch, start, blend, blend_unchanged, mask=None, class_word="") -> io.NodeOutput:
+        checks.finite(cfg=cfg, pg=pg, start=start, blend=blend, blend_unchanged=blend_unchanged)
+        checks.choice("sampler_name", sampler_name, comfy.samplers.SAMPLER_NAMES)
+        checks.choice("scheduler", scheduler, comfy.samplers.SCHEDULER_NAMES)
+        if vae is None or getattr(vae, "first_stage_model", None) is None:
+            raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")
+        if clip is None:
+            raise ValueError("the CLIP input is missing: connect the checkpoint's CLIP.")
+        if not token.strip():
+            raise ValueError("token is empty: give the token the image was tuned on, e.g. 'beikkpic'.")
+        if image.shape[0] != 1:
+            raise ValueError(f"UniTune Edit edits one image, got a batch of {image.shape[0]}: pick one (e.g. with "
+                             "ImageFromBatch) and use `batch` for variations.")
+        sdedit.check_start(start)
+        sdedit.check_blend(blend, blend_unchanged)
+        check_scales(cfg, pg, 0.0, 1.0, 0.0)
+        original = finetune.prepare_images([image[0]])
+        height, width = original.shape[1:3]
+        mask = sdedit.fit_mask(mask, height, width, batch)
+        latent = vae.encode(original)
+        if start == 0.0:
+            log.info("UniTune Edit: start = 0, returning the original")
+            return io.NodeOutput(original.repeat(batch, 1, 1, 1), {"samples": latent.repeat(batch, 1, 1, 1)})
+
+        prompt, baseline = edit_prompts(token, tuned_class_word(model, token, class_word), edit_prompt)
+        log.info("UniTune Edit: prompt %r, prompt-guidance baseline %r", prompt, baseline)
+
+        def encode(text):
+            return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+        guider = Guider(model, cfg=cfg, pg=pg)
+        guider.set_conds(encode(prompt), encode(negative), encode(baseline))
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+        sigmas = sdedit.late_start(sigmas, start)
+        latents = comfy.sample.fix_empty_latent_channels(model, latent.repeat(batch, 1, 1, 1))
+        noise = comfy.sample.prepare_noise(latents, seed)
+        callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
+        samples = guider.sample(noise, latents, comfy.samplers.sampler_object(sampler_name), sigmas,
+                                denoise_mask=mask, callback=callback,
+                                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        samples = samples.to(comfy.model_management.intermediate_device())
+        edited = vae.decode(samples)[..., :3]
+        if tuple(edited.shape[1:3]) != (height, width):
+            raise RuntimeError(f"the VAE decoded {edited.shape[2]}x{edited.shape[1]} from a {width}x{height} image: "
+                               "use the VAE of the checkpoint the model came from.")
+        return io.NodeOutput(sdedit.blend_back(edited, original, blend, blend_unchanged, mask), {"samples": samples})
+
+
+def tuned_class_word(model, token: str, class_word: str) -> str:
+    """The class word UniTune Edit uses: the input when given, else the one the MODEL was tuned with (its
+    TuningCaption from Fine-Tune or Load), else none. A mismatch with the MODEL's caption is logged, not refused."""
+    caption = model.attachments.get(CAPTION_ATTACHMENT)
+    class_word = " ".join(class_word.split())
+    if caption is None:
+        return class_word
+    if token.strip().lower() != caption.word.lower():
+        log.warning("UniTune Edit: token %r is not the word this MODEL was tuned on (%r)", token.strip(), caption.word)
+    if class_word and class_word.lower() != " ".join(caption.class_word.split()).lower():
+        log.warning("UniTune Edit: class_word %r is not the one this MODEL was tuned with (%r); using %r",
+                    class_word, caption.class_word, class_word)
+    return class_word or caption.class_word
+
+
+NODES = [UniTuneFineTune, UniTuneSave, UniTuneLoad, UniTuneEdit]

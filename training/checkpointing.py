@@ -5,6 +5,13 @@ ComfyUI's ``UNetModel`` and ``cldm.ControlNet`` run a block's layers through
 block's forward does nothing. The layers (ResBlock, SpatialTransformer, Up/Downsample) are called
 as modules, so their ``forward`` is what gets wrapped: each layer keeps only its input for the
 backward pass and recomputes its insides. Patch a twin, never a base model's modules.
+
+The UNet passes its layers one shared ``transformer_options`` dict whose per-block entries (``block``,
+``transformer_index``, ...) it overwrites as it walks its blocks, so by the backward pass that dict holds
+the last block's values. Each checkpointed layer therefore keeps a shallow copy of the dicts it was
+called with (references only, no tensor copies) and is recomputed with a fresh copy of that snapshot:
+block-keyed attention patches see the same block in the recomputation as in the forward, and the
+caller's dict is never touched by the backward pass.
 """
 
 from __future__ import annotations
@@ -24,13 +31,32 @@ def _layers(module: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
+def _dicts(args: tuple, kwargs: dict) -> dict[int, dict]:
+    """The dict arguments of a layer call (ComfyUI's ``transformer_options``), by identity."""
+    return {id(a): a for a in (*args, *kwargs.values()) if isinstance(a, dict)}
+
+
 def _checkpoint(layer: torch.nn.Module) -> None:
     from torch.utils.checkpoint import checkpoint
 
     plain = layer.forward
 
     def forward(*args, **kwargs):
-        return checkpoint(plain, *args, use_reentrant=False, **kwargs)
+        snapshots = {key: dict(d) for key, d in _dicts(args, kwargs).items()}
+        recomputing = False
+
+        def run(*a, **k):
+            # The forward runs on the caller's dicts (the layer's writes to them must stay visible, as
+            # without checkpointing); a recomputation runs on fresh copies of their forward-time entries.
+            nonlocal recomputing
+            if recomputing and snapshots:
+                copies = {key: dict(s) for key, s in snapshots.items()}
+                a = tuple(copies.get(id(v), v) if isinstance(v, dict) else v for v in a)
+                k = {n: copies.get(id(v), v) if isinstance(v, dict) else v for n, v in k.items()}
+            recomputing = True
+            return plain(*a, **k)
+
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     layer.forward = forward
 

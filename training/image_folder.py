@@ -1,6 +1,6 @@
 """Images in a folder a user names: listing, opening and confinement shared by the trainers' folder inputs.
 
-A trainer node's folder is confined by ``training.user_paths`` (ComfyUI's input folder and the admin's
+A trainer node's folder is confined by ``storage.user_paths`` (ComfyUI's input folder and the admin's
 ``FROZENTUNE_DATA_DIRS``), checked on the text before the file system is touched, and every file is checked
 again after listing (a link in the folder may point elsewhere). ``read_views`` opens images the way the
 stock ``LoadImage`` node does (EXIF orientation applied, 16-bit 'I' scaled, converted to RGB, float 0..1),
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import user_paths
+from ..storage import user_paths
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

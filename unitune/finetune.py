@@ -24,8 +24,9 @@ from functools import partial
 
 import torch
 
+from .. import families
+from ..families import fingerprint
 from ..training import checkpointing, loop, objective, optimizers, precision
-from ..training import family as families
 from ..training import preview as previews
 from ..training.conditioning import training_conds
 from .lora import LoraWeight
@@ -286,7 +287,7 @@ def fine_tune(base, latents: torch.Tensor, conditioning: list, settings: FineTun
     run = hook = None
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            base_print = families.fingerprint(base.model.diffusion_model)
+            base_print = fingerprint.fingerprint(base.model.diffusion_model)
             run = TrainingRun(base, latents, conditioning, settings)
             initial, live_print = _initial_weights(base, run.unet, run.loras)
             hook = previews.after_step(on_step, preview, partial(run.render, preview), modules=(run.twin,))
@@ -300,7 +301,7 @@ def fine_tune(base, latents: torch.Tensor, conditioning: list, settings: FineTun
                     for name, lora in run.loras.items():
                         tensors.update({k: v.cpu() for k, v in lora.file_tensors(f"diffusion_model.{name}").items()})
                 else:
-                    if live_print is not None and live_print != families.legacy_fingerprint(base.model.diffusion_model):
+                    if live_print is not None and live_print != fingerprint.legacy_fingerprint(base.model.diffusion_model):
                         raise RuntimeError("UniTune: the base model's weights changed during training, so the "
                                            "tuning cannot be expressed as a patch; run the fine-tune again.")
                     tensors = _deltas(run.unet, initial, base)
@@ -329,7 +330,7 @@ def _initial_weights(base, unet: torch.nn.Module, loras: dict) -> tuple[dict[str
     trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
     live = dict(base.model.diffusion_model.named_parameters())
     if not base.patches:
-        return {n: live[n].detach() for n in trainable}, families.legacy_fingerprint(base.model.diffusion_model)
+        return {n: live[n].detach() for n in trainable}, fingerprint.legacy_fingerprint(base.model.diffusion_model)
     return {n: live[n].detach().to(base.offload_device, copy=True) for n in trainable}, None
 
 

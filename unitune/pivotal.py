@@ -22,14 +22,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..training import family as families
-from . import textual_inversion as ti
+from .. import families
+from ..textual_inversion import word_trainer as ti
 
 log = logging.getLogger(__name__)
 
 PREFIX = "embedding:"
-# The word's own learning run (textual inversion, AdamW): the learning rate of Textual Inversion Train's default.
+# The word's own learning run (textual inversion, AdamW): the default learning rate (UniTune Fine-Tune's
+# pivotal_learning_rate) is Textual Inversion Train's default, with norm control on (pivotal_norm_control) as
+# cog-sdxl's and diffusers' pivotal tuning retract the word's vectors after every step (help page: the recipe).
 LEARNING_RATE = ti.TextualInversionSettings.learning_rate
+NORM_CONTROL = True
 
 
 @dataclass(frozen=True)
@@ -125,20 +128,28 @@ def check_token(clip, token: str) -> int:
     return count
 
 
+def word_settings(name: str, count: int, steps: int, batch_size: int, seed: int, precision: str,
+                  learning_rate: float = LEARNING_RATE, norm_control: bool = NORM_CONTROL) -> ti.TextualInversionSettings:
+    """The textual inversion settings a pivotal word is learned with: the bare word as caption, from its own tokens."""
+    return ti.TextualInversionSettings(init_text=name, vectors=count, captions="token alone", steps=steps,
+                                       batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                                       precision=precision, norm_control=norm_control)
+
+
 def learn_word(model, clip, latents: torch.Tensor, token: str, steps: int, batch_size: int, seed: int,
-               precision: str, on_step: Callable[[int, int, float], None] | None = None) -> Word:
+               precision: str, on_step: Callable[[int, int, float], None] | None = None,
+               learning_rate: float = LEARNING_RATE, norm_control: bool = NORM_CONTROL) -> Word:
     """Learn the vectors of the word ``token`` on ``latents`` (textual inversion, UNet and CLIP frozen).
 
     The vectors start from the token's own token embeddings, one per token it splits into, so the word
     takes the same prompt positions the token did; the captions are the word alone, as UniTune's are.
+    ``norm_control`` retracts the vectors toward the vocabulary's std after every step (``ti.retract``).
     """
     name, count = token.strip(), check_token(clip, token)
-    settings = ti.TextualInversionSettings(init_text=name, vectors=count, captions="token alone", steps=steps,
-                                           batch_size=batch_size, learning_rate=LEARNING_RATE, seed=seed,
-                                           precision=precision)
+    settings = word_settings(name, count, steps, batch_size, seed, precision, learning_rate, norm_control)
     result = ti.train(model, clip, latents, settings, name=name, on_step=on_step)
-    log.info("Pivotal UniTune: learned embedding:%s (%d vectors, %d steps, loss %.5f)", name, count, steps,
-             result.losses[-1])
+    log.info("Pivotal UniTune: learned embedding:%s (%d vectors, %d steps at lr %g, norm control %s, loss %.5f)",
+             name, count, steps, learning_rate, "on" if norm_control else "off", result.losses[-1])
     return Word(name, result.vectors, result.family, source=f"learned here ({steps} steps)", losses=result.losses,
                 metadata=result.metadata)
 

@@ -26,3 +26,22 @@ def frozen_hashes(model, clip) -> dict[str, str]:
         if enc is not None:
             out[f"vocabulary {key}"] = weight_hash(enc.transformer.get_input_embeddings())
     return out
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def object_hash(obj) -> str:
+    """Hash of a patch object's attributes (tensors bit-exact, other values by repr, other objects by identity),
+    so a test sees any attribute set, added or changed in place, e.g. an attn2 replace another pack appends to."""
+    h = hashlib.sha256()
+    for name, value in sorted(vars(obj).items()):
+        h.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            h.update(f"{value.dtype}{tuple(value.shape)}".encode() + _tensor_bytes(value))
+        elif value is None or isinstance(value, (bool, int, float, str, tuple)):
+            h.update(repr(value).encode())
+        else:
+            h.update(f"{type(value).__qualname__}@{id(value)}".encode())
+    return h.hexdigest()

@@ -23,7 +23,9 @@ def shards(pack, monkeypatch):
 
 
 def test_cli_runs_keep_their_own_checkpoints_and_remove_the_cache(tiny_checkpoints, shards, tmp_path):
-    from frozentune.controlnet_zero import checkpoints, train, trainer
+    from frozentune.controlnet_zero import resume_state as checkpoints
+    from frozentune.controlnet_zero import train
+    from frozentune.controlnet_zero import training_run as trainer
 
     data = disks.write_folder(tmp_path / "data", count=2, size=64)
     opts = {"checkpoint": str(tiny_checkpoints["sd15"]), "dataset": str(data),

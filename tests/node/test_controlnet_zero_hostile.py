@@ -126,7 +126,7 @@ def test_reused_run_name_keeps_both_runs_and_resume_continues_only_a_matching_on
                                                                                   caplog):
     """The issue's case: an earlier run's later steps must not prune a new run's checkpoints, and resume must not
     continue the earlier run when this one's settings differ."""
-    from frozentune.controlnet_zero import checkpoints
+    from frozentune.controlnet_zero import resume_state as checkpoints
 
     run_root = comfy_dirs / "output" / "controlnet_zero" / "reused"
     with caplog.at_level(logging.WARNING):

@@ -58,7 +58,8 @@ def test_true_hints_beat_shuffled_hints_on_held_out_disks(tiny_checkpoints, pack
     import comfy.model_management as mm
     import nodes
 
-    from frozentune.controlnet_zero import network, trainer
+    from frozentune.controlnet_zero import network
+    from frozentune.controlnet_zero import training_run as trainer
 
     model, clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoints["sd15"].name)[:3]
     train_set = dataset(clip, model.model, 32, seed=1)

@@ -235,7 +235,7 @@ def half_loaded(tiny_checkpoints, pack):
 
 
 def file_dtypes(path) -> set[torch.dtype]:
-    from frozentune.training import files as weights_file
+    from frozentune.storage import safetensors_file as weights_file
 
     return {t.dtype for t in weights_file.load(path)[0].values()}
 

@@ -43,7 +43,7 @@ def fresh(model):
 
 
 def run(model, data, cn, **kw):
-    from frozentune.controlnet_zero import trainer
+    from frozentune.controlnet_zero import training_run as trainer
 
     opts = dict(steps=2, batch_size=2, learning_rate=1e-3, resolution=R, gradient_checkpointing=False,
                 mixed_precision="fp32", optimizer="adamw8bit")
@@ -72,7 +72,7 @@ def built(monkeypatch):
 
 
 def test_adamw8bit_state_is_8bit_and_training_lowers_the_loss(sd15, built):
-    from frozentune.controlnet_zero import trainer
+    from frozentune.controlnet_zero import training_run as trainer
     from frozentune.training.optimizers import MIN_8BIT_SIZE, state_bytes
 
     model, data = sd15

@@ -84,7 +84,7 @@ class Recorder:
 def test_no_fp16_hop_between_controlnet_and_an_fp16_base(precision, compute, fp16_sd15, monkeypatch):
     import comfy.model_management as mm
 
-    from frozentune.controlnet_zero import trainer
+    from frozentune.controlnet_zero import training_run as trainer
 
     model, clip, vae = fp16_sd15
     assert model.model.diffusion_model.input_blocks[0][0].weight.dtype == torch.float16
@@ -111,7 +111,7 @@ def test_no_fp16_hop_between_controlnet_and_an_fp16_base(precision, compute, fp1
 def test_bf16_on_the_cpu_with_an_fp16_base_trains(fp16_sd15):
     import comfy.model_management as mm
 
-    from frozentune.controlnet_zero import trainer
+    from frozentune.controlnet_zero import training_run as trainer
 
     model, clip, vae = fp16_sd15
     data = encoded(model, clip, vae)
@@ -132,7 +132,7 @@ def test_bf16_on_the_cpu_with_an_fp16_base_trains(fp16_sd15):
 
 def _loss_and_grads(model, cn, data, device, checkpointing: bool):
     """One training forward (batch 2) of the real trainer's loss: its loss, retained bytes and gradients."""
-    from frozentune.controlnet_zero import trainer
+    from frozentune.controlnet_zero import training_run as trainer
     from frozentune.training.checkpointing import retained_bytes
 
     ms = model.model.model_sampling

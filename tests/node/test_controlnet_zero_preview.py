@@ -130,7 +130,8 @@ def test_fp16_base_bf16_compute_previews_leave_training_identical(tiny_checkpoin
     """Half precision: an fp16-stored base computing in bf16 autocast, previews off vs every step."""
     import comfy.model_management as mm
 
-    from frozentune.controlnet_zero import cache, network, trainer
+    from frozentune.controlnet_zero import cache, network
+    from frozentune.controlnet_zero import training_run as trainer
     from frozentune.training import preview
     from harness.precision import load_checkpoint
 

@@ -291,7 +291,7 @@ def test_three_conditionings_of_the_prompt_guidance_guider(models, stand_ins, st
     import comfy.samplers
     import nodes
 
-    from frozentune.nodes.prompt_guidance_nodes import PromptGuidanceGuider
+    from frozentune.nodes.guidance_nodes import PromptGuidanceGuider
 
     model, clip, _ = models["sdxl_blocks"]
     pos, neg = conds(clip)

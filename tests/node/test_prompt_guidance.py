@@ -71,7 +71,7 @@ def assert_close(got, expected, tol=1e-5):
 
 
 def ours(model, p, cfg, pg, **kw):
-    from frozentune.nodes.prompt_guidance_nodes import PromptGuidanceGuider
+    from frozentune.nodes.guidance_nodes import PromptGuidanceGuider
 
     args = dict(pg_start=0.0, pg_end=1.0, rescale=0.0)
     args.update(kw)

@@ -1,6 +1,6 @@
 """Prompt Guidance with stock pre-CFG model hooks (APG, LatentApplyOperationCFG): issue 15.
 
-What the guider hands ``sampler_pre_cfg_function`` hooks is documented in ``unitune.guidance``: exactly
+What the guider hands ``sampler_pre_cfg_function`` hooks is documented in ``guidance.guider``: exactly
 what stock CFGGuider hands them ([positive, negative]); they rewrite the CFG term and the pg term uses the
 raw predictions:
 
@@ -63,7 +63,7 @@ HOOKS = {"APG": apg, "LatentApplyOperationCFG": tonemap}
 
 
 def ours(model, c, pg, cfg=CFG):
-    from frozentune.nodes.prompt_guidance_nodes import PromptGuidanceGuider
+    from frozentune.nodes.guidance_nodes import PromptGuidanceGuider
 
     return PromptGuidanceGuider.execute(model=model, positive=c["positive"], baseline=c["baseline"],
                                         negative=c["negative"], cfg=cfg, pg=pg, pg_start=0.0, pg_end=1.0,

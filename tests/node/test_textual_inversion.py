@@ -60,7 +60,7 @@ def run_node(model, clip, vae, image=..., **overrides):
 
 def trainer_conditioning(model, clip, vectors, name, text):
     """The conditioning the trainer computes for ``text`` with ``vectors`` (its own TrainingRun)."""
-    from frozentune.unitune import textual_inversion as ti
+    from frozentune.textual_inversion import word_trainer as ti
 
     settings = ti.TextualInversionSettings(steps=1, precision="fp32")
     ti._load(model, clip)
@@ -99,8 +99,8 @@ def test_stock_prompt_reads_the_trained_vectors(family, loaded, trained):
     import nodes
     import safetensors
 
-    from frozentune.training import family as families
-    from frozentune.unitune import textual_inversion as ti
+    from frozentune.families import fingerprint as families
+    from frozentune.textual_inversion import word_trainer as ti
 
     model, clip, vae = loaded[family]
     before, after, (word, curve, path, _) = trained(family)
@@ -200,7 +200,7 @@ def test_taken_name_gets_a_counter_and_the_old_file_stays(loaded, trained):
                                                      ("style templates", "a painting in the style of embedding:w", 17),
                                                      ("token alone", "embedding:w", 1)])
 def test_captions_option_sets_the_training_captions(captions, first, count, loaded):
-    from frozentune.unitune import textual_inversion as ti
+    from frozentune.textual_inversion import word_trainer as ti
 
     model, clip, _ = loaded["sd15"]
     ti._load(model, clip)
@@ -239,7 +239,7 @@ def test_sd15_embedding_in_an_sdxl_prompt_reaches_clip_l_only(loaded, embeddings
     """What the stock loader does with a one-tensor (SD1.5) file in an SDXL prompt, for the README."""
     import nodes
 
-    from frozentune.training import files
+    from frozentune.storage import safetensors_file as files
 
     model, clip, vae = loaded["sdxl"]
     vector = torch.randn(1, 768, generator=torch.Generator().manual_seed(0)) * 0.02
@@ -329,7 +329,7 @@ def test_previews_do_not_change_the_trained_vectors(loaded, embeddings_dir, monk
     import comfy.model_base
     import safetensors.torch
 
-    from frozentune.unitune import textual_inversion as ti
+    from frozentune.textual_inversion import word_trainer as ti
 
     model, clip, vae = loaded["sd15"]
     off = run_node(model, clip, vae, name="preview_off", steps=2)

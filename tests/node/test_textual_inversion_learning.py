@@ -49,7 +49,7 @@ def sd15_shallow(tiny_checkpoints, pack):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_learned_word_beats_init_text_and_a_random_token_on_held_out_draws(seed, sd15_shallow, monkeypatch):
-    from frozentune.unitune import textual_inversion as ti
+    from frozentune.textual_inversion import word_trainer as ti
 
     model, clip, latents = sd15_shallow
     texts = []

@@ -40,7 +40,7 @@ def photo():
 
 
 def run_edit(sd15, image, **overrides):
-    from frozentune.nodes.prompt_guidance_nodes import UniTuneEdit
+    from frozentune.nodes.unitune_nodes import UniTuneEdit
 
     model, clip, vae = sd15
     args = dict(model=model, image=image, vae=vae, clip=clip, token="beikkpic", edit_prompt="a minion",
@@ -69,7 +69,7 @@ def test_equals_the_stock_graph_with_the_guider(sd15, tiny_checkpoints, photo, d
         SplitSigmas,
     )
 
-    from frozentune.nodes.prompt_guidance_nodes import PromptGuidanceGuider
+    from frozentune.nodes.guidance_nodes import PromptGuidanceGuider
 
     sd15 = in_dtype(sd15, tiny_checkpoints, dtype)
     model, clip, vae = sd15
@@ -149,7 +149,7 @@ def _no_work(*args, **kwargs):
                                                 r"for every variation\) or 3 \(one per variation\)"),
 ])
 def test_bad_numbers_and_mask_batches_are_refused_before_any_work(sd15, photo, monkeypatch, overrides, message):
-    from frozentune.unitune import guidance
+    from frozentune.guidance import guider as guidance
 
     monkeypatch.setattr(sd15[2], "encode", _no_work)
     monkeypatch.setattr(guidance.PromptGuidanceGuider, "sample", _no_work)
@@ -164,3 +164,93 @@ def test_one_mask_per_variation(sd15, photo):
     image, _ = run_edit(sd15, photo, mask=masks, batch=2, steps=2)
     assert torch.equal(image[0, 32:], photo[0, 32:]) and torch.equal(image[1, :32], photo[0, :32])
     assert not torch.equal(image[0, :32], photo[0, :32]) and not torch.equal(image[1, 32:], photo[0, 32:])
+
+
+def schema_default(node_class, name: str):
+    return next(i.default for i in node_class.define_schema().inputs if i.id == name)
+
+
+def test_edit_guides_by_default_like_the_guider(pack):
+    """Its description promises guidance against the tuning caption: the default pg is the guider's, not 0."""
+    from frozentune.guidance.guider import DEFAULT_PG
+    from frozentune.nodes.guidance_nodes import PromptGuidanceGuider
+    from frozentune.nodes.unitune_nodes import UniTuneEdit
+
+    assert schema_default(UniTuneEdit, "pg") == schema_default(PromptGuidanceGuider, "pg") == DEFAULT_PG > 0
+    assert schema_default(UniTuneEdit, "class_word") == ""
+
+
+def test_class_word_is_the_last_widget(pack):
+    """Saved workflows store widget values by position: the newer optional input must not shift the older ones."""
+    from frozentune.nodes.unitune_nodes import UniTuneEdit
+
+    widgets = [i.id for i in UniTuneEdit.define_schema().inputs if i.get_io_type() in ("STRING", "INT", "FLOAT",
+                                                                                           "BOOLEAN", "COMBO")]
+    assert widgets == ["token", "edit_prompt", "negative", "steps", "cfg", "pg", "sampler_name", "scheduler", "seed",
+                       "batch", "start", "blend", "blend_unchanged", "class_word"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def guider_prompts(sd15, photo, monkeypatch, **overrides) -> tuple[list, list]:
+    """(positive, baseline) conditioning UniTune Edit gives the guider; sampling is stopped before it starts."""
+    from frozentune.guidance import guider as guidance
+
+    seen = {}
+
+    def set_conds(self, positive, negative, baseline):
+        seen.update(positive=positive, baseline=baseline)
+
+    def stop(*args, **kwargs):
+        raise _Stop
+
+    monkeypatch.setattr(guidance.PromptGuidanceGuider, "set_conds", set_conds)
+    monkeypatch.setattr(guidance.PromptGuidanceGuider, "sample", stop)
+    with pytest.raises(_Stop):
+        run_edit(sd15, photo, steps=1, **overrides)
+    return seen["positive"], seen["baseline"]
+
+
+def assert_encodes(clip, conditioning, text: str):
+    expected = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    assert len(conditioning) == len(expected) == 1
+    assert torch.equal(conditioning[0][0], expected[0][0]), f"not the encoding of {text!r}"
+    assert torch.equal(conditioning[0][1]["pooled_output"], expected[0][1]["pooled_output"])
+
+
+@pytest.mark.parametrize(("class_word", "edit", "prompt", "baseline"), [
+    ("", "a minion", "beikkpic a minion", "beikkpic"),
+    ("dog", "a minion", "beikkpic dog a minion", "beikkpic dog"),
+    ("dog", "Beikkpic, a minion", "Beikkpic dog, a minion", "beikkpic dog"),
+    ("", "beikkpic, a minion", "beikkpic, a minion", "beikkpic"),
+])
+def test_guider_gets_the_caption_prompts(sd15, photo, monkeypatch, class_word, edit, prompt, baseline):
+    positive, base = guider_prompts(sd15, photo, monkeypatch, class_word=class_word, edit_prompt=edit)
+    assert_encodes(sd15[1], positive, prompt)
+    assert_encodes(sd15[1], base, baseline)
+
+
+def test_class_word_comes_with_the_tuned_model(sd15, photo, monkeypatch, tmp_path, caplog):
+    """Fine-Tune and Load outputs carry the tuning caption, so Edit's prompts have its class word unasked."""
+    import folder_paths
+
+    from frozentune.nodes.unitune_nodes import FOLDER, UniTuneFineTune, UniTuneLoad, UniTuneSave
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, FOLDER, ([str(tmp_path / "unitune")], {".safetensors"}))
+    model, clip, vae = sd15
+    tuned = UniTuneFineTune.execute(model=model, clip=clip, vae=vae, image=photo, token="beikkpic", class_word=" dog ",
+                                    steps=1, batch_size=1, learning_rate=1e-4, optimizer="adamw", train="lora",
+                                    lora_rank=1, gradient_checkpointing=False, seed=0).args[0]
+    UniTuneSave.execute(model=tuned, filename="unitune/dog")
+    loaded = UniTuneLoad.execute(model=model, unitune_name="dog.safetensors", strength=1.0).args[0]
+    for source in (tuned, loaded, loaded.clone()):  # the caption survives clones (e.g. a LoraLoader after Load)
+        positive, base = guider_prompts((source, clip, vae), photo, monkeypatch, edit_prompt="beikkpic, a minion")
+        assert_encodes(clip, positive, "beikkpic dog, a minion")
+        assert_encodes(clip, base, "beikkpic dog")
+    with caplog.at_level(logging.WARNING):  # the input wins over the MODEL's, with a warning
+        positive, base = guider_prompts((loaded, clip, vae), photo, monkeypatch, class_word="cat")
+    assert_encodes(clip, positive, "beikkpic cat a minion")
+    assert_encodes(clip, base, "beikkpic cat")
+    assert "class_word 'cat' is not the one this MODEL was tuned with ('dog')" in caplog.text

@@ -190,7 +190,7 @@ def test_full_delta_compresses_to_a_lora(loaded, subject, tmp_path, monkeypatch)
     import nodes
 
     from frozentune.nodes.unitune_nodes import FOLDER, UniTuneSave
-    from frozentune.training import files as weights_file
+    from frozentune.storage import safetensors_file as weights_file
 
     monkeypatch.setitem(folder_paths.folder_names_and_paths, FOLDER, ([str(tmp_path / "unitune")], {".safetensors"}))
     monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))

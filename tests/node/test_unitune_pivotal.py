@@ -89,8 +89,8 @@ def test_pivotal_word_travels_saves_as_a_pair_and_loads_back(sd15, folders, capt
     import safetensors
 
     from frozentune.nodes.unitune_nodes import ATTACHMENT, UniTuneLoad, UniTuneSave
+    from frozentune.textual_inversion import word_trainer as ti
     from frozentune.unitune import pivotal
-    from frozentune.unitune import textual_inversion as ti
 
     model, clip, vae = sd15
     before = hashes(model, clip)
@@ -140,7 +140,7 @@ def test_pivotal_word_travels_saves_as_a_pair_and_loads_back(sd15, folders, capt
     word_file.unlink()
     with pytest.raises(ValueError, match=r"embedding:pivot, but pivot.safetensors is in no embeddings folder: put"):
         UniTuneLoad.execute(model=model, unitune_name="pivot.safetensors", strength=1.0)
-    from frozentune.training import files as weights_file
+    from frozentune.storage import safetensors_file as weights_file
 
     weights_file.save(word_file, {ti.SD15_KEY: torch.zeros(count, 768)}, {}, format=ti.FILE_FORMAT)
     with pytest.raises(ValueError, match="is not the word pivot.safetensors was saved with"):
@@ -153,8 +153,8 @@ def test_embedding_input_uses_the_stock_file(sd15, folders, captured):
     import safetensors
 
     from frozentune.nodes.unitune_nodes import ATTACHMENT, UniTuneSave
-    from frozentune.training import files as weights_file
-    from frozentune.unitune import textual_inversion as ti
+    from frozentune.storage import safetensors_file as weights_file
+    from frozentune.textual_inversion import word_trainer as ti
 
     model, clip, vae = sd15
     given = torch.randn(2, 768, generator=torch.Generator().manual_seed(3))
@@ -189,8 +189,8 @@ def test_files_without_a_word_load_as_before(sd15, folders):
 
 
 def test_bad_word_inputs_get_clear_errors(sd15, folders, tiny_checkpoints):
-    from frozentune.training import files as weights_file
-    from frozentune.unitune import textual_inversion as ti
+    from frozentune.storage import safetensors_file as weights_file
+    from frozentune.textual_inversion import word_trainer as ti
 
     model, clip, vae = sd15
     with pytest.raises(ValueError, match=r"embedding 'embedding:' names no word: give 'embedding:<name>'"):

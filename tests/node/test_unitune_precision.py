@@ -96,8 +96,8 @@ def another_seed_sd15():
 def test_file_trained_on_bf16_loads_on_every_dtype_of_that_checkpoint_only(
         tiny_checkpoints, encoders, subject, unitune_folder):
     """Issue 11 (1): a file trained on a bf16 load loads on fp16/bf16/fp32 loads; other checkpoints are refused."""
+    from frozentune.families import fingerprint as family
     from frozentune.nodes.unitune_nodes import UniTuneLoad
-    from frozentune.training import family
 
     clip, vae = encoders["sd15"]
     bf16 = load_unet(tiny_checkpoints["sd15"], torch.bfloat16)
@@ -122,9 +122,9 @@ def test_file_trained_on_bf16_loads_on_every_dtype_of_that_checkpoint_only(
 
 def test_legacy_fingerprint_files_still_compare(tiny_checkpoints, encoders, subject, unitune_folder):
     """A file with a pre-v2 fingerprint is compared with the legacy fingerprint: same load accepted, other refused."""
+    from frozentune.families import fingerprint as family
     from frozentune.nodes.unitune_nodes import UniTuneLoad
-    from frozentune.training import family
-    from frozentune.training import files as weights_file
+    from frozentune.storage import safetensors_file as weights_file
 
     clip, vae = encoders["sd15"]
     model = load_unet(tiny_checkpoints["sd15"], torch.float32)
@@ -188,7 +188,7 @@ def zero_fraction(tensors: dict[str, torch.Tensor]) -> float:
 @pytest.mark.parametrize("mode", ["full", "attention"])
 def test_fp8_base_keeps_its_deltas(mode, tiny_checkpoints, encoders, subject, unitune_folder):
     """Issue 11 (3): an fp8-stored base's saved deltas are not rounded away; Load applies them on fp8."""
-    from frozentune.training import files as weights_file
+    from frozentune.storage import safetensors_file as weights_file
     from harness.precision import FP8
 
     clip, vae = encoders["sd15"]

@@ -31,7 +31,7 @@ EMPTY_IS_OFF = {("FrozenTuneUniTuneFineTune", "embedding")}
 CLAMPED: dict[tuple[str, str], str] = {}
 # Cases that still fail, waiting for a fix: (node, "input=label") -> the missing fix. Strict: such a case that
 # passes fails the test until it is removed from here; any other bad answer fails it at once.
-# (dataset_folder=long, a raw 'File name too long' OSError, was fixed by 49cdb88 in training.user_paths;
+# (dataset_folder=long, a raw 'File name too long' OSError, was fixed by 49cdb88 in storage.user_paths;
 # UniTune Edit sampler_name=unknown, a raw AttributeError, by nodes.checks.choice.)
 KNOWN: dict[tuple[str, str], str] = {}
 # Inputs fuzzed on another base graph than the node's default one.

@@ -1,6 +1,6 @@
 """ControlNet-Zero checkpoints: old files still resume, and the resume check compares bases by fingerprint.
 
-The base fingerprint is ``training.family``'s dtype-independent one: the same weights loaded in fp16
+The base fingerprint is ``families.fingerprint``'s dtype-independent one: the same weights loaded in fp16
 or bf16 match, other weights are refused, and fingerprints written before v2 are still read.
 """
 
@@ -16,9 +16,10 @@ import torch
 from harness.comfy_env import import_pack
 
 import_pack()  # the pack as package `frozentune`
-from frozentune.controlnet_zero import checkpoints, trainer  # noqa: E402
-from frozentune.training import family  # noqa: E402
-from frozentune.training import files as weights_file  # noqa: E402
+from frozentune.controlnet_zero import resume_state as checkpoints  # noqa: E402
+from frozentune.controlnet_zero import training_run as trainer  # noqa: E402
+from frozentune.families import fingerprint as family  # noqa: E402
+from frozentune.storage import safetensors_file as weights_file  # noqa: E402
 
 
 def net(seed: int) -> torch.nn.Module:

@@ -108,7 +108,7 @@ def test_resolution_must_be_a_multiple_of_64(ds):
         ds.check_resolution(100)
 
 # --- paths stay inside ComfyUI's input folder or FROZENTUNE_DATA_DIRS (issue 12, item 2): the dataset folder, the
-# manifest and every path in it resolve through training.user_paths; anything else is refused before the file
+# manifest and every path in it resolve through storage.user_paths; anything else is refused before the file
 # system is touched, with a message that reads the same whether the path exists or not, and messages list only
 # names inside the allowed folders. The CLI passes no roots.
 
@@ -122,7 +122,7 @@ def input_dir(tmp_path, monkeypatch):
 
 
 def roots(input_dir):
-    from frozentune.training import user_paths
+    from frozentune.storage import user_paths
 
     return user_paths.roots(input_dir)
 

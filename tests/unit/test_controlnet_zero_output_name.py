@@ -11,7 +11,8 @@ from harness import comfy_env
 @pytest.fixture(scope="module")
 def pack():
     comfy_env.import_pack()
-    from frozentune.controlnet_zero import files, train
+    from frozentune.controlnet_zero import controlnet_file as files
+    from frozentune.controlnet_zero import train
 
     return files, train
 

@@ -17,9 +17,10 @@ import torch
 from harness.comfy_env import import_pack
 
 import_pack()  # the pack as package `frozentune`
-from frozentune.controlnet_zero import checkpoints, trainer  # noqa: E402
-from frozentune.training import family  # noqa: E402
-from frozentune.training import files as weights_file  # noqa: E402
+from frozentune.controlnet_zero import resume_state as checkpoints  # noqa: E402
+from frozentune.controlnet_zero import training_run as trainer  # noqa: E402
+from frozentune.families import fingerprint as family  # noqa: E402
+from frozentune.storage import safetensors_file as weights_file  # noqa: E402
 
 BASE = torch.nn.Linear(4, 4)
 # the metadata keys, as stored in the files (spelled out so the checks also run against older code)

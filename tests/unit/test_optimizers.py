@@ -11,7 +11,8 @@ import torch
 from harness.comfy_env import REPO_ROOT, import_pack
 
 import_pack()  # the pack as package `frozentune`; training/ needs no ComfyUI
-from frozentune.training import files, optimizers  # noqa: E402
+from frozentune.storage import safetensors_file as files  # noqa: E402
+from frozentune.training import optimizers  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

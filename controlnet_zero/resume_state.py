@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from ..training import files as weights_file
+from ..storage import safetensors_file as weights_file
 from ..training import optimizers
-from . import files
+from . import controlnet_file
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def save(root: Path, step: int, control_model: torch.nn.Module, optimizer: torch
     This run is ``metadata[RUN_ID]``; checkpoints of other runs in ``root`` are never removed.
     """
     folder = step_dir(root, step)
-    files.save(folder / WEIGHTS, control_model, metadata)
+    controlnet_file.save(folder / WEIGHTS, control_model, metadata)
     tensors, info = optimizers.state_tensors(optimizer)
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
@@ -144,14 +144,14 @@ def differences(saved: dict[str, str], now: dict[str, str],
     A key missing on either side (a checkpoint written before it existed) is not compared.
     ``same_base(stored_fingerprint) -> (same, actual)`` compares the base model in any load dtype.
     """
-    from ..training import family
+    from ..families import fingerprint
 
     found = []
     if BASE in saved:
         same, actual = same_base(saved[BASE])
         if not same:
-            found.append(f"it was trained with another base model (fingerprint {family.short(saved[BASE])}, this "
-                         f"MODEL's {family.short(actual)})")
+            found.append(f"it was trained with another base model (fingerprint {fingerprint.short(saved[BASE])}, this "
+                         f"MODEL's {fingerprint.short(actual)})")
     was = saved.get(OPTIMIZER, "adamw")  # checkpoints from before the optimizer choice are AdamW's
     if was != now.get(OPTIMIZER, "adamw"):
         found.append(f"it holds {was} optimizer state, this run asks for optimizer {now.get(OPTIMIZER)!r} "

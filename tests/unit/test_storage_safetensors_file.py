@@ -12,7 +12,7 @@ import torch
 from harness.comfy_env import import_pack
 
 import_pack()  # the pack as package `frozentune`; training/ needs no ComfyUI
-from frozentune.training import files  # noqa: E402
+from frozentune.storage import safetensors_file as files  # noqa: E402
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])

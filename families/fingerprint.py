@@ -1,4 +1,4 @@
-"""Which base model a file belongs to: one family vocabulary and a dtype-independent fingerprint.
+"""Which base checkpoint a file was trained on: a dtype-independent fingerprint of its weights.
 
 The fingerprint identifies a checkpoint whatever dtype ComfyUI loaded it in (fp32, fp16, bf16 or
 fp8 storage): it is the hash of every weight's name and shape plus a fixed sample of weight values,
@@ -18,19 +18,6 @@ FINGERPRINT_PREFIX = "v2:"
 SAMPLE_TENSORS = 16  # weight tensors sampled, spread over the network
 SAMPLE_VALUES = 16  # values sampled from each
 RTOL, ATOL = 0.13, 2e-3  # fp8 e5m2 half-ulp is 12.5% relative; fp8 subnormals need the absolute part
-
-
-def model_family(model) -> str:
-    """'sdxl' for the SDXL family (SDXL, SSD-1B, Vega, KOALA), 'sd15' for SD1.x, else the config class name.
-
-    ``model`` is a ``comfy.model_base.BaseModel`` (a MODEL's ``.model``).
-    """
-    import comfy.model_base
-
-    if isinstance(model, comfy.model_base.SDXL):
-        return "sdxl"
-    name = type(model.model_config).__name__.lower()
-    return "sd15" if name in ("sd15", "sd15_instructpix2pix") else name
 
 
 def _weights(unet: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:

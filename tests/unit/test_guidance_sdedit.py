@@ -8,7 +8,7 @@ import torch
 from harness.comfy_env import import_pack
 
 import_pack()  # the pack as package `frozentune`; its root import is lazy, so ComfyUI is not needed here
-from frozentune.unitune import edit  # noqa: E402
+from frozentune.guidance import sdedit as edit  # noqa: E402
 
 
 def test_late_start_skips_the_first_part_of_the_schedule():

@@ -17,6 +17,12 @@ file lookup (``_try_get_embedding``) answering ``name`` with our tensors, and en
 Captions: the paper's and diffusers' small CLIP-ImageNet-style templates ("a photo of a {}"), one drawn
 per step, by default: the vector then learns to act as a noun inside sentences, which is how it is used
 afterwards ("embedding:name as a watercolor"). ``token alone`` trains on the bare word, as UniTune does.
+
+Norm control (``norm_control``, off by default as in the paper and diffusers' ``textual_inversion.py``; on
+for pivotal UniTune): after every optimizer step each encoder's vectors are scaled by
+``(vocabulary std / their std) ** 0.1``, as ``TokenEmbeddingsHandler.retract_embeddings`` does in cog-sdxl's
+``dataset_and_utils.py`` and diffusers' ``train_dreambooth_lora_sdxl_advanced.py``, so a long or fast run
+cannot blow the word up far past the size of the words the text encoder knows.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from functools import partial
 
 import torch
 
-from ..training import family as families
+from .. import families
+from ..families import fingerprint
 from ..training import loop, objective, optimizers, precision
 from ..training import preview as previews
 
@@ -66,6 +73,10 @@ STYLE_TEMPLATES = (
 # Characters that break "embedding:name" in a prompt: whitespace ends the word, a comma is stripped,
 # parentheses and ':' are the weight syntax "(word:1.2)", '\\' escapes.
 NAME_BREAKERS = frozenset(" \t\r\n(),:\\[]{}")
+# Norm control, as cog-sdxl's TokenEmbeddingsHandler.retract_embeddings (copied into diffusers' advanced SDXL
+# DreamBooth LoRA trainer): after each step the trained vectors are multiplied by
+# (std of the whole token table / std of the trained vectors) ** RETRACT_EXPONENT.
+RETRACT_EXPONENT = 0.1
 
 
 def caption_templates(captions: str) -> tuple[str, ...]:
@@ -89,6 +100,7 @@ class TextualInversionSettings:
     learning_rate: float = 2e-3
     seed: int = 0
     precision: str = "auto"
+    norm_control: bool = False  # retract the vectors toward the vocabulary's std after every step (``retract``)
 
     def check(self) -> None:
         if not self.init_text.strip():
@@ -177,6 +189,43 @@ def initial_vectors(clip, keys: tuple[str, ...], init_text: str, count: int) -> 
         picked = torch.tensor([ids[i % len(ids)] for i in range(count)], device=table.device)
         out[key] = table.detach()[picked].to(torch.float32).clone()
     return out
+
+
+def vocabulary_std(table: torch.Tensor, rows: int = 8192) -> float:
+    """The standard deviation of every element of a token table (unbiased, as ``torch.std``), read in fp32.
+
+    ``rows``-row slices, each cast to fp32 on its own and merged exactly (Chan et al.'s pairwise update in
+    float64), so an fp16/bf16 CLIP-G table (49408 x 1280) is never copied whole to fp32.
+    """
+    count, mean, squares = 0, 0.0, 0.0
+    for part in table.detach().split(rows):
+        var, part_mean = torch.var_mean(part.to(torch.float32), correction=0)
+        n, part_mean, part_squares = part.numel(), float(part_mean), float(var) * part.numel()
+        delta, total = part_mean - mean, count + n
+        mean, squares = mean + delta * n / total, squares + part_squares + delta * delta * count * n / total
+        count = total
+    if count < 2:
+        raise ValueError(f"a token table of {count} element(s) has no standard deviation.")
+    return math.sqrt(squares / (count - 1))
+
+
+def vocabulary_stds(clip, keys: tuple[str, ...]) -> dict[str, float]:
+    """Each text encoder's ``vocabulary_std``, from its frozen token table (read only)."""
+    return {key: vocabulary_std(_text_encoder(clip.cond_stage_model, key).transformer.get_input_embeddings().weight)
+            for key in keys}
+
+
+@torch.no_grad()
+def retract(vectors: torch.Tensor, std: float) -> None:
+    """Pull ``vectors`` (one encoder's trained vectors, fp32) toward the vocabulary's ``std``, in place.
+
+    retract_embeddings' maths: ``off_ratio = std / vectors.std()``, ``vectors *= off_ratio ** 0.1`` (the std
+    of all the trained elements together, unbiased). Both ways: too large shrinks, too small grows, each step
+    a tenth of the way in log scale. Vectors that are all one value (std 0) are left as they are.
+    """
+    own = vectors.std()
+    if own > 0:
+        vectors.mul_((std / own) ** RETRACT_EXPONENT)
 
 
 def tokenizing_clip(clip, name: str, vectors: Mapping[str, torch.Tensor]):
@@ -272,6 +321,7 @@ class TrainingRun:
         self.keys = encoder_keys(model, clip)
         start = initial_vectors(clip, self.keys, settings.init_text, settings.vectors)
         self.vectors = {k: torch.nn.Parameter(v, requires_grad=True) for k, v in start.items()}
+        self.vocabulary_std = vocabulary_stds(clip, self.keys) if settings.norm_control else None
         self.view = tokenizing_clip(clip, name, self.vectors)
         self.templates = caption_templates(settings.captions)
         self.optimizer = optimizers.make("adamw", list(self.vectors.values()), settings.learning_rate)
@@ -317,6 +367,9 @@ class TrainingRun:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.vocabulary_std is not None:  # every step, as retract_embeddings (a skipped fp16 step too)
+            for key, vectors in self.vectors.items():
+                retract(vectors, self.vocabulary_std[key])
         return value
 
     def render(self, preview: previews.Preview) -> torch.Tensor:
@@ -376,14 +429,14 @@ def train(model, clip, latents: torch.Tensor, settings: TextualInversionSettings
         metadata.update({
             "textual_inversion.name": name,
             "textual_inversion.family": family,
-            "textual_inversion.base_fingerprint": families.fingerprint(model.model.diffusion_model),
+            "textual_inversion.base_fingerprint": fingerprint.fingerprint(model.model.diffusion_model),
             "textual_inversion.encoders": ",".join(vectors),
             "textual_inversion.final_loss": f"{losses[-1]:.6g}",
             "textual_inversion.compute_dtype": compute,
         })
         for key in vectors:  # the transformer layers: the token table is too big for fingerprint's sampling
             layers = _text_encoder(clip.cond_stage_model, key).transformer.text_model.encoder
-            metadata[f"textual_inversion.text_encoder_fingerprint.{key}"] = families.fingerprint(layers)
+            metadata[f"textual_inversion.text_encoder_fingerprint.{key}"] = fingerprint.fingerprint(layers)
         return TextualInversionResult(vectors, losses, settings, family, metadata)
     finally:
         del run

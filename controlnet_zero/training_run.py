@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from ..training import checkpointing, family, loop, objective, optimizers, precision
+from ..families import fingerprint
+from ..training import checkpointing, loop, objective, optimizers, precision
 from ..training import preview as previews
-from . import checkpoints, network
+from . import network, resume_state
 from .cache import TrainingData
 from .distributed import Dist
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = precision.PRECISIONS
 # The optimizers offered for a ControlNet (AdamW as in the paper; its 8-bit-state variant where the core has it).
 OPTIMIZERS = tuple(name for name in ("adamw", "adamw8bit") if name in optimizers.OPTIMIZERS)
-FINGERPRINT_KEY = checkpoints.BASE
+FINGERPRINT_KEY = resume_state.BASE
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -176,7 +177,7 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
 
     ``base_model`` is a loaded ``comfy.model_base.BaseModel`` on ``device``; it is only read.
     ``resume``: True = the newest checkpoint of a matching run under ``checkpoint_root`` if any, or a
-    checkpoint folder; a run that does not match is refused (``checkpoints.plan``). ``run_folders``:
+    checkpoint folder; a run that does not match is refused (``resume_state.plan``). ``run_folders``:
     ``checkpoint_root`` is a run name's folder and every new run gets its own ``run_NNN/`` in it (the
     node and the CLI); otherwise the checkpoints go to ``checkpoint_root`` itself.
     ``on_step(step, total, loss)`` runs after every optimizer step (ComfyUI's ProgressBar there makes
@@ -191,11 +192,11 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
     metadata.update(settings.metadata())
     metadata["controlnet_zero.dataset_size"] = str(len(data))
     metadata["controlnet_zero.world_size"] = str(dist.world)
-    metadata[FINGERPRINT_KEY] = family.fingerprint(base_model.diffusion_model)
+    metadata[FINGERPRINT_KEY] = fingerprint.fingerprint(base_model.diffusion_model)
     if data.fingerprint:
-        metadata[checkpoints.DATASET] = data.fingerprint
+        metadata[resume_state.DATASET] = data.fingerprint
     run = _plan(checkpoint_root, metadata, resume, base_model, dist, run_folders, bool(settings.checkpoint_every))
-    metadata[checkpoints.RUN_ID] = run.run_id
+    metadata[resume_state.RUN_ID] = run.run_id
     ms = base_model.model_sampling
     compute = precision.compute_dtype(settings.mixed_precision, device)
     control_model.to(device).train().requires_grad_(True)
@@ -213,7 +214,7 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
     gen = torch.Generator().manual_seed(settings.seed)
     step, losses = 0, []
     if run.resume_from is not None:
-        done = checkpoints.load(run.resume_from, control_model, opt, gen, scaler)
+        done = resume_state.load(run.resume_from, control_model, opt, gen, scaler)
         step, losses = done.step, done.losses
         log.info("ControlNet-Zero: resumed from %s at step %d (run %s)", run.resume_from, step, run.run_id)
     latent_shape = tuple(data.images[0]["latent"].shape)
@@ -259,7 +260,7 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
         def after_step(done: int, curve: list[float]) -> None:
             if run.folder is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0:
                 if dist.is_main:
-                    checkpoints.save(run.folder, done, control_model, opt, gen, curve, metadata,
+                    resume_state.save(run.folder, done, control_model, opt, gen, curve, metadata,
                                      keep=settings.keep_checkpoints, scaler=scaler)
                 dist.barrier()
 
@@ -276,22 +277,22 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
 
 
 def _same_base(base_model) -> Callable[[str], tuple[bool, str]]:
-    """Compare a stored base fingerprint with ``base_model``'s in any load dtype (``family.same_base``)."""
-    return lambda stored: family.same_base(stored, base_model.diffusion_model)
+    """Compare a stored base fingerprint with ``base_model``'s in any load dtype (``fingerprint.same_base``)."""
+    return lambda stored: fingerprint.same_base(stored, base_model.diffusion_model)
 
 
 def _check_resume(saved: dict[str, str], now: dict[str, str], folder, base_model) -> None:
     """Refuse a checkpoint of another run (base model, dataset, settings); a changed world size only warns."""
-    checkpoints.check(saved, now, folder, _same_base(base_model))
+    resume_state.check(saved, now, folder, _same_base(base_model))
 
 
 def _plan(root: Path | None, metadata: dict[str, str], resume: bool | Path, base_model, dist: Dist,
-          run_folders: bool, checkpointing: bool) -> checkpoints.Run:
-    """``checkpoints.plan`` on rank 0 (it may create the run folder), its answer (or refusal) shared with all."""
+          run_folders: bool, checkpointing: bool) -> resume_state.Run:
+    """``resume_state.plan`` on rank 0 (it may create the run folder), its answer (or refusal) shared with all."""
     answer = None
     if dist.is_main:
         try:
-            run = checkpoints.plan(root, metadata, resume, _same_base(base_model), sub_folders=run_folders,
+            run = resume_state.plan(root, metadata, resume, _same_base(base_model), sub_folders=run_folders,
                                    checkpointing=checkpointing)
             answer = json.dumps({"folder": run.folder and str(run.folder), "run_id": run.run_id,
                                  "resume_from": run.resume_from and str(run.resume_from)})
@@ -302,7 +303,7 @@ def _plan(root: Path | None, metadata: dict[str, str], resume: bool | Path, base
     shared = json.loads(dist.share_text(answer))
     if "error" in shared:
         raise ValueError(shared["error"])
-    return checkpoints.Run(shared["folder"] and Path(shared["folder"]), shared["run_id"],
+    return resume_state.Run(shared["folder"] and Path(shared["folder"]), shared["run_id"],
                            shared["resume_from"] and Path(shared["resume_from"]))
 
 

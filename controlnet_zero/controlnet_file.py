@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..training import files as weights_file
+from ..storage import safetensors_file as weights_file
 
 FORMAT = "frozentune.controlnet_zero/1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

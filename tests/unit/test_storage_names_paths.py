@@ -9,8 +9,8 @@ import pytest
 
 from harness.comfy_env import import_pack
 
-import_pack()  # the pack as package `frozentune`; training/ needs no ComfyUI
-from frozentune.training import names, user_paths  # noqa: E402
+import_pack()  # the pack as package `frozentune`; storage/ needs no ComfyUI
+from frozentune.storage import names, user_paths  # noqa: E402
 
 
 @pytest.fixture

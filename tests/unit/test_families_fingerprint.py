@@ -7,7 +7,7 @@ import torch
 from harness.comfy_env import import_pack
 
 import_pack()  # the pack as package `frozentune`; training/ needs no ComfyUI
-from frozentune.training import family  # noqa: E402
+from frozentune.families import fingerprint as family  # noqa: E402
 
 
 def _model(numel: int, dtype: torch.dtype) -> torch.nn.Module:

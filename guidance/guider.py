@@ -9,7 +9,7 @@ guider adds what UniTune editing needs on top of it:
 - one batched ``calc_cond_batch`` call per step for all three conditionings, in the order
   [positive, negative, baseline], so attention patches see ``cond_or_uncond`` 0 = positive,
   1 = negative (unconditional), 2 = baseline (a conditional prompt). The guider declares this through
-  ``training.cond_chunks`` (only index 1 is unconditional), so e.g. InstantStyle gives the baseline the
+  ``guidance.cond_chunks`` (only index 1 is unconditional), so e.g. InstantStyle gives the baseline the
   style image tokens and the negative the unconditional ones;
 - a ``pg`` window (``pg_start``..``pg_end`` as fractions of the schedule); outside it the baseline
   is not evaluated at all and the step is exactly stock CFG;
@@ -37,8 +37,11 @@ import math
 import comfy.samplers
 import torch
 
-from ..training import cond_chunks
+from . import cond_chunks
 
+FORMULA = "ε = ε_neg + cfg·(ε_pos − ε_neg) + pg·(ε_pos − ε_base)"
+# The pg the nodes start from (Prompt Guidance Guider, UniTune Edit): one value, so both guide alike.
+DEFAULT_PG = 2.0
 GUIDER_CONDS = ("positive", "negative", "baseline")
 BASELINE_INDEX = 2  # cond_or_uncond value of the baseline chunks
 UNCONDITIONAL = (1,)  # the negative; the baseline is a conditional prompt
@@ -76,7 +79,7 @@ def rescale_guidance(denoised: torch.Tensor, positive: torch.Tensor, x: torch.Te
 class PromptGuidanceGuider(comfy.samplers.CFGGuider):
     """A GUIDER for ``SamplerCustomAdvanced`` (and UniTune Edit) computing the formula above."""
 
-    frozentune_unconditional_indexes = UNCONDITIONAL  # read by training.cond_chunks (cond_chunks.ATTRIBUTE)
+    frozentune_unconditional_indexes = UNCONDITIONAL  # read by guidance.cond_chunks (cond_chunks.ATTRIBUTE)
 
     def __init__(self, model_patcher, cfg: float = 7.0, pg: float = 0.0, pg_start: float = 0.0,
                  pg_end: float = 1.0, rescale: float = 0.0):
