@@ -1,6 +1,7 @@
 """ComfyUI V3 nodes of FrozenTune: schemas, input checks and progress only.
 
-The algorithms live in ``unitune/``, ``instantstyle/`` and ``controlnet_zero/``; a node
+The algorithms live in the capability packages (``unitune/``, ``textual_inversion/``, ``guidance/``,
+``instantstyle/``, ``controlnet_zero/``); a node
 here reads its inputs, calls them and wraps the result.
 """
 

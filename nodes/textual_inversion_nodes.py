@@ -16,8 +16,8 @@ from ..textual_inversion.embedding_file import embedding_target
 from ..training import image_folder
 from ..training import precision as training_precision
 from ..training import preview as previews
+from ..training.image_folder import prepare_images
 from ..training.loss_curve import loss_curve_image
-from ..unitune.finetune import prepare_images
 from . import checks, saved_files
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ from ..storage import names
 from ..storage import safetensors_file as weights_file
 from ..textual_inversion import word_trainer as ti
 from ..textual_inversion.embedding_file import embedding_target
+from ..training import image_folder
 from ..training import precision as training_precision
 from ..training import preview as previews
 from ..training.loss_curve import loss_curve_image
@@ -175,7 +176,7 @@ class UniTuneFineTune(io.ComfyNode):
                                  f"{pivotal.LEARNING_RATE:g}.")
         if vae is None or getattr(vae, "first_stage_model", None) is None:
             raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")
-        pixels = finetune.prepare_images(list(image))
+        pixels = image_folder.prepare_images(list(image))
         pbar = comfy.utils.ProgressBar(pivotal_steps + steps)
         shown = previews.Shown(pbar, pivotal_steps + steps)
         preview = previews.Preview(every=preview_every, show=lambda step, image: shown(pivotal_steps + step, image),
@@ -441,7 +442,7 @@ class UniTuneEdit(io.ComfyNode):
         sdedit.check_start(start)
         sdedit.check_blend(blend, blend_unchanged)
         check_scales(cfg, pg, 0.0, 1.0, 0.0)
-        original = finetune.prepare_images([image[0]])
+        original = image_folder.prepare_images([image[0]])
         height, width = original.shape[1:3]
         mask = sdedit.fit_mask(mask, height, width, batch)
         latent = vae.encode(original)

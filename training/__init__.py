@@ -8,12 +8,12 @@ It owns what every trainer around a frozen ComfyUI model needs, once:
 - ``checkpointing``  gradient checkpointing that covers ComfyUI's UNet/ControlNet blocks, and its undo
 - ``loop``           the step loop's progress/Cancel hook, non-finite-loss check and loss curve
 - ``optimizers``     the optimizers a trainer may pick (AdamW, Adafactor, 8-bit AdamW)
-- ``family``         model-family detection (one vocabulary) and the dtype-independent base fingerprint
-- ``files``          atomic, durable safetensors I/O
 - ``loss_curve``     the loss curve as a ComfyUI IMAGE
+- ``conditioning``   the prompt conditioning a trainer feeds the model, as a sampler would
+- ``image_folder``   a folder of training images read as the stock Load Image node reads them
 - ``preview``        previews while training: fixed-noise Euler at the current weights, RNG-forked, as a
                      ComfyUI progress-bar image, and their grid
 
-Plain torch and ``comfy.*`` code: it never imports the node schema or the server, nor any capability
-package. Nothing heavy is imported here.
+Plain torch and ``comfy.*`` code: it imports only the shared ``storage`` and ``families`` packages, never
+the node schema, the server or a capability. Nothing heavy is imported here.
 """

@@ -10,12 +10,15 @@ so a folder and the same files loaded one by one in the graph train the same.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from ..storage import user_paths
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -119,3 +122,27 @@ def signature(folder: str, *, input_name: str, roots: Sequence[Path]) -> str:
         return digest.hexdigest()
     except (ValueError, OSError):
         return ""  # execute reports the problem
+
+
+def prepare_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stack ComfyUI images ``[H, W, 3]`` into ``[B, H, W, 3]``, center-cropped to multiples of 8.
+
+    All images must share one size (they are views of one subject at one resolution).
+    """
+    if not images:
+        raise ValueError("no image given: connect the image to tune on.")
+    sizes = sorted({tuple(img.shape[:2]) for img in images})
+    if len(sizes) > 1:
+        shown = ", ".join(f"{w}x{h}" for h, w in sizes)
+        raise ValueError(f"the images have different sizes ({shown}): resize them to one size first, "
+                         "e.g. with the stock ImageScale node.")
+    h, w = sizes[0]
+    h8, w8 = h - h % 8, w - w % 8
+    if h8 < 8 or w8 < 8:
+        raise ValueError(f"image is {w}x{h}: it must be at least 8x8 pixels.")
+    batch = torch.stack([img[..., :3] for img in images])
+    if (h8, w8) != (h, w):
+        top, left = (h - h8) // 2, (w - w8) // 2
+        log.info("Training image %dx%d is not a multiple of 8; center-cropped to %dx%d", w, h, w8, h8)
+        batch = batch[:, top:top + h8, left:left + w8]
+    return batch

@@ -279,7 +279,7 @@ def test_folder_input_trains_on_the_views_stock_load_image_reads(loaded, embeddi
 
     from frozentune.nodes import textual_inversion_nodes
     from frozentune.nodes.textual_inversion_nodes import TextualInversionTrain
-    from frozentune.unitune.finetune import prepare_images
+    from frozentune.training.image_folder import prepare_images
 
     model, clip, vae = loaded["sd15"]
     monkeypatch.setattr(folder_paths, "input_directory", str(tmp_path / "input"))

@@ -159,7 +159,7 @@ def test_file_for_another_base_is_refused(loaded, subject, tmp_path, monkeypatch
 
 
 def test_bad_inputs_get_clear_errors(loaded, subject, caplog):
-    from frozentune.unitune.finetune import prepare_images
+    from frozentune.training.image_folder import prepare_images
 
     model, clip, vae = loaded["sd15"]
     with pytest.raises(ValueError, match="token is empty"):

@@ -65,8 +65,36 @@ print(json.dumps({{"seconds": time.perf_counter() - t, "entry": callable(mod.com
 
 
 def test_top_level_layout_is_the_fixed_one():
-    for name in ("__init__.py", "nodes", "unitune", "instantstyle", "controlnet_zero", "workflows", "tests",
-                 "pyproject.toml", "README.md", "LICENSE", "Makefile", ".ci/run", ".comfyignore"):
+    for name in ("__init__.py", "nodes", "unitune", "textual_inversion", "guidance", "instantstyle", "controlnet_zero",
+                 "training", "storage", "families", "workflows", "tests", "bench", "pyproject.toml", "README.md",
+                 "CONTRIBUTING.md", "LICENSE", "Makefile", ".ci/run", ".comfyignore"):
         assert (REPO / name).exists(), name
     ignored = (REPO / ".comfyignore").read_text().split()
     assert {"tests/", "bench/", ".ci/"} <= set(ignored)
+
+
+README_WORDS = 2000  # the README is for ComfyUI users; developer material lives in CONTRIBUTING.md
+INSTALL_WITHIN = 300  # words: a user's first need is putting the pack into the ComfyUI they run
+
+
+def test_readme_is_short_and_starts_with_the_install():
+    words = (REPO / "README.md").read_text().split()
+    assert len(words) <= README_WORDS, f"README.md has {len(words)} words (at most {README_WORDS})"
+    clone = next((i for i, w in enumerate(words) if w == "clone" and i and words[i - 1] == "git"), None)
+    assert clone is not None and clone <= INSTALL_WITHIN, f"`git clone` is at word {clone}, not in the first 300"
+    assert "custom_nodes" in " ".join(words[:INSTALL_WITHIN])
+
+
+def test_docs_links_resolve():
+    """Every relative link in README.md, CONTRIBUTING.md and bench/README.md names a file that exists."""
+    from urllib.parse import unquote
+
+    broken = []
+    for doc in ("README.md", "CONTRIBUTING.md", "bench/README.md"):
+        path = REPO / doc
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+                continue
+            if not (path.parent / unquote(target.split("#")[0])).exists():
+                broken.append(f"{doc}: {target}")
+    assert not broken, broken
