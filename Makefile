@@ -6,18 +6,25 @@ PORT ?= 8188
 VENV_PY := $(CURDIR)/.venv/bin/python
 HARNESS := cd tests && $(VENV_PY)
 
-.PHONY: setup test test-all test-long test-unit test-node test-e2e test-reliability test-browser demo thumbnails serve lint validate bench gpu-check clean
+.PHONY: setup test test-quick test-all test-long test-unit test-node test-e2e test-reliability test-browser demo thumbnails serve lint validate bench gpu-check clean
 
 setup:
 	@$(PYTHON) tests/harness/setup_runtime.py
 
-# `make test` (and CI) leaves out the `long` tests (reliability fuzz and soak, the whole gpu-check CPU dry run);
-# `make test-long` runs only those, `make test-reliability` the whole reliability group, `make test-all` everything.
-# Each prints its 25 slowest tests, so a CI log shows where the time goes.
+# `make test` (and CI) leaves out the `long` tests (reliability fuzz and soak, the whole gpu-check CPU dry run,
+# repeats of a case in another dtype or family); `make test-long` runs only those, `make test-reliability` the
+# whole reliability group, `make test-all` everything. Each prints its 25 slowest tests, so a CI log shows where
+# the time goes; `make test` and `make test-quick` also print their wall time.
 DURATIONS := --durations=25
+# runs a command, then prints how long it took (pass or fail) and exits with its status
+TIMED = start=$$(date +%s); $(1); rc=$$?; echo "make $@: $$(( $$(date +%s) - start )) s"; exit $$rc
 
 test: setup
-	$(HARNESS) -m pytest -m "not long" $(DURATIONS)
+	$(call TIMED,$(HARNESS) -m pytest -m "not long" $(DURATIONS))
+
+# for iteration: unit and node tests in fp32, no server, no `half`, `slow` or `long` test (~4 min on 2 idle cores)
+test-quick: setup
+	$(call TIMED,$(HARNESS) -m pytest -m "(unit or node) and not half and not slow and not long" $(DURATIONS))
 
 test-all: setup
 	$(HARNESS) -m pytest $(DURATIONS)

@@ -2,8 +2,8 @@
 
 Nothing here has run on a GPU when it was written (the project is built on a CPU-only machine), so
 everything but the device is exercised by ``tests/unit/test_gpu_check.py`` through the same code on the
-CPU (``--device cpu --tiny``: tiny UNets, 64 px, 2 steps; ``make test`` runs a subset, one load per family
-and dtype and one workflow, with ``--loads`` and ``--workflows``; the whole dry run is a ``long`` test).
+CPU (``--device cpu --tiny``: tiny UNets, 64 px, 2 steps; ``make test`` runs a subset, one load (SD1.5 in
+fp16) and one workflow, with ``--loads`` and ``--workflows``; the whole dry run is a ``long`` test).
 
 What it does, in one process plus one ComfyUI server:
 

@@ -71,8 +71,10 @@ def subtraction_inputs() -> list:
 
 def plus_negative_input() -> io.Combo.Input:
     # The last widget: saved workflows store widget values by position, so one added at the end leaves the
-    # older values where they were (a workflow saved before it gets the default).
+    # older values where they were (a workflow saved before it gets the default). Optional, so an API prompt
+    # written before it still validates.
     return io.Combo.Input("plus_negative", options=list(apply.PLUS_NEGATIVES), default=apply.PLUS_NEGATIVE_ZEROS,
+                          optional=True,
                           tooltip="Plus adapters without a negative image: the unconditional tokens come from zero "
                           "pixels after CLIP normalisation (official IP-Adapter, diffusers) or from a black image "
                           "(cubiq's IPAdapter_plus). Plain adapters use zero embeds either way.")

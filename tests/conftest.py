@@ -1,7 +1,9 @@
 """Shared fixtures for the three test tiers.
 
 The tier of a test is the folder it lives in (``unit/``, ``node/``, ``e2e/``); the matching
-marker is added here, so ``pytest -m node`` selects a tier.
+marker is added here, so ``pytest -m node`` selects a tier. So is ``half`` (the UNet in bf16/fp16
+computing natively, or stored in fp8), on every node/e2e/... test with a bf16/fp16/fp8 parameter or on
+the half-precision server; a half test without such a parameter carries ``@pytest.mark.half`` itself.
 """
 
 from __future__ import annotations
@@ -21,12 +23,28 @@ TIERS = ("unit", "node", "e2e", "reliability", "browser")
 KNOWN_OPTIONAL_IMPORT_FAILURES = {"nodes_audio.py", "nodes_audio_encoder.py"}
 
 
+# A parameter with one of these values makes a test a `half` one (left out of `make test-quick`). Exact values,
+# not parts of the test id: a file name such as "style_shuffle_fp16.safetensors" is no dtype.
+HALF_PARAMS = {"bf16", "fp16", "fp8", "torch.bfloat16", "torch.float16", "torch.float8_e4m3fn", "torch.float8_e5m2"}
+HALF_FIXTURES = {"comfy_server_half"}
+
+
+def is_half(item) -> bool:
+    """A test of the half-precision tier: a bf16/fp16/fp8 parameter, or the half-precision server."""
+    if HALF_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and any(str(v) in HALF_PARAMS for v in callspec.params.values())
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         parts = Path(str(item.fspath)).parts
         for tier in TIERS:
             if tier in parts:
                 item.add_marker(getattr(pytest.mark, tier))
+        if "unit" not in parts and is_half(item):  # unit tests are cheap maths on tensors of any dtype: all quick
+            item.add_marker(pytest.mark.half)
 
 
 @pytest.fixture(scope="session")

@@ -12,11 +12,22 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import pytest
 import torch
 
 from .precision import DTYPE_NAMES, FP8, HALF, native_compute
 
 DTYPES = ("fp32", "bf16", "fp16", "fp8")
+
+
+def dtype_params(long: tuple[str, ...] = ()) -> list:
+    """``DTYPES`` for ``pytest.mark.parametrize``, the ones in ``long`` marked ``long`` (make test-long / test-all).
+
+    For a dtype that repeats a path another case of the same test covers in ``make test`` (fp16 runs bf16's
+    native half path; fp8 storage computes in fp32 through ComfyUI's manual cast).
+    """
+    assert set(long) <= set(DTYPES) - {"fp32"}, long
+    return [pytest.param(d, marks=pytest.mark.long) if d in long else d for d in DTYPES]
 _CACHE: dict[tuple[str, str], object] = {}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 from harness import disks
@@ -54,6 +55,7 @@ class _NoVae:
         return self.latents[: pixels.shape[0]]
 
 
+@pytest.mark.slow  # 80 training steps (~19 s idle)
 def test_true_hints_beat_shuffled_hints_on_held_out_disks(tiny_checkpoints, pack):
     import comfy.model_management as mm
     import nodes

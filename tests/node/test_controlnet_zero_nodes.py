@@ -148,6 +148,7 @@ def test_saved_file_loads_in_stock_controlnet_loader_and_matches(family, loaded,
     assert at_rest_hash(model) == before
 
 
+@pytest.mark.half  # an fp16 file
 def test_half_precision_file_loads_without_key_warnings(loaded, controlnet_folder, caplog):
     import nodes
 
@@ -276,6 +277,7 @@ def test_half_precision_base_create_train_save_stock_load_apply_sample(dtype, mi
     assert at_rest_hash(model) == before
 
 
+@pytest.mark.half
 def test_trained_controlnet_applies_to_an_fp8_stored_base_and_trains_on_it(half_loaded, loaded, controlnet_folder,
                                                                            caplog):
     import nodes

@@ -80,6 +80,7 @@ class Recorder:
         monkeypatch.setattr(openaimodel.UNetModel, "_forward", _forward)
 
 
+@pytest.mark.half  # an fp16 base, both computes
 @pytest.mark.parametrize("precision, compute", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
 def test_no_fp16_hop_between_controlnet_and_an_fp16_base(precision, compute, fp16_sd15, monkeypatch):
     import comfy.model_management as mm
@@ -108,6 +109,7 @@ def test_no_fp16_hop_between_controlnet_and_an_fp16_base(precision, compute, fp1
     assert model.model.diffusion_model.input_blocks[0][0].weight.dtype == torch.float16
 
 
+@pytest.mark.half
 def test_bf16_on_the_cpu_with_an_fp16_base_trains(fp16_sd15):
     import comfy.model_management as mm
 

@@ -125,6 +125,7 @@ def test_last_preview_is_comfyuis_ksampler_with_the_trained_controlnet(sd15, run
     assert (last - preview.to_image(torch.zeros(1, 4, 8, 8), model.model.latent_format)).abs().max() > 0.05
 
 
+@pytest.mark.half
 @pytest.mark.long  # ~4 min of native half on a CPU; make test-long / test-all
 def test_fp16_base_bf16_compute_previews_leave_training_identical(tiny_checkpoints, pack):
     """Half precision: an fp16-stored base computing in bf16 autocast, previews off vs every step."""

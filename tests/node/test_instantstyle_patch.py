@@ -161,6 +161,7 @@ def test_patch_objects_are_shared_by_deepcopy_moved_by_copy_and_keep_their_dtype
     assert ours(layer, prev=prev).to(torch.float16).prev is prev and seen == [torch.float16]
 
 
+@pytest.mark.half
 def test_half_precision_queries_get_the_patch_cast_to_their_dtype(layer):
     """A natively bf16/fp16 UNet sends half queries: the fp32 patch computes in that dtype, close to fp32."""
     x, text = inputs(2)

@@ -70,7 +70,7 @@ def test_pivotal_word_stays_the_size_of_the_vocabulary_over_200_steps(sd15):
 
 def test_norm_control_off_runs_no_new_code_and_on_only_adds_the_retraction(sd15, monkeypatch):
     """Off: the statistic and the retraction are never called (so results are those of before: the TI and pivotal
-    tests' runs, and a digest checked before/after the change). On with a no-op retraction: bitwise the same run,
+    tests' runs, and a digest checked before/after the change). On with a no-op retraction: the same run (to the CPU's rounding),
     so the only difference norm control makes is the retraction after each step, once per encoder."""
     from frozentune.textual_inversion import word_trainer as ti
 
@@ -78,9 +78,6 @@ def test_norm_control_off_runs_no_new_code_and_on_only_adds_the_retraction(sd15,
     settings = ti.TextualInversionSettings(init_text="object", vectors=2, captions="token alone", steps=2,
                                            batch_size=1, learning_rate=2e-3, seed=0, precision="fp32")
     real_retract, real_stds = ti.retract, ti.vocabulary_stds
-    # The first run in a process can differ from the next ones in the last bits (1.7e-7 on the CPU, before this
-    # change too): compare runs that all come after one.
-    ti.train(model, clip, latents, replace(settings, steps=1), name="normword")
 
     def refuse(*args, **kwargs):
         raise AssertionError("norm control ran with norm_control off")
@@ -93,7 +90,9 @@ def test_norm_control_off_runs_no_new_code_and_on_only_adds_the_retraction(sd15,
     monkeypatch.setattr(ti, "vocabulary_stds", real_stds)
     monkeypatch.setattr(ti, "retract", lambda vectors, std: calls.append(std))
     noop = ti.train(model, clip, latents, replace(settings, norm_control=True), name="normword").vectors["clip_l"]
-    assert torch.equal(noop, off)
+    # Equal up to the CPU's run-to-run rounding (seen up to 1.7e-7 between identical runs in one process); the
+    # retraction itself moves every value by a factor (std ratio)**0.1, orders of magnitude more.
+    torch.testing.assert_close(noop, off, rtol=0, atol=1e-6)
     assert calls == [pytest.approx(ti.vocabulary_std(table(clip)))] * 2
 
     monkeypatch.setattr(ti, "retract", real_retract)

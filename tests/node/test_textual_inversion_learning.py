@@ -47,7 +47,8 @@ def sd15_shallow(tiny_checkpoints, pack):
     return model, clip, vae.encode(subject_image(32))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+# seeds 1 and 2 (long) repeat seed 0's run on other draws: the margin is set 3x below the thinnest seed measured
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.long), pytest.param(2, marks=pytest.mark.long)])
 def test_learned_word_beats_init_text_and_a_random_token_on_held_out_draws(seed, sd15_shallow, monkeypatch):
     from frozentune.textual_inversion import word_trainer as ti
 

@@ -93,6 +93,7 @@ def another_seed_sd15():
     return comfy.sd.load_diffusion_model_state_dict(tiny_models.random_state_dict(unet, tiny_models.SEED + 99))
 
 
+@pytest.mark.half
 def test_file_trained_on_bf16_loads_on_every_dtype_of_that_checkpoint_only(
         tiny_checkpoints, encoders, subject, unitune_folder):
     """Issue 11 (1): a file trained on a bf16 load loads on fp16/bf16/fp32 loads; other checkpoints are refused."""
@@ -185,7 +186,8 @@ def zero_fraction(tensors: dict[str, torch.Tensor]) -> float:
     return sum(int((t == 0).sum()) for t in diffs) / sum(t.numel() for t in diffs)
 
 
-@pytest.mark.parametrize("mode", ["full", "attention"])
+@pytest.mark.half  # an fp8 base
+@pytest.mark.parametrize("mode", ["full", pytest.param("attention", marks=pytest.mark.long)])  # attention: a subset of full
 def test_fp8_base_keeps_its_deltas(mode, tiny_checkpoints, encoders, subject, unitune_folder):
     """Issue 11 (3): an fp8-stored base's saved deltas are not rounded away; Load applies them on fp8."""
     from frozentune.storage import safetensors_file as weights_file
@@ -245,8 +247,9 @@ def _assert_load_applies(model, reloaded, clip, before_hash: str) -> None:
     assert at_rest_hash(model) == before_hash
 
 
-@pytest.mark.parametrize("dtype_name", ["bf16", "fp16"])
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+# sdxl-fp16 (long) repeats sdxl-bf16's lora-on-a-half-base path; fp16 compute (loss scaler, plain step) is sd15-fp16
+@pytest.mark.parametrize(("family", "dtype_name"), [("sd15", "bf16"), ("sd15", "fp16"), ("sdxl", "bf16"),
+                                                    pytest.param("sdxl", "fp16", marks=pytest.mark.long)])
 def test_half_precision_tier(family, dtype_name, tiny_checkpoints, encoders, subject, unitune_folder, monkeypatch):
     """Fine-Tune/Save/Load on a natively bf16/fp16 base: fp32 trainable state, no copy, learns, samples; fp8 Load."""
     import comfy.model_management as mm
@@ -371,6 +374,7 @@ print(json.dumps({"growth": kib("VmHWM") - start, "weights": weights}))
 """
 
 
+@pytest.mark.slow  # two child processes, one thread each (~32 s idle)
 def test_lora_mode_peak_memory_is_a_fraction_of_the_unet(tiny_checkpoints):
     """Issue 11 (4): lora mode trains on the frozen twin; peak RSS growth < 0.5x the UNet's weight bytes.
 
