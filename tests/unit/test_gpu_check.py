@@ -137,7 +137,7 @@ def test_pivotal_and_textual_inversion_steps_are_capped_and_zero_stays_zero(gpu_
 
 
 # The e2e tier runs every example workflow twice already. `make test` runs the script's wiring on one load
-# (SD1.5 in fp16: the same code as every other load, the SDXL-family one ~2x its time; the SDXL case only adds
+# (SD1.5 in fp16: the same code as every other load; SDXL in bf16 added 40-70% to this test; the SDXL case adds
 # batch 1, checkpointing and 8-bit AdamW, each node-tested) and one workflow with a training node (its step cap
 # applied); the whole dry run, every load (both families, bf16 and fp16) and every workflow as a GPU runs them,
 # is the `long` test below (`make test-long`, `make test-all`).
