@@ -204,3 +204,20 @@ def stand_in_path(folder: str, family: str) -> Path:
     if folder == "controlnet":
         return controlnet_path(family)
     raise KeyError(f"no tiny stand-in for model folder {folder!r}")
+
+
+def style_image() -> torch.Tensor:
+    """A smooth 64 px test image (a ComfyUI IMAGE, batch 1) for the InstantStyle node tests."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+    return torch.stack([0.5 + 0.4 * torch.sin(12 * x), 0.3 + 0.5 * y, 0.6 - 0.4 * x * y], dim=-1)[None]
+
+
+def apply_style(model, adapter, clip_vision, image, **kw):
+    """InstantStyle Apply with the tests' defaults (preset style, subtract 0.5); ``kw`` overrides any input."""
+    from frozentune.nodes.instantstyle_nodes import InstantStyleApply
+
+    args = dict(weight=1.0, preset="style", custom_blocks="", combine_images="average", content_text="", subtract=0.5,
+                start_at=0.0, end_at=1.0)
+    args.update(kw)
+    return InstantStyleApply.execute(model=model, ipadapter=adapter, clip_vision=clip_vision, image=image,
+                                     **args).args[0]

@@ -95,20 +95,10 @@ def stand_ins(models):
     )
 
 
-@pytest.fixture(scope="module")
-def style_image():
-    y, x = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
-    return torch.stack([0.5 + 0.4 * torch.sin(12 * x), 0.3 + 0.5 * y, 0.6 - 0.4 * x * y], dim=-1)[None]
-
-
 def style(model, adapter, clip_vision, image, **kw):
-    from frozentune.nodes.instantstyle_nodes import InstantStyleApply
+    from harness import tiny_ipadapter
 
-    args = dict(weight=1.0, preset="style", custom_blocks="", combine_images="average", content_text="", subtract=0.5,
-                start_at=0.0, end_at=1.0)
-    args.update(kw)
-    return InstantStyleApply.execute(model=model, ipadapter=adapter, clip_vision=clip_vision, image=image,
-                                     **args).args[0]
+    return tiny_ipadapter.apply_style(model, adapter, clip_vision, image, **kw)
 
 
 def encode(adapter, clip_vision, image, **kw):
