@@ -6,7 +6,7 @@ PORT ?= 8188
 VENV_PY := $(CURDIR)/.venv/bin/python
 HARNESS := cd tests && $(VENV_PY)
 
-.PHONY: setup test test-quick test-all test-long test-unit test-node test-e2e test-reliability test-browser demo thumbnails serve lint validate bench gpu-check clean
+.PHONY: setup test test-quick test-all test-long test-unit test-node test-e2e test-reliability test-browser demo thumbnails serve lint validate bench gpu-check gpu-check-venv gpu-check-offline gpu-bundle clean
 
 setup:
 	@$(PYTHON) tests/harness/setup_runtime.py
@@ -59,8 +59,22 @@ validate: setup
 bench: setup
 	cd tests && for script in ../bench/*_bench.py; do $(VENV_PY) $$script || exit 1; done
 
-gpu-check: setup
+# `make gpu-check` runs from the project's venv when there is one (developers), else from the offline bundle
+# (a lent GPU machine: no registry, its own python3 and CUDA torch, build/gpu_bundle carried; see
+# CONTRIBUTING.md). GPU_CHECK_FROM=venv|bundle forces one. `make gpu-bundle` builds the bundle, here.
+GPU_CHECK_FROM ?= $(if $(wildcard .venv/bin/python),venv,$(if $(wildcard build/gpu_bundle/manifest.json),bundle,venv))
+
+gpu-check: gpu-check-$(if $(filter bundle,$(GPU_CHECK_FROM)),offline,venv)
+
+gpu-check-venv: setup
 	$(HARNESS) ../bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# never runs `setup`: the machine's python3 and torch, the bundle's wheels installed --no-index into $$FT_SITE
+gpu-check-offline:
+	sh bench/run_gpu_check_offline.sh $(GPU_CHECK_ARGS)
+
+gpu-bundle:
+	@$(PYTHON) tests/harness/gpu_bundle.py
 
 clean:
 	rm -rf build out .pytest_cache .ruff_cache

@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import functools
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -645,6 +646,18 @@ def workflow_files(names: list[str] | None = None) -> list[Path]:
     return [stems[n] for n in names]
 
 
+def headless_server_args(build: Path) -> list[str]:
+    """ComfyUI flags for a server nobody browses: no API nodes (none is used; a lent GPU machine has no
+    internet), and where the frontend package is not installed (the offline bundle, ``make gpu-bundle``)
+    an empty web root instead of ComfyUI's exit for the missing page."""
+    args = ["--disable-api-nodes"]
+    if importlib.util.find_spec("comfyui_frontend_package") is None:
+        web = build / "empty_web_root"
+        web.mkdir(parents=True, exist_ok=True)
+        args += ["--front-end-root", str(web)]
+    return args
+
+
 def run_workflows(mode: Mode, paths: dict[str, Path], device: str, build: Path, out: Path,
                   timeout: float, names: list[str] | None = None) -> list[Item]:
     from harness.server import ComfyServer
@@ -652,7 +665,8 @@ def run_workflows(mode: Mode, paths: dict[str, Path], device: str, build: Path, 
     items = [Item(f"workflow {p.stem}", "workflow") for p in workflow_files(names)]
     try:
         base = prepare_server_base(build / f"server_{mode.name}", paths, tiny=mode.name == "tiny")
-        srv = ComfyServer(base, cpu=device == "cpu", startup_timeout=300).start()
+        srv = ComfyServer(base, cpu=device == "cpu", startup_timeout=300,
+                          extra_args=headless_server_args(build)).start()
     except Exception as err:  # noqa: BLE001 - reported on every workflow item
         for item in items:
             item.error = f"not run: the ComfyUI server did not start: {one_line(err)}"
