@@ -6,8 +6,8 @@ The GPU machine has Python 3.12, its own CUDA torch and a fixed set of packages
 of ignored paths. ``build/gpu_bundle/`` (git-ignored, at most ``MAX_BYTES``) holds:
 
 - ``comfyui/``                 ComfyUI 0.3.75 (the pinned copy ``make setup`` extracts) without its tests,
-                               examples, models/input/output folders and the tokenizers of model families the
-                               check never loads (SD1.5 and SDXL use ``comfy/sd1_tokenizer``, which stays)
+                               examples, models/ and output/ folders, input/ but its example.png, and the
+                               tokenizers of model families the check never loads (SD1.5 and SDXL use ``comfy/sd1_tokenizer``, which stays)
 - ``wheels/``                  the wheels of ``OFFLINE_REQUIREMENTS``, for CPython 3.12 on manylinux x86_64
                                (pure Python where the package has no compiled part)
 - ``requirements-offline.txt`` those exact pins, what ``bench/run_gpu_check_offline.sh`` installs with
@@ -77,7 +77,7 @@ SKIPPED = {
 BNB_KEEP = re.compile(r"bitsandbytes/libbitsandbytes_(cpu|cuda130)\.so$")
 BNB_DROP = re.compile(r"bitsandbytes/libbitsandbytes_\w+\.so$")
 # Parts of the ComfyUI tree the check never reads.
-COMFY_SKIP_TOP = {"tests", "tests-unit", "script_examples", "models", "input", "output", "user", "temp",
+COMFY_SKIP_TOP = {"tests", "tests-unit", "script_examples", "models", "output", "user", "temp",
                   "custom_nodes", ".github", ".ci"}
 COMFY_SKIP_TOKENIZERS = "comfy/text_encoders"  # its *_tokenizer/ folders: T5, Llama, Qwen, ... (17 MiB)
 
@@ -104,6 +104,8 @@ def copy_comfyui(src: Path, dest: Path) -> None:
         skip = {n for n in names if n == "__pycache__" or n.endswith(".pyc")}
         if rel == ".":
             skip |= {n for n in names if n in COMFY_SKIP_TOP}
+        if rel == "input":  # harness.server copies example.png, the image the example workflows load
+            skip |= {n for n in names if n != "example.png"}
         if rel == COMFY_SKIP_TOKENIZERS:
             skip |= {n for n in names if n.endswith("_tokenizer") and Path(folder, n).is_dir()}
         return skip
