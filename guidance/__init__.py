@@ -1,5 +1,5 @@
-"""Prompt guidance and edit sampling around any model: the guider, the SDEdit start and blend-back helpers,
-and the chunk protocol that tells attention patches which batched conds are unconditional.
+"""Prompt guidance and edit sampling around any model: the guider, and the SDEdit start, mask and blend-back helpers.
 
+The guider declares its unconditional conds through the shared chunk protocol (``sampling.cond_chunks``).
 Plain torch and ``comfy.*`` code; never imports the node schema or the server.
 """

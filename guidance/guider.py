@@ -9,7 +9,7 @@ guider adds what UniTune editing needs on top of it:
 - one batched ``calc_cond_batch`` call per step for all three conditionings, in the order
   [positive, negative, baseline], so attention patches see ``cond_or_uncond`` 0 = positive,
   1 = negative (unconditional), 2 = baseline (a conditional prompt). The guider declares this through
-  ``guidance.cond_chunks`` (only index 1 is unconditional), so e.g. InstantStyle gives the baseline the
+  ``sampling.cond_chunks`` (only index 1 is unconditional), so e.g. InstantStyle gives the baseline the
   style image tokens and the negative the unconditional ones;
 - a ``pg`` window (``pg_start``..``pg_end`` as fractions of the schedule); outside it the baseline
   is not evaluated at all and the step is exactly stock CFG;
@@ -37,7 +37,7 @@ import math
 import comfy.samplers
 import torch
 
-from . import cond_chunks
+from ..sampling import cond_chunks
 
 FORMULA = "ε = ε_neg + cfg·(ε_pos − ε_neg) + pg·(ε_pos − ε_base)"
 # The pg the nodes start from (Prompt Guidance Guider, UniTune Edit): one value, so both guide alike.
@@ -79,7 +79,7 @@ def rescale_guidance(denoised: torch.Tensor, positive: torch.Tensor, x: torch.Te
 class PromptGuidanceGuider(comfy.samplers.CFGGuider):
     """A GUIDER for ``SamplerCustomAdvanced`` (and UniTune Edit) computing the formula above."""
 
-    frozentune_unconditional_indexes = UNCONDITIONAL  # read by guidance.cond_chunks (cond_chunks.ATTRIBUTE)
+    frozentune_unconditional_indexes = UNCONDITIONAL  # read by sampling.cond_chunks (cond_chunks.ATTRIBUTE)
 
     def __init__(self, model_patcher, cfg: float = 7.0, pg: float = 0.0, pg_start: float = 0.0,
                  pg_end: float = 1.0, rescale: float = 0.0):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..guidance import cond_chunks
+from ..sampling import cond_chunks
 from . import blocks, projection
 from .adapter_file import IPAdapter
 from .attention import ORDER_HINT, SCALING_MODES, IPAttention

@@ -6,7 +6,7 @@ arguments), or by the replace that was already on this key (so patches compose);
 ``weight * softmax(q k_ip^T) v_ip`` is added, as IP-Adapter does (``IPAdapterAttnProcessor2_0``).
 
 The batch arrives in chunks, one per entry of ``cond_or_uncond``. The chunks whose index the guider
-declared unconditional (``guidance.cond_chunks.unconditional_indexes``: stock CFG and our Prompt Guidance
+declared unconditional (``sampling.cond_chunks.unconditional_indexes``: stock CFG and our Prompt Guidance
 {1}, PerpNeg {1, 2}, DualCFG {0}) get the unconditional image tokens (projection of a zero embedding, or
 of the negative image); every other chunk gets the style image tokens. Tokens hold one row, or one row per
 latent in batch mode: row r of every chunk reads row min(r, rows - 1) (cubiq's "unfold").
@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..guidance import cond_chunks
+from ..sampling import cond_chunks
 
 SCALING_MODES = ("V only", "K+V", "K+V w/ C penalty")
 C_PENALTY_WIDTH = 1280  # cubiq: weight * inner_dim / 1280

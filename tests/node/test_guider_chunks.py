@@ -4,7 +4,7 @@ Each guider samples one step of the tiny SDXL (``sdxl_blocks``) patched by the r
 A recording wrapper around every attn2 patch runs the patch as ComfyUI called it and twice more on the same
 q/k/v, once told every chunk is conditional and once that every chunk is unconditional; each chunk's output
 rows equal one of the two, which says which image tokens that chunk got. Expected, from the guiders'
-``calc_cond_batch`` orders (``guidance.cond_chunks.STOCK``):
+``calc_cond_batch`` orders (``sampling.cond_chunks.STOCK``):
 
 - CFGGuider [positive, negative]: 1 unconditional;
 - PerpNegGuider [positive, negative, empty]: 1 and 2;
@@ -73,7 +73,7 @@ class Recorder:
         return Recorder(self.inner.to(target) if hasattr(self.inner, "to") else self.inner, self.log)
 
     def __call__(self, q, k, v, extra):
-        from frozentune.guidance import cond_chunks
+        from frozentune.sampling import cond_chunks
 
         out = self.inner(q, k, v, extra)
         chunks = list(extra["cond_or_uncond"])
@@ -135,7 +135,7 @@ def guiders(model, c):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_each_guider_gives_the_unconditional_tokens_to_exactly_its_unconditional_chunks(tiny_checkpoints, style_kit,
                                                                                         conds, dtype):
-    from frozentune.guidance import cond_chunks
+    from frozentune.sampling import cond_chunks
 
     base = half_tier.unet(tiny_checkpoints["sdxl_blocks"], dtype)
     before, wrappers = weight_hash(base.model.diffusion_model), repr(base.wrappers)
@@ -157,7 +157,7 @@ def test_unknown_guider_falls_back_to_index_1_and_says_so(tiny_checkpoints, styl
     positive!) gets the unconditional tokens, and the log names the guider and the fix."""
     import comfy.samplers
 
-    from frozentune.guidance import cond_chunks
+    from frozentune.sampling import cond_chunks
 
     class ReversedGuider(comfy.samplers.CFGGuider):
         def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006

@@ -304,7 +304,7 @@ def test_batch_mode_gives_row_i_the_tokens_of_image_i(layer):
 
 @pytest.mark.parametrize("declared, uncond_chunks", [(None, {1}), ((1, 2), {1, 2}), ((0,), {0})])
 def test_the_guiders_declaration_says_which_chunks_get_the_unconditional_tokens(layer, declared, uncond_chunks):
-    from frozentune.guidance import cond_chunks
+    from frozentune.sampling import cond_chunks
 
     x, text = inputs(3)
     extra = {} if declared is None else {cond_chunks.KEY: declared}

@@ -1,4 +1,4 @@
-"""guidance.cond_chunks: the transformer_options key saying which cond indexes are unconditional (issue 15).
+"""sampling.cond_chunks: the transformer_options key saying which cond indexes are unconditional (issue 15).
 
 The reader falls back to {1}; ``declare`` copies; the stock guiders are recognised by the class that defines
 their ``predict_noise`` (as ComfyUI loads them, under path-like module names too); the OUTER_SAMPLE wrapper
@@ -20,7 +20,7 @@ from harness import comfy_env
 def chunks():
     comfy_env.import_comfy()
     comfy_env.import_pack()
-    from frozentune.guidance import cond_chunks
+    from frozentune.sampling import cond_chunks
 
     return cond_chunks
 

@@ -13,18 +13,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = ("training", "storage", "families")
+SHARED = ("training", "storage", "families", "sampling")
 CAPABILITIES = ("unitune", "textual_inversion", "guidance", "instantstyle", "controlnet_zero")
 ALLOWED: dict[str, set[str]] = {
     "nodes": {*CAPABILITIES, *SHARED},
     "unitune": {"textual_inversion", "guidance", *SHARED},  # pivotal tuning; the edit's guider
     "textual_inversion": {*SHARED},
     "guidance": {*SHARED},
-    "instantstyle": {"guidance", *SHARED},  # the chunk protocol (guidance.cond_chunks)
+    "instantstyle": {*SHARED},
     "controlnet_zero": {*SHARED},
     "training": {"storage", "families"},
     "storage": set(),
     "families": set(),
+    "sampling": set(),
 }
 PACKAGES = set(ALLOWED)
 SERVER_SIDE = {"comfy_api", "server"}  # node schema and server: nodes/ only
