@@ -35,9 +35,12 @@ VENV = REPO / "build" / "gpu_bundle_venv"
 TORCH = ["torch==2.11.0", "torchvision==0.26.0"]
 # What the check imports from the machine's list (a trace of both processes of the dry run), by name:
 # the registry picks versions, their dependencies must be on the list as well (checked below).
-FROM_THE_LIST = ["numpy", "pillow", "scipy", "safetensors", "transformers", "tokenizers", "huggingface-hub",
+# transformers < 5: 5.x pulls huggingface-hub 1.x/2.x, whose dependencies (pydantic, httpx2, kernels) are not
+# on the list; the project's own venv runs transformers 5, so the check is exercised on both majors.
+FROM_THE_LIST = ["numpy", "pillow", "scipy", "safetensors", "transformers<5", "tokenizers", "huggingface-hub",
                  "einops", "aiohttp", "yarl", "pyyaml", "psutil", "requests", "tqdm", "typing-extensions",
-                 "sentencepiece", "packaging", "regex", "pathspec", "setuptools<82"]
+                 "sentencepiece", "packaging", "regex", "pathspec", "setuptools<82",
+                 "typer<0.25", "rich"]  # typer 0.25+ needs pydantic (off the list); comfy-cli's workflow converter (the bundle's comfy-cli is installed --no-deps)
 NO_NETWORK = '''
 import socket
 _connect = socket.socket.connect
@@ -51,9 +54,11 @@ socket.socket.connect = _local_only
 
 
 def python312() -> str | None:
-    for candidate in (os.environ.get("PYTHON312"), shutil.which("python3.12"),
-                      str(Path.home() / ".pyenv" / "versions" / "3.12.1" / "bin" / "python")):
-        if candidate and Path(candidate).exists():
+    """A Python 3.12 that runs (pyenv's shim for ``python3.12`` exists but fails when 3.12 is not selected)."""
+    pyenv = sorted(Path.home().glob(".pyenv/versions/3.12.*/bin/python"))
+    for candidate in (os.environ.get("PYTHON312"), *map(str, pyenv), shutil.which("python3.12")):
+        if candidate and subprocess.run([candidate, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"],
+                                        capture_output=True).returncode == 0:
             return candidate
     return None
 
@@ -64,11 +69,13 @@ def venv_python() -> Path:
         pytest.skip("no Python 3.12 here (set PYTHON312): the GPU machine's Python cannot be stood in for")
     stamp = VENV / "frozentune-gpu-bundle-venv.json"
     wanted = {"torch": TORCH, "list": FROM_THE_LIST}
-    if stamp.exists() and json.loads(stamp.read_text()) == wanted:
-        return VENV / "bin" / "python"
-    shutil.rmtree(VENV, ignore_errors=True)
-    subprocess.run([py, "-m", "venv", str(VENV)], check=True)
     vpy = VENV / "bin" / "python"
+    found = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if found == wanted:
+        return vpy
+    if found.get("torch") != TORCH:  # torch is the big download: the venv is rebuilt only when it changes
+        shutil.rmtree(VENV, ignore_errors=True)
+        subprocess.run([py, "-m", "venv", str(VENV)], check=True)
     subprocess.run([vpy, "-m", "pip", "install", "--quiet", *TORCH, *FROM_THE_LIST], check=True)
     stamp.write_text(json.dumps(wanted))
     return vpy

@@ -164,12 +164,20 @@ def test_a_bad_loads_value_fails_before_any_work(tmp_path):
     assert not (tmp_path / "report").exists()
 
 
-def dry_run(out: Path, loads: list[str], workflows: list[str]) -> dict:
-    """Run the CPU dry run and check its report: every item passed, as the GPU run would report it."""
+def dry_run(out: Path, loads: list[str], workflows: list[str], quick: dict | None = None,
+            build: Path | None = None) -> dict:
+    """Run the CPU dry run and check its report: every item passed, as the GPU run would report it.
+
+    ``quick``: run ``--quick``, whose ``QUICK_TRAINERS`` this is (``loads`` / ``workflows``: what it implies).
+    """
     args = ["--device", "cpu", "--tiny", "--out", str(out)]
-    if loads:
+    if quick:
+        args += ["--quick"]
+    if build:
+        args += ["--build", str(build)]
+    if loads and not quick:
         args += ["--loads", ",".join(loads)]
-    if workflows:
+    if workflows and not quick:
         args += ["--workflows", ",".join(workflows)]
     done = _run(*args, timeout=7200)
     report = json.loads((out / "report.json").read_text())
@@ -179,22 +187,24 @@ def dry_run(out: Path, loads: list[str], workflows: list[str]) -> dict:
     names = [i["name"] for i in report["items"]]
     loads = [tuple(x.split(":")) for x in loads] or [(f, d) for f in ("sd15", "sdxl") for d in ("bf16", "fp16")]
     workflows = workflows or [p.stem for p in sorted((REPO / "workflows").glob("*.json"))]  # the script's order
+    trainers = {f"{family}:{dtype}": ("unitune_finetune", "controlnet_zero") for family, dtype in loads} | (quick or {})
     expected = [f"{kind} {family} {dtype}" for family, dtype in loads
-                for kind in ("load", "unitune_finetune", "controlnet_zero")]
+                for kind in ("load", *trainers[f"{family}:{dtype}"])]
     assert names == expected + [f"workflow {w}" for w in workflows]
     by_name = {i["name"]: i for i in report["items"]}
     for family, dtype in loads:
         assert by_name[f"load {family} {dtype}"]["settings"] == {"unet_dtype": {"bf16": "bfloat16",
                                                                                 "fp16": "float16"}[dtype],
                                                                  "manual_cast": "None"}
-        for trainer in ("unitune_finetune", "controlnet_zero"):
+        for trainer in trainers[f"{family}:{dtype}"]:
             item = by_name[f"{trainer} {family} {dtype}"]
             assert item["steps"] == 2 and item["it_per_s"] > 0, item
             assert item["settings"]["steps"] == 2
             assert item["max_memory_allocated"] is None  # CPU: no CUDA counter
         if family == "sdxl":  # the SDXL case: 8-bit AdamW where the node offers it, checkpointing
-            assert by_name[f"controlnet_zero {family} {dtype}"]["settings"]["optimizer"] == "adamw8bit"
-            assert by_name[f"unitune_finetune {family} {dtype}"]["settings"]["gradient_checkpointing"] is True
+            sdxl = {t: by_name[f"{t} {family} {dtype}"]["settings"] for t in trainers[f"{family}:{dtype}"]}
+            assert sdxl.get("controlnet_zero", {"optimizer": "adamw8bit"})["optimizer"] == "adamw8bit"
+            assert all(s["gradient_checkpointing"] is True for s in sdxl.values()), sdxl
     for w in workflows:
         item = by_name[f"workflow {w}"]
         assert item["outputs"] and all((out / o).is_file() for o in item["outputs"]), item
@@ -216,6 +226,33 @@ def test_cpu_dry_run_of_one_load_and_one_workflow_writes_the_report(tmp_path):
     by_name = dry_run(tmp_path / "gpu_check", list(DRY_RUN_LOADS), list(DRY_RUN_WORKFLOWS))
     capped = by_name[f"workflow {DRY_RUN_WORKFLOWS[0]}"]["settings"]
     assert [v for k, v in capped.items() if k.endswith("FrozenTuneUniTuneFineTune.steps")] == ["16 -> 2"], capped
+
+
+def test_quick_covers_each_family_each_trainer_and_dtype_once_with_one_workflow(gpu_check):
+    quick = gpu_check.QUICK_TRAINERS
+    assert sorted(k.split(":")[0] for k in quick) == list(gpu_check.FAMILIES)
+    assert sorted(k.split(":")[1] for k in quick) == sorted(gpu_check.DTYPES)
+    assert sorted(t for ts in quick.values() for t in ts) == sorted(gpu_check.TRAINERS)
+    assert all(len(ts) == 1 for ts in quick.values())
+    assert [p.stem for p in gpu_check.workflow_files([gpu_check.QUICK_WORKFLOW])] == [gpu_check.QUICK_WORKFLOW]
+
+
+def test_quick_refuses_a_choice_of_its_own(tmp_path):
+    done = _run("--device", "cpu", "--tiny", "--quick", "--loads", "sd15:fp16", "--out", str(tmp_path / "r"))
+    assert done.returncode != 0 and "--quick chooses the loads and the workflow itself" in done.stderr, done.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.long
+def test_cpu_dry_run_of_quick_runs_one_trainer_per_family_and_one_workflow(gpu_check, tmp_path):
+    """``--quick`` as the GPU runs it: the stand-ins it needs no workflow for are not built."""
+    out = tmp_path / "gpu_check"
+    dry_run(out, list(gpu_check.QUICK_TRAINERS), [gpu_check.QUICK_WORKFLOW], quick=gpu_check.QUICK_TRAINERS,
+            build=tmp_path / "models")
+    report = json.loads((out / "report.json").read_text())
+    assert report["quick"] is True and "--quick" in (out / "report.md").read_text()
+    built = sorted(p.name.split("_")[3] for p in (tmp_path / "models" / "tiny").glob("*.safetensors"))
+    assert built == ["sd15", "sdxl"], built
 
 
 @pytest.mark.long
