@@ -142,3 +142,33 @@ def comfy_server_half(tmp_path_factory, tiny_checkpoints, pack_node_ids):
     base = prepare_base(tmp_path_factory.mktemp("comfy_base_half"))
     with checked_server(base, pack_node_ids, extra_args=HALF_ARGS, env={NATIVE_HALF_ENV: "1"}) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def tiny_dit(comfy_root):
+    """``tiny_dit(family) -> harness.tiny_dits.TinyDiT`` for "flux1", "flux1_schnell", "sd3": loaded once per session.
+
+    Built and cached like the tiny checkpoints; the Flux detection shim is installed and the cache folders are
+    ComfyUI model folders, so stock UNETLoader/VAELoader calls see the files. Never mutate what it returns.
+    """
+    from harness import tiny_dits
+
+    tiny_dits.install_detection_shim()
+    tiny_dits.register_folders()
+    tiny_dits.build_all()  # every file on disk, so a stock loader node may ask for one before get() does
+    return tiny_dits.get
+
+
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_dits(request):
+    """Tests on the tiny DiTs run torch on one thread: their ops are so small that two OpenMP threads on a
+    shared 2-core machine spend 20-30x the time synchronizing (measured in tests/node/test_tiny_dits.py)."""
+    if "tiny_dit" not in request.fixturenames:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
