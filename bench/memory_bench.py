@@ -38,34 +38,39 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # for `harness`, from any cwd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from full_size import build_base, conditioning  # noqa: E402 (bench/ is the script's folder)
+from full_size import build_base, conditioning, latent_channels  # noqa: E402 (bench/ is the script's folder)
 
 MARK = "MEMORY_RESULT "
 GIB = 1024 ** 3
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "float8_e4m3fn"}
 
 
 @dataclass(frozen=True)
 class Case:
     name: str
     trainer: str  # "unitune" | "controlnet_zero"
-    model: str  # "sd15" | "sdxl" (full size) | "tiny-sd15" | "tiny-sdxl" (the harness's tiny shapes)
+    model: str  # "sd15" | "sdxl" | "flux1-dev" | "sd3.5-large" (full size) | "tiny-sd15" | "tiny-sdxl" (tiny shapes)
     size: int  # image pixels (square)
     batch: int
     mode: str = "lora"  # UniTune train mode
     optimizer: str = ""  # "" = the trainer's default
     checkpointing: bool = True
-    weights: str = "fp16"  # storage dtype of the frozen UNet
+    weights: str = "fp16"  # storage dtype of the frozen UNet ("fp8": e4m3fn, cast to the compute dtype at each use)
     precision: str = "bf16"  # compute dtype (autocast)
     steps: int = 2
     target_gib: float = 0.0
+    lora_rank: int = 0  # 0 = the trainer's default
 
 
 FULL = (
     Case("UniTune SDXL LoRA", "unitune", "sdxl", 1024, 1, "lora", target_gib=8.0),
     Case("UniTune SD1.5 full", "unitune", "sd15", 512, 4, "full", target_gib=10.0),
     Case("ControlNet-Zero SDXL", "controlnet_zero", "sdxl", 1024, 1, optimizer="adamw8bit", target_gib=20.0),
+    # issue 22: rank 16 (the issue's case), fp8 weight storage, bf16 compute, checkpointing
+    Case("UniTune Flux.1-dev LoRA", "unitune", "flux1-dev", 1024, 1, "lora", weights="fp8", lora_rank=16,
+         target_gib=16.0),
+    Case("UniTune SD3.5 Large LoRA", "unitune", "sd3.5-large", 1024, 1, "lora", weights="fp8", target_gib=12.0),
 )
 # Real runs on this CPU compute in fp32 (bf16 matmuls and convs run ~100x slower here without native
 # bf16), with the weights stored in fp16 and cast at each use as in the full-size runs; one case checks
@@ -174,17 +179,18 @@ def run_case(case: Case, fake: bool, profile: bool) -> dict:
     comfy_env.import_pack()
     use_sdpa()
     dtype = getattr(torch, DTYPES[case.weights])
+    compute = getattr(torch, DTYPES[case.precision]) if case.weights == "fp8" else None
     ctx = fake_mode() if fake else contextlib.nullcontext()
     stamps = []
     with ctx:
         with torch.inference_mode(False):
-            base, config_name = build_base(case.model, dtype, real=not fake)
+            base, config_name = build_base(case.model, dtype, real=not fake, compute_dtype=compute)
         unet_params = sum(p.numel() for p in base.model.diffusion_model.parameters())
         tracker = LiveBytes(fake_scalars=fake)
         tracker.track_module(base.model)
         floor = Floor(tracker.current)
         gen = torch.Generator().manual_seed(2)
-        latent = torch.randn(1, 4, case.size // 8, case.size // 8, generator=gen)
+        latent = torch.randn(1, latent_channels(case.model), case.size // 8, case.size // 8, generator=gen)
         train = _unitune(case, base, latent) if case.trainer == "unitune" else _controlnet_zero(case, base, latent)
 
         def on_step(step, total, loss):
@@ -225,6 +231,8 @@ def _unitune(case: Case, base, latent):
               precision=case.precision)
     if case.optimizer:
         kw["optimizer"] = case.optimizer
+    if case.lora_rank:
+        kw["lora_rank"] = case.lora_rank
     settings = finetune.FineTuneSettings(**kw)
     cond = conditioning(case.model)
 
@@ -292,7 +300,7 @@ def gib(n: float) -> str:
 
 def describe(r: dict) -> str:
     c = r["case"]
-    return (f"{r['config']} UNet {r['unet_params'] / 1e6:.1f}M params, {c['size']}x{c['size']} px, batch {c['batch']}, "
+    return (f"{r['config']} diffusion model {r['unet_params'] / 1e6:.1f}M params, {c['size']}x{c['size']} px, batch {c['batch']}, "
             f"{c['mode'] + ' ' if c['trainer'] == 'unitune' else ''}{r['floor_parts']['optimizer']}, "
             f"checkpointing {'on' if c['checkpointing'] else 'off'}, weights {c['weights']}, compute {c['precision']}, "
             f"{r['floor_parts']['trainable_params'] / 1e6:.2f}M trainable")

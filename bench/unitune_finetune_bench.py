@@ -24,6 +24,17 @@ TrainLoraNode on the FULL-SIZE SD1.5 UNet (ComfyUI's config, 859.5M parameters, 
 ``full_size.py``), fed a random latent and random conditioning of the right shape (no CLIP/VAE: the UNet step
 is what is timed), at equal trainable size: ours (attention projections) at ``--rank`` against stock (every
 layer) at ``--stock-rank``; fp32 on the CPU, AdamW, no gradient checkpointing for either.
+
+``--dit CASE [CASE ...]``: the same race (``unitune.finetune.fine_tune`` against stock TrainLoraNode) on the tiny
+DiTs of ``tests/harness/tiny_dits.py`` (``flux1``, ``flux1_schnell``, ``sd3``: the stock-loaded tiny model, the
+subject image through its tiny 16-channel VAE, the caption through its tiny text encoders) and on the real-width
+one-block Flux.1-dev (``flux1-one-block``: hidden 3072, 1 double + 1 single block, ~546M parameters, through
+the stock ``UNETLoader``; a random latent of ``--dit-size`` pixels and random Flux.1 conditioning of
+``full_size.conditioning``: 512 T5 tokens). Equal trainable size: ours trains LoRA of rank ``--rank`` on the
+family's lora targets; TrainLoraNode trains LoRA on every layer plus full bias and norm diffs, at the rank whose
+count comes nearest ours (``equal_size_ranks``; both counts are printed). Each case runs without gradient
+checkpointing and again with it on both sides (``--checkpointing``). The one-block Flux runs
+``--one-block-steps`` steps (1 warm-up).
 """
 
 from __future__ import annotations
@@ -45,7 +56,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # for `harness`, from any cwd
 MARK = "BENCH_RESULT "
 CONTENDERS = ("ours lora", "stock lora", "naive lora", "ours full", "naive full")
-RATIOS = (("ours lora", "stock lora"), ("ours lora", "naive lora"), ("ours full", "naive full"))
+RATIOS = (("ours lora", "stock lora"), ("ours lora", "naive lora"), ("ours full", "naive full"),
+          ("ours lora gc", "stock lora gc"))
+DIT_CASES = ("flux1", "flux1_schnell", "sd3", "flux1-one-block")  # tiny_dits families, and the real-width Flux
+ONE_BLOCK = "flux1-one-block"
 
 
 def _status_kib(field: str) -> int:
@@ -195,32 +209,26 @@ def child(contender: str, family: str, cfg: argparse.Namespace) -> dict:
             else:
                 trained = run_naive(model, clip, vae, pixels, mode, cfg, on_step)
         total = time.perf_counter() - start
-    if sorted(stamps) != list(range(1, cfg.steps + 1)):
-        raise RuntimeError(f"{contender}: saw steps {sorted(stamps)}, expected 1..{cfg.steps}")
-    # medians over the timed steps: other jobs on a shared machine make single steps spike
-    wall, cpu = (statistics.median(stamps[i + 1][k] - stamps[i][k] for i in range(cfg.warmup, cfg.steps))
-                 for k in (0, 1))
+    wall, cpu = step_medians(stamps, contender, cfg)
     return dict(contender=contender, family=family, unet_params=unet_params, trained_params=trained,
                 s_per_step=wall, cpu_s_per_step=cpu, total_s=total, peak_mib=mem.mib, memory_measure=mem.measure)
 
 
-def child_full_size(contender: str, cfg: argparse.Namespace) -> dict:
-    """One contender on the full-size SD1.5 UNet, random weights and conditioning, under the step clock."""
-    from harness import comfy_env
+def step_medians(stamps: dict[int, tuple[float, float]], contender: str, cfg: argparse.Namespace):
+    """Median (wall, CPU) seconds between step stamps after the warm-up; every step must have been stamped."""
+    if sorted(stamps) != list(range(1, cfg.steps + 1)):
+        raise RuntimeError(f"{contender}: saw steps {sorted(stamps)}, expected 1..{cfg.steps}")
+    # medians over the timed steps: other jobs on a shared machine make single steps spike
+    return tuple(statistics.median(stamps[i + 1][k] - stamps[i][k] for i in range(cfg.warmup, cfg.steps))
+                 for k in (0, 1))
 
-    torch.set_num_threads(cfg.threads)
-    comfy_env.import_comfy()
-    comfy_env.import_pack()
+
+def lora_race(contender: str, label: str, base, latent: torch.Tensor, cond: list, cfg: argparse.Namespace,
+              stock_rank: int, checkpointing: bool = False) -> dict:
+    """``ours lora`` (``fine_tune`` at ``cfg.rank``) or ``stock lora`` (TrainLoraNode at ``stock_rank``) on
+    ``base`` (loaded), ``latent`` ``[1, C, h, w]`` and ``cond``, under the step clock and the memory probe."""
     import comfy.utils
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from full_size import build_base, conditioning
-
-    with torch.inference_mode(False):
-        base, _ = build_base("sd15", torch.float32, real=True)
-    side = cfg.size // 8
-    latent = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(2))
-    cond = conditioning("sd15")
     stamps: dict[int, tuple[float, float]] = {}
 
     def on_step(value, total, *_, **__):
@@ -228,12 +236,13 @@ def child_full_size(contender: str, cfg: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     with PeakRss() as mem:
-        if contender == "ours lora":
+        if contender.startswith("ours lora"):
             from frozentune.unitune import finetune
 
             settings = finetune.FineTuneSettings(steps=cfg.steps, batch_size=cfg.batch_size, mode="lora",
                                                  lora_rank=cfg.rank, learning_rate=cfg.learning_rate,
-                                                 optimizer="adamw", gradient_checkpointing=False, precision="fp32")
+                                                 optimizer="adamw", gradient_checkpointing=checkpointing,
+                                                 precision="fp32")
             result = finetune.fine_tune(base, latent, cond, settings, on_step=on_step)
             trained = sum(t.numel() for k, t in result.tensors.items() if not k.endswith(".alpha"))
         else:
@@ -244,24 +253,109 @@ def child_full_size(contender: str, cfg: argparse.Namespace) -> dict:
                 out = TrainLoraNode.execute(
                     model=[base], latents=[{"samples": latent}] * max(2, cfg.batch_size), positive=[cond],
                     batch_size=[cfg.batch_size], grad_accumulation_steps=[1], steps=[cfg.steps],
-                    learning_rate=[cfg.learning_rate], rank=[cfg.stock_rank], optimizer=["AdamW"],
+                    learning_rate=[cfg.learning_rate], rank=[stock_rank], optimizer=["AdamW"],
                     loss_function=["MSE"], seed=[0], training_dtype=["fp32"], lora_dtype=["fp32"],
-                    algorithm=["LoRA"], gradient_checkpointing=[False], existing_lora=["[None]"])
-            trained = sum(p.numel() for p in out.args[1].values())
+                    algorithm=["LoRA"], gradient_checkpointing=[checkpointing], existing_lora=["[None]"])
+            # its LoRA output also holds each layer's alpha, a parameter it never trains (requires_grad False)
+            trained = sum(p.numel() for k, p in out.args[1].items() if not k.endswith(".alpha"))
     total = time.perf_counter() - start
-    if sorted(stamps) != list(range(1, cfg.steps + 1)):
-        raise RuntimeError(f"{contender}: saw steps {sorted(stamps)}, expected 1..{cfg.steps}")
-    wall, cpu = (statistics.median(stamps[i + 1][k] - stamps[i][k] for i in range(cfg.warmup, cfg.steps))
-                 for k in (0, 1))
+    wall, cpu = step_medians(stamps, contender, cfg)
     unet_params = sum(p.numel() for p in base.model.diffusion_model.parameters())
-    return dict(contender=contender, family="sd15-full", unet_params=unet_params, trained_params=trained,
+    return dict(contender=contender, family=label, unet_params=unet_params, trained_params=trained,
                 s_per_step=wall, cpu_s_per_step=cpu, total_s=total, peak_mib=mem.mib, memory_measure=mem.measure)
+
+
+def child_full_size(contender: str, cfg: argparse.Namespace) -> dict:
+    """One contender on the full-size SD1.5 UNet, random weights and conditioning, under the step clock."""
+    from harness import comfy_env
+
+    torch.set_num_threads(cfg.threads)
+    comfy_env.import_comfy()
+    comfy_env.import_pack()
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from full_size import build_base, conditioning
+
+    with torch.inference_mode(False):
+        base, _ = build_base("sd15", torch.float32, real=True)
+    side = cfg.size // 8
+    latent = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(2))
+    return lora_race(contender, "sd15-full", base, latent, conditioning("sd15"), cfg, cfg.stock_rank)
+
+
+def equal_size_ranks(base, rank: int) -> tuple[int, int, int]:
+    """TrainLoraNode's rank whose trained-parameter count comes nearest ours at ``rank``; and both counts.
+
+    Ours (``unitune.finetune._trainable``, ``unitune.lora.LoraWeight``): factors of rank min(rank, out, in) on the
+    family's lora targets. Stock (TrainLoraNode 0.3.75, ``execute``): factors of its rank on every layer with a
+    ``weight_function`` and a weight of 2+ dimensions, a full diff of every 1-dimensional weight and every bias.
+    """
+    from frozentune import families
+    from frozentune.unitune import finetune
+
+    targets = families.train_targets(finetune.family_of(base), "lora")
+    ours = per_rank = fixed = 0
+    for name, module in base.model.diffusion_model.named_modules():
+        if not hasattr(module, "weight_function"):
+            continue
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if weight is not None and weight.ndim >= 2:
+            out, inp = weight.shape[0], weight.shape[1:].numel()
+            per_rank += out + inp
+            if targets(name):
+                ours += min(rank, out, inp) * (out + inp)
+        elif weight is not None:
+            fixed += weight.numel()
+        fixed += bias.numel() if bias is not None else 0
+    stock_rank = min(range(1, 8 * rank + 1), key=lambda r: abs(r * per_rank + fixed - ours))
+    return stock_rank, ours, stock_rank * per_rank + fixed
+
+
+def child_dit(contender: str, case: str, cfg: argparse.Namespace) -> dict:
+    """One contender on a tiny DiT (its VAE's latent of the subject, its text encoders' caption) or on the
+    real-width one-block Flux (random latent and Flux.1 conditioning), under the step clock."""
+    from harness import comfy_env
+
+    torch.set_num_threads(cfg.threads)
+    comfy_env.import_comfy()
+    comfy_env.import_pack()
+    import nodes
+
+    from harness import tiny_dits
+
+    # Loaded outside inference mode, unlike ComfyUI's executor: on a GPU the trainers' load_models_gpu moves the
+    # weights to the device as normal tensors, but on the CPU nothing moves and the stock node stops on the
+    # QK-norm scales (plain RMSNorm parameters it does not wrap): "Inference tensors cannot be saved for backward".
+    with torch.inference_mode(False):
+        if case == ONE_BLOCK:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from full_size import conditioning
+
+            tiny_dits.install_detection_shim()  # answers only files with tiny metadata: this one is stock-detected
+            tiny_dits.register_folders()
+            base = nodes.UNETLoader().load_unet(tiny_dits.real_width_flux_one_block().name, "default")[0]
+            side = cfg.dit_size // 8
+            latent = torch.randn(1, 16, side, side, generator=torch.Generator().manual_seed(2))
+            cond = conditioning("flux1-dev")
+        else:
+            dit = tiny_dits.get(case)
+            base = dit.model
+            latent = nodes.VAEEncode().encode(dit.vae, subject_image())[0]["samples"]
+            cond = dit.encode(cfg.token)
+    stock_rank, ours, stock = equal_size_ranks(base, cfg.rank)
+    result = lora_race(contender, case, base, latent, cond, cfg, stock_rank, checkpointing=contender.endswith(" gc"))
+    expected = ours if contender.startswith("ours") else stock
+    if result["trained_params"] != expected:
+        raise RuntimeError(f"{contender}: trained {result['trained_params']:,} parameters, counted {expected:,}")
+    return dict(result, rank=cfg.rank if contender.startswith("ours") else stock_rank,
+                latent=list(latent.shape), context=list(cond[0][0].shape))
 
 
 def run_child(contender: str, family: str, cfg: argparse.Namespace) -> dict:
     args = [sys.executable, __file__, "--child", contender, family, "--steps", str(cfg.steps),
             "--warmup", str(cfg.warmup), "--batch-size", str(cfg.batch_size), "--rank", str(cfg.rank),
-            "--threads", str(cfg.threads), "--size", str(cfg.size), "--stock-rank", str(cfg.stock_rank)]
+            "--threads", str(cfg.threads), "--size", str(cfg.size), "--stock-rank", str(cfg.stock_rank),
+            "--learning-rate", repr(cfg.learning_rate), "--token", cfg.token, "--dit-size", str(cfg.dit_size)]
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads))
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
@@ -274,18 +368,29 @@ def run_child(contender: str, family: str, cfg: argparse.Namespace) -> dict:
 def report(rows: list[dict], cfg: argparse.Namespace) -> None:
     ok = [r for r in rows if "error" not in r]
     measure = ok[0]["memory_measure"] if ok else "n/a"
-    print(f"\nUniTune Fine-Tune bench: {cfg.steps} steps ({cfg.warmup} warm-up, {cfg.steps - cfg.warmup} timed), "
-          f"batch {cfg.batch_size}, {cfg.size if cfg.full_size_sd15 else 64}px image, AdamW lr {cfg.learning_rate:g}, LoRA rank {cfg.rank}{f' (stock {cfg.stock_rank})' if cfg.full_size_sd15 else ''}, fp32, "
-          f"torch {torch.__version__}, {cfg.threads} torch thread(s) per contender")
+    if cfg.dit:
+        print(f"\nUniTune LoRA vs TrainLoraNode on DiTs: {cfg.steps} steps ({cfg.warmup} warm-up) on the tiny models, "
+              f"{cfg.one_block_steps} (1 warm-up) on {ONE_BLOCK}; batch {cfg.batch_size}, 64px image (tiny), "
+              f"{cfg.dit_size}px latent ({ONE_BLOCK}), AdamW lr {cfg.learning_rate:g}, ours LoRA rank {cfg.rank}, "
+              f"stock rank chosen per model for equal trainable size, fp32, torch {torch.__version__}, "
+              f"{cfg.threads} torch thread(s) per contender; 'gc' = gradient checkpointing on")
+    else:
+        print(f"\nUniTune Fine-Tune bench: {cfg.steps} steps ({cfg.warmup} warm-up, {cfg.steps - cfg.warmup} timed), "
+              f"batch {cfg.batch_size}, {cfg.size if cfg.full_size_sd15 else 64}px image, AdamW lr {cfg.learning_rate:g}, LoRA rank {cfg.rank}{f' (stock {cfg.stock_rank})' if cfg.full_size_sd15 else ''}, fp32, "
+              f"torch {torch.__version__}, {cfg.threads} torch thread(s) per contender")
     print(f"peak memory = {measure}, in a fresh process per contender\n")
-    print(f"{'model':<9} {'UNet params':>12} {'contender':<11} {'trained params':>14} {'s/step':>8} "
-          f"{'CPU s/step':>10} {'total s':>8} {'peak MiB':>9}")
+    fw, cw = max([9] + [len(r["family"]) for r in rows]), max([11] + [len(r["contender"]) for r in rows])
+    ranked = any("rank" in r for r in ok)  # --dit rows carry each side's LoRA rank
+    print(f"{'model':<{fw}} {'UNet params':>12} {'contender':<{cw}}{' rank' if ranked else ''} {'trained params':>14} "
+          f"{'s/step':>8} {'CPU s/step':>10} {'total s':>8} {'peak MiB':>9}")
     for r in rows:
         if "error" in r:
-            print(f"{r['family']:<9} {'':>12} {r['contender']:<11} FAILED:\n{r['error']}")
+            print(f"{r['family']:<{fw}} {'':>12} {r['contender']:<{cw}} FAILED:\n{r['error']}")
             continue
-        print(f"{r['family']:<9} {r['unet_params'] / 1e6:>11.1f}M {r['contender']:<11} {r['trained_params']:>14,} "
-              f"{r['s_per_step']:>8.4f} {r['cpu_s_per_step']:>10.4f} {r['total_s']:>8.2f} {r['peak_mib']:>9.1f}")
+        rank = f" {r['rank']:>4}" if ranked else ""
+        print(f"{r['family']:<{fw}} {r['unet_params'] / 1e6:>11.1f}M {r['contender']:<{cw}}{rank} "
+              f"{r['trained_params']:>14,} {r['s_per_step']:>8.4f} {r['cpu_s_per_step']:>10.4f} {r['total_s']:>8.2f} "
+              f"{r['peak_mib']:>9.1f}")
     print()
     by = {(r["family"], r["contender"]): r for r in ok}
     for family in cfg.families:
@@ -293,7 +398,7 @@ def report(rows: list[dict], cfg: argparse.Namespace) -> None:
             if (family, a) in by and (family, b) in by:
                 ra, rb = by[family, a], by[family, b]
                 mem = ra["peak_mib"] / rb["peak_mib"] if rb["peak_mib"] > 0 else float("nan")
-                print(f"{family:<9} {a} / {b}: trained params x{ra['trained_params'] / rb['trained_params']:.2f}, time x{ra['s_per_step'] / rb['s_per_step']:.2f}, "
+                print(f"{family:<{fw}} {a} / {b}: trained params x{ra['trained_params'] / rb['trained_params']:.2f}, time x{ra['s_per_step'] / rb['s_per_step']:.2f}, "
                       f"CPU time x{ra['cpu_s_per_step'] / rb['cpu_s_per_step']:.2f}, peak memory x{mem:.2f}")
 
 
@@ -313,31 +418,44 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="image side in pixels for --full-size-sd15")
     parser.add_argument("--stock-rank", type=int, default=1, help="TrainLoraNode's rank for --full-size-sd15 (1: "
                         "1,502,060 trained parameters, next to ours at rank 8: 1,594,368)")
+    parser.add_argument("--dit", nargs="+", choices=DIT_CASES, help="ours lora vs stock TrainLoraNode at equal "
+                        f"trainable size on tiny DiTs and/or the real-width one-block Flux ({ONE_BLOCK})")
+    parser.add_argument("--dit-size", type=int, default=64, help=f"latent size in pixels for {ONE_BLOCK}")
+    parser.add_argument("--one-block-steps", type=int, default=3, help=f"steps for {ONE_BLOCK} (1 warm-up)")
+    parser.add_argument("--checkpointing", choices=("both", "off", "on"), default="both",
+                        help="--dit: runs without and/or with gradient checkpointing on both sides")
     parser.add_argument("--child", nargs=2, metavar=("CONTENDER", "FAMILY"), help=argparse.SUPPRESS)
     cfg = parser.parse_args()
     if not 1 <= cfg.warmup < cfg.steps:
         parser.error("need 1 <= --warmup < --steps")
     if cfg.child:
         contender, family = cfg.child
-        result = child_full_size(contender, cfg) if family == "sd15-full" else child(contender, family, cfg)
+        if family == "sd15-full":
+            result = child_full_size(contender, cfg)
+        elif family in DIT_CASES:
+            result = child_dit(contender, family, cfg)
+        else:
+            result = child(contender, family, cfg)
         print(MARK + json.dumps(result), flush=True)
         return
-    rows, load_before = [], os.getloadavg()[0]
-    if cfg.full_size_sd15:
+    if cfg.dit and cfg.one_block_steps < 2:
+        parser.error("need --one-block-steps >= 2 (1 warm-up)")
+    if cfg.dit:
+        cfg.families = cfg.dit
+        suffixes = {"off": ("",), "on": (" gc",), "both": ("", " gc")}[cfg.checkpointing]
+        one_block = argparse.Namespace(**{**vars(cfg), "steps": cfg.one_block_steps, "warmup": 1})
+        plan = [(case, contender + suffix, one_block if case == ONE_BLOCK else cfg)
+                for case in cfg.dit for suffix in suffixes for contender in ("ours lora", "stock lora")]
+    elif cfg.full_size_sd15:
         cfg.families = ["sd15-full"]
-        for contender in ("ours lora", "stock lora"):
-            t0 = time.perf_counter()
-            rows.append(run_child(contender, "sd15-full", cfg))
-            print(f"sd15-full {contender}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-        report(rows, cfg)
-        print(f"\n1-min load average: {load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end "
-              f"({os.cpu_count()} CPUs)")
-        return
-    for family in cfg.families:
-        for contender in CONTENDERS:
-            t0 = time.perf_counter()
-            rows.append(run_child(contender, family, cfg))
-            print(f"{family} {contender}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        plan = [("sd15-full", contender, cfg) for contender in ("ours lora", "stock lora")]
+    else:
+        plan = [(family, contender, cfg) for family in cfg.families for contender in CONTENDERS]
+    rows, load_before = [], os.getloadavg()[0]
+    for family, contender, run_cfg in plan:
+        t0 = time.perf_counter()
+        rows.append(run_child(contender, family, run_cfg))
+        print(f"{family} {contender}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     report(rows, cfg)
     print(f"\n1-min load average: {load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end "
           f"({os.cpu_count()} CPUs)")
