@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..families import fingerprint
-from ..training import checkpointing, loop, objective, optimizers, precision
+from ..training import checkpointing, loop, objective, optimizers, precision, trainer
 from ..training import preview as previews
 from . import network, resume_state
 from .cache import TrainingData
@@ -168,6 +168,65 @@ def preview_render(forward: Forward, control_model: torch.nn.Module, data: Train
     return lambda: previews.euler(denoise, noise, sigmas, model_sampling=ms)
 
 
+class _Run(trainer.Trainer):
+    """ControlNet-Zero on the trainer skeleton: gradient accumulation over micro-batches, each rank's slice of
+    the global batch (DDP), gradient clipping, checkpoint saves after a step; the loss check after the ranks'
+    mean (a rank must not stop alone inside DDP's all-reduce)."""
+
+    what = "ControlNet-Zero"
+    hint = ", or set mixed_precision to fp32"
+
+    def __init__(self, base_model, control_model: torch.nn.Module, model: torch.nn.Module, data: TrainingData,
+                 settings: TrainSettings, device: torch.device, dist: Dist, run, metadata: dict[str, str]):
+        super().__init__(device, settings.mixed_precision, steps=settings.steps,
+                         learning_rate=settings.learning_rate, seed=settings.seed)
+        self.base_model, self.control_model, self.model, self.data = base_model, control_model, model, data
+        self.settings, self.dist, self.run, self.metadata = settings, dist, run, metadata
+        self.max_grad_norm = settings.max_grad_norm
+        self.preview_modules = (control_model,)
+        self.forward: Forward | None = None  # set inside ``controlled_forward``
+        self.build_optimizer(settings.optimizer, list(control_model.parameters()), settings.weight_decay,
+                             subject="the ControlNet to train",
+                             fix="train an fp32 copy (network.trainable_copy), the master weights must be fp32.")
+        self.latent_shape = tuple(data.images[0]["latent"].shape)
+        self.global_batch = settings.batch_size * dist.world
+        self.mine = slice(dist.rank * settings.batch_size, (dist.rank + 1) * settings.batch_size)
+
+    def step(self, _: int) -> float:
+        ms, gen, accum, n = self.base_model.model_sampling, self.generator, self.settings.gradient_accumulation, \
+            self.global_batch
+        loss_fn = _loss(self.forward, ms)
+        self.zero_grad()
+        total = 0.0
+        for micro in range(accum):
+            # Every rank draws the whole global batch (same seed) and keeps its slice.
+            rows = torch.randint(0, len(self.data), (n,), generator=gen)[self.mine]
+            dropped = (torch.rand(n, generator=gen) < self.settings.prompt_dropout)[self.mine]
+            t = torch.randint(0, len(ms.sigmas), (n,), generator=gen)[self.mine]
+            noise = torch.randn((n, *self.latent_shape), generator=gen)[self.mine].to(self.device)
+            x0, hint, conds = self.data.batch(rows, dropped, self.device)
+            last = micro == accum - 1
+            sync = self.model.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
+            with sync:
+                loss = loss_fn(self.model, x0, hint, conds, ms.sigmas[t].to(self.device), noise)
+                self.backward(loss / accum)
+            total += loss.item() / accum
+        self.update()
+        return self.dist.mean(total)
+
+    def preview_render(self, preview: previews.Preview) -> previews.Render:
+        return preview_render(self.forward, self.control_model, self.data, self.base_model.model_sampling, preview,
+                              self.device)
+
+    def after_step(self, done: int, losses: list[float]) -> None:
+        every = self.settings.checkpoint_every
+        if self.run.folder is not None and every and done % every == 0:
+            if self.dist.is_main:
+                resume_state.save(self.run.folder, done, self.control_model, self.optimizer, self.generator, losses,
+                                  self.metadata, keep=self.settings.keep_checkpoints, scaler=self.scaler)
+            self.dist.barrier()
+
+
 def train(base_model, control_model: torch.nn.Module, data: TrainingData, settings: TrainSettings,
           device: torch.device, *, checkpoint_root: Path | None = None, resume: bool | Path = False,
           dist: Dist | None = None, metadata: dict[str, str] | None = None,
@@ -197,76 +256,21 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
         metadata[resume_state.DATASET] = data.fingerprint
     run = _plan(checkpoint_root, metadata, resume, base_model, dist, run_folders, bool(settings.checkpoint_every))
     metadata[resume_state.RUN_ID] = run.run_id
-    ms = base_model.model_sampling
-    compute = precision.compute_dtype(settings.mixed_precision, device)
     control_model.to(device).train().requires_grad_(True)
-    params = list(control_model.parameters())
-    wrong = sorted({str(p.dtype) for p in params} - {"torch.float32"})
-    if wrong:
-        raise ValueError(f"the ControlNet to train holds {', '.join(wrong)} weights: train an fp32 copy "
-                         "(network.trainable_copy), the master weights must be fp32.")
     model = control_model
     if dist.enabled:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(control_model, device_ids=ids)
-    opt = optimizers.make(settings.optimizer, params, settings.learning_rate, settings.weight_decay)
-    scaler = precision.grad_scaler(device, compute)
-    gen = torch.Generator().manual_seed(settings.seed)
+    fit = _Run(base_model, control_model, model, data, settings, device, dist, run, metadata)
     step, losses = 0, []
     if run.resume_from is not None:
-        done = resume_state.load(run.resume_from, control_model, opt, gen, scaler)
+        done = resume_state.load(run.resume_from, control_model, fit.optimizer, fit.generator, fit.scaler)
         step, losses = done.step, done.losses
         log.info("ControlNet-Zero: resumed from %s at step %d (run %s)", run.resume_from, step, run.run_id)
-    latent_shape = tuple(data.images[0]["latent"].shape)
-    per_rank, accum = settings.batch_size, settings.gradient_accumulation
-    global_batch = per_rank * dist.world
-    mine = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
-    n_sigmas = len(ms.sigmas)
 
-    with controlled_forward(base_model, control_model, device, compute, settings.gradient_checkpointing) as forward:
-        loss_fn = _loss(forward, ms)
-        stepped = on_step
-        if preview is not None and preview.every and dist.is_main:
-            render = preview_render(forward, control_model, data, ms, preview, device)
-
-            def stepped(done: int, total: int, value: float) -> None:
-                if on_step is not None:
-                    on_step(done, total, value)  # first: it raises on Cancel
-                preview.maybe(done, render, modules=[control_model])
-
-        def one_step(_: int) -> float:
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for micro in range(accum):
-                # Every rank draws the whole global batch (same seed) and keeps its slice.
-                rows = torch.randint(0, len(data), (global_batch,), generator=gen)[mine]
-                dropped = (torch.rand(global_batch, generator=gen) < settings.prompt_dropout)[mine]
-                t = torch.randint(0, n_sigmas, (global_batch,), generator=gen)[mine]
-                noise = torch.randn((global_batch, *latent_shape), generator=gen)[mine].to(device)
-                x0, hint, conds = data.batch(rows, dropped, device)
-                last = micro == accum - 1
-                sync = model.no_sync() if dist.enabled and not last else contextlib.nullcontext()
-                with sync:
-                    loss = loss_fn(model, x0, hint, conds, ms.sigmas[t].to(device), noise)
-                    scaler.scale(loss / accum).backward()
-                total += loss.item() / accum
-            scaler.unscale_(opt)
-            if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            scaler.step(opt)
-            scaler.update()
-            return dist.mean(total)
-
-        def after_step(done: int, curve: list[float]) -> None:
-            if run.folder is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0:
-                if dist.is_main:
-                    resume_state.save(run.folder, done, control_model, opt, gen, curve, metadata,
-                                     keep=settings.keep_checkpoints, scaler=scaler)
-                dist.barrier()
-
-        losses = loop.run(settings.steps, one_step, what="ControlNet-Zero", learning_rate=settings.learning_rate,
-                          on_step=stepped, start=step, losses=losses, after_step=after_step,
-                          hint=", or set mixed_precision to fp32")
+    with controlled_forward(base_model, control_model, device, fit.dtype, settings.gradient_checkpointing) as forward:
+        fit.forward = forward
+        losses = fit.fit(on_step, preview if dist.is_main else None, start=step, losses=losses)
         step = max(step, settings.steps)
 
     control_model.eval().requires_grad_(False)

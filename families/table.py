@@ -61,6 +61,9 @@ class Family:
     context_dim: int | None = None  # width of the text context (c_crossattn) the model reads
     pooled_dim: int | None = None  # width of the pooled text vector it reads (SDXL: of CLIP-G alone), else None
     targets: TrainTargets | None = None  # UniTune train targets per mode
+    # What UniTune's train = auto picks: the mode whose fp32 state fits a 24 GB card beside the model (SD1.x:
+    # full, as the paper; the others: lora).
+    auto_train: str | None = None
     # Slots for the next issue. InstantStyle's block roles (role -> diffusers block names) live in
     # instantstyle/blocks.py BLOCK_ROLES for SD1.x/SDXL today; no DiT has a published map yet.
     style_blocks: tuple[tuple[str, tuple[str, ...]], ...] | None = None
@@ -149,29 +152,30 @@ SD3_TARGETS = TrainTargets(
 FAMILIES: dict[str, Family] = {
     SD15: Family(
         SD15, "SD1.x", config_classes=("SD15", "SD15_instructpix2pix"), arch="unet", latent_channels=4,
-        text_encoders=(CLIP_L,), cfg="true", context_dim=768, targets=UNET_TARGETS, controlnet_layout="ldm",
+        text_encoders=(CLIP_L,), cfg="true", context_dim=768, targets=UNET_TARGETS, auto_train="full",
+        controlnet_layout="ldm",
     ),
     # Also any other config whose model is a comfy.model_base.SDXL (how the family was recognised before).
     SDXL: Family(
         SDXL, "SDXL family",
         config_classes=("SDXL", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B", "SDXL_instructpix2pix"),
         arch="unet", latent_channels=4, text_encoders=(CLIP_L, CLIP_G), cfg="true", context_dim=2048,
-        pooled_dim=1280, targets=UNET_TARGETS, controlnet_layout="ldm",
+        pooled_dim=1280, targets=UNET_TARGETS, auto_train="lora", controlnet_layout="ldm",
     ),
     FLUX1: Family(
         FLUX1, "Flux.1 dev", config_classes=("Flux",), arch="dit", latent_channels=16,
         text_encoders=(FLUX_CLIP_L, T5XXL), cfg="distilled", guidance_embed=True, context_dim=4096,
-        pooled_dim=768, targets=FLUX_TARGETS,
+        pooled_dim=768, targets=FLUX_TARGETS, auto_train="lora",
     ),
     FLUX1_SCHNELL: Family(
         FLUX1_SCHNELL, "Flux.1 schnell", config_classes=("FluxSchnell",), arch="dit", latent_channels=16,
         text_encoders=(FLUX_CLIP_L, T5XXL), cfg="distilled", context_dim=4096, pooled_dim=768,
-        targets=FLUX_TARGETS,
+        targets=FLUX_TARGETS, auto_train="lora",
     ),
     SD3: Family(
         SD3, "SD3/SD3.5", config_classes=("SD3",), arch="dit", latent_channels=16,
         text_encoders=(SD3_CLIP_L, CLIP_G, T5XXL), cfg="true", context_dim=4096, pooled_dim=2048,
-        targets=SD3_TARGETS,
+        targets=SD3_TARGETS, auto_train="lora",
     ),
 }
 

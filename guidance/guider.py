@@ -11,6 +11,11 @@ guider adds what UniTune editing needs on top of it:
   1 = negative (unconditional), 2 = baseline (a conditional prompt). The guider declares this through
   ``sampling.cond_chunks`` (only index 1 is unconditional), so e.g. InstantStyle gives the baseline the
   style image tokens and the negative the unconditional ones;
+- at cfg 1 the negative is not evaluated, as stock ``sampling_function`` skips it there (guidance-distilled
+  models such as Flux.1 dev sample at cfg 1): the call holds two predictions, [positive, baseline], and
+  the indexes keep their meaning (0 and 2; no chunk has index 1);
+- the positive's embedded guidance value (Flux.1 dev's ``guidance``) is given to a baseline that has
+  none, so both are predicted at the same guidance;
 - a ``pg`` window (``pg_start``..``pg_end`` as fractions of the schedule); outside it the baseline
   is not evaluated at all and the step is exactly stock CFG;
 - guidance rescale (φ, as in CFG-rescale) applied to the combined prediction;
@@ -32,12 +37,15 @@ With pg = 0 (or outside the window) and rescale = 0 the step is stock ``sampling
 
 from __future__ import annotations
 
+import logging
 import math
 
 import comfy.samplers
 import torch
 
 from ..sampling import cond_chunks
+
+log = logging.getLogger(__name__)
 
 FORMULA = "ε = ε_neg + cfg·(ε_pos − ε_neg) + pg·(ε_pos − ε_base)"
 # The pg the nodes start from (Prompt Guidance Guider, UniTune Edit): one value, so both guide alike.
@@ -53,6 +61,26 @@ def with_positive_control(baseline: list, positive: list) -> list:
     if control is None:
         return baseline
     return [[tensor, extras if extras.get("control") is not None else {**extras, "control": control}]
+            for tensor, extras in baseline]
+
+
+def with_positive_guidance(baseline: list, positive: list) -> list:
+    """The baseline conditioning, given the positive's embedded guidance value where it has none.
+
+    Guidance-distilled models (Flux.1 dev/Krea) read a ``guidance`` value from each conditioning, and one
+    without it gets the model's default (3.5 for Flux.1). A baseline from another encode than the positive
+    (say, no FluxGuidance node on it) would then be predicted at another guidance, and the pg term would
+    measure that difference as well as the prompts'. A value the baseline sets itself is kept (logged when
+    it differs). Copies, never mutates.
+    """
+    values = [extras["guidance"] for _, extras in positive if "guidance" in extras]
+    if not values:
+        return baseline
+    for _, extras in baseline:
+        if "guidance" in extras and extras["guidance"] != values[0]:
+            log.warning("Prompt Guidance: the baseline's guidance %s is not the positive's %s; keeping the "
+                        "baseline's (the pg term then measures both differences)", extras["guidance"], values[0])
+    return [[tensor, extras if "guidance" in extras else {**extras, "guidance": values[0]}]
             for tensor, extras in baseline]
 
 
@@ -89,7 +117,7 @@ class PromptGuidanceGuider(comfy.samplers.CFGGuider):
 
     def set_conds(self, positive: list, negative: list, baseline: list) -> None:
         self.inner_set_conds({"positive": positive, "negative": negative,
-                              "baseline": with_positive_control(baseline, positive)})
+                              "baseline": with_positive_guidance(with_positive_control(baseline, positive), positive)})
 
     def pg_at(self, sigma: float) -> float:
         """The prompt-guidance scale at this sigma: ``pg`` inside the window, else 0."""

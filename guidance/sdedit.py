@@ -37,6 +37,32 @@ def late_start(sigmas: torch.Tensor, start: float) -> torch.Tensor:
     return sigmas[skip:]
 
 
+def repeat_batch(latent: torch.Tensor, batch: int) -> torch.Tensor:
+    """``batch`` copies of a one-image latent along dim 0, whatever its rank.
+
+    Image models' latents are ``[B, C, H, W]``; Qwen-Image's Wan-2.1 latents are ``[B, C, T, H, W]``.
+    """
+    return latent.repeat(batch, *([1] * (latent.ndim - 1)))
+
+
+def latent_mask(mask: torch.Tensor | None, latent: torch.Tensor) -> torch.Tensor | None:
+    """A pixel mask ``[B, H, W]`` shaped for ComfyUI's ``denoise_mask`` of ``latent``.
+
+    ComfyUI resizes a mask to a 5-D latent ``[B, C, T, H, W]`` by folding every leading dim into T, so a
+    batch of masks (one per variation) would be averaged into one; given ``[B, 1, 1, H, W]`` it keeps them
+    apart. 4-D latents take the ComfyUI MASK as it is.
+    """
+    if mask is None or latent.ndim != 5:
+        return mask
+    return mask[:, None, None]
+
+
+def decoded_images(decoded: torch.Tensor) -> torch.Tensor:
+    """A VAE's decode as images ``[B, H, W, C]``: video VAEs (Wan-2.1, Qwen-Image's) give ``[B, T, H, W, C]``,
+    flattened as the stock VAEDecode node does (one frame per image here)."""
+    return decoded.reshape(-1, *decoded.shape[-3:]) if decoded.ndim == 5 else decoded
+
+
 def check_blend(blend: float, blend_unchanged: float) -> None:
     for name, value in (("blend", blend), ("blend_unchanged", blend_unchanged)):
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):

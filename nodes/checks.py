@@ -21,3 +21,9 @@ def choice(name: str, value: str, options: Sequence[str]) -> None:
     if value not in options:
         shown = ", ".join(map(repr, list(options)[:12])) + (", ..." if len(options) > 12 else "")
         raise ValueError(f"{name} {value!r} is not one of its choices ({shown}): pick one from the list.")
+
+
+def vae(value) -> None:
+    """Refuse a missing or empty VAE (a checkpoint saved without one) before any encoding."""
+    if value is None or getattr(value, "first_stage_model", None) is None:
+        raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")

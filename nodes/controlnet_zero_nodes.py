@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 
 import comfy.model_management
-import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import io
@@ -23,9 +22,8 @@ from ..controlnet_zero import cache, controlnet_file, dataset, network, training
 from ..controlnet_zero.texts import text
 from ..storage import names, user_paths
 from ..storage import safetensors_file as weights_file
-from ..training import preview as previews
 from ..training.loss_curve import loss_curve_image
-from . import checks, saved_files
+from . import checks, saved_files, training_inputs
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +31,7 @@ CATEGORY = "FrozenTune/ControlNet-Zero"
 METADATA_ATTR = "frozentune_metadata"
 DISK_CACHE_ABOVE = 256  # pairs; larger sets keep their encodings in a temp folder instead of memory
 SAVE_NODE = "FrozenTuneControlNetZeroSave"
-PREVIEW_SIZE = 256  # pixels of a training preview's longer side (at most the training resolution)
+PREVIEW_SIZE = training_inputs.PREVIEW_SIZE  # a preview's longer side (at most the training resolution)
 
 
 def _with_metadata(control_model: torch.nn.Module, metadata: dict[str, str]):
@@ -101,8 +99,7 @@ class ControlNetZeroTrain(io.ComfyNode):
                 io.Float.Input("prompt_dropout", default=0.5, min=0.0, max=1.0, step=0.05, tooltip=text("prompt_dropout")),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64, tooltip=text("resolution")),
                 io.Boolean.Input("gradient_checkpointing", default=True, tooltip=text("gradient_checkpointing")),
-                io.Combo.Input("mixed_precision", options=list(training_run.PRECISIONS), default="auto",
-                               tooltip=text("mixed_precision")),
+                training_inputs.precision_input("mixed_precision", tooltip=text("mixed_precision"), optional=False),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip=text("seed")),
                 io.Int.Input("checkpoint_every", default=0, min=0, max=1000000, tooltip=text("checkpoint_every")),
@@ -143,23 +140,15 @@ class ControlNetZeroTrain(io.ComfyNode):
         source_module = network.unwrap(control_net)
         comfy.model_management.load_models_gpu([model])
         network.check_fits(source_module, model.model)
-        if vae is None or getattr(vae, "first_stage_model", None) is None:
-            raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")
+        checks.vae(vae)
         run_dir = Path(folder_paths.get_output_directory()) / "controlnet_zero" / run
         source = cls._source(dataset_folder, images, hints, captions or "", resolution)
         cache_dir = None
         if source.count > DISK_CACHE_ABOVE:  # this run's own, in ComfyUI's temp folder (emptied at start-up too)
             cache_dir = Path(folder_paths.get_temp_directory()) / f"frozentune_controlnet_zero_{uuid.uuid4().hex}"
 
-        pbar = comfy.utils.ProgressBar(steps)
-        shown = previews.Shown(pbar, steps)
-        preview = previews.Preview(every=preview_every, show=shown, latent_format=model.model.latent_format,
-                                   size=min(PREVIEW_SIZE, resolution))
-
-        def on_step(step: int, total: int, loss: float) -> None:
-            pbar.update_absolute(step, total)  # also raises on Cancel
-            if step == 1 or step % 25 == 0 or step == total:
-                log.info("ControlNet-Zero step %d/%d loss %.5f", step, total, loss)
+        progress = training_inputs.Progress(steps, preview_every, model.model.latent_format, min(PREVIEW_SIZE, resolution))
+        preview = progress.preview()
 
         try:
             with torch.inference_mode(False), torch.enable_grad():
@@ -170,14 +159,15 @@ class ControlNetZeroTrain(io.ComfyNode):
                 metadata = dict(getattr(control_net, METADATA_ATTR, {}) or {})
                 result = training_run.train(model.model, control_model, data, settings, device,
                                        checkpoint_root=run_dir, resume=resume, metadata=metadata,
-                                       on_step=on_step, run_folders=True, preview=preview)
+                                       on_step=progress.on_step("ControlNet-Zero step", 25),
+                                       run_folders=True, preview=preview)
                 trained = result.control_model.to(comfy.model_management.unet_offload_device())
         finally:
             if cache_dir is not None:  # not reused: removed whether the run finished, failed or was cancelled
                 shutil.rmtree(cache_dir, ignore_errors=True)
             comfy.model_management.soft_empty_cache()
         curve = loss_curve_image(result.losses, title="ControlNet-Zero loss")
-        return io.NodeOutput(_with_metadata(trained, result.metadata), curve, shown.grid())
+        return io.NodeOutput(_with_metadata(trained, result.metadata), curve, progress.grid())
 
     @staticmethod
     def _source(folder: str, images, hints, captions: str, resolution: int) -> cache.Source:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
@@ -14,11 +13,9 @@ from ..storage import user_paths
 from ..textual_inversion import word_trainer as ti
 from ..textual_inversion.embedding_file import embedding_target
 from ..training import image_folder
-from ..training import precision as training_precision
-from ..training import preview as previews
 from ..training.image_folder import prepare_images
 from ..training.loss_curve import loss_curve_image
-from . import checks, saved_files
+from . import checks, saved_files, training_inputs
 
 log = logging.getLogger(__name__)
 
@@ -28,31 +25,30 @@ CAPTIONS_TOOLTIP = (
     "Captions the new word is trained in: object templates (default) / style templates take one of the paper's "
     "short templates per step ('a photo of a {}', 'a painting in the style of {}'); token alone is the bare "
     "word, as UniTune trains.")
-PRECISION_TOOLTIP = (
-    "Compute dtype of training (autocast); the vectors train in fp32 and the models keep their load dtype. "
-    "auto: bf16 on a CUDA GPU that supports it, else fp16 with loss scaling; fp32 on the CPU.")
+PRECISION_TOOLTIP = training_inputs.precision_tooltip("the vectors train in fp32 and the models keep their load dtype")
 
 FOLDER_TOOLTIP = (
     "Instead of the image input: a folder of same-size views of the concept (.png, .jpg, .jpeg, .webp, .bmp), "
     "inside ComfyUI's input folder or a folder listed in FROZENTUNE_DATA_DIRS. Leave empty to train on the "
     "image input; giving both is refused.")
 
-PREVIEW_MAX = 256
 PREVIEW_TOOLTIP = (
     "Draw a preview every N steps (0 = off): the first caption of the captions choice sampled from a fixed "
     "noise with the current vectors, shown in the node and gathered in the previews output. The trained "
     "vectors are identical with previews on or off.")
 
+CHECKPOINTING_TOOLTIP = (
+    "Recompute each CLIP layer and each UNet/DiT block in the backward pass instead of keeping its activations: "
+    "less memory, more time per step, same result. T5 layers are always recomputed (Flux.1, SD3).")
+
+GUIDANCE_TOOLTIP = (
+    "Flux.1 dev only: the guidance strength the word is learned at (set in the conditioning as FluxGuidance does); "
+    "3.5, what Flux.1 dev samples with by default. Ignored by models without a guidance input (schnell, SD3, SD1.5, SDXL).")
+
 NORM_CONTROL_TOOLTIP = (
     "After every step, pull the spread (std) of the vectors toward that of the words the text encoder knows, "
     "as diffusers' and cog-sdxl's pivotal tuning do (on in UniTune Fine-Tune's pivotal run). Off (default): the "
     "paper's textual inversion, whose vectors can grow far past any known word's size.")
-
-
-def preview_size(image_size) -> int:
-    """Previews as large as the training images, rounded up to 64 px, at most 256 px (the longer side)."""
-    longest = max(int(v) for v in image_size)
-    return min(PREVIEW_MAX, max(64, -(-longest // 64) * 64))
 
 
 def _roots() -> list[Path]:
@@ -83,14 +79,16 @@ class TextualInversionTrain(io.ComfyNode):
             is_output_node=True,
             description=(
                 "Learns a new word for the concept in the images (textual inversion): a few vectors per text "
-                "encoder, while the text encoder(s) and the UNet stay frozen and unchanged. Saves them to "
-                "models/embeddings/ in the layout the stock loader reads, so any prompt can use "
-                "'embedding:name' in the stock CLIPTextEncode."
+                "encoder (SD1.5, SDXL, Flux.1 dev/schnell, SD3/SD3.5), while the text encoder(s) and the UNet or "
+                "DiT stay frozen and unchanged. Saves them to models/embeddings/ in the layout the stock loader "
+                "reads, so any prompt can use 'embedding:name' in the stock CLIPTextEncode."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The base model (SD1.5 or SDXL family). It is not modified."),
-                io.Clip.Input("clip", tooltip="The model's text encoder(s). They are not modified; the vectors are "
-                              "trained for CLIP-L (SD1.5) or CLIP-L and CLIP-G together (SDXL)."),
+                io.Model.Input("model", tooltip="The base model: SD1.5, SDXL family, Flux.1 dev/schnell or "
+                               "SD3/SD3.5. It is not modified."),
+                io.Clip.Input("clip", tooltip="The model's text encoder(s), not modified. Vectors are trained for each: "
+                              "CLIP-L (SD1.5); CLIP-L + CLIP-G (SDXL); CLIP-L + T5 (Flux.1, where T5 carries the "
+                              "word); CLIP-L + CLIP-G + T5 or the ones present (SD3)."),
                 io.Vae.Input("vae", tooltip="The model's VAE, used once to encode the images."),
                 io.Image.Input("image", optional=True, tooltip="One or several views of the concept, all the same "
                                "size (a batch). Or leave it unconnected and set folder."),
@@ -113,12 +111,15 @@ class TextualInversionTrain(io.ComfyNode):
                                "textual inversion example (5e-4 scaled by its 4 images per step)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed for captions, noise and timesteps; the same seed gives the same result."),
-                io.Combo.Input("precision", options=list(training_precision.PRECISIONS), default="auto",
-                               optional=True, tooltip=PRECISION_TOOLTIP),
+                training_inputs.precision_input(tooltip=PRECISION_TOOLTIP),
                 io.String.Input("folder", default="", optional=True, tooltip=FOLDER_TOOLTIP),
                 io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
                              tooltip=PREVIEW_TOOLTIP),
                 io.Boolean.Input("norm_control", default=False, optional=True, tooltip=NORM_CONTROL_TOOLTIP),
+                io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
+                                 tooltip=CHECKPOINTING_TOOLTIP),
+                io.Float.Input("flux_guidance", default=ti.FLUX_GUIDANCE, min=0.0, max=100.0, step=0.1,
+                               optional=True, tooltip=GUIDANCE_TOOLTIP),
             ],
             outputs=[
                 io.String.Output(display_name="embedding", tooltip="The word to write in prompts, e.g. "
@@ -142,38 +143,33 @@ class TextualInversionTrain(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, name, init_text, vectors, captions, steps, batch_size, learning_rate,
                 seed, precision="auto", image=None, folder="", preview_every=0,
-                norm_control=False) -> io.NodeOutput:
-        checks.finite(learning_rate=learning_rate)
+                norm_control=False, gradient_checkpointing=False, flux_guidance=ti.FLUX_GUIDANCE) -> io.NodeOutput:
+        checks.finite(learning_rate=learning_rate, flux_guidance=flux_guidance)
         settings = ti.TextualInversionSettings(init_text=init_text, vectors=vectors, captions=captions, steps=steps,
                                                batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                                               precision=precision, norm_control=bool(norm_control))
+                                               precision=precision, norm_control=bool(norm_control),
+                                               gradient_checkpointing=bool(gradient_checkpointing),
+                                               guidance=float(flux_guidance))
         settings.check()
-        if vae is None or getattr(vae, "first_stage_model", None) is None:
-            raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")
+        checks.vae(vae)
         ti.initial_vectors(clip, ti.encoder_keys(model, clip), init_text, vectors)  # refuse a bad init_text first
         views = _views(image, folder or "")
         path, word = embedding_target(name)
         pixels = prepare_images(views)
         latents = vae.encode(pixels)
-        pbar = comfy.utils.ProgressBar(steps)
-
-        def on_step(step: int, total: int, loss: float) -> None:
-            pbar.update_absolute(step, total)  # also raises on Cancel
-            if step == 1 or step % 50 == 0 or step == total:
-                log.info("Textual inversion step %d/%d loss %.5f", step, total, loss)
-
-        shown = previews.Shown(pbar, steps)
-        preview = previews.Preview(every=preview_every, show=shown, latent_format=model.model.latent_format,
-                                   size=preview_size(pixels.shape[1:3]))
-        result = ti.train(model, clip, latents, settings, name=word, on_step=on_step, preview=preview)
+        progress = training_inputs.Progress(steps, preview_every, model.model.latent_format,
+                                            training_inputs.preview_size(pixels))
+        result = ti.train(model, clip, latents, settings, name=word,
+                          on_step=progress.on_step("Textual inversion step", 50), preview=progress.preview())
         weights_file.save(path, result.file_tensors(), result.metadata, format=ti.FILE_FORMAT)
         saved_files.remember(cls.__name__, path, name=name, init_text=init_text, vectors=vectors, captions=captions,
                              steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                              precision=precision, folder=folder, preview_every=preview_every,
-                             norm_control=norm_control)
+                             norm_control=norm_control, gradient_checkpointing=gradient_checkpointing,
+                             flux_guidance=flux_guidance)
         log.info("Textual inversion: saved embedding:%s (%s) to %s", word, ", ".join(result.vectors), path)
         curve = loss_curve_image(result.losses, title="textual inversion loss")
-        return io.NodeOutput(f"embedding:{word}", curve, str(path), shown.grid())
+        return io.NodeOutput(f"embedding:{word}", curve, str(path), progress.grid())
 
 
 NODES = [TextualInversionTrain]

@@ -23,13 +23,11 @@ from ..storage import names
 from ..storage import safetensors_file as weights_file
 from ..textual_inversion import word_trainer as ti
 from ..textual_inversion.embedding_file import embedding_target
-from ..training import image_folder
-from ..training import precision as training_precision
-from ..training import preview as previews
+from ..training import image_folder, objective
 from ..training.loss_curve import loss_curve_image
 from ..unitune import compress, finetune, pivotal
 from ..unitune.edit_prompts import TuningCaption, edit_prompts
-from . import checks, saved_files
+from . import checks, saved_files, training_inputs
 from .sampling_inputs import guidance_inputs
 
 log = logging.getLogger(__name__)
@@ -43,12 +41,12 @@ MODE_CHOICES = ["auto", *finetune.TRAIN_MODES]
 SAVE_AS = ("as trained", "lora")
 # The memory each mode costs is on the help page (nodes/web/docs/FrozenTuneUniTuneFineTune.md).
 TRAIN_TOOLTIP = (
-    "What trains, kept in fp32 (the base's weights are shared, never copied): full = every UNet weight, "
-    "attention = the attention layers, lora = low-rank adapters on the attention projections. auto: full "
-    "for SD1.5, lora for SDXL.")
+    "What trains, kept in fp32 (the base's weights are shared, never copied): full = every weight, attention = "
+    "the attention layers, lora = low-rank adapters (SD: attention projections; Flux/SD3: attention and MLP). "
+    "auto: full for SD1.5, lora for SDXL, Flux.1 and SD3.")
 CHECKPOINTING_TOOLTIP = (
-    "Recompute each UNet layer in the backward pass instead of keeping its activations: much less memory "
-    "for an extra forward of each layer, with equal training results.")
+    "Recompute each UNet layer (Flux/SD3: each transformer block) in the backward pass instead of keeping its "
+    "activations: much less memory for an extra forward of each layer, with equal training results.")
 EMBEDDING_TOOLTIP = (
     "Optional (pivotal tuning): a learned word, 'embedding:name' (from Textual Inversion Train or "
     "models/embeddings/), used in the caption instead of the token and carried by the output MODEL. "
@@ -64,14 +62,17 @@ PIVOTAL_NORM_TOOLTIP = (
     "After every step of the word's learning run, pull the spread (std) of its vectors toward that of the "
     "words the text encoder knows, as diffusers' and cog-sdxl's pivotal tuning do. Off: plain textual "
     "inversion, whose vectors can grow far past any known word's size.")
-PREVIEW_SIZE = 256  # pixels of a preview's longer side (at most the training image's, rounded up to 64)
 PREVIEW_TOOLTIP = (
     "Show a preview in this node every N UniTune steps (0 = off): the training caption drawn from a fixed "
     "noise with the weights as tuned so far, i.e. the image as the model reconstructs it. The tuned result "
     "is bit-identical with previews on or off.")
-PRECISION_TOOLTIP = (
-    "Compute dtype of training (autocast); what trains stays fp32 and the base keeps its load dtype. auto: "
-    "bf16 on a CUDA GPU that supports it, else fp16 with loss scaling; fp32 on the CPU.")
+TIMESTEP_SAMPLING_TOOLTIP = (
+    "How training picks noise levels. uniform: evenly over the model's own (for Flux/SD3 shifted) schedule; "
+    "logit-normal (diffusers' SD3 default) and sigmoid (kohya's Flux recipe) favour the middle; Flux and SD3 only.")
+FLUX_GUIDANCE_TOOLTIP = (
+    "Flux.1 dev only: the guidance strength it is trained at (set in the conditioning as FluxGuidance does); "
+    "1.0 as kohya and x-flux train Flux LoRAs. Ignored by models without a guidance input (schnell, SD3, SD1.5, SDXL).")
+PRECISION_TOOLTIP = training_inputs.precision_tooltip("what trains stays fp32 and the base keeps its load dtype")
 
 # models/unitune/ for tuned results, safetensors only (listed by UniTune Load).
 if FOLDER not in folder_paths.folder_names_and_paths:
@@ -94,7 +95,8 @@ class UniTuneFineTune(io.ComfyNode):
                 "images of one subject (same size) train DreamBooth-style."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The base model (SD1.5 or SDXL family). It is not modified."),
+                io.Model.Input("model", tooltip="The base model (SD1.5, SDXL family, Flux.1 dev/schnell or SD3/SD3.5). "
+                               "It is not modified."),
                 io.Clip.Input("clip", tooltip="The model's text encoder, used once to encode the training caption."),
                 io.Vae.Input("vae", tooltip="The model's VAE, used once to encode the image."),
                 io.Image.Input("image", tooltip="The image to bind to the token. A batch of several views of the "
@@ -122,8 +124,7 @@ class UniTuneFineTune(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=False, tooltip=CHECKPOINTING_TOOLTIP),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed for the noise and timesteps; the same seed gives the same result."),
-                io.Combo.Input("precision", options=list(training_precision.PRECISIONS), default="auto",
-                               optional=True, tooltip=PRECISION_TOOLTIP),
+                training_inputs.precision_input(tooltip=PRECISION_TOOLTIP),
                 io.String.Input("embedding", default="", optional=True, tooltip=EMBEDDING_TOOLTIP),
                 io.Int.Input("pivotal_steps", default=0, min=0, max=100000, optional=True, tooltip=PIVOTAL_TOOLTIP),
                 io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True, tooltip=PREVIEW_TOOLTIP),
@@ -131,6 +132,10 @@ class UniTuneFineTune(io.ComfyNode):
                                round=1e-6, optional=True, tooltip=PIVOTAL_LR_TOOLTIP),
                 io.Boolean.Input("pivotal_norm_control", default=pivotal.NORM_CONTROL, optional=True,
                                  tooltip=PIVOTAL_NORM_TOOLTIP),
+                io.Combo.Input("timestep_sampling", options=list(objective.TIMESTEP_SAMPLINGS), default=objective.UNIFORM,
+                               optional=True, tooltip=TIMESTEP_SAMPLING_TOOLTIP),
+                io.Float.Input("flux_guidance", default=finetune.TRAIN_GUIDANCE, min=0.0, max=100.0, step=0.1,
+                               optional=True, tooltip=FLUX_GUIDANCE_TOOLTIP),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The tuned model: the base plus the trained "
@@ -151,10 +156,13 @@ class UniTuneFineTune(io.ComfyNode):
     def execute(cls, model, clip, vae, image, token, class_word, steps, batch_size, learning_rate, optimizer,
                 train, lora_rank, gradient_checkpointing, seed, precision="auto", embedding="",
                 pivotal_steps=0, preview_every=0, pivotal_learning_rate=pivotal.LEARNING_RATE,
-                pivotal_norm_control=pivotal.NORM_CONTROL) -> io.NodeOutput:
-        checks.finite(learning_rate=learning_rate, pivotal_learning_rate=pivotal_learning_rate)
-        family = families.model_family(model.model)
-        mode = ("lora" if family == "sdxl" else "full") if train == "auto" else train
+                pivotal_norm_control=pivotal.NORM_CONTROL, timestep_sampling=objective.UNIFORM,
+                flux_guidance=finetune.TRAIN_GUIDANCE) -> io.NodeOutput:
+        checks.finite(learning_rate=learning_rate, pivotal_learning_rate=pivotal_learning_rate,
+                      flux_guidance=flux_guidance)
+        family = finetune.family_of(model)
+        objective.check_timestep_sampling(model.get_model_object("model_sampling"), timestep_sampling)
+        mode = finetune.auto_mode(family) if train == "auto" else train
         steps, learning_rate = finetune.recipe(mode, steps, learning_rate)
         embedding = (embedding or "").strip()
         if embedding and pivotal_steps:
@@ -166,6 +174,7 @@ class UniTuneFineTune(io.ComfyNode):
             optimizer=optimizer, mode=mode, lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing,
             seed=seed, precision=precision, pivotal_steps=pivotal_steps,
             embedding=word.name if word else token.strip() if pivotal_steps else "",
+            timestep_sampling=timestep_sampling, guidance=flux_guidance,
         )
         settings.check()
         if pivotal_steps:  # refuse a family textual inversion does not know, or an unusable token, before any work
@@ -174,45 +183,29 @@ class UniTuneFineTune(io.ComfyNode):
             if not pivotal_learning_rate > 0:
                 raise ValueError(f"pivotal_learning_rate={pivotal_learning_rate} must be a positive number such as "
                                  f"{pivotal.LEARNING_RATE:g}.")
-        if vae is None or getattr(vae, "first_stage_model", None) is None:
-            raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")
+        checks.vae(vae)
         pixels = image_folder.prepare_images(list(image))
-        pbar = comfy.utils.ProgressBar(pivotal_steps + steps)
-        shown = previews.Shown(pbar, pivotal_steps + steps)
-        preview = previews.Preview(every=preview_every, show=lambda step, image: shown(pivotal_steps + step, image),
-                                   latent_format=model.model.latent_format, size=preview_size(pixels))
+        progress = training_inputs.Progress(pivotal_steps + steps, preview_every, model.model.latent_format,
+                                            training_inputs.preview_size(pixels))
+        preview = progress.preview(offset=pivotal_steps)
         latents = vae.encode(pixels)
 
         if pivotal_steps:
-            def on_word_step(step: int, total: int, loss: float) -> None:
-                pbar.update_absolute(step, pivotal_steps + steps)  # also raises on Cancel
-                if step == 1 or step % 50 == 0 or step == total:
-                    log.info("Pivotal UniTune: word step %d/%d loss %.5f", step, total, loss)
-
             word = pivotal.learn_word(model, clip, latents, token, pivotal_steps, batch_size, seed, precision,
-                                      on_step=on_word_step, learning_rate=pivotal_learning_rate,
-                                      norm_control=pivotal_norm_control)
+                                      on_step=progress.on_step("Pivotal UniTune: word step", 50),
+                                      learning_rate=pivotal_learning_rate,
+                                      norm_control=pivotal_norm_control,
+                                      gradient_checkpointing=gradient_checkpointing, guidance=flux_guidance)
         view = pivotal.caption_clip(clip, word)
         conditioning = view.encode_from_tokens_scheduled(view.tokenize(settings.caption))
-
-        def on_step(step: int, total: int, loss: float) -> None:
-            pbar.update_absolute(pivotal_steps + step, pivotal_steps + total)  # also raises on Cancel
-            if step == 1 or step % 16 == 0 or step == total:
-                log.info("UniTune step %d/%d loss %.5f", step, total, loss)
-
+        on_step = progress.on_step("UniTune step", 16, offset=pivotal_steps)
         result = finetune.fine_tune(model, latents, conditioning, settings, on_step=on_step, preview=preview)
         result.word = word
         tuned = finetune.apply_patches(model, result.tensors)
         tuned.set_attachments(ATTACHMENT, result)
         tuned.set_attachments(CAPTION_ATTACHMENT, TuningCaption(settings.word, settings.class_word.strip()))
         curve = loss_curve_image(result.losses, title=f"UniTune {mode} loss")
-        return io.NodeOutput(tuned, curve, view, settings.word, shown.grid())
-
-
-def preview_size(pixels) -> int:
-    """The previews' longer side: PREVIEW_SIZE, or the training image's rounded up to 64 px when smaller."""
-    longest = max(pixels.shape[1:3])
-    return min(PREVIEW_SIZE, max(64, -(-longest // 64) * 64))
+        return io.NodeOutput(tuned, curve, view, settings.word, progress.grid())
 
 
 class UniTuneSave(io.ComfyNode):
@@ -350,6 +343,7 @@ class UniTuneLoad(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise(FOLDER, unitune_name)
         tensors, metadata = weights_file.load(path)
         weights_file.check_finite(tensors, source=unitune_name)
+        check_family(model, metadata.get("unitune.family"), unitune_name)
         expected = metadata.get("unitune.base_fingerprint")
         if expected:
             comfy.model_management.load_models_gpu([model], force_patch_weights=True)
@@ -365,6 +359,16 @@ class UniTuneLoad(io.ComfyNode):
         tuned = finetune.apply_patches(model, tensors, strength, source=unitune_name)
         tuned.set_attachments(CAPTION_ATTACHMENT, TuningCaption(token, metadata.get("unitune.class_word", "").strip()))
         return io.NodeOutput(tuned, token)
+
+
+def check_family(model, trained_on: str | None, source: str) -> None:
+    """Refuse a file made for another model family than ``model``'s, naming both (before any weight is read)."""
+    family = families.family_of(model)
+    if not trained_on or trained_on == family.id:
+        return
+    made_for = families.FAMILIES[trained_on].label if trained_on in families.FAMILIES else trained_on
+    raise ValueError(f"{source} was trained on another base model: it was made for {made_for}, and this MODEL is "
+                     f"{family.label}. Connect the {made_for} checkpoint it was trained on.")
 
 
 class UniTuneEdit(io.ComfyNode):
@@ -430,8 +434,7 @@ class UniTuneEdit(io.ComfyNode):
         checks.finite(cfg=cfg, pg=pg, start=start, blend=blend, blend_unchanged=blend_unchanged)
         checks.choice("sampler_name", sampler_name, comfy.samplers.SAMPLER_NAMES)
         checks.choice("scheduler", scheduler, comfy.samplers.SCHEDULER_NAMES)
-        if vae is None or getattr(vae, "first_stage_model", None) is None:
-            raise ValueError("the VAE input is missing or empty: connect the checkpoint's VAE.")
+        checks.vae(vae)
         if clip is None:
             raise ValueError("the CLIP input is missing: connect the checkpoint's CLIP.")
         if not token.strip():
@@ -448,7 +451,7 @@ class UniTuneEdit(io.ComfyNode):
         latent = vae.encode(original)
         if start == 0.0:
             log.info("UniTune Edit: start = 0, returning the original")
-            return io.NodeOutput(original.repeat(batch, 1, 1, 1), {"samples": latent.repeat(batch, 1, 1, 1)})
+            return io.NodeOutput(original.repeat(batch, 1, 1, 1), {"samples": sdedit.repeat_batch(latent, batch)})
 
         prompt, baseline = edit_prompts(token, tuned_class_word(model, token, class_word), edit_prompt)
         log.info("UniTune Edit: prompt %r, prompt-guidance baseline %r", prompt, baseline)
@@ -460,14 +463,14 @@ class UniTuneEdit(io.ComfyNode):
         guider.set_conds(encode(prompt), encode(negative), encode(baseline))
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
         sigmas = sdedit.late_start(sigmas, start)
-        latents = comfy.sample.fix_empty_latent_channels(model, latent.repeat(batch, 1, 1, 1))
+        latents = comfy.sample.fix_empty_latent_channels(model, sdedit.repeat_batch(latent, batch))
         noise = comfy.sample.prepare_noise(latents, seed)
         callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
         samples = guider.sample(noise, latents, comfy.samplers.sampler_object(sampler_name), sigmas,
-                                denoise_mask=mask, callback=callback,
+                                denoise_mask=sdedit.latent_mask(mask, latents), callback=callback,
                                 disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         samples = samples.to(comfy.model_management.intermediate_device())
-        edited = vae.decode(samples)[..., :3]
+        edited = sdedit.decoded_images(vae.decode(samples))[..., :3]
         if tuple(edited.shape[1:3]) != (height, width):
             raise RuntimeError(f"the VAE decoded {edited.shape[2]}x{edited.shape[1]} from a {width}x{height} image: "
                                "use the VAE of the checkpoint the model came from.")

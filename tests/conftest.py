@@ -156,7 +156,8 @@ def tiny_dit(comfy_root):
     tiny_dits.install_detection_shim()
     tiny_dits.register_folders()
     tiny_dits.build_all()  # every file on disk, so a stock loader node may ask for one before get() does
-    return tiny_dits.get
+    yield tiny_dits.get
+    tiny_dits.forget()
 
 
 @pytest.fixture(autouse=True)

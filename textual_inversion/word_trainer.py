@@ -1,18 +1,27 @@
 """Textual inversion: learn new token vectors for a concept while the text encoder(s) and the UNet stay frozen.
 
-Gal et al. 2022, "An Image is Worth One Word". What trains is a few fp32 vectors per text encoder
-(CLIP-L 768 for SD1.5; CLIP-L 768 and CLIP-G 1280 together for the SDXL family), initialised from the
-token embeddings of ``init_text``. Nothing else trains, is copied or is written: the text encoders and
-the UNet run as ``training.precision.frozen_twin``s (their weights alias the base's in their load dtype)
-and the vocabulary table is never touched, because the vectors do not enter it at all.
+Gal et al. 2022, "An Image is Worth One Word". What trains is a few fp32 vectors per text encoder,
+all of the family's encoders together (its ``families`` record lists them and their embedding-file keys):
+CLIP-L for SD1.5; CLIP-L + CLIP-G for the SDXL family; CLIP-L + T5-XXL for Flux.1 (dev, schnell), where
+CLIP-L feeds only the pooled vector and the T5 tokens carry the word (both are trained: the pooled path
+too); CLIP-L + CLIP-G + T5-XXL for SD3/SD3.5, or whichever of them the CLIP has (checkpoints that ship
+only the two CLIPs). The vectors start from the token embeddings of ``init_text``. Nothing else trains,
+is copied or is written: the text encoders and the diffusion model run as ``training.precision.
+frozen_twin``s (their weights alias the base's in their load dtype) and the vocabulary tables are never
+touched, because the vectors do not enter them at all. Gradients reach the vectors through the frozen
+T5 the way they reach them through a CLIP: only the new token rows are trainable, the T5's weights have
+``requires_grad`` False (no weight gradient is ever allocated), and its layers are always checkpointed
+(``checkpoint_text_layers``) so the backward pass keeps each layer's input only, not the cast copies of
+its frozen weights.
 
 They enter where ComfyUI's own ``embedding:name`` syntax puts a loaded embedding: each training caption
 is parsed by the stock tokenizer (``comfy.sd1_clip.SDTokenizer.tokenize_with_weights``) with only its
 file lookup (``_try_get_embedding``) answering ``name`` with our tensors, and encoded by the stock
-``encode_token_weights``, so the conditioning and SDXL's pooled output are exactly what a stock
-``CLIPTextEncode`` with "embedding:name" makes from the saved file. The UNet inputs are the model's own
-``extra_conds`` (SDXL size conditioning included) and the loss is in the model's parameterization
-(``training.objective``).
+``encode_token_weights``, so the conditioning and the pooled output are exactly what a stock
+``CLIPTextEncode`` with "embedding:name" makes from the saved file. The diffusion model's inputs are its
+own ``extra_conds`` (SDXL size conditioning, Flux.1-dev's guidance value: ``FLUX_GUIDANCE``) and
+the loss is in the model's parameterization (``training.objective``: eps, v, or the flow target
+v = noise - x0 for Flux and SD3).
 
 Captions: the paper's and diffusers' small CLIP-ImageNet-style templates ("a photo of a {}"), one drawn
 per step, by default: the vector then learns to act as a noun inside sentences, which is how it is used
@@ -32,13 +41,12 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from functools import partial
 
 import torch
 
 from .. import families
 from ..families import fingerprint
-from ..training import loop, objective, optimizers, precision
+from ..training import checkpointing, objective, precision, trainer
 from ..training import preview as previews
 
 log = logging.getLogger(__name__)
@@ -48,7 +56,15 @@ MAX_VECTORS = 16
 # The single tensor key of an SD1.5 embedding: A1111's safetensors layout, which ComfyUI's load_embed
 # reads (a file with one tensor), as do A1111, kohya sd-scripts and diffusers' load_textual_inversion.
 SD15_KEY = "emb_params"
-ENCODER_KEYS = {"sd15": ("clip_l",), "sdxl": ("clip_l", "clip_g")}
+# The embedding-file keys ComfyUI's tokenizers look up (``SDTokenizer.embedding_key``): clip_l (sd1_clip.py),
+# clip_g (sdxl_clip.py), t5xxl (text_encoders/sd3_clip.py, flux.py). diffusers' Flux/SD3 files say "t5",
+# which ComfyUI does not read. A family's text encoders come from its ``families`` record; those with
+# another key (Qwen, Gemma, Mistral tokenizers get no embedding folder in ComfyUI) cannot hold a word.
+EMBEDDING_KEYS = ("clip_l", "clip_g", "t5xxl")
+# Families whose ComfyUI text encoder runs with some of its encoders absent, and that encoder's class:
+# SD3ClipModel's clip_l/clip_g/t5 flags (text_encoders/sd3_clip.py), as SD3/SD3.5 checkpoints that ship only
+# the two CLIPs load. The others always build all of theirs, so a CLIP that lacks one belongs to another family.
+PARTIAL_TEXT_ENCODERS = {families.SD3: "SD3ClipModel"}
 CAPTIONS = ("object templates", "style templates", "token alone")
 # From the paper's / diffusers' imagenet_templates_small and imagenet_style_templates_small. Nothing
 # follows the placeholder: ComfyUI's tokenizer reads "embedding:name." as a file named "name.".
@@ -73,6 +89,13 @@ STYLE_TEMPLATES = (
 # Characters that break "embedding:name" in a prompt: whitespace ends the word, a comma is stripped,
 # parentheses and ':' are the weight syntax "(word:1.2)", '\\' escapes.
 NAME_BREAKERS = frozenset(" \t\r\n(),:\\[]{}")
+# The guidance value Flux.1 dev (guidance-distilled: the value is a model input) learns a word at: 3.5, the value
+# it samples with when nothing sets one (comfy.model_base.Flux.extra_conds; the FluxGuidance node's default), so
+# the word fits the guidance it is prompted at; diffusers' pivotal-tuning Flux script, which trains textual
+# inversion vectors for CLIP-L and T5 (examples/advanced_diffusion_training/train_dreambooth_lora_flux_advanced.py,
+# --train_text_encoder_ti --enable_t5_ti), trains at its --guidance_scale default 3.5 too. Pivotal UniTune passes
+# its own value instead (the LoRA's), so the word and the tuned model see the same conditioning.
+FLUX_GUIDANCE = 3.5
 # Norm control, as cog-sdxl's TokenEmbeddingsHandler.retract_embeddings (copied into diffusers' advanced SDXL
 # DreamBooth LoRA trainer): after each step the trained vectors are multiplied by
 # (std of the whole token table / std of the trained vectors) ** RETRACT_EXPONENT.
@@ -101,6 +124,8 @@ class TextualInversionSettings:
     seed: int = 0
     precision: str = "auto"
     norm_control: bool = False  # retract the vectors toward the vocabulary's std after every step (``retract``)
+    gradient_checkpointing: bool = False  # recompute CLIP layers and UNet/DiT blocks in backward (T5 layers always)
+    guidance: float = FLUX_GUIDANCE  # the guidance value a guidance-embedding model (Flux.1 dev) trains at
 
     def check(self) -> None:
         if not self.init_text.strip():
@@ -114,6 +139,8 @@ class TextualInversionSettings:
             raise ValueError(f"steps={self.steps} and batch_size={self.batch_size} must both be at least 1.")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate={self.learning_rate} must be a positive number such as 2e-3.")
+        if not (self.guidance >= 0 and math.isfinite(self.guidance)):
+            raise ValueError(f"guidance={self.guidance} must be a number of 0 or more (Flux.1 dev: {FLUX_GUIDANCE:g}).")
 
     def metadata(self) -> dict[str, str]:
         return {f"textual_inversion.{k}": str(v) for k, v in asdict(self).items()}
@@ -143,20 +170,49 @@ def check_name(name: str) -> None:
                          "prompt syntax): use letters, digits, '-', '_' and '.', e.g. 'my_dog'.")
 
 
+def supported_families() -> tuple[str, ...]:
+    """The family ids textual inversion trains on: those whose text encoders all take ``embedding:`` words."""
+    return tuple(f.id for f in families.FAMILIES.values()
+                 if f.text_encoders and all(e.key in EMBEDDING_KEYS for e in f.text_encoders))
+
+
+def present_encoders(clip) -> tuple[str, ...]:
+    """The embedding keys of the text encoders this CLIP really runs (a tokenizer and a loaded encoder).
+
+    SD3's tokenizer always has all three sub-tokenizers; an encoder left out of the checkpoint is None.
+    """
+    subs = sub_tokenizers(clip)
+    return tuple(k for k in EMBEDDING_KEYS if k in subs and getattr(clip.cond_stage_model, k, None) is not None)
+
+
+def _encoder_names(keys) -> str:
+    names = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5xxl": "T5-XXL"}
+    return " + ".join(names.get(k, k) for k in keys) or "none"
+
+
 def encoder_keys(model, clip) -> tuple[str, ...]:
-    """The text encoders (file keys) a vector set is trained for; refuses families this trainer does not know."""
-    family = families.model_family(model.model)
-    keys = ENCODER_KEYS.get(family)
-    found = tuple(sub_tokenizers(clip))
-    if keys is None or set(keys) != set(found):
-        raise ValueError(f"textual inversion supports SD1.5 (CLIP-L) and the SDXL family (CLIP-L + CLIP-G); this "
-                         f"MODEL is {family!r} with text encoders {list(found)}: connect an SD1.5 or SDXL "
-                         "checkpoint's MODEL and CLIP.")
+    """The text encoders (file keys) a vector set is trained for, in the family's order.
+
+    Refuses a family without embedding-capable text encoders (naming it and the supported ones), and a
+    CLIP that does not go with the MODEL's family.
+    """
+    family = families.require(model, "Textual inversion", supported_families())
+    wanted = tuple(e.key for e in family.text_encoders)
+    found = present_encoders(clip)
+    keys = tuple(k for k in wanted if k in found)
+    missing = [k for k in wanted if k not in found]
+    partial = PARTIAL_TEXT_ENCODERS.get(family.id)
+    partial_ok = partial is not None and any(c.__name__ == partial for c in type(clip.cond_stage_model).__mro__)
+    if (not keys or any(k not in wanted for k in found) or (missing and not partial_ok)
+            or not any(family.encoder(k).word for k in keys)):
+        raise ValueError(f"textual inversion on {family.label} trains vectors for {_encoder_names(wanted)}, but this "
+                         f"CLIP runs {_encoder_names(found)}: connect the CLIP that goes with this MODEL (the "
+                         "checkpoint's CLIP, or the text encoder loader for this family).")
     return keys
 
 
 def sub_tokenizers(clip) -> dict[str, object]:
-    """The CLIP's per-encoder stock tokenizers by embedding key (``clip_l``, ``clip_g``)."""
+    """The CLIP's per-encoder stock tokenizers by embedding key (``clip_l``, ``clip_g``, ``t5xxl``)."""
     import comfy.sd1_clip
 
     return {t.embedding_key: t for t in vars(clip.tokenizer).values() if isinstance(t, comfy.sd1_clip.SDTokenizer)}
@@ -173,6 +229,19 @@ def _text_encoder(cond_stage_model, key: str) -> torch.nn.Module:
     return getattr(cond_stage_model, key)
 
 
+def token_table(cond_stage_model, key: str) -> torch.Tensor:
+    """One text encoder's token embedding table (CLIP ``token_embedding``, T5 ``shared``), read only."""
+    return _text_encoder(cond_stage_model, key).transformer.get_input_embeddings().weight
+
+
+def encoder_layers(cond_stage_model, key: str) -> torch.nn.Module:
+    """One text encoder's transformer layers (CLIP ``text_model.encoder``, T5 ``encoder``): what its
+    fingerprint samples (the token table is too big for ``fingerprint``'s sampling)."""
+    transformer = _text_encoder(cond_stage_model, key).transformer
+    text_model = getattr(transformer, "text_model", None)
+    return text_model.encoder if text_model is not None else transformer.encoder
+
+
 def initial_vectors(clip, keys: tuple[str, ...], init_text: str, count: int) -> dict[str, torch.Tensor]:
     """``count`` fp32 vectors per encoder from the token embeddings of ``init_text`` (cycled when fewer)."""
     subs = sub_tokenizers(clip)
@@ -185,7 +254,7 @@ def initial_vectors(clip, keys: tuple[str, ...], init_text: str, count: int) -> 
         if len(ids) > count:
             raise ValueError(f"init_text {init_text!r} is {len(ids)} tokens but vectors={count}: raise vectors to "
                              f"at least {len(ids)} (up to {MAX_VECTORS}) or shorten init_text.")
-        table = _text_encoder(clip.cond_stage_model, key).transformer.get_input_embeddings().weight
+        table = token_table(clip.cond_stage_model, key)
         picked = torch.tensor([ids[i % len(ids)] for i in range(count)], device=table.device)
         out[key] = table.detach()[picked].to(torch.float32).clone()
     return out
@@ -211,8 +280,7 @@ def vocabulary_std(table: torch.Tensor, rows: int = 8192) -> float:
 
 def vocabulary_stds(clip, keys: tuple[str, ...]) -> dict[str, float]:
     """Each text encoder's ``vocabulary_std``, from its frozen token table (read only)."""
-    return {key: vocabulary_std(_text_encoder(clip.cond_stage_model, key).transformer.get_input_embeddings().weight)
-            for key in keys}
+    return {key: vocabulary_std(token_table(clip.cond_stage_model, key)) for key in keys}
 
 
 @torch.no_grad()
@@ -234,18 +302,22 @@ def tokenizing_clip(clip, name: str, vectors: Mapping[str, torch.Tensor]):
     Only the file lookup differs from stock ComfyUI: parsing, weights, batching and padding are the stock
     ``tokenize_with_weights``, so the tensors land exactly where a saved file's would. Other
     ``embedding:`` words still load from the embeddings folders. The CLIP itself is not changed.
+
+    A sub-tokenizer without vectors (SD3's T5 tokenizer when the checkpoint has no T5: its tokens are
+    never encoded) gets the first vector set, as the stock ``load_embed`` falls back to a file's first
+    tensor for a key the file lacks, instead of a "does not exist" warning at every step.
     """
     import comfy.sd1_clip
 
     view = copy.copy(clip)
     view.tokenizer = copy.copy(clip.tokenizer)
+    fallback = next(iter(vectors.values()), None)
     for attr, sub in vars(clip.tokenizer).items():
-        if not isinstance(sub, comfy.sd1_clip.SDTokenizer) or sub.embedding_key not in vectors:
+        if not isinstance(sub, comfy.sd1_clip.SDTokenizer) or fallback is None:
             continue
-        key = sub.embedding_key
         own = copy.copy(sub)
         own.embedding_directory = sub.embedding_directory if sub.embedding_directory is not None else []
-        own._try_get_embedding = _lookup(sub, name, vectors[key])
+        own._try_get_embedding = _lookup(sub, name, vectors.get(sub.embedding_key, fallback))
         setattr(view.tokenizer, attr, own)
     return view
 
@@ -263,18 +335,27 @@ def _lookup(sub, name: str, tensor: torch.Tensor) -> Callable[[str], tuple]:
 
 
 def differentiable_text_encoder(cond_stage_model: torch.nn.Module) -> int:
-    """Make a text-encoder twin's CLIP layers add their residuals out of place, so gradients reach the input.
+    """Make a text-encoder twin's layers add their residuals out of place, so gradients reach the input.
 
-    ComfyUI's ``CLIPLayer.forward`` does ``x += attn(norm(x))``, overwriting the tensor the norm saved for
-    backward. ``x + y`` gives the same values; the twin's layers only (the base's are not touched).
-    Returns the number of layers changed.
+    ComfyUI's ``CLIPLayer.forward`` does ``x += attn(norm(x))`` and T5's ``T5LayerSelfAttention`` /
+    ``T5LayerFF`` do ``x += output``, overwriting the tensor the norm saved for backward. ``x + y`` gives
+    the same values; the twin's layers only (the base's are not touched). Returns the number of layers changed.
     """
     import comfy.clip_model
+    import comfy.text_encoders.t5 as t5
 
-    layers = [m for m in cond_stage_model.modules() if isinstance(m, comfy.clip_model.CLIPLayer)]
-    for layer in layers:
-        layer.forward = _residual_forward(layer)
-    return len(layers)
+    changed = 0
+    for m in cond_stage_model.modules():
+        if isinstance(m, comfy.clip_model.CLIPLayer):
+            m.forward = _residual_forward(m)
+        elif isinstance(m, t5.T5LayerSelfAttention):
+            m.forward = _t5_attention_forward(m)
+        elif isinstance(m, t5.T5LayerFF):
+            m.forward = _t5_ff_forward(m)
+        else:
+            continue
+        changed += 1
+    return changed
 
 
 def _residual_forward(layer):
@@ -285,48 +366,117 @@ def _residual_forward(layer):
     return forward
 
 
-def encode_tokens(cond_stage_model, clip, tokens) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(cond, pooled)`` as ``CLIP.encode_from_tokens`` computes them, with ``cond_stage_model`` (a twin)."""
+def _t5_attention_forward(layer):
+    def forward(x, mask=None, past_bias=None, optimized_attention=None):
+        output, past_bias = layer.SelfAttention(layer.layer_norm(x), mask=mask, past_bias=past_bias,
+                                                optimized_attention=optimized_attention)
+        return x + output, past_bias
+
+    return forward
+
+
+def _t5_ff_forward(layer):
+    def forward(x):
+        return x + layer.DenseReluDense(layer.layer_norm(x))
+
+    return forward
+
+
+def text_layers(cond_stage_model: torch.nn.Module, clip_layers: bool = True) -> list[torch.nn.Module]:
+    """The transformer layers of the text encoders (T5 blocks; CLIP layers too with ``clip_layers``): the units
+    checkpointing wraps."""
+    import comfy.clip_model
+    import comfy.text_encoders.t5 as t5
+
+    kinds = (comfy.clip_model.CLIPLayer, t5.T5Block) if clip_layers else (t5.T5Block,)
+    return [m for m in cond_stage_model.modules() if isinstance(m, kinds)]
+
+
+def checkpoint_text_layers(cond_stage_model: torch.nn.Module, clip_layers: bool = True) -> int:
+    """Gradient checkpointing of a text-encoder twin's layers: each keeps only its input for the backward pass
+    and recomputes its insides there (``torch.utils.checkpoint``, non-reentrant). Same values and gradients
+    (to float rounding). Returns how many layers were wrapped.
+
+    The T5's matter most: under autocast each of its Linear layers keeps a compute-dtype copy of its frozen
+    weight for the backward pass (its input arrives in fp32, so the weight is cast per call), about the
+    layer's weight size per layer; checkpointed, one layer's copies exist at a time.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    layers = text_layers(cond_stage_model, clip_layers)
+    for layer in layers:
+        plain = layer.forward
+
+        def forward(*args, _plain=plain, **kwargs):
+            return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+    return len(layers)
+
+
+def encode_tokens(cond_stage_model, clip, tokens) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """``(cond, pooled, extras)`` as ``CLIP.encode_from_tokens`` computes them, with ``cond_stage_model`` (a twin).
+
+    ``extras`` is what the stock conditioning carries beside them (e.g. a T5 ``attention_mask``), usually empty.
+    """
     cond_stage_model.reset_clip_options()
     if clip.layer_idx is not None:
         cond_stage_model.set_clip_options({"layer": clip.layer_idx})
     out = cond_stage_model.encode_token_weights(tokens)
-    return out[0], out[1]
+    return out[0], out[1], dict(out[2]) if len(out) > 2 else {}
+
+
+def training_guidance(model, settings: TextualInversionSettings) -> float | None:
+    """The guidance value the model is trained at: ``settings.guidance`` for a model that takes one as input
+    (Flux.1 dev), None for the others (they have no such input)."""
+    return settings.guidance if families.family_of(model).guidance_embed else None
 
 
 def unet_inputs(model, cond: torch.Tensor, pooled: torch.Tensor | None, latent: torch.Tensor,
-                device: torch.device) -> dict[str, torch.Tensor]:
-    """The UNet's extra inputs for one caption, as sampling builds them (SDXL: pooled + size), kept differentiable."""
-    params = dict(cross_attn=cond, pooled_output=pooled, device=device, noise=latent, prompt_type="positive",
+                device: torch.device, extras: Mapping | None = None) -> dict[str, object]:
+    """The diffusion model's extra inputs for one caption, as sampling builds them, kept differentiable.
+
+    SDXL: pooled + size; Flux: pooled + the guidance value in ``extras`` (``training_guidance``); SD3: pooled.
+    """
+    params = dict(extras or {})
+    params.update(cross_attn=cond, pooled_output=pooled, device=device, noise=latent, prompt_type="positive",
                   width=latent.shape[-1] * 8, height=latent.shape[-2] * 8)
-    return {k: v.cond.to(device) for k, v in model.extra_conds(**params).items()}
+    out = {}
+    for k, v in model.extra_conds(**params).items():
+        out[k] = v.cond.to(device) if isinstance(v.cond, torch.Tensor) else v.cond
+    return out
 
 
-class TrainingRun:
-    """Frozen twins of the UNet and text encoder(s), the trainable vectors, their optimizer and the draws.
+class TrainingRun(trainer.Trainer):
+    """Textual inversion on the trainer skeleton (``training.trainer``): frozen twins of the diffusion model and
+    text encoder(s), the trainable vectors (AdamW), a caption and a batch drawn per step, norm control after it.
 
     Build under ``torch.inference_mode(False)`` after the base and the CLIP are loaded.
     """
 
+    what = "Textual inversion"
+
     def __init__(self, model, clip, latents: torch.Tensor, settings: TextualInversionSettings, name: str):
+        super().__init__(model.load_device, settings.precision, steps=settings.steps,
+                         learning_rate=settings.learning_rate, seed=settings.seed)
         self.settings, self.clip, self.name = settings, clip, name
-        self.device = model.load_device
-        self.dtype = precision.compute_dtype(settings.precision, self.device)
-        self.twin = precision.frozen_twin(model.model)
-        precision.cast_on_use(self.twin)
-        precision.set_compute_dtype(self.twin, self.dtype)
+        self.keys = encoder_keys(model, clip)
+        self.twin = trainer.frozen_model(model.model, self.dtype)
         self.text = precision.frozen_twin(clip.cond_stage_model)
         precision.cast_on_use(self.text)
         differentiable_text_encoder(self.text)
-        self.keys = encoder_keys(model, clip)
+        # T5 layers always (their cast weights would otherwise stay alive for backward: several GiB for a
+        # T5-XXL), CLIP layers with the gradient_checkpointing setting (SD1.5/SDXL runs as before without it).
+        checkpoint_text_layers(self.text, clip_layers=settings.gradient_checkpointing)
+        self.guidance = training_guidance(model, settings)
+        self.text_extras: dict = {}  # what the last ``conditioning`` call's encoders returned beside cond/pooled
         start = initial_vectors(clip, self.keys, settings.init_text, settings.vectors)
         self.vectors = {k: torch.nn.Parameter(v, requires_grad=True) for k, v in start.items()}
         self.vocabulary_std = vocabulary_stds(clip, self.keys) if settings.norm_control else None
         self.view = tokenizing_clip(clip, name, self.vectors)
         self.templates = caption_templates(settings.captions)
-        self.optimizer = optimizers.make("adamw", list(self.vectors.values()), settings.learning_rate)
-        self.scaler = precision.grad_scaler(self.device, self.dtype)
-        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.build_optimizer("adamw", list(self.vectors.values()))
+        self.preview_modules = (self.twin, self.text)
         self.x0 = self.twin.latent_format.process_in(latents.detach().to(self.device, torch.float32).clone())
 
     def caption(self, index: int) -> str:
@@ -336,13 +486,21 @@ class TrainingRun:
         """The stock conditioning and pooled output of ``text`` with the current vectors (differentiable)."""
         tokens = self.view.tokenize(text)
         with precision.autocast(self.device, self.dtype):
-            cond, pooled = encode_tokens(self.text, self.clip, tokens)
+            cond, pooled, self.text_extras = encode_tokens(self.text, self.clip, tokens)
         return cond, pooled
+
+    def model_inputs(self, cond: torch.Tensor, pooled: torch.Tensor | None, latent: torch.Tensor) -> dict[str, object]:
+        """The diffusion model's extra inputs for this conditioning (plus the training guidance on Flux.1-dev)."""
+        extras = dict(self.text_extras)
+        if self.guidance is not None:
+            extras["guidance"] = self.guidance
+        return unet_inputs(self.twin, cond, pooled, latent, self.device, extras)
 
     def loss(self, text: str, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         cond, pooled = self.conditioning(text)
-        conds = unet_inputs(self.twin, cond, pooled, x0[:1], self.device)
-        conds = {k: v.expand(x0.shape[0], *v.shape[1:]) for k, v in conds.items()}
+        conds = self.model_inputs(cond, pooled, x0[:1])
+        conds = {k: v.expand(x0.shape[0], *v.shape[1:]) if isinstance(v, torch.Tensor) else v
+                 for k, v in conds.items()}
         ms = self.twin.model_sampling
         x_t = objective.noised(ms, sigma, noise, x0)
         with precision.autocast(self.device, self.dtype):
@@ -350,45 +508,27 @@ class TrainingRun:
         return objective.denoised_loss(ms, sigma, x_t, x0, denoised)
 
     def draw(self, generator: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pick = torch.randint(0, self.x0.shape[0], (n,), generator=generator)
-        x0 = self.x0[pick.to(self.device)]
-        noise = torch.randn(x0.shape, generator=generator).to(self.device)
-        sigma = objective.draw_sigmas(self.twin.model_sampling, n, generator).to(self.device)
-        return x0, noise, sigma
+        return trainer.draw(self.x0, n, generator, self.twin.model_sampling)
 
-    def step(self, i: int) -> float:
-        """Optimizer step ``i`` (0-based): one caption drawn, ``batch_size`` noise/timestep draws; returns the loss."""
+    def batch_loss(self, step: int) -> torch.Tensor:
+        """One caption drawn, ``batch_size`` noise/timestep draws."""
         gen = self.generator
         text = self.caption(int(torch.randint(0, len(self.templates), (1,), generator=gen)))
-        loss = self.loss(text, *self.draw(gen, self.settings.batch_size))
-        value = loss.item()
-        loop.check_finite(value, i + 1, self.settings.steps, "Textual inversion", self.settings.learning_rate)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        return self.loss(text, *self.draw(gen, self.settings.batch_size))
+
+    def after_update(self) -> None:
         if self.vocabulary_std is not None:  # every step, as retract_embeddings (a skipped fp16 step too)
             for key, vectors in self.vectors.items():
                 retract(vectors, self.vocabulary_std[key])
-        return value
 
-    def render(self, preview: previews.Preview) -> torch.Tensor:
-        """The preview latent: the first caption template with the word, Euler from the preview's fixed noise.
-
-        Same conditioning and UNet forward as training (current vectors); the noise has the training
-        images' aspect at the preview's size, so SDXL's size conditioning matches what is drawn.
-        """
-        h, w = preview.latent_size(self.x0.shape[-2] * 8, self.x0.shape[-1] * 8)
-        noise = previews.fixed_noise((1, self.x0.shape[1], h, w), preview.seed, self.device, torch.float32)
+    def preview_conds(self, noise: torch.Tensor) -> dict:
+        """The first caption template with the word, with the current vectors (SDXL's size conditioning for the noise)."""
         cond, pooled = self.conditioning(self.caption(0))
-        conds = unet_inputs(self.twin, cond, pooled, noise, self.device)
-        ms = self.twin.model_sampling
+        return self.model_inputs(cond, pooled, noise)
 
-        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            with precision.autocast(self.device, self.dtype):
-                return self.twin.apply_model(x, sigma, **conds).float()
-
-        return previews.euler(denoise, noise, previews.sigmas(ms, preview.steps), model_sampling=ms)
+    def checkpointing(self):
+        """The settings' gradient checkpointing on the diffusion model's blocks (the text layers: at build)."""
+        return checkpointing.gradient_checkpointing([self.twin.diffusion_model], self.settings.gradient_checkpointing)
 
     def trained(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.vectors.items()}
@@ -420,9 +560,7 @@ def train(model, clip, latents: torch.Tensor, settings: TextualInversionSettings
     try:
         with torch.inference_mode(False), torch.enable_grad():
             run = TrainingRun(model, clip, latents, settings, name)
-            hook = previews.after_step(on_step, preview, partial(run.render, preview), modules=(run.twin, run.text))
-            losses = loop.run(settings.steps, run.step, what="Textual inversion",
-                              learning_rate=settings.learning_rate, on_step=hook)
+            losses = run.fit(on_step, preview)  # releases the optimizer state and gradients, also on Cancel
             vectors = run.trained()
             compute = str(run.dtype).removeprefix("torch.")
         metadata = settings.metadata()
@@ -434,8 +572,10 @@ def train(model, clip, latents: torch.Tensor, settings: TextualInversionSettings
             "textual_inversion.final_loss": f"{losses[-1]:.6g}",
             "textual_inversion.compute_dtype": compute,
         })
+        if not families.family_of(model).guidance_embed:
+            metadata.pop("textual_inversion.guidance")  # not a model input there: it did nothing
         for key in vectors:  # the transformer layers: the token table is too big for fingerprint's sampling
-            layers = _text_encoder(clip.cond_stage_model, key).transformer.text_model.encoder
+            layers = encoder_layers(clip.cond_stage_model, key)
             metadata[f"textual_inversion.text_encoder_fingerprint.{key}"] = fingerprint.fingerprint(layers)
         return TextualInversionResult(vectors, losses, settings, family, metadata)
     finally:
@@ -449,7 +589,9 @@ def heldout_loss(model, clip, latents: torch.Tensor, vectors: Mapping[str, torch
 
     The same seed gives the same draws for any ``vectors``, so two vector sets compare pairwise.
     """
-    settings = TextualInversionSettings(init_text="a", vectors=1, captions=captions, steps=1, precision="fp32")
+    # init_text/vectors only have to be valid for every tokenizer (T5 splits "a" in two); the vectors are replaced.
+    settings = TextualInversionSettings(init_text="the", vectors=MAX_VECTORS, captions=captions, steps=1,
+                                        precision="fp32")
     _load(model, clip)
     with torch.inference_mode(False), torch.no_grad():
         run = TrainingRun(model, clip, latents, settings, name)

@@ -12,6 +12,19 @@ the last block's values. Each checkpointed layer therefore keeps a shallow copy 
 called with (references only, no tensor copies) and is recomputed with a fresh copy of that snapshot:
 block-keyed attention patches see the same block in the recomputation as in the forward, and the
 caller's dict is never touched by the backward pass.
+
+Diffusion transformers (Flux, SD3, ...) have no ``TimestepEmbedSequential``: their blocks are the entries of
+the model's top-level ``ModuleList``s (``double_blocks``, ``single_blocks``, ``joint_blocks``), and those are
+what gets checkpointed there.
+
+ComfyUI's Flux blocks (``comfy/ldm/flux/layers.py``: ``img += ...``, ``txt += ...``, ``x += ...``) add into
+their residual stream in place, after a LayerNorm saved that very tensor for its backward pass: autograd
+stops with "modified by an inplace operation". Under checkpointing it is worse: torch skips its version check
+for saved tensors behind hooks, so a recomputed block would silently read the already-updated stream.
+``protect_inplace_blocks`` fixes both without touching ComfyUI: each LayerNorm of such a block gets its own
+copy of its input while gradients are recorded (so what it saves is never written to, the memory an
+out-of-place ``img = img + ...`` would have kept), and a checkpointed block of that kind runs on a copy of its
+inputs (so the inputs kept for the recomputation stay the block's real inputs).
 """
 
 from __future__ import annotations
@@ -20,15 +33,66 @@ import contextlib
 
 import torch
 
+# Blocks whose forward adds into its own input in place after a LayerNorm saved it (module, class name).
+INPLACE_BLOCKS = (
+    ("comfy.ldm.flux.layers", "DoubleStreamBlock"),  # Flux.1, Chroma: img += ..., txt += ...
+    ("comfy.ldm.flux.layers", "SingleStreamBlock"),  # x += ...
+    ("comfy.ldm.modules.diffusionmodules.mmdit", "ContextProcessorBlock"),  # x += ... (MMDiT context processor)
+)
+
+
+def _inplace_classes() -> tuple[type, ...]:
+    import importlib
+
+    classes = []
+    for module_name, class_name in INPLACE_BLOCKS:
+        cls = getattr(importlib.import_module(module_name), class_name, None)
+        if cls is not None:
+            classes.append(cls)
+    return tuple(classes)
+
 
 def _layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers to checkpoint: a UNet's/ControlNet's block layers, else a DiT's blocks (top-level ModuleLists)."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential
 
     layers = []
     for block in module.modules():
         if isinstance(block, TimestepEmbedSequential):
             layers.extend(block.children())
+    if layers:
+        return layers
+    for child in module.children():
+        if isinstance(child, torch.nn.ModuleList):
+            layers.extend(child.children())
     return layers
+
+
+def _copy_input(module: torch.nn.Module, args: tuple):
+    """Forward pre-hook: the layer's first input copied when autograd will save it (see the module docstring)."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad and torch.is_grad_enabled():
+        return (args[0].clone(), *args[1:])
+    return None
+
+
+def protect_inplace_blocks(module: torch.nn.Module) -> int:
+    """Hook every LayerNorm inside ``module``'s in-place blocks (``INPLACE_BLOCKS``) to get a copy of its input.
+
+    Call it on a twin, never on a base model's modules. Returns how many norms were hooked (0 for UNets).
+    """
+    classes = _inplace_classes()
+    count = 0
+    for block in module.modules():
+        if classes and isinstance(block, classes):
+            for norm in block.children():
+                if isinstance(norm, torch.nn.LayerNorm):
+                    norm.register_forward_pre_hook(_copy_input)
+                    count += 1
+    return count
+
+
+def _copies(value):
+    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 def _dicts(args: tuple, kwargs: dict) -> dict[int, dict]:
@@ -36,7 +100,8 @@ def _dicts(args: tuple, kwargs: dict) -> dict[int, dict]:
     return {id(a): a for a in (*args, *kwargs.values()) if isinstance(a, dict)}
 
 
-def _checkpoint(layer: torch.nn.Module) -> None:
+def _checkpoint(layer: torch.nn.Module, copy_inputs: bool = False) -> None:
+    """Checkpoint ``layer``; ``copy_inputs``: run it on copies of its tensor inputs (a block that writes into them)."""
     from torch.utils.checkpoint import checkpoint
 
     plain = layer.forward
@@ -54,6 +119,9 @@ def _checkpoint(layer: torch.nn.Module) -> None:
                 a = tuple(copies.get(id(v), v) if isinstance(v, dict) else v for v in a)
                 k = {n: copies.get(id(v), v) if isinstance(v, dict) else v for n, v in k.items()}
             recomputing = True
+            if copy_inputs:
+                a = tuple(_copies(v) for v in a)
+                k = {n: _copies(v) for n, v in k.items()}
             return plain(*a, **k)
 
         return checkpoint(run, *args, use_reentrant=False, **kwargs)
@@ -63,13 +131,14 @@ def _checkpoint(layer: torch.nn.Module) -> None:
 
 @contextlib.contextmanager
 def gradient_checkpointing(modules: list[torch.nn.Module], enabled: bool = True):
-    """Checkpoint every UNet/ControlNet layer of ``modules`` while the block runs; undo it afterwards."""
+    """Checkpoint every UNet/ControlNet layer (DiT block) of ``modules`` while the block runs; undo it afterwards."""
     patched = []
     if enabled:
+        inplace = _inplace_classes()
         for module in modules:
             for layer in _layers(module):
                 if "forward" not in layer.__dict__:
-                    _checkpoint(layer)
+                    _checkpoint(layer, copy_inputs=bool(inplace) and isinstance(layer, inplace))
                     patched.append(layer)
     try:
         yield len(patched)

@@ -17,6 +17,8 @@ import copy
 
 import torch
 
+from .checkpointing import protect_inplace_blocks
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -54,7 +56,9 @@ def frozen_twin(module: torch.nn.Module) -> torch.nn.Module:
     The aliases are ordinary tensors (autograd can save them for the backward pass even when the
     originals are inference tensors, as ComfyUI's loaders make them) and cost no memory; the twin's
     modules can be patched (checkpointing, LoRA weight functions, master weights) without touching
-    the base model. Never write to its weights in place.
+    the base model. Never write to its weights in place. Blocks that add into their residual stream in place
+    (ComfyUI's Flux blocks) get their norms' inputs copied, so autograd can train through them
+    (``checkpointing.protect_inplace_blocks``).
     """
     memo = {}
     with torch.inference_mode(False):
@@ -68,6 +72,7 @@ def frozen_twin(module: torch.nn.Module) -> torch.nn.Module:
         if hasattr(m, "weight_function"):
             m.weight_function = []
             m.bias_function = []
+    protect_inplace_blocks(twin)
     return twin
 
 

@@ -1,9 +1,11 @@
-"""UniTune fine-tuning: bind one image to a rare token by training on a frozen twin of the UNet.
+"""UniTune fine-tuning: bind one image to a rare token by training on a frozen twin of the UNet (or DiT).
 
 The base model is never touched and never copied: training runs on a ``training.precision.frozen_twin``
 of the base's ``BaseModel`` (its weights alias the base's live, patched weights in their load dtype,
 cast to the compute dtype at each use). Only what trains is fp32: LoRA factors (``lora``), master
-copies of the attention weights (``attention``) or of every UNet weight (``full``). What remains is a
+copies of the attention weights (``attention``) or of every weight (``full``); which layers each mode
+trains is the family's (``families.train_targets``: SD1.x/SDXL attention; Flux.1 and SD3 attention and
+MLP projections of every transformer block). What remains is a
 set of weight patches in ComfyUI's LoRA key format (``.diff`` deltas for ``full`` and ``attention``,
 ``lora_up``/``lora_down`` factors for ``lora``). The tuned MODEL is the base's ``clone()`` carrying
 those patches, so saving it, loading it back and the stock LoraLoader all read the same tensors.
@@ -11,7 +13,9 @@ those patches, so saving it, loading it back and the stock LoraLoader all read t
 The image latent and the text conditioning are computed once; each step runs only the UNet
 forward and backward, under autocast in the compute dtype. The loss is the MSE of the UNet's raw
 output against the output that would reproduce the clean latent (``training.objective``), i.e. in
-the model's own parameterization (eps or v).
+the model's own parameterization (eps, v, or the flow velocity noise - x0 of Flux and SD3). Flux.1 dev
+trains at an explicit guidance strength (``FineTuneSettings.guidance``), set in the conditioning as the
+FluxGuidance node sets it.
 """
 
 from __future__ import annotations
@@ -20,15 +24,14 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 
 import torch
 
 from .. import families
 from ..families import fingerprint
-from ..training import checkpointing, loop, objective, optimizers, precision
+from ..training import checkpointing, objective, optimizers, precision, trainer
 from ..training import preview as previews
-from ..training.conditioning import training_conds
+from ..training.conditioning import batched, training_conds
 from .lora import LoraWeight
 
 log = logging.getLogger(__name__)
@@ -37,13 +40,16 @@ FILE_FORMAT = "frozentune.unitune/1"
 TRAIN_MODES = ("full", "attention", "lora")
 OPTIMIZERS = optimizers.OPTIMIZERS
 PRECISIONS = precision.PRECISIONS
-ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-ATTENTION = (".attn1.", ".attn2.")
 # What steps = 0 and learning_rate = 0 ("auto") mean, by train mode. full/attention: the paper's recipe
 # (128 steps, batch 4; lr 1e-4 from the xuduo35 re-implementation). lora: measured on the tiny models
 # (bench/README.md, "UniTune LoRA recipe"): at the paper's lr a rank-8 LoRA closes 37-56% of the way to
-# full mode's reconstruction, at lr 1e-3 and 256 steps (rank 32) 99% on SD1.5 and 71% on the SDXL family.
+# full mode's reconstruction, at lr 1e-3 and 256 steps (rank 32) 99% on SD1.5 and 71% on the SDXL family; on the
+# tiny DiTs (bench/unitune_lora_recipe_dit.py, one seed) 78% on Flux.1 dev and 99% on SD3 (rank 8 at 1e-4: 15%, 41%).
 RECIPES = {"full": (128, 1e-4), "attention": (128, 1e-4), "lora": (256, 1e-3)}
+# The guidance strength Flux.1 dev (guidance-distilled: the value is a model input) trains at. kohya sd-scripts'
+# README trains Flux LoRAs with --guidance_scale 1.0, x-flux's train_flux_lora_deepspeed.py with guidance_vec = 1;
+# diffusers' train_dreambooth_lora_flux.py defaults to 3.5, the sampling default. Families without the input ignore it.
+TRAIN_GUIDANCE = 1.0
 
 
 def recipe(mode: str, steps: int, learning_rate: float) -> tuple[int, float]:
@@ -70,6 +76,8 @@ class FineTuneSettings:
     precision: str = "auto"
     embedding: str = ""  # pivotal: the learned word's name; the caption says "embedding:<name>" instead of the token
     pivotal_steps: int = 0  # pivotal: steps the word was learned for first (0: read from a file, or no word)
+    timestep_sampling: str = objective.UNIFORM  # how training sigmas are drawn (training.objective.draw_sigmas)
+    guidance: float = TRAIN_GUIDANCE  # the guidance strength a guidance-embedding model (Flux.1 dev) trains at
 
     @property
     def word(self) -> str:
@@ -100,6 +108,12 @@ class FineTuneSettings:
             raise ValueError(f"pivotal_steps={self.pivotal_steps} must be 0 (off) or more.")
         if self.mode == "lora" and self.lora_rank < 1:
             raise ValueError(f"lora_rank={self.lora_rank} must be at least 1 (32 is the default).")
+        if self.timestep_sampling not in objective.TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling {self.timestep_sampling!r} is unknown: use one of "
+                             f"{', '.join(objective.TIMESTEP_SAMPLINGS)}.")
+        if not (self.guidance >= 0 and math.isfinite(self.guidance)):
+            raise ValueError(f"guidance={self.guidance} must be a number of 0 or more (Flux.1 dev: "
+                             f"{TRAIN_GUIDANCE:g}).")
 
     def metadata(self) -> dict[str, str]:
         return {f"unitune.{k}": str(v) for k, v in asdict(self).items()}
@@ -116,29 +130,53 @@ class FineTuneResult:
     word: object = None  # pivotal.Word: the learned word the caption used (Save writes it beside the patches)
 
 
-def _is_attention(name: str) -> bool:
-    return any(part in f".{name}." for part in ATTENTION)
+def supported_families() -> tuple[str, ...]:
+    """The family ids UniTune trains: those with train targets in the family table."""
+    return tuple(f.id for f in families.FAMILIES.values() if f.targets is not None)
 
 
-def _trainable(unet: torch.nn.Module, settings: FineTuneSettings, generator: torch.Generator):
+def family_of(model) -> families.Family:
+    """The family of ``model`` (a MODEL or its BaseModel), refused with the supported list if UniTune cannot train it."""
+    return families.require(model, "UniTune Fine-Tune", supported_families())
+
+
+def auto_mode(family: families.Family) -> str:
+    """The train mode ``auto`` means for ``family`` (``Family.auto_train``: full on SD1.x, lora on the others)."""
+    if family.auto_train not in TRAIN_MODES:
+        raise ValueError(f"UniTune has no automatic train mode for {family.label}: pick one of {', '.join(TRAIN_MODES)}.")
+    return family.auto_train
+
+
+def with_guidance(family: families.Family, conditioning: list, guidance: float) -> list:
+    """``conditioning`` with ``guidance`` set as the FluxGuidance node sets it, for a family whose model takes a
+    guidance strength as input (Flux.1 dev); for the others unchanged (they would ignore it)."""
+    if not family.guidance_embed:
+        return conditioning
+    return [[cond, {**extras, "guidance": guidance}] for cond, extras in conditioning]
+
+
+def _trainable(unet: torch.nn.Module, settings: FineTuneSettings, generator: torch.Generator,
+               family: families.Family | str = families.SD15):
     """Make what trains fp32 and trainable in ``unet`` (a twin); returns (parameters, loras by module path).
 
-    full/attention: each trained weight becomes an fp32 master copy in the twin (the base keeps its
-    own); lora: fp32 factors ride on the twin's attention projections as ComfyUI weight functions.
+    What trains is the family's train targets for the mode (``families.train_targets``). full/attention:
+    each trained weight becomes an fp32 master copy in the twin (the base keeps its own); lora: fp32
+    factors ride on the twin's target layers as ComfyUI weight functions.
     """
+    targets = families.train_targets(family, settings.mode)
     unet.requires_grad_(False)
     loras: dict[str, LoraWeight] = {}
     params = []
     if settings.mode in ("full", "attention"):
         for name, module in unet.named_modules():
-            if settings.mode == "attention" and not _is_attention(name):
+            if not targets(name):
                 continue
             for leaf, p in list(module._parameters.items()):
                 if p is not None:
                     params.append(precision.master_parameter(module, leaf))
     else:
         for name, module in unet.named_modules():
-            if _is_attention(name) and name.endswith(ATTENTION_PROJECTIONS) and hasattr(module, "weight_function"):
+            if targets(name) and hasattr(module, "weight_function"):
                 lora = LoraWeight(module.weight.shape, settings.lora_rank, generator=generator)
                 lora.to(module.weight.device)
                 module.weight_function = list(module.weight_function) + [lora]
@@ -154,91 +192,55 @@ def _trainable(unet: torch.nn.Module, settings: FineTuneSettings, generator: tor
 
 def _optimizer(params, settings: FineTuneSettings, in_backward: bool = False):
     """The settings' optimizer; ``in_backward``: stepped per parameter during backward (no gradient buffer)."""
-    if in_backward:
-        return optimizers.StepInBackward(settings.optimizer, params, settings.learning_rate)
-    return optimizers.make(settings.optimizer, params, settings.learning_rate)
+    return trainer.make_optimizer(settings.optimizer, params, settings.learning_rate, in_backward=in_backward)
 
 
-class TrainingRun:
-    """One fine-tune's frozen twin, trainable fp32 state, optimizer and batch draws.
+class TrainingRun(trainer.Trainer):
+    """One fine-tune on the trainer skeleton (``training.trainer``): the frozen twin, what trains, the batch draws.
 
     Build it under ``torch.inference_mode(False)`` after the base is loaded; ``loss()`` draws a batch and
     runs the forward (what autograd keeps for backward is measurable around it), ``step()`` is one
-    optimizer step.
+    optimizer step, ``fit()`` the whole run.
     """
+
+    what = "UniTune"
 
     def __init__(self, base, latents: torch.Tensor, conditioning: list, settings: FineTuneSettings):
         device = base.load_device
+        super().__init__(device, settings.precision, steps=settings.steps, learning_rate=settings.learning_rate,
+                         seed=settings.seed)
         self.settings = settings
-        self.device = device
-        self.dtype = precision.compute_dtype(settings.precision, device)
-        self.twin = precision.frozen_twin(base.model)
-        precision.cast_on_use(self.twin)
-        precision.set_compute_dtype(self.twin, self.dtype)
+        self.family = family_of(base)
+        objective.check_timestep_sampling(base.get_model_object("model_sampling"), settings.timestep_sampling)
+        self.twin = trainer.frozen_model(base.model, self.dtype)
         self.unet = self.twin.diffusion_model
-        self.generator = torch.Generator().manual_seed(settings.seed)
-        self.params, self.loras = _trainable(self.unet, settings, self.generator)
+        params, self.loras = _trainable(self.unet, settings, self.generator, self.family)
         self.unet.train()
         # full/attention train large fp32 masters: step each one during backward so no whole-model gradient
         # buffer exists (fp16 needs the GradScaler's global inf check first, so it keeps the plain step).
         self.in_backward = settings.mode != "lora" and self.dtype != torch.float16
-        self.optimizer = _optimizer(self.params, settings, in_backward=self.in_backward)
-        self.scaler = precision.grad_scaler(device, self.dtype)
+        self.use_optimizer(_optimizer(params, settings, in_backward=self.in_backward), params)
+        self.preview_modules = (self.twin,)
         self.x0 = self.twin.latent_format.process_in(latents.detach().to(device, torch.float32).clone())
-        self.conditioning = conditioning
-        conds = training_conds(self.twin, conditioning, self.x0[:1], device)
-        self.conds = {k: v.expand(settings.batch_size, *v.shape[1:]) for k, v in conds.items()}
+        self.conditioning = with_guidance(self.family, conditioning, settings.guidance)
+        self.conds = batched(training_conds(self.twin, self.conditioning, self.x0[:1], device), settings.batch_size)
 
     def loss(self) -> torch.Tensor:
         """The loss of one drawn batch (the forward runs under autocast in the compute dtype)."""
-        gen, ms, n = self.generator, self.twin.model_sampling, self.settings.batch_size
-        pick = torch.randint(0, self.x0.shape[0], (n,), generator=gen)
-        x0 = self.x0[pick.to(self.device)]
-        noise = torch.randn(x0.shape, generator=gen).to(self.device)
-        sigma = objective.draw_sigmas(ms, n, gen).to(self.device)
+        ms = self.twin.model_sampling
+        x0, noise, sigma = trainer.draw(self.x0, self.settings.batch_size, self.generator, ms,
+                                        self.settings.timestep_sampling)
         x_t = objective.noised(ms, sigma, noise, x0)
         with precision.autocast(self.device, self.dtype):
             denoised = self.twin.apply_model(x_t, sigma, **self.conds)
         return objective.denoised_loss(ms, sigma, x_t, x0, denoised)
 
-    def step(self, i: int) -> float:
-        """Optimizer step ``i`` (0-based); returns its loss. A non-finite loss stops before the update."""
-        loss = self.loss()
-        value = loss.item()
-        loop.check_finite(value, i + 1, self.settings.steps, "UniTune", self.settings.learning_rate)
-        if self.in_backward:
-            loss.backward()  # each parameter steps (and drops its gradient) as its gradient is ready
-            return value
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return value
+    def batch_loss(self, step: int) -> torch.Tensor:
+        return self.loss()
 
-    def render(self, preview: previews.Preview) -> torch.Tensor:
-        """The preview latent: the training caption drawn from the preview's fixed noise (the image reconstructed).
-
-        The twin's forward with the current trained weights, under the training autocast; the noise keeps
-        the training image's aspect at the preview's size, and SDXL's size conditioning is built for it.
-        """
-        h, w = preview.latent_size(self.x0.shape[-2] * 8, self.x0.shape[-1] * 8)
-        noise = previews.fixed_noise((1, self.x0.shape[1], h, w), preview.seed, self.device, torch.float32)
-        conds = training_conds(self.twin, self.conditioning, noise, self.device)
-        ms = self.twin.model_sampling
-
-        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            with precision.autocast(self.device, self.dtype):
-                return self.twin.apply_model(x, sigma, **conds).float()
-
-        return previews.euler(denoise, noise, previews.sigmas(ms, preview.steps), model_sampling=ms)
-
-    def release(self) -> None:
-        """Free the optimizer state and gradients (before the deltas are built, which need neither)."""
-        if isinstance(self.optimizer, optimizers.StepInBackward):
-            self.optimizer.close()
-        self.optimizer = None
-        for p in self.params:
-            p.grad = None
+    def preview_conds(self, noise: torch.Tensor) -> dict:
+        """The training caption's conditioning at the preview's size (SDXL's size conditioning built for it)."""
+        return training_conds(self.twin, self.conditioning, noise, self.device)
 
     def checkpointing(self):
         """The settings' gradient checkpointing on the twin's UNet layers, undone on exit."""
@@ -258,19 +260,15 @@ def fine_tune(base, latents: torch.Tensor, conditioning: list, settings: FineTun
     import comfy.model_management as mm
 
     settings.check()
+    family = family_of(base)
     mm.load_models_gpu([base], force_patch_weights=True)
-    family = families.model_family(base.model)
-    run = hook = None
+    run = None
     try:
         with torch.inference_mode(False), torch.enable_grad():
             base_print = fingerprint.fingerprint(base.model.diffusion_model)
             run = TrainingRun(base, latents, conditioning, settings)
             initial, live_print = _initial_weights(base, run.unet, run.loras)
-            hook = previews.after_step(on_step, preview, partial(run.render, preview), modules=(run.twin,))
-            with run.checkpointing():
-                losses = loop.run(settings.steps, run.step, what="UniTune", learning_rate=settings.learning_rate,
-                                  on_step=hook)
-            run.release()
+            losses = run.fit(on_step, preview)  # releases the optimizer state and gradients, also on Cancel
             with torch.no_grad():
                 if run.loras:
                     tensors = {}
@@ -283,13 +281,15 @@ def fine_tune(base, latents: torch.Tensor, conditioning: list, settings: FineTun
                     tensors = _deltas(run.unet, initial, base)
             compute = str(run.dtype).removeprefix("torch.")
         metadata = settings.metadata()
-        metadata.update({"unitune.base_fingerprint": base_print, "unitune.family": family,
+        if not family.guidance_embed:
+            metadata.pop("unitune.guidance")  # not a model input: it did nothing
+        metadata.update({"unitune.base_fingerprint": base_print, "unitune.family": family.id,
                          "unitune.final_loss": f"{losses[-1]:.6g}", "unitune.compute_dtype": compute})
-        return FineTuneResult(tensors, losses, settings, base_print, family, metadata)
+        return FineTuneResult(tensors, losses, settings, base_print, family.id, metadata)
     finally:
         if run is not None:
             run.release()  # also on Cancel: the per-parameter hooks would keep the state alive
-        del run, hook  # the preview hook holds the run too
+        del run
         mm.soft_empty_cache()
 
 
@@ -332,12 +332,23 @@ def _deltas(unet: torch.nn.Module, initial: dict, base) -> dict[str, torch.Tenso
             continue
         start = initial[name]
         delta = (p.detach().to(start.device, torch.float32) - start.to(torch.float32)).to(dtype).contiguous()
-        module, _, leaf = name.rpartition(".")
-        suffix = "diff" if leaf == "weight" else "diff_b" if leaf == "bias" else None
-        if suffix is None:
-            raise RuntimeError(f"cannot express a delta for parameter {name!r} in ComfyUI's patch format")
-        out[f"diffusion_model.{module}.{suffix}"] = delta.cpu()
+        out[delta_key(name)] = delta.cpu()
     return out
+
+
+def delta_key(name: str) -> str:
+    """The file key of the ``.diff`` delta for diffusion-model parameter ``name``, in ComfyUI's generic format.
+
+    ``<module>.diff`` for a weight, ``<module>.diff_b`` for a bias; any other parameter (a DiT's RMSNorm
+    ``scale``, an embedding table) by its full name, ``<parameter>.diff``, which ``comfy.lora.model_lora_keys_unet``
+    maps for every ``diffusion_model.*`` key that does not end in ``.weight``.
+    """
+    module, _, leaf = name.rpartition(".")
+    if leaf == "weight":
+        return f"diffusion_model.{module}.diff"
+    if leaf == "bias":
+        return f"diffusion_model.{module}.diff_b"
+    return f"diffusion_model.{name}.diff"
 
 
 PATCH_SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha", ".diff_b", ".diff")

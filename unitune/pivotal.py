@@ -37,7 +37,7 @@ NORM_CONTROL = True
 
 @dataclass(frozen=True)
 class Word:
-    """A learned word: what prompts write (``embedding:<name>``) and its vectors by encoder key (clip_l, clip_g)."""
+    """A learned word: what prompts write (``embedding:<name>``) and its vectors by encoder key (clip_l, clip_g, t5xxl)."""
 
     name: str
     vectors: dict[str, torch.Tensor]
@@ -51,7 +51,8 @@ class Word:
         return f"{PREFIX}{self.name}"
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        """The stock embedding layout (as Textual Inversion Train writes): one tensor for SD1.5, else clip_l/clip_g."""
+        """The stock embedding layout (as Textual Inversion Train writes): one tensor for SD1.5, else one per
+        encoder key (clip_l/clip_g for SDXL, clip_l/t5xxl for Flux.1, clip_l/clip_g/t5xxl for SD3)."""
         if self.family == "sd15":
             return {ti.SD15_KEY: self.vectors["clip_l"].contiguous()}
         return {k: v.contiguous() for k, v in self.vectors.items()}
@@ -89,8 +90,11 @@ def read_word(model, clip, value: str) -> Word:
 
     name = word_name(value)
     family = families.model_family(model.model)
+    keys = ti.encoder_keys(model, clip)
+    subs = ti.sub_tokenizers(clip)
     vectors = {}
-    for sub in ti.sub_tokenizers(clip).values():
+    for key in keys:
+        sub, width = subs[key], ti.token_table(clip.cond_stage_model, key).shape[-1]
         found = comfy.sd1_clip.load_embed(name, sub.embedding_directory, sub.embedding_size, sub.embedding_key)
         if found is None:
             folders = ", ".join(map(str, sub.embedding_directory or [])) or "none"
@@ -98,20 +102,20 @@ def read_word(model, clip, value: str) -> Word:
                              f"folders this CLIP reads ({folders}): train it first with Textual Inversion Train "
                              "(connect its embedding output here), or give the name of a file in models/embeddings/.")
         found = found.reshape(-1, found.shape[-1]) if found.dim() != 2 else found
-        if found.shape[-1] != sub.embedding_size:
+        if found.shape[-1] != width:  # the encoder's own table width (what ComfyUI compares the vectors with)
             raise ValueError(f"embedding {value!r} has {found.shape[-1]}-wide vectors for {sub.embedding_key}, which "
-                             f"needs {sub.embedding_size} (an SD1.5 embedding with an SDXL-family model?): this MODEL "
-                             f"is {family}; train the word on this model (Textual Inversion Train, or pivotal_steps "
-                             "here with the embedding input empty).")
+                             f"needs {width} (an SD1.5 embedding with an SDXL-family model, or a file without a "
+                             f"{sub.embedding_key} key?): this MODEL is {family}; train the word on this model "
+                             "(Textual Inversion Train, or pivotal_steps here with the embedding input empty).")
         vectors[sub.embedding_key] = found.to(torch.float32)
     return Word(name, vectors, family, source=f"models/embeddings/{name}")
 
 
 def token_count(clip, text: str) -> int:
-    """How many prompt tokens ``text`` takes (the most over the text encoders), as the stock tokenizer splits it."""
-    counts = []
-    for sub in ti.sub_tokenizers(clip).values():
-        counts.append(len(ti.word_ids(sub, text)))
+    """How many prompt tokens ``text`` takes (the most over the text encoders the CLIP runs), as the stock
+    tokenizers split it (CLIP's BPE and T5's SentencePiece may split a rare word differently)."""
+    subs = ti.sub_tokenizers(clip)
+    counts = [len(ti.word_ids(subs[key], text)) for key in ti.present_encoders(clip)]
     return max(counts, default=0)
 
 
@@ -129,24 +133,34 @@ def check_token(clip, token: str) -> int:
 
 
 def word_settings(name: str, count: int, steps: int, batch_size: int, seed: int, precision: str,
-                  learning_rate: float = LEARNING_RATE, norm_control: bool = NORM_CONTROL) -> ti.TextualInversionSettings:
+                  learning_rate: float = LEARNING_RATE, norm_control: bool = NORM_CONTROL,
+                  gradient_checkpointing: bool = False,
+                  guidance: float = ti.FLUX_GUIDANCE) -> ti.TextualInversionSettings:
     """The textual inversion settings a pivotal word is learned with: the bare word as caption, from its own tokens."""
     return ti.TextualInversionSettings(init_text=name, vectors=count, captions="token alone", steps=steps,
                                        batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                                       precision=precision, norm_control=norm_control)
+                                       precision=precision, norm_control=norm_control,
+                                       gradient_checkpointing=gradient_checkpointing, guidance=guidance)
 
 
 def learn_word(model, clip, latents: torch.Tensor, token: str, steps: int, batch_size: int, seed: int,
                precision: str, on_step: Callable[[int, int, float], None] | None = None,
-               learning_rate: float = LEARNING_RATE, norm_control: bool = NORM_CONTROL) -> Word:
+               learning_rate: float = LEARNING_RATE, norm_control: bool = NORM_CONTROL,
+               gradient_checkpointing: bool = False, guidance: float = ti.FLUX_GUIDANCE) -> Word:
     """Learn the vectors of the word ``token`` on ``latents`` (textual inversion, UNet and CLIP frozen).
 
     The vectors start from the token's own token embeddings, one per token it splits into, so the word
     takes the same prompt positions the token did; the captions are the word alone, as UniTune's are.
-    ``norm_control`` retracts the vectors toward the vocabulary's std after every step (``ti.retract``).
+    ``norm_control`` retracts the vectors toward the vocabulary's std after every step (``ti.retract``);
+    ``gradient_checkpointing`` recomputes the text-encoder layers and diffusion blocks in backward (as the
+    UniTune run does with the same input); ``guidance`` is Flux.1 dev's training guidance (UniTune passes its
+    own, so the word and the tuned model see the same conditioning; ignored by other families). Every family
+    textual inversion trains on: SD1.5, SDXL, Flux.1 (CLIP-L + T5 vectors) and SD3 (CLIP-L + CLIP-G + T5, or
+    the encoders present).
     """
     name, count = token.strip(), check_token(clip, token)
-    settings = word_settings(name, count, steps, batch_size, seed, precision, learning_rate, norm_control)
+    settings = word_settings(name, count, steps, batch_size, seed, precision, learning_rate, norm_control,
+                             gradient_checkpointing, guidance)
     result = ti.train(model, clip, latents, settings, name=name, on_step=on_step)
     log.info("Pivotal UniTune: learned embedding:%s (%d vectors, %d steps at lr %g, norm control %s, loss %.5f)",
              name, count, steps, learning_rate, "on" if norm_control else "off", result.losses[-1])

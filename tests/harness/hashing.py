@@ -21,7 +21,7 @@ def frozen_hashes(model, clip) -> dict[str, str]:
 
     mm.load_models_gpu([model])
     out = {"unet": weight_hash(model.model.diffusion_model), "text": weight_hash(clip.cond_stage_model)}
-    for key in ("clip_l", "clip_g"):
+    for key in ("clip_l", "clip_g", "t5xxl"):
         enc = getattr(clip.cond_stage_model, key, None)
         if enc is not None:
             out[f"vocabulary {key}"] = weight_hash(enc.transformer.get_input_embeddings())

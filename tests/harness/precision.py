@@ -28,17 +28,23 @@ FP8 = torch.float8_e4m3fn
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": FP8}
 
 
-@contextlib.contextmanager
 def native_compute():
     """While active, ComfyUI loads half-precision UNets to compute natively in their dtype."""
+    return computing_in(HALF, None)
+
+
+@contextlib.contextmanager
+def computing_in(weight_dtypes: tuple[torch.dtype, ...], compute: torch.dtype | None):
+    """While active, ComfyUI loads models whose weights are stored in ``weight_dtypes`` to compute in ``compute``
+    (None: natively in the stored dtype), as on a GPU, instead of the CPU's fp32 manual cast."""
     import comfy.model_management as mm
 
     stock = mm.unet_manual_cast
 
     def unet_manual_cast(weight_dtype, inference_device, supported_dtypes=(torch.float16, torch.bfloat16,
                                                                            torch.float32)):
-        if weight_dtype in HALF:
-            return None
+        if weight_dtype in weight_dtypes:
+            return compute
         return stock(weight_dtype, inference_device, list(supported_dtypes))
 
     mm.unet_manual_cast = unet_manual_cast

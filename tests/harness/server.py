@@ -41,6 +41,17 @@ STAND_INS: dict[str, dict[str, str]] = {
     "clip_vision": {"CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors": "sdxl_blocks"},
     "controlnet": {"diffusers_xl_canny_full.safetensors": "sdxl_blocks"},
 }
+# Flux.1 / SD3.5 names the example workflows use (as ComfyUI's Flux.1-dev and SD3.5 templates and examples name them)
+# -> the harness.tiny_dits file that stands in: a family, a text encoder, "vae16" or "sd3_checkpoint". Apart
+# from STAND_INS: bench/gpu_check.py builds a full-size stand-in for every STAND_INS entry.
+DIT_STAND_INS: dict[str, dict[str, str]] = {
+    "diffusion_models": {"flux1-dev.safetensors": "flux1", "flux1-schnell.safetensors": "flux1_schnell"},
+    "text_encoders": {"clip_l.safetensors": "clip_l", "clip_g.safetensors": "clip_g",
+                      "t5xxl_fp16.safetensors": "t5xxl"},
+    "vae": {"ae.safetensors": "vae16"},
+    "checkpoints": {"sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors": "sd3_checkpoint",
+                    "sd3.5_large_fp8_scaled.safetensors": "sd3_checkpoint"},
+}
 # The example workflows carry real-use settings (512 px, 128 training steps). On the tiny random
 # models on a CPU the demo and the e2e tests shrink them, by node class, after UI->API conversion.
 TINY_RUN_OVERRIDES: dict[str, dict[str, object]] = {
@@ -93,6 +104,19 @@ def _link(link: Path, target: Path) -> None:
     link.symlink_to(target, target_is_directory=target.is_dir())
 
 
+def dit_stand_in_path(folder: str, item: str) -> Path:
+    """The built harness.tiny_dits file for a DIT_STAND_INS entry (built if missing)."""
+    from . import tiny_dits
+
+    if folder == "diffusion_models":
+        return tiny_dits.diffusion_model_path(item)
+    if folder == "text_encoders":
+        return tiny_dits.text_encoder_path(item)
+    if folder == "vae":
+        return tiny_dits.vae_path()
+    return tiny_dits.checkpoint_path(item.removesuffix("_checkpoint"))
+
+
 def prepare_base(base: Path, with_models: bool = True) -> Path:
     """Lay out a ComfyUI base directory with the pack and the tiny stand-in models linked in."""
     _link(base / "custom_nodes" / PACK_NAME, REPO_ROOT)
@@ -104,10 +128,17 @@ def prepare_base(base: Path, with_models: bool = True) -> Path:
         _link(base / "custom_nodes" / "frozentune_tiny_clip_vision", Path(__file__).parent / "tiny_clip_vision_node")
         # native half-precision compute on the CPU, only when the server runs with NATIVE_HALF_ENV=1
         _link(base / "custom_nodes" / "frozentune_test_native_half", Path(__file__).parent / "native_half_node")
+        # lets the stock loader nodes read the tiny Flux.1/SD3 stand-ins (see harness.tiny_dits)
+        _link(base / "custom_nodes" / "frozentune_tiny_dit", Path(__file__).parent / "tiny_dit_node")
         for folder, names in STAND_INS.items():
             for name, family in names.items():
                 path = (tiny_models.checkpoint_path(family) if folder == "checkpoints"
                         else tiny_ipadapter.stand_in_path(folder, family))
+                _link(base / "models" / folder / name, path)
+                _link(base / "models" / folder / path.name, path)
+        for folder, names in DIT_STAND_INS.items():
+            for name, item in names.items():
+                path = dit_stand_in_path(folder, item)
                 _link(base / "models" / folder / name, path)
                 _link(base / "models" / folder / path.name, path)
     for sub in ("input", "output", "temp", "user"):

@@ -20,6 +20,10 @@ in all, and build in seconds. Random weights prove plumbing, maths and learning 
   keep their real depth because ComfyUI routes CLIP-G files on ``layers.30`` and shares one
   ``model_config`` between both CLIPs. A tiny SD3 T5 is impossible: its output is concatenated with the
   4096-wide CLIP context, so it would need d_model 4096 (a 131M-parameter token table).
+  Each file carries its options in the metadata key ``TE_OPTIONS_KEY``; ``install_text_encoder_shim()``
+  makes the stock loader nodes (DualCLIPLoader, CheckpointLoaderSimple, ...) pass them, for those files only.
+- ``checkpoint_path("sd3")``: the tiny SD3, VAE and CLIP-L + CLIP-G in one checkpoint, as ComfyUI's SD3.5
+  templates load SD3.5 (CheckpointLoaderSimple).
 - ``real_width_flux_one_block()``: a Flux.1-dev at the real width (hidden 3072, 1 double + 1 single
   block, ~531M parameters, 1 GB bf16) that the stock detection reads without the shim (``long`` tests).
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import logging
 import os
@@ -41,15 +46,19 @@ from typing import Any
 import torch
 
 from harness import tiny_models
-from harness.precision import DTYPE_NAMES, HALF, native_compute
+from harness.precision import DTYPE_NAMES, HALF, computing_in, native_compute
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the text encoders carry TE_OPTIONS_KEY; the SD3 checkpoint
 SEED = 20261201
 CONFIG_KEY = "frozentune_tiny_unet_config"  # safetensors metadata: the file's ComfyUI unet_config as JSON
+# safetensors metadata of the tiny text encoders (and the SD3 checkpoint): the ComfyUI text-encoder
+# model_options (JSON) that build their widths; read by the text-encoder shim (install_text_encoder_shim)
+TE_OPTIONS_KEY = "frozentune_tiny_te_options"
 FAMILIES = ("flux1", "flux1_schnell", "sd3")
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")  # UNETLoader's weight_dtype choices
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 LATENT_CHANNELS = 16
 DOWNSCALE = 8
 
@@ -73,6 +82,9 @@ CLIP_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads
 T5_CONFIG = {"d_model": 64, "d_ff": 128, "d_kv": 32, "num_heads": 2, "num_layers": 2}
 # What ``encode`` gives per family: (context width, pooled width); the context length is 256 (Flux T5) / 77.
 COND_WIDTHS = {"flux1": (64, 64), "flux1_schnell": (64, 64), "sd3": (4096, 128)}
+# The model_options each tiny text-encoder file needs (written into its TE_OPTIONS_KEY metadata).
+TE_FILE_OPTIONS = {"clip_l": {"model_config": CLIP_CONFIG}, "clip_g": {"model_config": CLIP_CONFIG},
+                   "t5xxl": {"t5xxl_model_config": T5_CONFIG}}
 
 REAL_FLUX_UNET = {
     **_FLUX_UNET, "hidden_size": 3072, "num_heads": 24, "axes_dim": [16, 56, 56], "vec_in_dim": 768,
@@ -129,7 +141,7 @@ def cache_dir() -> Path:
 
 
 def folder(kind: str) -> Path:
-    """The cache folder for one ComfyUI model kind ("diffusion_models", "vae", "text_encoders")."""
+    """The cache folder for one ComfyUI model kind ("diffusion_models", "vae", "text_encoders", "checkpoints")."""
     return cache_dir() / kind
 
 
@@ -137,7 +149,7 @@ def register_folders() -> None:
     """Make the cache folders ComfyUI model folders, so the stock loader nodes list the tiny files."""
     import folder_paths
 
-    for kind in ("diffusion_models", "vae", "text_encoders"):
+    for kind in ("diffusion_models", "vae", "text_encoders", "checkpoints"):
         folder(kind).mkdir(parents=True, exist_ok=True)
         folder_paths.add_model_folder_path(kind, str(folder(kind)))
 
@@ -186,6 +198,90 @@ def without_detection_shim():
     finally:
         if was:
             install_detection_shim()
+
+
+# --- the text-encoder shim --------------------------------------------------------------------------
+
+def te_options_of(paths) -> dict:
+    """The tiny text-encoder ``model_options`` that the files at ``paths`` carry (``TE_OPTIONS_KEY``), merged;
+    {} when none does (other files, including anything that is not safetensors)."""
+    import safetensors
+
+    options: dict = {}
+    for path in paths:
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except Exception:  # not a safetensors file (.pt, .bin, gguf...): the stock loader's business
+            continue
+        if TE_OPTIONS_KEY in metadata:
+            options.update(json.loads(metadata[TE_OPTIONS_KEY]))
+    return options
+
+
+def install_text_encoder_shim() -> None:
+    """Let the stock text-encoder loaders read the tiny text encoders (idempotent).
+
+    ComfyUI builds CLIP-L/G and T5 from fixed full-size configs and its loader nodes (CLIPLoader,
+    DualCLIPLoader, TripleCLIPLoader, CheckpointLoaderSimple) pass no ``model_options`` that could change
+    that. This wraps ``comfy.sd.load_clip`` and ``comfy.sd.load_state_dict_guess_config`` (what those nodes
+    call) to add the options a file carries in its ``TE_OPTIONS_KEY`` metadata; files without the key load
+    exactly as stock ComfyUI loads them (the same arguments reach the stock functions).
+    """
+    import comfy.sd
+
+    if getattr(comfy.sd.load_clip, "frozentune_tiny_shim", False):
+        return
+    stock_load_clip = comfy.sd.load_clip
+    stock_guess = comfy.sd.load_state_dict_guess_config
+
+    def load_clip(ckpt_paths, embedding_directory=None, clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
+                  model_options={}):  # noqa: B006 - the stock signature, never mutated
+        tiny = te_options_of(ckpt_paths)
+        if tiny:
+            model_options = {**model_options, **tiny}
+        return stock_load_clip(ckpt_paths, embedding_directory=embedding_directory, clip_type=clip_type,
+                               model_options=model_options)
+
+    def load_state_dict_guess_config(sd, *args, **kwargs):
+        metadata = kwargs.get("metadata", args[7] if len(args) > 7 else None)
+        if metadata and TE_OPTIONS_KEY in metadata:
+            tiny = json.loads(metadata[TE_OPTIONS_KEY])
+            if len(args) > 6:
+                args = (*args[:6], {**args[6], **tiny}, *args[7:])
+            else:
+                kwargs["te_model_options"] = {**kwargs.get("te_model_options", {}), **tiny}
+        return stock_guess(sd, *args, **kwargs)
+
+    for shim, stock in ((load_clip, stock_load_clip), (load_state_dict_guess_config, stock_guess)):
+        shim.frozentune_tiny_shim = True
+        shim.stock = stock
+    comfy.sd.load_clip = load_clip
+    comfy.sd.load_state_dict_guess_config = load_state_dict_guess_config
+    log.info("tiny-DiT text-encoder shim installed (answers only for files with %s metadata)", TE_OPTIONS_KEY)
+
+
+def uninstall_text_encoder_shim() -> bool:
+    """Put ComfyUI's own text-encoder loading back; True if the shim was installed."""
+    import comfy.sd
+
+    if not getattr(comfy.sd.load_clip, "frozentune_tiny_shim", False):
+        return False
+    comfy.sd.load_clip = comfy.sd.load_clip.stock
+    if getattr(comfy.sd.load_state_dict_guess_config, "frozentune_tiny_shim", False):
+        comfy.sd.load_state_dict_guess_config = comfy.sd.load_state_dict_guess_config.stock
+    return True
+
+
+@contextlib.contextmanager
+def without_text_encoder_shim():
+    """Stock text-encoder loading only, inside; the shim comes back after if it was installed."""
+    was = uninstall_text_encoder_shim()
+    try:
+        yield
+    finally:
+        if was:
+            install_text_encoder_shim()
 
 
 # --- building ----------------------------------------------------------------------------------------
@@ -284,7 +380,8 @@ def text_encoder_path(name: str) -> Path:
     if not path.exists():
         log.info("building tiny %s text encoder at %s", name, path)
         seed = SEED + 10 + TEXT_ENCODERS.index(name)
-        _save(tiny_models.random_state_dict(_text_encoder_module(name), seed, torch.float16), path)
+        _save(tiny_models.random_state_dict(_text_encoder_module(name), seed, torch.float16), path,
+              {TE_OPTIONS_KEY: json.dumps(TE_FILE_OPTIONS[name])})
     return path
 
 
@@ -299,8 +396,35 @@ def text_encoder_options(family: str) -> dict:
     return options
 
 
+def checkpoint_path(family: str = "sd3") -> Path:
+    """Path to a tiny all-in-one checkpoint (CheckpointLoaderSimple's kind, like ComfyUI's SD3.5 templates load),
+    built if missing: the tiny SD3 under ``model.diffusion_model.``, the 16-channel VAE under
+    ``first_stage_model.`` and CLIP-L + CLIP-G under ``text_encoders.`` (no T5, see the module docstring).
+
+    Its ``TE_OPTIONS_KEY`` metadata gives the tiny text-encoder widths to the text-encoder shim.
+    """
+    if family != "sd3":
+        raise ValueError(f"only the tiny SD3 comes as a checkpoint, not {family!r}")
+    path = folder("checkpoints") / f"frozentune_tiny_{family}_checkpoint_v{RECIPE_VERSION}.safetensors"
+    if not path.exists():
+        import safetensors.torch
+
+        log.info("building the tiny %s checkpoint at %s", family, path)
+        sd = {f"model.diffusion_model.{k}": v for k, v in diffusion_model_state_dict(family).items()}
+        sd.update({f"first_stage_model.{k}": v for k, v in _vae_state_dict().items()})
+        options: dict = {}
+        for name in RECIPES[family].text_encoders:
+            # per CLIP: load_state_dict_guess_config has no long_clipl step that maps "model_config" to each
+            options[f"{name}_model_config"] = dict(CLIP_CONFIG)
+            te = safetensors.torch.load_file(str(text_encoder_path(name)))
+            sd.update({f"text_encoders.{name}.transformer.{k}": v for k, v in te.items()})
+        _save(sd, path, {TE_OPTIONS_KEY: json.dumps(options)})
+    return path
+
+
 def build_all() -> list[Path]:
-    """Every tiny file (not the real-width Flux): for a warm cache before timing-sensitive runs."""
+    """Every tiny file (not the real-width Flux, nor the SD3 checkpoint, a copy of the SD3 files built on first
+    use): for a warm cache before timing-sensitive runs."""
     paths = [diffusion_model_path(f) for f in FAMILIES] + [vae_path()]
     return paths + [text_encoder_path(n) for n in TEXT_ENCODERS]
 
@@ -311,26 +435,6 @@ def _dtype(value) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
     return DTYPE_NAMES[value]
-
-
-@contextlib.contextmanager
-def _fp8_computing_in(dtype: torch.dtype):
-    """fp8-stored weights cast to ``dtype`` for compute (what a bf16/fp16 GPU does; the CPU would pick fp32)."""
-    import comfy.model_management as mm
-
-    stock = mm.unet_manual_cast
-
-    def unet_manual_cast(weight_dtype, inference_device, supported_dtypes=(torch.float16, torch.bfloat16,
-                                                                           torch.float32)):
-        if weight_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            return dtype
-        return stock(weight_dtype, inference_device, list(supported_dtypes))
-
-    mm.unet_manual_cast = unet_manual_cast
-    try:
-        yield
-    finally:
-        mm.unet_manual_cast = stock
 
 
 def load_model(family: str, dtype: torch.dtype | str | None = None, weight_dtype: str | None = None):
@@ -352,7 +456,7 @@ def load_model(family: str, dtype: torch.dtype | str | None = None, weight_dtype
     if weight_dtype not in (None, *WEIGHT_DTYPES):
         raise ValueError(f"weight_dtype {weight_dtype!r} is not one of UNETLoader's {WEIGHT_DTYPES}")
     if weight_dtype not in (None, "default"):
-        ctx = _fp8_computing_in(dtype) if dtype is not None else contextlib.nullcontext()
+        ctx = computing_in(FP8, dtype) if dtype is not None else contextlib.nullcontext()
         with ctx:
             return nodes.UNETLoader().load_unet(path.name, weight_dtype)[0]
     if dtype is None or dtype == torch.float32:
@@ -421,6 +525,14 @@ def get(family: str) -> TinyDiT:
 @functools.cache
 def _shared_vae():
     return load_vae()
+
+
+def forget() -> None:
+    """Drop the cached models (the ``tiny_dit`` fixture's teardown), so none is left for interpreter exit,
+    where ``ModelPatcher.__del__`` would run after ComfyUI's module globals are gone."""
+    get.cache_clear()
+    _shared_vae.cache_clear()
+    gc.collect()
 
 
 # --- the real-width Flux -----------------------------------------------------------------------------

@@ -11,3 +11,31 @@ def style_image(comfy_root):
     from harness import tiny_ipadapter
 
     return tiny_ipadapter.style_image()
+
+
+@pytest.fixture(scope="module")
+def embeddings_dir(tmp_path_factory, pack):
+    """A fresh folder as ComfyUI's only ``embeddings`` folder for the module (restored after)."""
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("embeddings")
+    saved = folder_paths.folder_names_and_paths["embeddings"]
+    folder_paths.folder_names_and_paths["embeddings"] = ([str(folder)], saved[1])
+    yield folder
+    folder_paths.folder_names_and_paths["embeddings"] = saved
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The conditioning UniTune Fine-Tune hands to the trainer, per run."""
+    from frozentune.unitune import finetune
+
+    seen = []
+    stock = finetune.fine_tune
+
+    def fine_tune(base, latents, conditioning, settings, **kwargs):
+        seen.append(conditioning)
+        return stock(base, latents, conditioning, settings, **kwargs)
+
+    monkeypatch.setattr(finetune, "fine_tune", fine_tune)
+    return seen

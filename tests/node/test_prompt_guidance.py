@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from harness import half_tier
+from harness.guiders import ours, stock_cfg
 
 STEPS = 4
 # DualCFGGuider sums the same three predictions in another order: ~1e-7 relative in fp32. In bf16/fp16 the
@@ -68,21 +69,6 @@ def assert_close(got, expected, tol=1e-5):
     err, scale = (got - expected).abs().max().item(), max(1.0, expected.abs().max().item())
     logging.getLogger(__name__).info("max abs error %.3g at scale %.3g (relative %.3g)", err, scale, err / scale)
     assert err <= tol * scale, f"max abs error {err:.3g} at scale {scale:.3g}"
-
-
-def ours(model, p, cfg, pg, **kw):
-    from frozentune.nodes.guidance_nodes import PromptGuidanceGuider
-
-    args = dict(pg_start=0.0, pg_end=1.0, rescale=0.0)
-    args.update(kw)
-    return PromptGuidanceGuider.execute(model=model, positive=p["positive"], baseline=p["baseline"],
-                                        negative=p["negative"], cfg=cfg, pg=pg, **args).args[0]
-
-
-def stock_cfg(model, p, cfg):
-    from comfy_extras.nodes_custom_sampler import CFGGuider
-
-    return CFGGuider.execute(model, p["positive"], p["negative"], cfg).args[0]
 
 
 # fp16 (long) repeats bf16's native half path; fp16 with the guider stays in make test in test_prompt_guidance_pre_cfg

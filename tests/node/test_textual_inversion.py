@@ -22,17 +22,6 @@ SHALLOW_SD15 = {"clip_l_model_config": {"num_hidden_layers": 2}}
 log = logging.getLogger(__name__)
 
 
-@pytest.fixture(scope="module")
-def embeddings_dir(tmp_path_factory, comfy_root):
-    import folder_paths
-
-    folder = tmp_path_factory.mktemp("embeddings")
-    saved = folder_paths.folder_names_and_paths["embeddings"]
-    folder_paths.folder_names_and_paths["embeddings"] = ([str(folder)], saved[1])
-    yield folder
-    folder_paths.folder_names_and_paths["embeddings"] = saved
-
-
 def load_shallow(path, embeddings_dir, family, dtype=None):
     import comfy.sd
 

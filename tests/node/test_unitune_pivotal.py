@@ -55,22 +55,6 @@ def run(model, clip, vae, **overrides):
     return UniTuneFineTune.execute(model=model, clip=clip, vae=vae, image=subject_image(32), **args).args[:4]
 
 
-@pytest.fixture
-def captured(monkeypatch):
-    """The conditioning UniTune Fine-Tune hands to the trainer, per run."""
-    from frozentune.unitune import finetune
-
-    seen = []
-    stock = finetune.fine_tune
-
-    def fine_tune(base, latents, conditioning, settings, **kwargs):
-        seen.append(conditioning)
-        return stock(base, latents, conditioning, settings, **kwargs)
-
-    monkeypatch.setattr(finetune, "fine_tune", fine_tune)
-    return seen
-
-
 def assert_same_conditioning(a, b):
     assert torch.equal(a[0][0], b[0][0])
     pa, pb = a[0][1].get("pooled_output"), b[0][1].get("pooled_output")

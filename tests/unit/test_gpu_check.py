@@ -151,6 +151,14 @@ def test_an_unknown_workflow_name_is_refused(gpu_check):
     assert [p.stem for p in gpu_check.workflow_files(list(DRY_RUN_WORKFLOWS))] == list(DRY_RUN_WORKFLOWS)
 
 
+def test_workflows_on_bases_without_full_size_models_are_left_out(gpu_check):
+    every = sorted((REPO / "workflows").glob("*.json"))
+    kept = gpu_check.workflow_files()
+    assert kept and all(p.stem.endswith(("(SD1.5)", "(SDXL)")) for p in kept)
+    assert {p.stem for p in every} - {p.stem for p in kept} == {p.stem for p in every if not
+                                                                p.stem.endswith(("(SD1.5)", "(SDXL)"))}
+
+
 def test_loads_default_to_every_family_in_every_dtype_and_a_typo_is_refused(gpu_check):
     assert gpu_check.parse_loads("") == [("sd15", "bf16"), ("sd15", "fp16"), ("sdxl", "bf16"), ("sdxl", "fp16")]
     assert gpu_check.parse_loads(" sdxl:bf16, sd15:fp16 ") == [("sdxl", "bf16"), ("sd15", "fp16")]
@@ -186,7 +194,8 @@ def dry_run(out: Path, loads: list[str], workflows: list[str], quick: dict | Non
 
     names = [i["name"] for i in report["items"]]
     loads = [tuple(x.split(":")) for x in loads] or [(f, d) for f in ("sd15", "sdxl") for d in ("bf16", "fp16")]
-    workflows = workflows or [p.stem for p in sorted((REPO / "workflows").glob("*.json"))]  # the script's order
+    workflows = workflows or [p.stem for p in sorted((REPO / "workflows").glob("*.json"))  # the script's order
+                              if p.stem.endswith(("(SD1.5)", "(SDXL)"))]  # the bases it builds models for
     trainers = {f"{family}:{dtype}": ("unitune_finetune", "controlnet_zero") for family, dtype in loads} | (quick or {})
     expected = [f"{kind} {family} {dtype}" for family, dtype in loads
                 for kind in ("load", *trainers[f"{family}:{dtype}"])]

@@ -53,3 +53,26 @@ def test_fit_mask_resizes_and_checks_shape():
     assert edit.fit_mask(torch.ones(4, 4), 8, 8).shape == (1, 8, 8)
     with pytest.raises(ValueError, match=r"\(1, 1, 4, 4\)"):
         edit.fit_mask(torch.ones(1, 1, 4, 4), 8, 8)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 8, 8), (1, 16, 8, 8), (1, 16, 1, 8, 8)])
+def test_repeat_batch_copies_along_the_batch_dim_at_any_rank(shape):
+    """Qwen-Image's Wan-2.1 latents are 5-D: ``latent.repeat(batch, 1, 1, 1)`` raised on them."""
+    latent = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    out = edit.repeat_batch(latent, 3)
+    assert out.shape == (3, *shape[1:]) and all(torch.equal(row, latent[0]) for row in out)
+
+
+def test_latent_mask_keeps_one_mask_per_variation_for_5d_latents():
+    masks = torch.rand(2, 64, 64)
+    assert edit.latent_mask(masks, torch.zeros(2, 16, 8, 8)) is masks  # ComfyUI's MASK as it is
+    shaped = edit.latent_mask(masks, torch.zeros(2, 16, 1, 8, 8))
+    assert shaped.shape == (2, 1, 1, 64, 64) and torch.equal(shaped[:, 0, 0], masks)
+    assert edit.latent_mask(None, torch.zeros(2, 16, 1, 8, 8)) is None
+
+
+def test_decoded_images_flattens_a_video_vaes_frames():
+    frames = torch.rand(2, 1, 64, 64, 3)
+    assert torch.equal(edit.decoded_images(frames), frames[:, 0])
+    images = torch.rand(2, 64, 64, 3)
+    assert edit.decoded_images(images) is images
