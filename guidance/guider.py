@@ -55,13 +55,17 @@ BASELINE_INDEX = 2  # cond_or_uncond value of the baseline chunks
 UNCONDITIONAL = (1,)  # the negative; the baseline is a conditional prompt
 
 
+def _from_positive(baseline: list, positive: list, key: str) -> list:
+    """The baseline conditioning, given the positive's ``key`` entry where it has none (copies, never mutates)."""
+    value = next((extras[key] for _, extras in positive if extras.get(key) is not None), None)
+    if value is None:
+        return baseline
+    return [[tensor, extras if extras.get(key) is not None else {**extras, key: value}] for tensor, extras in baseline]
+
+
 def with_positive_control(baseline: list, positive: list) -> list:
     """The baseline conditioning, given the positive's ControlNet where it has none (copies, never mutates)."""
-    control = next((extras["control"] for _, extras in positive if extras.get("control") is not None), None)
-    if control is None:
-        return baseline
-    return [[tensor, extras if extras.get("control") is not None else {**extras, "control": control}]
-            for tensor, extras in baseline]
+    return _from_positive(baseline, positive, "control")
 
 
 def with_positive_guidance(baseline: list, positive: list) -> list:
@@ -73,15 +77,12 @@ def with_positive_guidance(baseline: list, positive: list) -> list:
     measure that difference as well as the prompts'. A value the baseline sets itself is kept (logged when
     it differs). Copies, never mutates.
     """
-    values = [extras["guidance"] for _, extras in positive if "guidance" in extras]
-    if not values:
-        return baseline
+    value = next((extras["guidance"] for _, extras in positive if extras.get("guidance") is not None), None)
     for _, extras in baseline:
-        if "guidance" in extras and extras["guidance"] != values[0]:
+        if value is not None and extras.get("guidance") is not None and extras["guidance"] != value:
             log.warning("Prompt Guidance: the baseline's guidance %s is not the positive's %s; keeping the "
-                        "baseline's (the pg term then measures both differences)", extras["guidance"], values[0])
-    return [[tensor, extras if "guidance" in extras else {**extras, "guidance": values[0]}]
-            for tensor, extras in baseline]
+                        "baseline's (the pg term then measures both differences)", extras["guidance"], value)
+    return _from_positive(baseline, positive, "guidance")
 
 
 def rescale_guidance(denoised: torch.Tensor, positive: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor,

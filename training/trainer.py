@@ -132,18 +132,21 @@ class Trainer:
         inf check must see every gradient before any step).
         """
         require_fp32(params, subject, fix)
+        self._adopt(optimizer, params)
+
+    def build_optimizer(self, name: str, params: list[torch.Tensor], weight_decay: float = 1e-2, *,
+                        in_backward: bool = False, **refusal: str) -> None:
+        """``use_optimizer`` with the optimizer ``name`` (``make_optimizer``); the fp32 check runs before it is
+        built, since an in-backward optimizer hooks the parameters as it is made."""
+        params = list(params)
+        require_fp32(params, **refusal)
+        self._adopt(make_optimizer(name, params, self.learning_rate, weight_decay, in_backward), params)
+
+    def _adopt(self, optimizer, params: list[torch.Tensor]) -> None:
         self.params, self.optimizer = list(params), optimizer
         self.in_backward = isinstance(optimizer, optimizers.StepInBackward)
         if self.in_backward and self.dtype == torch.float16:
             raise ValueError("stepping in backward cannot run with fp16 loss scaling: compute in bf16 or fp32.")
-
-    def build_optimizer(self, name: str, params: list[torch.Tensor], weight_decay: float = 1e-2, *,
-                        in_backward: bool = False, **refusal: str) -> None:
-        """``use_optimizer`` with the optimizer ``name`` (``make_optimizer``)."""
-        params = list(params)
-        require_fp32(params, **refusal)
-        self.use_optimizer(make_optimizer(name, params, self.learning_rate, weight_decay, in_backward), params,
-                           **refusal)
 
     def zero_grad(self) -> None:
         if not self.in_backward:  # StepInBackward drops each gradient as it steps
