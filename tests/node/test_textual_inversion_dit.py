@@ -428,3 +428,21 @@ def test_norm_control_retracts_each_encoder_toward_its_own_vocabulary(variant, d
     widths = {key: ti.token_table(clip.cond_stage_model, key).shape[-1] for key in keys}
     assert calls == [(widths[k], pytest.approx(stds[k])) for k in keys] * 2
     assert word.metadata["textual_inversion.norm_control"] == "True"
+
+
+@pytest.mark.parametrize("variant", ["flux1", "sd3"])
+def test_flux_guidance_input_changes_the_word_on_flux_dev_only(variant, dit):
+    """TI Train's ``flux_guidance`` is the guidance the DiT predicts at while the word learns: on Flux.1 dev
+    another value learns other vectors (and is recorded); SD3 has no guidance input, so the word is the same."""
+    model, clip, vae, _ = dit(variant)
+    words = {}
+    for guidance in (1.0, 3.5):
+        *_, path, _ = run_node(model, clip, vae, name=f"guided_{variant}_{guidance:g}", flux_guidance=guidance)
+        words[guidance] = read_file(path)
+    (low, low_meta), (high, high_meta) = words[1.0], words[3.5]
+    if variant == "flux1":
+        assert any(not torch.equal(low[k], high[k]) for k in low)
+        assert (low_meta["textual_inversion.guidance"], high_meta["textual_inversion.guidance"]) == ("1.0", "3.5")
+    else:
+        assert all(torch.equal(low[k], high[k]) for k in low)
+        assert "textual_inversion.guidance" not in low_meta
