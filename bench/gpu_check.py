@@ -23,6 +23,18 @@ What it does, in one process plus one ComfyUI server:
    after the first, from the progress-bar updates) and ``torch.cuda.max_memory_allocated`` (reset
    before each item; the workflows' is read inside the server by ``bench/gpu_check_probe``).
 
+``--dit``: the same for Flux.1-dev and SD3.5 Large instead, as a run of its own (10 minutes of its own: both
+together do not fit one). Random full-size DiTs built on the GPU and stored in fp8 (Flux.1-dev 11.90B through the
+stock ``UNETLoader`` with ``weight_dtype`` fp8_e4m3fn, as the detection reads the real file's shapes; SD3.5 Large
+8.06B as a checkpoint with full-size CLIP-L + CLIP-G and no T5, which ComfyUI zero-pads, through the stock
+checkpoint loader), full-size CLIP-L, a T5 at T5-XXL's real width with 1 of its 24 layers (``t5xxl_model_config``
+in the file's metadata, read by the test-only text-encoder shim of ``harness.tiny_dits``: the whole T5-XXL would
+add 4.4B parameters and 8.8 GB over the 40 GB disk limit, so Textual Inversion's backward through 24 T5 layers is
+not measured here) and a full-size 16-channel KL VAE (Flux's ``ae`` layout). Items: the load, UniTune
+Fine-Tune (LoRA, batch 1 at 1024 px, bf16, checkpointing: peak memory against the memory bench's targets),
+Textual Inversion Train, and the two DiT example workflows. Disk: the SD run's files and these together stay
+under 40 GB (report.md prints the sum; the dry run computes it for the full-size layouts).
+
 Exit code 0 if every item passed, 1 if any failed (each item runs in its own try/except, so one failure
 is reported and the rest still run), 2 with a one-line reason when no CUDA GPU is visible.
 """
@@ -50,6 +62,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # for `harness`, from any cwd
+sys.path.insert(0, str(REPO / "bench"))  # for `full_size`, also when loaded by path (the unit test)
 
 log = logging.getLogger("frozentune.gpu_check")
 
@@ -58,8 +71,34 @@ SEED = 20261201
 PROBE_DIR = Path(__file__).resolve().parent / "gpu_check_probe"
 DTYPES = ("bf16", "fp16")
 FAMILIES = ("sd15", "sdxl")
-ALL_LOADS = tuple(f"{family}:{dtype}" for family in FAMILIES for dtype in DTYPES)  # what the GPU run loads
+SD_LOADS = tuple(f"{family}:{dtype}" for family in FAMILIES for dtype in DTYPES)  # what the GPU run loads
+# ``--dit`` (issue 22): Flux.1-dev and SD3.5 Large, weights stored in fp8 (e4m3fn), training computing in bf16
+DIT_FAMILIES = ("flux1", "sd3")
+DIT_LOADS = ("flux1:bf16", "sd3:bf16")
+ALL_LOADS = SD_LOADS + DIT_LOADS
+# per family, the trainer items run on each load (ControlNet-Zero on DiTs is issue 23's)
+FAMILY_TRAINERS = {"sd15": ("unitune_finetune", "controlnet_zero"), "sdxl": ("unitune_finetune", "controlnet_zero"),
+                   "flux1": ("unitune_finetune", "textual_inversion"), "sd3": ("unitune_finetune", "textual_inversion")}
+# bench/memory_bench.py --full's targets for UniTune LoRA at 1024 px, batch 1, fp8 weights, bf16, checkpointing
+DIT_MEMORY_TARGETS_GIB = {"flux1": 16.0, "sd3": 12.0}
+DIT_LORA_RANK = {"flux1": 16}  # the memory bench's Flux case (issue 22); SD3.5: the node's default (32)
 BUDGET_SECONDS = 600  # issue 21: the whole run, model build included, under 10 minutes on one H100
+DISK_LIMIT_BYTES = 40 * 10**9  # issue 21: disk under 40 GB, the SD run's and the --dit run's builds together
+# Estimates for ``--dit`` on one H100, before any GPU ran it (seconds; report.md prints them beside the measured
+# run). Random init on the GPU is seconds (12B normal draws); writing is safetensors moving each tensor to the
+# host then one file write (~1 GB/s assumed); steps from FLOPs: Flux.1-dev at 1024 px is ~110 TFLOP per image
+# forward (2 x 11.9B x 4608 tokens), ~0.4 s on an H100 (~30% of its bf16 peak; not measured here); a
+# checkpointed training step is ~4 forwards, a textual-inversion step ~3 (no weight gradients); SD3.5 Large
+# ~68 TFLOP (2 x 8.1B x 4173 tokens), ~0.25 s.
+DIT_ESTIMATES = (
+    ("build Flux.1-dev (fp8, 11.9 GB) + CLIP-L + 1-layer T5-XXL + 16-ch VAE (1.1 GB)", 45),
+    ("build SD3.5 Large checkpoint (fp8, 8.1 GB + CLIP-L/G and VAE 1.8 GB)", 35),
+    ("load Flux.1-dev + UniTune LoRA 4 steps (~1.6 s/step) + Textual Inversion 4 steps (~1.2 s/step)", 60),
+    ("load SD3.5 Large + UniTune LoRA 4 steps (~1.0 s/step) + Textual Inversion 4 steps (~0.8 s/step)", 45),
+    ("server start", 20),
+    ("workflow Flux.1 dev: load, 8 training steps at batch 2, 25 edit steps x 2 predictions x batch 2, 1024 px", 110),
+    ("workflow SD3.5: load, 8 training steps at batch 2, 27 edit steps x 3 predictions x batch 2, 1024 px", 90),
+)
 QUICK_BUDGET_SECONDS = 240  # issue 21: ``--quick`` in 4 minutes
 # ``--quick``: one trainer item per family (both trainers and both dtypes still covered) and one workflow.
 QUICK_TRAINERS = {"sd15:fp16": ("unitune_finetune",), "sdxl:bf16": ("controlnet_zero",)}
@@ -90,25 +129,47 @@ class Mode:
     """Sizes of one run: ``full`` on the GPU, ``tiny`` for the CPU dry run of the same code."""
 
     name: str
-    unets: dict[str, dict]  # family -> UNet kwargs
+    unets: dict[str, dict]  # family -> UNet kwargs (DiTs: ComfyUI's unet_config, as detect_unet_config gives it)
     detected: dict[str, str]  # family -> class name in comfy.supported_models the loader must pick
     sizes: dict[str, int]  # family -> training image side in pixels
     train_steps: int
     workflow_train_steps: int
     batch_size: int | None = None  # None: the node's default (SDXL: 1)
+    # text encoder -> ComfyUI model_config entries over its stock full-size config ({}: the stock one), written
+    # into the file's metadata for the text-encoder shim (harness.tiny_dits.TE_OPTIONS_KEY)
+    text_encoders: dict[str, dict] = field(default_factory=dict)
+    flux_config_in_file: bool = False  # tiny Flux: detection reads its unet_config from the file (24 heads fixed)
+
+
+# The T5 the --dit run builds: T5-XXL's real width (d_model 4096, which Flux.1's txt_in and SD3's context take)
+# with 1 of its 24 layers, 0.33B parameters instead of 4.76B (the disk limit: see report.md's disk line). ComfyUI
+# reads the layer count from the file's metadata through the text-encoder shim (the stock DualCLIPLoader always
+# builds 24 layers).
+T5_LAYERS = {"num_layers": 1}
 
 
 def full_mode(train_steps: int = 4, workflow_train_steps: int = 8) -> Mode:
-    return Mode("full", {"sd15": SD15_UNET, "sdxl": SDXL_UNET}, {"sd15": "SD15", "sdxl": "SDXL"},
-                {"sd15": 512, "sdxl": 1024}, train_steps, workflow_train_steps)
+    from full_size import FLUX_DEV_FULL, SD35_LARGE_FULL
+
+    return Mode("full", {"sd15": SD15_UNET, "sdxl": SDXL_UNET, "flux1": FLUX_DEV_FULL, "sd3": SD35_LARGE_FULL},
+                {"sd15": "SD15", "sdxl": "SDXL", "flux1": "Flux", "sd3": "SD3"},
+                {"sd15": 512, "sdxl": 1024, "flux1": 1024, "sd3": 1024}, train_steps, workflow_train_steps,
+                text_encoders={"clip_l": {}, "clip_g": {}, "t5xxl": dict(T5_LAYERS)})
 
 
 def tiny_mode() -> Mode:
-    from harness import tiny_models  # SDXL_BLOCKS has SDXL's block ids, which the InstantStyle presets need
+    # SDXL_BLOCKS has SDXL's block ids, which the InstantStyle presets need
+    from harness import tiny_dits, tiny_models
 
-    return Mode("tiny", {"sd15": tiny_models.SD15.unet, "sdxl": tiny_models.SDXL_BLOCKS.unet},
-                {"sd15": tiny_models.SD15.expected_config, "sdxl": tiny_models.SDXL_BLOCKS.expected_config},
-                {"sd15": 64, "sdxl": 64}, 2, 2, batch_size=1)
+    dits = {f: tiny_dits.RECIPES[f] for f in DIT_FAMILIES}
+    return Mode("tiny", {"sd15": tiny_models.SD15.unet, "sdxl": tiny_models.SDXL_BLOCKS.unet,
+                         **{f: r.unet for f, r in dits.items()}},
+                {"sd15": tiny_models.SD15.expected_config, "sdxl": tiny_models.SDXL_BLOCKS.expected_config,
+                 **{f: r.config_class for f, r in dits.items()}},
+                {"sd15": 64, "sdxl": 64, "flux1": 64, "sd3": 64}, 2, 2, batch_size=1,
+                text_encoders={"clip_l": tiny_dits.CLIP_CONFIG, "clip_g": tiny_dits.CLIP_CONFIG,
+                               "t5xxl": tiny_dits.T5_CONFIG},
+                flux_config_in_file=True)
 
 
 # --- results ---------------------------------------------------------------------------------------------
@@ -128,6 +189,7 @@ class Item:
     settings: dict = field(default_factory=dict)  # what was set on top of the schema / workflow values
     outputs: list[str] = field(default_factory=list)
     error: str = ""
+    memory_target_gib: float | None = None  # the memory bench's target for this case, where it has one
 
 
 def steps_per_second(times: list[float]) -> float | None:
@@ -290,48 +352,196 @@ def controlnet_weights(checkpoint_sd: dict, device: str, dtype) -> dict:
     return sd
 
 
-def save(path: Path, sd: dict, note: str) -> Path:
+# --- Flux.1-dev and SD3.5 (``--dit``) ------------------------------------------------------------------------
+
+DIT_FILES = {"flux1": ("flux1", "clip_l", "t5xxl", "vae16"), "sd3": ("sd3",)}  # what each DiT family's build writes
+KL16_VAE = dict(KL_VAE, z_channels=16)  # Flux.1's ae / SD3's VAE: the SD KL layout, 16 latent channels, no quant convs
+
+
+def dit_weights(mode: Mode, family: str, device: str, dtype, metadata: dict) -> dict:
+    """``family``'s diffusion model (bare ComfyUI keys) with random weights stored in ``dtype`` (fp8 on the GPU).
+
+    Checked against ComfyUI's detection as the loaders will run it: from the shapes alone at full size (the
+    tiny Flux reads its config from ``metadata``, see ``harness.tiny_dits``), to the expected config class.
+    """
+    import comfy.model_detection
+    import torch
+
+    from harness import tiny_dits
+
+    config_class = mode.detected[family]
+    module = tiny_dits._meta_diffusion_model(config_class, mode.unets[family])
+    sd = random_weights(module, SEED + 5 + DIT_FAMILIES.index(family), dtype, device)
+    if "pos_embed" in sd and device != "meta":  # SD3's fixed 2-D sin-cos table, not a learned one
+        from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
+
+        n, dim = sd["pos_embed"].shape[1:]
+        table = torch.from_numpy(get_2d_sincos_pos_embed(dim, int(round(n ** 0.5))))
+        sd["pos_embed"] = table.to(device=device, dtype=torch.float32).unsqueeze(0).to(dtype)
+    if family == "flux1" and mode.flux_config_in_file:
+        tiny_dits.install_detection_shim()
+        metadata[tiny_dits.CONFIG_KEY] = json.dumps(mode.unets[family])
+    config = comfy.model_detection.model_config_from_unet(sd, "", metadata=metadata or None)
+    found = type(config).__name__ if config is not None else None
+    if found != config_class:
+        raise RuntimeError(f"the random {family} diffusion model is detected as {found}, expected {config_class}")
+    return sd
+
+
+def text_encoder_weights(mode: Mode, name: str, device: str, dtype) -> tuple[dict, dict]:
+    """A text encoder ("clip_l", "clip_g", "t5xxl"; bare HF keys, as DualCLIPLoader reads) and its file metadata:
+    the ``model_options`` that build it when it is not the stock full size (``mode.text_encoders``)."""
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.text_encoders.sd3_clip
+    import torch
+
+    from harness import tiny_dits
+
+    config = dict(mode.text_encoders.get(name, {}))
+    kw = {"device": "meta", "dtype": torch.float16}
+    if name == "clip_l":
+        module = comfy.sd1_clip.SDClipModel(model_options={"clip_l_model_config": dict(config)}, **kw).transformer
+        options = {"model_config": config}  # long_clipl.py overwrites "clip_l_model_config" (harness.tiny_dits)
+    elif name == "clip_g":
+        module = comfy.sdxl_clip.SDXLClipG(model_options={"clip_g_model_config": dict(config)}, **kw).transformer
+        options = {"model_config": config}
+    else:
+        module = comfy.text_encoders.sd3_clip.T5XXLModel(model_options={"t5xxl_model_config": dict(config)},
+                                                         **kw).transformer
+        options = {"t5xxl_model_config": config}
+    metadata = {tiny_dits.TE_OPTIONS_KEY: json.dumps(options)} if config else {}
+    return random_weights(module, SEED + 10 + ("clip_l", "clip_g", "t5xxl").index(name), dtype, device), metadata
+
+
+def kl16_vae_weights(device: str, dtype) -> dict:
+    """A full-size 16-channel KL VAE (``encoder.*``/``decoder.*``), which ``comfy.sd.VAE`` builds as Flux's ae."""
+    import torch
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    block = "comfy.ldm.modules.diffusionmodules.model."
+    with torch.device("meta"):
+        vae = AutoencodingEngine(regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+                                 encoder_config={"target": block + "Encoder", "params": KL16_VAE},
+                                 decoder_config={"target": block + "Decoder", "params": KL16_VAE})
+    return random_weights(vae, SEED + 6, dtype, device)
+
+
+def sd3_checkpoint_weights(mode: Mode, device: str, dtype) -> tuple[dict, dict]:
+    """SD3.5 as CheckpointLoaderSimple reads it: the MMDiT in ``dtype`` (fp8 on the GPU), the 16-channel VAE and
+    CLIP-L + CLIP-G in fp16, no T5 (as checkpoints that ship only the two CLIPs: ComfyUI zero-pads the context)."""
+    import torch
+
+    from harness import tiny_dits
+
+    sd = {f"model.diffusion_model.{k}": v for k, v in dit_weights(mode, "sd3", device, dtype, {}).items()}
+    sd.update({f"first_stage_model.{k}": v for k, v in kl16_vae_weights(device, torch.float16).items()})
+    options = {}
+    for name in ("clip_l", "clip_g"):
+        te, meta = text_encoder_weights(mode, name, device, torch.float16)
+        sd.update({f"text_encoders.{name}.transformer.{k}": v for k, v in te.items()})
+        if meta:  # per CLIP: the checkpoint loader has no long_clipl step mapping "model_config" to each
+            options[f"{name}_model_config"] = dict(mode.text_encoders[name])
+    return sd, ({tiny_dits.TE_OPTIONS_KEY: json.dumps(options)} if options else {})
+
+
+def build_dit(mode: Mode, family: str, paths: dict[str, Path], device: str) -> None:
+    """Write ``family``'s files (``DIT_FILES``) that are missing; the diffusion models in fp8 at full size."""
+    import torch
+
+    weights = torch.float8_e4m3fn  # the stock loaders' fp8_e4m3fn storage, also for the tiny CPU dry run
+    if family == "sd3":
+        if not paths["sd3"].exists():
+            sd, meta = sd3_checkpoint_weights(mode, device, weights)
+            save(paths["sd3"], sd, f"{mode.name} sd3 random", meta)
+        return
+    if not paths["flux1"].exists():
+        meta: dict = {}
+        sd = dit_weights(mode, "flux1", device, weights, meta)
+        save(paths["flux1"], sd, f"{mode.name} flux1 random", meta)
+        del sd
+        _empty_cache(device)
+    for name in ("clip_l", "t5xxl"):
+        if not paths[name].exists():
+            sd, meta = text_encoder_weights(mode, name, device, torch.float16)
+            save(paths[name], sd, f"{mode.name} {name} random", meta)
+    if not paths["vae16"].exists():
+        save(paths["vae16"], kl16_vae_weights(device, torch.float16), f"{mode.name} 16-channel VAE random")
+
+
+def save(path: Path, sd: dict, note: str, metadata: dict | None = None) -> Path:
     """Atomic safetensors write; safetensors moves GPU tensors to the host one at a time."""
     from harness.tiny_ipadapter import _save
 
-    return _save(path, sd, {"frozentune_gpu_check": note})
+    return _save(path, sd, {"frozentune_gpu_check": note, **(metadata or {})})
 
 
-def build_models(mode: Mode, folder: Path, device: str, stand_ins: bool = True) -> dict[str, Path]:
-    """The checkpoints, and with ``stand_ins`` the InstantStyle stand-ins, for ``mode``, built if missing.
+def build_models(mode: Mode, folder: Path, device: str, needs: set[str]) -> dict[str, Path]:
+    """The files of the groups in ``needs`` (``MODEL_GROUPS``: "sd15", "sdxl", "stand_ins", "flux1", "sd3") for
+    ``mode``, built if missing (cached in ``folder``).
 
-    Returns ``{name: path}`` for every name; ``--quick`` runs no InstantStyle workflow, so it skips the
-    stand-ins (about 5 GB of the full-size build: the ViT-bigG and the SDXL ControlNet).
+    Returns ``{name: path}`` for every name, built or not: a run builds only what its loads and workflows use
+    (``--quick`` runs no InstantStyle workflow, so it skips the stand-ins, about 5 GB of the full-size build:
+    the ViT-bigG and the SDXL ControlNet; the SD run builds no DiT, ``--dit`` no SD model).
     """
     import torch
 
     from harness import tiny_ipadapter
 
     paths = {name: folder / f"gpu_check_{mode.name}_{name}_v{BUILD_VERSION}.safetensors"
-             for name in ("sd15", "sdxl", *STAND_INS)}
+             for group in MODEL_GROUPS.values() for name in group}
+    if "stand_ins" in needs:
+        needs = needs | {"sdxl"}  # the stand-ins are built from the SDXL checkpoint
     dtype = torch.float16
     for family in ("sd15", "sdxl"):
-        needs = [paths[family]] + ([paths["controlnet"]] if family == "sdxl" and stand_ins else [])
-        if all(p.exists() for p in needs):
+        if family not in needs:
+            continue
+        stand_ins = family == "sdxl" and "stand_ins" in needs
+        needed = [paths[family]] + ([paths["controlnet"]] if stand_ins else [])
+        if all(p.exists() for p in needed):
             continue
         start = time.perf_counter()
         sd = build_checkpoint(mode.unets[family], mode.detected[family], device, dtype)
         if not paths[family].exists():
             save(paths[family], sd, f"{mode.name} {family} random")
-        if family == "sdxl" and stand_ins:
+        if stand_ins:
             save(paths["controlnet"], controlnet_weights(sd, device, dtype), f"{mode.name} sdxl controlnet")
         del sd
         _empty_cache(device)
         log.info("built %s %s in %.1fs: %s", mode.name, family, time.perf_counter() - start, paths[family])
-    if not stand_ins:
-        return paths
-    if not paths["ipadapter"].exists():
-        layers = tiny_ipadapter.attn2_shapes(paths["sdxl"])
-        save(paths["ipadapter"], tiny_ipadapter.ipadapter_state_dict(layers, 1280), f"{mode.name} sdxl ipadapter")
-    if not paths["clip_vision"].exists():
-        save(paths["clip_vision"], clip_vision_weights(mode.name == "tiny", device, dtype), f"{mode.name} clip vision")
-        _empty_cache(device)
+    if "stand_ins" in needs:
+        if not paths["ipadapter"].exists():
+            layers = tiny_ipadapter.attn2_shapes(paths["sdxl"])
+            save(paths["ipadapter"], tiny_ipadapter.ipadapter_state_dict(layers, 1280), f"{mode.name} sdxl ipadapter")
+        if not paths["clip_vision"].exists():
+            save(paths["clip_vision"], clip_vision_weights(mode.name == "tiny", device, dtype),
+                 f"{mode.name} clip vision")
+            _empty_cache(device)
+    for family in DIT_FAMILIES:
+        if family in needs:
+            start = time.perf_counter()
+            build_dit(mode, family, paths, device)
+            _empty_cache(device)
+            log.info("built %s %s in %.1fs: %s", mode.name, family, time.perf_counter() - start, paths[family])
     return paths
+
+
+# What each build group writes (``build_models``), by ``paths`` name.
+MODEL_GROUPS = {"sd15": ("sd15",), "sdxl": ("sdxl",), "stand_ins": STAND_INS, **DIT_FILES}
+
+
+def model_needs(loads: list[tuple[str, str]], workflows: list[Path]) -> set[str]:
+    """The build groups the trainer ``loads`` and the ``workflows`` use: a workflow's base family, plus the
+    InstantStyle stand-ins where it names one of their files (``harness.server.STAND_INS``)."""
+    from harness import server
+
+    needs = {family for family, _ in loads}
+    stand_in_names = [n for folder, names in server.STAND_INS.items() if folder != "checkpoints" for n in names]
+    for path in workflows:
+        needs.add(WORKFLOW_BASES[workflow_base(path)])
+        if any(name in path.read_text(encoding="utf-8") for name in stand_in_names):
+            needs.add("stand_ins")
+    return needs
 
 
 def full_size_layouts() -> dict:
@@ -341,19 +551,44 @@ def full_size_layouts() -> dict:
     """
     import torch
 
-    from harness import tiny_ipadapter
+    from harness import tiny_dits, tiny_ipadapter
 
     mode, dtype = full_mode(), torch.float16
-    out = {}
+    out: dict = {}
+    disk = {}  # file -> bytes of its tensors at full size, as a GPU run writes it
     for family in ("sd15", "sdxl"):
         sd = build_checkpoint(mode.unets[family], mode.detected[family], "meta", dtype)
         out[f"{family}_unet_parameters"] = _parameters(sd, "model.diffusion_model.")
         out[f"{family}_tensors"] = len(sd)
-    out["sdxl_attn2_layers"] = sum(1 for k in sd if tiny_ipadapter._ATTN2.match(k))
-    out["sdxl_controlnet_parameters"] = _parameters(controlnet_weights(sd, "meta", dtype), "")
+        disk[family] = _bytes(sd)
+    layers = [(v.shape[0], v.shape[1]) for k, v in sd.items() if tiny_ipadapter._ATTN2.match(k)]
+    out["sdxl_attn2_layers"] = len(layers)
+    controlnet = controlnet_weights(sd, "meta", dtype)
+    out["sdxl_controlnet_parameters"] = _parameters(controlnet, "")
+    disk["controlnet"] = _bytes(controlnet)
     vision = clip_vision_weights(False, "meta", dtype)
     out["clip_vision_parameters"] = _parameters(vision, "")
     out["clip_vision_layers"] = sum(1 for k in vision if k.endswith("layer_norm1.weight"))
+    disk["clip_vision"] = _bytes(vision)
+    # fp32 (harness.tiny_ipadapter): to_k_ip/to_v_ip per attn2 layer and the 4-token projection from ViT-bigG's 1280
+    disk["ipadapter"] = 4 * (sum(2 * inner * context for inner, context in layers) + 4 * layers[0][1] * (1280 + 1))
+    # the --dit run's files: stock detection (no shim answers: no metadata) must find Flux / SD3 in the shapes
+    with tiny_dits.without_detection_shim():
+        flux = dit_weights(mode, "flux1", "meta", torch.float8_e4m3fn, {})
+        sd3, _ = sd3_checkpoint_weights(mode, "meta", torch.float8_e4m3fn)
+    out["flux1_parameters"] = _parameters(flux, "")
+    # parameters only, as published (8.1B): not the 2-D sin-cos table it stores (pos_embed, 89.6M values)
+    out["sd3_parameters"] = _parameters(sd3, "model.diffusion_model.") - sd3["model.diffusion_model.pos_embed"].numel()
+    disk["flux1"], disk["sd3"] = _bytes(flux), _bytes(sd3)
+    for name in ("clip_l", "t5xxl"):
+        te, _ = text_encoder_weights(mode, name, "meta", torch.float16)
+        out[f"{name}_parameters"] = _parameters(te, "")
+        disk[name] = _bytes(te)
+    disk["vae16"] = _bytes(kl16_vae_weights("meta", torch.float16))
+    out["t5xxl_layers"] = sum(1 for k in te if k.endswith("layer.0.SelfAttention.q.weight"))
+    out["disk_bytes"] = disk
+    out["disk_sd_run_bytes"] = sum(v for k, v in disk.items() if k not in MODEL_GROUPS["flux1"] + MODEL_GROUPS["sd3"])
+    out["disk_dit_run_bytes"] = sum(disk[k] for k in MODEL_GROUPS["flux1"] + MODEL_GROUPS["sd3"])
     return out
 
 
@@ -361,11 +596,20 @@ def _parameters(sd: dict, prefix: str) -> int:
     return sum(v.numel() for k, v in sd.items() if k.startswith(prefix) and v.is_floating_point())
 
 
-def unet_parameters(path: Path) -> int:
+def _bytes(sd: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in sd.values())
+
+
+# where each built file keeps its diffusion model's tensors (the Flux.1 file is a bare diffusion model)
+UNET_PREFIX = {"sd15": "model.diffusion_model.", "sdxl": "model.diffusion_model.", "flux1": "",
+               "sd3": "model.diffusion_model."}
+
+
+def unet_parameters(path: Path, prefix: str = "model.diffusion_model.") -> int:
     import safetensors
 
     with safetensors.safe_open(str(path), framework="pt") as f:
-        return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("model.diffusion_model."))
+        return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(prefix))
 
 
 def _numel(shape) -> int:
@@ -460,8 +704,10 @@ def run_unitune(models: tuple, family: str, dtype_name: str, mode: Mode) -> dict
 
     model, clip, vae = models
     overrides = {"steps": mode.train_steps, "seed": 0, **precision_overrides(dtype_name)}
-    if family == "sdxl":  # SDXL at 1024 px fits consumer cards at batch 1 with checkpointing (the bench's case)
+    if family != "sd15":  # SDXL at 1024 px fits consumer cards at batch 1 with checkpointing (the bench's case)
         overrides.update(batch_size=1, gradient_checkpointing=True)
+    if family in DIT_MEMORY_TARGETS_GIB:  # the memory bench's DiT cases: LoRA, its rank
+        overrides.update(train="lora", **({"lora_rank": DIT_LORA_RANK[family]} if family in DIT_LORA_RANK else {}))
     if mode.batch_size:
         overrides["batch_size"] = mode.batch_size
     given = dict(model=model, clip=clip, vae=vae, image=images(1, mode.sizes[family], 1))
@@ -472,6 +718,28 @@ def run_unitune(models: tuple, family: str, dtype_name: str, mode: Mode) -> dict
     if not tuned.patches:
         raise RuntimeError("UniTune Fine-Tune returned a MODEL without trained patches")
     del tuned, curve
+    return {"steps": len(clock.times), "it_per_s": steps_per_second(clock.times),
+            "settings": {**applied, "image": mode.sizes[family]},
+            "memory_target_gib": DIT_MEMORY_TARGETS_GIB.get(family)}
+
+
+def run_textual_inversion(models: tuple, family: str, dtype_name: str, mode: Mode) -> dict:
+    """Textual Inversion Train (the DiTs: vectors for CLIP-L and T5, or CLIP-L and CLIP-G), batch 1 at the
+    family's size, the text encoders and the DiT checkpointed; writes the embedding file."""
+    from frozentune.nodes.textual_inversion_nodes import TextualInversionTrain
+
+    model, clip, vae = models
+    overrides = {"steps": mode.train_steps, "seed": 0, "batch_size": 1, "gradient_checkpointing": True,
+                 **precision_overrides(dtype_name)}
+    given = dict(model=model, clip=clip, vae=vae, image=images(1, mode.sizes[family], 4),
+                 name=f"gpu_check_{family}_{dtype_name}")
+    args, applied = schema_arguments(TextualInversionTrain, given, overrides)
+    clock = StepClock()
+    with progress_hook(clock):
+        word, curve, path = TextualInversionTrain.execute(**args).args[:3]
+    if not Path(path).is_file():
+        raise RuntimeError(f"Textual Inversion Train wrote no file for {word}")
+    del curve
     return {"steps": len(clock.times), "it_per_s": steps_per_second(clock.times),
             "settings": {**applied, "image": mode.sizes[family]}}
 
@@ -507,6 +775,7 @@ def run_controlnet_zero(models: tuple, family: str, dtype_name: str, mode: Mode)
 TRAINERS: dict[str, Callable[[tuple, str, str, Mode], dict]] = {
     "unitune_finetune": run_unitune,
     "controlnet_zero": run_controlnet_zero,
+    "textual_inversion": run_textual_inversion,
 }
 
 
@@ -521,23 +790,64 @@ def release_models(device: str) -> None:
     _empty_cache(device)
 
 
-def trainer_items(mode: Mode, path: Path, family: str, dtype_name: str, device: str,
+def load_dit(paths: dict[str, Path], family: str, dtype_name: str, device: str) -> tuple:
+    """``(MODEL, CLIP, VAE)`` of a DiT through ComfyUI's stock loaders, weights stored in fp8 (e4m3fn).
+
+    Flux.1: ``UNETLoader`` with ``weight_dtype`` fp8_e4m3fn, ``DualCLIPLoader`` (flux), ``VAELoader``; SD3.5:
+    the checkpoint through ``load_checkpoint_guess_config`` (what ``CheckpointLoaderSimple`` calls) with
+    ``dtype`` fp8_e4m3fn, what UNETLoader's weight_dtype sets. On a GPU ComfyUI computes in bf16 by itself; on
+    the CPU ``computing_in`` makes it do the same instead of its fp32 cast.
+    """
+    import comfy.sd
+    import folder_paths
+    import nodes
+    import torch
+
+    from harness import tiny_dits
+    from harness.precision import DTYPE_NAMES, computing_in
+
+    tiny_dits.install_detection_shim()  # both answer only for files with their metadata keys (the tiny files,
+    tiny_dits.install_text_encoder_shim()  # the 1-layer T5): the full-size DiTs load through stock detection
+    compute = DTYPE_NAMES[dtype_name]
+    ctx = computing_in(tiny_dits.FP8, compute) if device == "cpu" else contextlib.nullcontext()
+    with ctx:
+        if family == "flux1":
+            for kind, name in (("diffusion_models", "flux1"), ("text_encoders", "clip_l"),
+                               ("text_encoders", "t5xxl"), ("vae", "vae16")):
+                folder_paths.add_model_folder_path(kind, str(paths[name].parent))
+            model = nodes.UNETLoader().load_unet(paths["flux1"].name, "fp8_e4m3fn")[0]
+            clip = nodes.DualCLIPLoader().load_clip(paths["clip_l"].name, paths["t5xxl"].name, "flux")[0]
+            vae = nodes.VAELoader().load_vae(paths["vae16"].name)[0]
+        else:
+            model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+                str(paths[family]), output_vae=True, output_clip=True,
+                embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                model_options={"dtype": torch.float8_e4m3fn})[:3]
+    return model, clip, vae
+
+
+def trainer_items(mode: Mode, paths: dict[str, Path], family: str, dtype_name: str, device: str,
                   trainers: tuple[str, ...] | None = None) -> list[Item]:
-    """Load one checkpoint in one dtype, then run ``trainers`` (default: every trainer) on it."""
+    """Load one model in one dtype, then run ``trainers`` (default: the family's ``FAMILY_TRAINERS``) on it."""
     from harness.precision import DTYPE_NAMES, load_checkpoint
 
     loaded: dict = {}
 
     def load() -> dict:
-        # on the CPU, compute natively in half precision as a GPU does (harness.precision)
-        loaded["models"] = load_checkpoint(path, DTYPE_NAMES[dtype_name], native=device == "cpu")
+        if family in DIT_FAMILIES:
+            loaded["models"] = load_dit(paths, family, dtype_name, device)
+        else:  # on the CPU, compute natively in half precision as a GPU does (harness.precision)
+            loaded["models"] = load_checkpoint(paths[family], DTYPE_NAMES[dtype_name], native=device == "cpu")
         model = loaded["models"][0].model
+        found = type(model.model_config).__name__
+        if found != mode.detected[family]:
+            raise RuntimeError(f"the {family} file loaded as {found}, expected {mode.detected[family]}")
         return {"settings": {"unet_dtype": str(model.get_dtype()).removeprefix("torch."),
                              "manual_cast": str(model.manual_cast_dtype).removeprefix("torch.")}}
 
     items = [run_item(Item(f"load {family} {dtype_name}", "load"), load, device)]
     for trainer, fn in TRAINERS.items():
-        if trainers is not None and trainer not in trainers:
+        if trainer not in (trainers if trainers is not None else FAMILY_TRAINERS[family]):
             continue
         item = Item(f"{trainer} {family} {dtype_name}", "trainer")
         if "models" in loaded:
@@ -549,13 +859,14 @@ def trainer_items(mode: Mode, path: Path, family: str, dtype_name: str, device: 
     return items
 
 
-def parse_loads(text: str) -> list[tuple[str, str]]:
-    """``"sd15:fp16,sdxl:bf16"`` -> ``[("sd15", "fp16"), ("sdxl", "bf16")]``; empty: every family in every dtype.
+def parse_loads(text: str, dit: bool = False) -> list[tuple[str, str]]:
+    """``"sd15:fp16,sdxl:bf16"`` -> ``[("sd15", "fp16"), ("sdxl", "bf16")]``; empty: every SD family in every
+    dtype (``SD_LOADS``), or with ``dit`` the Flux.1-dev and SD3.5 loads (``DIT_LOADS``).
 
     A subset is how the CPU dry run in CI checks the wiring of every family and every dtype without the
     cost of all four loads (the full dry run is the ``long`` test).
     """
-    names = [n.strip() for n in text.split(",") if n.strip()] or list(ALL_LOADS)
+    names = [n.strip() for n in text.split(",") if n.strip()] or list(DIT_LOADS if dit else SD_LOADS)
     unknown = [n for n in names if n not in ALL_LOADS]
     if unknown:
         raise SystemExit(f"gpu-check: unknown --loads {', '.join(unknown)}; choose from {', '.join(ALL_LOADS)}")
@@ -569,10 +880,10 @@ def run_trainers(mode: Mode, paths: dict[str, Path], device: str,
     import torch
 
     items = []
-    for family, dtype_name in loads or parse_loads(""):
+    for family, dtype_name in loads or parse_loads(""):  # noqa: B020 - loads, not the loop's names
         trainers = None if only is None else only[f"{family}:{dtype_name}"]
         with torch.inference_mode():  # as ComfyUI's executor runs every node
-            items += trainer_items(mode, paths[family], family, dtype_name, device, trainers)
+            items += trainer_items(mode, paths, family, dtype_name, device, trainers)
         release_models(device)
     return items
 
@@ -589,6 +900,12 @@ def stand_in(folder: str, family: str, paths: dict[str, Path]) -> Path:
     return paths[key]
 
 
+# harness.server.DIT_STAND_INS items (what the tiny e2e stand-in is) -> the ``paths`` name of the file built for
+# them. Items missing here (Flux.1 schnell, a lone CLIP-G) have no full-size stand-in: no example workflow uses them.
+DIT_STAND_IN_FILES = {"flux1": "flux1", "clip_l": "clip_l", "t5xxl": "t5xxl", "vae16": "vae16",
+                      "sd3_checkpoint": "sd3"}
+
+
 def prepare_server_base(base: Path, paths: dict[str, Path], tiny: bool) -> Path:
     from harness import server
 
@@ -596,6 +913,13 @@ def prepare_server_base(base: Path, paths: dict[str, Path], tiny: bool) -> Path:
     for folder, names in server.STAND_INS.items():
         for name, family in names.items():
             server._link(base / "models" / folder / name, stand_in(folder, family, paths))
+    for folder, names in server.DIT_STAND_INS.items():
+        for name, item in names.items():
+            if item in DIT_STAND_IN_FILES:
+                server._link(base / "models" / folder / name, paths[DIT_STAND_IN_FILES[item]])
+    # the stock loader nodes read the tiny DiTs and the 1-layer T5 through the shims that answer only for files
+    # carrying their metadata keys (harness.tiny_dits); the full-size Flux.1 and SD3.5 load as stock ComfyUI loads them
+    server._link(base / "custom_nodes" / "frozentune_tiny_dit", REPO / "tests" / "harness" / "tiny_dit_node")
     server._link(base / "custom_nodes" / "frozentune_gpu_check_probe", PROBE_DIR)
     if tiny:  # the stock CLIPVisionLoader knows only full-size layouts (see harness.tiny_ipadapter)
         server._link(base / "custom_nodes" / "frozentune_tiny_clip_vision",
@@ -619,7 +943,8 @@ def cap_training_steps(prompt: dict, steps: int) -> tuple[dict, dict]:
             continue
         for name in ("steps", "checkpoint_every", "pivotal_steps"):  # capped, not set: 0 (off) stays 0
             value = inputs.get(name)
-            if isinstance(value, int) and value > steps:
+            auto = name == "steps" and value == 0  # UniTune's steps 0 = its recipe's count (256 on DiTs)
+            if isinstance(value, int) and (value > steps or auto):
                 inputs[name] = steps
                 changed[f"{node_id} {node['class_type']}.{name}"] = f"{value} -> {steps}"
     return out, changed
@@ -654,20 +979,21 @@ def run_workflow(srv, path: Path, mode: Mode, out: Path, timeout: float) -> dict
 
 
 # The base named in a workflow's title (its last parentheses) -> the family this check builds full-size models for.
-# Workflows on other bases (Flux.1 dev, SD3.5) wait for their full-size stand-ins (issue 22) and are not run.
-WORKFLOW_BASES = {"SD1.5": "sd15", "SDXL": "sdxl"}
+# The SD run takes the SD1.5 and SDXL ones, ``--dit`` the Flux.1 dev and SD3.5 ones.
+WORKFLOW_BASES = {"SD1.5": "sd15", "SDXL": "sdxl", "Flux.1 dev": "flux1", "SD3.5": "sd3"}
 
 
 def workflow_base(path: Path) -> str:
     return path.stem.rsplit("(", 1)[-1].rstrip(")") if path.stem.endswith(")") else ""
 
 
-def workflow_files(names: list[str] | None = None) -> list[Path]:
-    """The example workflows on the bases this check builds, or those of ``names`` (file stems; an unknown one,
-    or one on another base, is an error naming the choices)."""
+def workflow_files(names: list[str] | None = None, dit: bool = False) -> list[Path]:
+    """The example workflows of the run (the SD bases, or with ``dit`` the DiT ones), or those of ``names`` (file
+    stems, any base this check builds; an unknown one, or one on another base, is an error naming the choices)."""
     files = [p for p in sorted((REPO / "workflows").glob("*.json")) if workflow_base(p) in WORKFLOW_BASES]
     if not names:
-        return files
+        families = DIT_FAMILIES if dit else FAMILIES
+        return [p for p in files if WORKFLOW_BASES[workflow_base(p)] in families]
     stems = {p.stem: p for p in files}
     unknown = [n for n in names if n not in stems]
     if unknown:
@@ -688,10 +1014,10 @@ def headless_server_args(build: Path) -> list[str]:
 
 
 def run_workflows(mode: Mode, paths: dict[str, Path], device: str, build: Path, out: Path,
-                  timeout: float, names: list[str] | None = None) -> list[Item]:
+                  timeout: float, workflows: list[Path]) -> list[Item]:
     from harness.server import ComfyServer
 
-    items = [Item(f"workflow {p.stem}", "workflow") for p in workflow_files(names)]
+    items = [Item(f"workflow {p.stem}", "workflow") for p in workflows]
     try:
         base = prepare_server_base(build / f"server_{mode.name}", paths, tiny=mode.name == "tiny")
         srv = ComfyServer(base, cpu=device == "cpu", startup_timeout=300,
@@ -701,7 +1027,7 @@ def run_workflows(mode: Mode, paths: dict[str, Path], device: str, build: Path, 
             item.error = f"not run: the ComfyUI server did not start: {one_line(err)}"
         return items
     try:
-        for item, path in zip(items, workflow_files(names), strict=True):  # peak memory: measured in the server
+        for item, path in zip(items, workflows, strict=True):  # peak memory: measured in the server
             run_item(item, functools.partial(run_workflow, srv, path, mode, out, timeout), "cpu")
     finally:
         srv.stop()
@@ -735,20 +1061,68 @@ def write_report(out: Path, report: dict) -> None:
              "",
              f"Time, the build included: {report['seconds']:.0f}s (target: under "
              f"{QUICK_BUDGET_SECONDS if report.get('quick') else BUDGET_SECONDS}s on one H100"
-             f"{', --quick' if report.get('quick') else ''}).",
-             "",
+             f"{', --quick' if report.get('quick') else ', --dit' if report.get('dit') else ''}).",
+             "", *disk_lines(report), "",
              "| item | result | seconds | it/s | peak memory | settings / error |",
              "|---|---|---:|---:|---:|---|"]
     for it in report["items"]:
         rate = _fmt(it["it_per_s"]) if it["it_per_s"] is not None else (
             ", ".join(f"{k}: {v:.2f}" for k, v in it["node_it_per_s"].items()) or "-")
         detail = it["error"] or ", ".join(f"{k}={v}" for k, v in it["settings"].items())
+        peak = _gib(it["max_memory_allocated"])
+        if it.get("memory_target_gib"):
+            peak += f" (target ≤ {it['memory_target_gib']:g})"
         lines.append(f"| {it['name']} | {'pass' if it['passed'] else '**FAIL**'} | {it['seconds']:.1f} | {rate} | "
-                     f"{_gib(it['max_memory_allocated'])} | {detail.replace('|', '/')} |")
+                     f"{peak} | {detail.replace('|', '/')} |")
     lines += ["", "it/s: steps after the first, from the progress-bar updates (workflows: per node). Peak memory: "
               "torch.cuda.max_memory_allocated, reset before each item. Workflows run at their own sizes; "
               "only training steps are capped (see settings).", ""]
+    if any(it["name"].split(" ")[1] in DIT_FAMILIES for it in report["items"] if it["kind"] != "workflow") or \
+            report.get("dit"):
+        lines += dit_lines(report)
     (out / "report.md").write_text("\n".join(lines))
+
+
+GB = 10**9
+
+
+def disk_lines(report: dict) -> list[str]:
+    """The disk the built files take (limit: 40 GB for the SD run's and ``--dit``'s together)."""
+    disk = report["disk"]
+    lines = [f"Disk: the files built in {disk['folder']} take {disk['built_bytes'] / GB:.1f} GB (both runs' when "
+             f"both ran there; limit {DISK_LIMIT_BYTES / GB:.0f} GB)."]
+    layouts = report.get("full_size_layouts")
+    if layouts:  # the dry run: what the GPU runs would write, from the full-size layouts on the meta device
+        sd, dit = layouts["disk_sd_run_bytes"], layouts["disk_dit_run_bytes"]
+        files = ", ".join(f"{k} {layouts['disk_bytes'][k] / GB:.2f}" for k in MODEL_GROUPS["flux1"] + ("sd3",))
+        lines.append(f"At full size: the SD run writes {sd / GB:.1f} GB, --dit {dit / GB:.1f} GB ({files}), "
+                     f"together {(sd + dit) / GB:.1f} GB (limit {DISK_LIMIT_BYTES / GB:.0f} GB).")
+    return lines
+
+
+# bench/memory_bench.py --full's figures for the same cases (FakeTensorMode, bench/README.md), beside the measured
+DIT_MEMORY_BENCH_GIB = {"flux1": 13.963, "sd3": 9.513}
+
+
+def dit_lines(report: dict) -> list[str]:
+    """The DiT part of report.md: UniTune LoRA's s/step and peak memory against the memory bench's targets, and
+    the time estimates the ``--dit`` run was planned with."""
+    lines = ["UniTune LoRA on the DiTs (1024 px at full size, batch 1, fp8 weights, bf16, checkpointing; "
+             "memory bench targets and its FakeTensorMode figure):", ""]
+    for it in report["items"]:
+        if it["kind"] != "trainer" or not it.get("memory_target_gib"):
+            continue
+        family = it["name"].split(" ")[1]
+        step = f"{1 / it['it_per_s']:.2f} s/step" if it["it_per_s"] else "s/step -"
+        peak = it["max_memory_allocated"]
+        verdict = "-" if peak is None else ("met" if peak <= it["memory_target_gib"] * 2**30 else "**over**")
+        lines.append(f"- {it['name']}: {step}, peak {_gib(peak)} against ≤ {it['memory_target_gib']:g} GiB "
+                     f"({verdict}; memory bench {DIT_MEMORY_BENCH_GIB[family]} GiB)")
+    total = sum(s for _, s in DIT_ESTIMATES)
+    lines += ["", f"Planned (estimates for --dit on one H100, before any GPU ran it; {total} s of "
+              f"{BUDGET_SECONDS} s):", ""]
+    lines += [f"- {what}: ~{seconds} s" for what, seconds in DIT_ESTIMATES]
+    return lines + [""]
 
 
 # --- main -------------------------------------------------------------------------------------------------------
@@ -779,9 +1153,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build", type=Path, default=REPO / "build" / "gpu_check",
                         help="where the random models are cached")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per workflow")
-    parser.add_argument("--workflows", default="", help="comma-separated workflow file stems (default: all)")
-    parser.add_argument("--loads", default="", help="comma-separated family:dtype checkpoint loads the trainers run "
-                        f"on (default: all of {', '.join(ALL_LOADS)})")
+    parser.add_argument("--workflows", default="",
+                        help="comma-separated workflow file stems (default: all on the run's bases)")
+    parser.add_argument("--loads", default="", help="comma-separated family:dtype loads the trainers run on, of "
+                        f"{', '.join(ALL_LOADS)} (default: {', '.join(SD_LOADS)}; with --dit {', '.join(DIT_LOADS)})")
+    parser.add_argument("--dit", action="store_true",
+                        help="Flux.1-dev and SD3.5 Large instead of SD1.5/SDXL (loads " + ", ".join(DIT_LOADS)
+                        + f" and their workflows): a run of its own, in {BUDGET_SECONDS // 60} minutes on one H100")
     parser.add_argument("--quick", action="store_true",
                         help="one trainer item per family (" + ", ".join(f"{t[0]} {k}" for k, t in QUICK_TRAINERS.items())
                         + f") and one workflow ({QUICK_WORKFLOW}), in {QUICK_BUDGET_SECONDS // 60} minutes on one H100")
@@ -794,12 +1172,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu-check: {reason}", file=sys.stderr)
         return 2
 
-    if args.quick and (args.loads or args.workflows):
-        parser.error("--quick chooses the loads and the workflow itself: drop --loads / --workflows")
-    loads = parse_loads(",".join(QUICK_TRAINERS) if args.quick else args.loads)  # a typo fails here, before any work
+    if args.quick and (args.loads or args.workflows or args.dit):
+        parser.error("--quick chooses the loads and the workflow itself: drop --loads / --workflows / --dit")
+    # a typo fails here, before any work
+    loads = parse_loads(",".join(QUICK_TRAINERS) if args.quick else args.loads, dit=args.dit)
     names = [QUICK_WORKFLOW] if args.quick else [n.strip() for n in args.workflows.split(",") if n.strip()]
-    if names:
-        workflow_files(names)
+    workflows = workflow_files(names, dit=args.dit)
+    needs = model_needs(loads if args.only in ("all", "trainers") else [],
+                        workflows if args.only in ("all", "workflows") else [])
     from harness import comfy_env
 
     comfy_env.import_comfy(cpu=args.device == "cpu")
@@ -812,18 +1192,23 @@ def main(argv: list[str] | None = None) -> int:
                         (folder_paths.set_input_directory, "input")):
         (build / "run" / sub).mkdir(parents=True, exist_ok=True)
         setter(str(build / "run" / sub))
+    # Textual Inversion Train writes its file into the first embeddings folder: this run's, not ComfyUI's tree
+    (build / "run" / "embeddings").mkdir(parents=True, exist_ok=True)
+    folder_paths.add_model_folder_path("embeddings", str(build / "run" / "embeddings"), is_default=True)
 
     start = time.perf_counter()
-    paths = build_models(mode, build, args.device, stand_ins=not args.quick)
+    paths = build_models(mode, build, args.device, needs)
     build_seconds = time.perf_counter() - start
     items = []
     if args.only in ("all", "trainers"):
         items += run_trainers(mode, paths, args.device, loads, QUICK_TRAINERS if args.quick else None)
     if args.only in ("all", "workflows"):
-        items += run_workflows(mode, paths, args.device, build, args.out, args.timeout, names)
+        items += run_workflows(mode, paths, args.device, build, args.out, args.timeout, workflows)
     report = {
-        "mode": mode.name, "quick": args.quick, "environment": environment(args.device),
-        "unet_parameters": {f: unet_parameters(paths[f]) for f in ("sd15", "sdxl")},
+        "mode": mode.name, "quick": args.quick, "dit": args.dit, "environment": environment(args.device),
+        "unet_parameters": {f: unet_parameters(paths[f], UNET_PREFIX[f]) for f in (*FAMILIES, *DIT_FAMILIES)
+                            if paths[f].exists()},
+        "disk": {"folder": str(build), "built_bytes": sum(p.stat().st_size for p in build.glob("*.safetensors"))},
         "full_size_layouts": full_size_layouts() if mode.name == "tiny" else None,
         "build_seconds": round(build_seconds, 1), "seconds": round(time.perf_counter() - start, 1),
         "passed": sum(i.passed for i in items), "items": [asdict(i) for i in items],

@@ -7,7 +7,8 @@ of ignored paths. ``build/gpu_bundle/`` (git-ignored, at most ``MAX_BYTES``) hol
 
 - ``comfyui/``                 ComfyUI 0.3.75 (the pinned copy ``make setup`` extracts) without its tests,
                                examples, models/ and output/ folders, input/ but its example.png, and the
-                               tokenizers of model families the check never loads (SD1.5 and SDXL use ``comfy/sd1_tokenizer``, which stays)
+                               tokenizers of model families the check never loads (SD1.5 and SDXL use ``comfy/sd1_tokenizer``, which stays;
+                               T5-XXL's ``comfy/text_encoders/t5_tokenizer`` stays too: Flux.1's and SD3's build it)
 - ``wheels/``                  the wheels of ``OFFLINE_REQUIREMENTS``, for CPython 3.12 on manylinux x86_64
                                (pure Python where the package has no compiled part)
 - ``requirements-offline.txt`` those exact pins, what ``bench/run_gpu_check_offline.sh`` installs with
@@ -80,6 +81,8 @@ BNB_DROP = re.compile(r"bitsandbytes/libbitsandbytes_\w+\.so$")
 COMFY_SKIP_TOP = {"tests", "tests-unit", "script_examples", "models", "output", "user", "temp",
                   "custom_nodes", ".github", ".ci"}
 COMFY_SKIP_TOKENIZERS = "comfy/text_encoders"  # its *_tokenizer/ folders: T5, Llama, Qwen, ... (17 MiB)
+# but T5-XXL's (2.4 MiB): Flux.1's and SD3's tokenizers build it, also for a checkpoint without a T5 (gpu_check --dit)
+COMFY_KEEP_TOKENIZERS = {"t5_tokenizer"}
 
 
 # The GPU machine image's Python packages (November 2026; a copy of ../shared/research/gpu_machine_packages.txt).
@@ -107,7 +110,8 @@ def copy_comfyui(src: Path, dest: Path) -> None:
         if rel == "input":  # harness.server copies example.png, the image the example workflows load
             skip |= {n for n in names if n != "example.png"}
         if rel == COMFY_SKIP_TOKENIZERS:
-            skip |= {n for n in names if n.endswith("_tokenizer") and Path(folder, n).is_dir()}
+            skip |= {n for n in names if n.endswith("_tokenizer") and Path(folder, n).is_dir()
+                     and n not in COMFY_KEEP_TOKENIZERS}
         return skip
 
     if dest.exists():

@@ -7,6 +7,9 @@
   run from their schema defaults in bf16 and fp16, the example workflows run on a headless server
   with the probe, and the report is written. ``make test`` runs one load (SD1.5 in fp16) and one
   workflow; the whole dry run (every load, every workflow) is marked ``long``.
+- ``--dit`` the same for Flux.1-dev and SD3.5 (tiny DiTs, fp8 weight storage computing in bf16, through the stock
+  loaders): ``make test`` runs the Flux.1 load with its trainers and the SD3.5 workflow, the whole ``--dit`` dry
+  run is ``long``; the full-size DiT layouts (stock detection, parameters, disk) are checked on the meta device.
 - The pure helpers (schema arguments, step rates, per-item failure capture, step caps) on fakes.
 
 The script is run as a subprocess, as ``make gpu-check`` runs it, so ComfyUI is never imported here.
@@ -109,6 +112,14 @@ def test_a_failing_item_is_reported_and_the_run_fails(gpu_check):
     assert gpu_check.exit_code([]) == 1
 
 
+def test_unitune_auto_steps_are_capped_too(gpu_check):
+    """UniTune's steps 0 is its recipe (256 steps on the DiTs, as the Flux.1 and SD3.5 workflows set), not off."""
+    prompt = {"1": {"class_type": "FrozenTuneUniTuneFineTune", "inputs": {"steps": 0, "pivotal_steps": 0}}}
+    capped, changed = gpu_check.cap_training_steps(prompt, 8)
+    assert capped["1"]["inputs"] == {"steps": 8, "pivotal_steps": 0}
+    assert changed == {"1 FrozenTuneUniTuneFineTune.steps": "0 -> 8"}
+
+
 def test_training_steps_are_capped_and_nothing_else(gpu_check):
     prompt = {"1": {"class_type": "FrozenTuneControlNetZeroTrain", "inputs": {"steps": 1000, "checkpoint_every": 250,
                                                                              "resolution": 512}},
@@ -151,19 +162,107 @@ def test_an_unknown_workflow_name_is_refused(gpu_check):
     assert [p.stem for p in gpu_check.workflow_files(list(DRY_RUN_WORKFLOWS))] == list(DRY_RUN_WORKFLOWS)
 
 
-def test_workflows_on_bases_without_full_size_models_are_left_out(gpu_check):
-    every = sorted((REPO / "workflows").glob("*.json"))
-    kept = gpu_check.workflow_files()
-    assert kept and all(p.stem.endswith(("(SD1.5)", "(SDXL)")) for p in kept)
-    assert {p.stem for p in every} - {p.stem for p in kept} == {p.stem for p in every if not
-                                                                p.stem.endswith(("(SD1.5)", "(SDXL)"))}
+DIT_WORKFLOWS = ("UniTune - edit a photo with a prompt (Flux.1 dev)", "UniTune - edit a photo with a prompt (SD3.5)")
+
+
+def test_the_sd_run_takes_the_sd_workflows_and_dit_the_flux_and_sd35_ones_and_none_is_left_out(gpu_check):
+    every = {p.stem for p in (REPO / "workflows").glob("*.json")}
+    sd = {p.stem for p in gpu_check.workflow_files()}
+    dit = {p.stem for p in gpu_check.workflow_files(dit=True)}
+    assert sd and all(s.endswith(("(SD1.5)", "(SDXL)")) for s in sd)
+    assert dit == set(DIT_WORKFLOWS)
+    assert sd | dit == every and not sd & dit, "every example workflow runs in exactly one of the two runs"
+    assert [p.stem for p in gpu_check.workflow_files([DIT_WORKFLOWS[1], DRY_RUN_WORKFLOWS[0]])] == \
+        [DIT_WORKFLOWS[1], DRY_RUN_WORKFLOWS[0]], "--workflows names any of them"
+
+
+def test_a_run_builds_only_the_models_its_loads_and_workflows_use(gpu_check):
+    def needs(loads, stems):
+        return gpu_check.model_needs(loads, gpu_check.workflow_files(list(stems)) if stems else [])
+
+    assert needs([("sd15", "fp16")], DRY_RUN_WORKFLOWS) == {"sd15"}
+    assert needs([], ["InstantStyle - style transfer from an image (SDXL)"]) == {"sdxl", "stand_ins"}
+    assert needs([("flux1", "bf16")], [DIT_WORKFLOWS[1]]) == {"flux1", "sd3"}
+    sd_run = needs(gpu_check.parse_loads(""), [p.stem for p in gpu_check.workflow_files()])
+    assert sd_run == {"sd15", "sdxl", "stand_ins"}
+    dit_run = needs(gpu_check.parse_loads("", dit=True), [p.stem for p in gpu_check.workflow_files(dit=True)])
+    assert dit_run == {"flux1", "sd3"}
+
+
+def test_every_model_name_the_dit_workflows_use_has_a_built_stand_in(gpu_check):
+    """The --dit server links harness.server.DIT_STAND_INS names to the files built for the workflow's family."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from harness.server import DIT_STAND_INS
+
+    for stem in DIT_WORKFLOWS:
+        (path,) = gpu_check.workflow_files([stem])
+        text = path.read_text(encoding="utf-8")
+        family = gpu_check.WORKFLOW_BASES[gpu_check.workflow_base(path)]
+        used = [(name, item) for names in DIT_STAND_INS.values() for name, item in names.items() if name in text]
+        assert used, stem
+        for name, item in used:
+            assert gpu_check.DIT_STAND_IN_FILES.get(item) in gpu_check.MODEL_GROUPS[family], (stem, name, item)
+
+
+def test_the_offline_bundle_keeps_the_t5_tokenizer_the_dit_items_need(tmp_path):
+    """Flux.1's and SD3's tokenizers build T5-XXL's (also for a checkpoint without a T5); the others are dropped."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from harness import gpu_bundle
+
+    encoders = tmp_path / "src" / "comfy" / "text_encoders"
+    for name in ("t5_tokenizer", "llama_tokenizer", "qwen25_tokenizer"):
+        (encoders / name).mkdir(parents=True)
+        (encoders / name / "tokenizer.json").write_text("{}")
+    (encoders / "sd3_clip.py").write_text("")
+    gpu_bundle.copy_comfyui(tmp_path / "src", tmp_path / "dest")
+    kept = sorted(p.name for p in (tmp_path / "dest" / "comfy" / "text_encoders").iterdir())
+    assert kept == ["sd3_clip.py", "t5_tokenizer"], kept
 
 
 def test_loads_default_to_every_family_in_every_dtype_and_a_typo_is_refused(gpu_check):
     assert gpu_check.parse_loads("") == [("sd15", "bf16"), ("sd15", "fp16"), ("sdxl", "bf16"), ("sdxl", "fp16")]
+    assert gpu_check.parse_loads("", dit=True) == [("flux1", "bf16"), ("sd3", "bf16")]
     assert gpu_check.parse_loads(" sdxl:bf16, sd15:fp16 ") == [("sdxl", "bf16"), ("sd15", "fp16")]
+    assert gpu_check.parse_loads("sd3:bf16") == [("sd3", "bf16")]
     with pytest.raises(SystemExit, match="unknown --loads sdxl:fp32; choose from sd15:bf16, sd15:fp16, "):
         gpu_check.parse_loads("sd15:bf16,sdxl:fp32")
+    with pytest.raises(SystemExit, match="unknown --loads flux1:fp16; .*flux1:bf16, sd3:bf16"):
+        gpu_check.parse_loads("flux1:fp16")
+
+
+def _report(items: list[dict], **extra) -> dict:
+    return {"mode": "full", "quick": False, "dit": True, "seconds": 400.0, "build_seconds": 80.0, "passed": 0,
+            "environment": {"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "cuda": "13.0"},
+            "unet_parameters": {"flux1": 11_901_408_320}, "full_size_layouts": None,
+            "disk": {"folder": "/b/full", "built_bytes": 23 * 10**9}, "items": items, **extra}
+
+
+def _item(name: str, peak_gib: float | None, target: float | None, it_per_s: float | None = 0.5) -> dict:
+    return {"name": name, "kind": "trainer", "passed": True, "seconds": 9.0, "steps": 4, "it_per_s": it_per_s,
+            "max_memory_allocated": None if peak_gib is None else int(peak_gib * 2**30), "node_it_per_s": {},
+            "settings": {}, "outputs": [], "error": "", "memory_target_gib": target}
+
+
+def test_the_report_compares_dit_peak_memory_with_the_memory_bench_targets(gpu_check, tmp_path):
+    items = [_item("unitune_finetune flux1 bf16", 13.5, 16.0), _item("unitune_finetune sd3 bf16", 12.5, 12.0, 1.25),
+             _item("textual_inversion flux1 bf16", 20.0, None)]
+    gpu_check.write_report(tmp_path, _report(items))
+    md = (tmp_path / "report.md").read_text()
+    assert "target: under 600s on one H100, --dit" in md
+    assert "| unitune_finetune flux1 bf16 | pass | 9.0 | 0.50 | 13.50 GiB (target ≤ 16) |" in md
+    assert "- unitune_finetune flux1 bf16: 2.00 s/step, peak 13.50 GiB against ≤ 16 GiB (met; memory bench" in md
+    assert "- unitune_finetune sd3 bf16: 0.80 s/step, peak 12.50 GiB against ≤ 12 GiB (**over**;" in md
+    assert "textual_inversion flux1 bf16:" not in md, "no target: not in the memory lines"
+    assert "Disk: the files built in /b/full take 23.0 GB" in md and "limit 40 GB" in md
+    total = sum(s for _, s in gpu_check.DIT_ESTIMATES)
+    assert f"{total} s of 600 s" in md and total < gpu_check.BUDGET_SECONDS
+    assert all(what in md for what, _ in gpu_check.DIT_ESTIMATES)
+
+
+def test_the_sd_report_has_no_dit_part(gpu_check, tmp_path):
+    gpu_check.write_report(tmp_path, _report([_item("unitune_finetune sd15 fp16", 5.0, None)], dit=False))
+    md = (tmp_path / "report.md").read_text()
+    assert "memory bench" not in md and "Planned" not in md and "--dit" not in md
 
 
 def test_a_bad_loads_value_fails_before_any_work(tmp_path):
@@ -172,15 +271,23 @@ def test_a_bad_loads_value_fails_before_any_work(tmp_path):
     assert not (tmp_path / "report").exists()
 
 
+# what each family's load runs (bench/gpu_check.py FAMILY_TRAINERS), as the report must list them
+SD_TRAINERS = ("unitune_finetune", "controlnet_zero")
+DIT_TRAINERS = ("unitune_finetune", "textual_inversion")
+
+
 def dry_run(out: Path, loads: list[str], workflows: list[str], quick: dict | None = None,
-            build: Path | None = None) -> dict:
+            build: Path | None = None, dit: bool = False) -> dict:
     """Run the CPU dry run and check its report: every item passed, as the GPU run would report it.
 
     ``quick``: run ``--quick``, whose ``QUICK_TRAINERS`` this is (``loads`` / ``workflows``: what it implies).
+    ``dit``: run ``--dit`` (empty ``loads`` / ``workflows``: the Flux.1-dev and SD3.5 ones).
     """
     args = ["--device", "cpu", "--tiny", "--out", str(out)]
     if quick:
         args += ["--quick"]
+    if dit:
+        args += ["--dit"]
     if build:
         args += ["--build", str(build)]
     if loads and not quick:
@@ -193,23 +300,35 @@ def dry_run(out: Path, loads: list[str], workflows: list[str], quick: dict | Non
     assert done.returncode == 0 and not failed, f"{failed}\n{done.stderr[-4000:]}"
 
     names = [i["name"] for i in report["items"]]
-    loads = [tuple(x.split(":")) for x in loads] or [(f, d) for f in ("sd15", "sdxl") for d in ("bf16", "fp16")]
+    loads = [tuple(x.split(":")) for x in loads] or ([("flux1", "bf16"), ("sd3", "bf16")] if dit else
+                                                     [(f, d) for f in ("sd15", "sdxl") for d in ("bf16", "fp16")])
+    bases = ("(Flux.1 dev)", "(SD3.5)") if dit else ("(SD1.5)", "(SDXL)")  # the bases of the run
     workflows = workflows or [p.stem for p in sorted((REPO / "workflows").glob("*.json"))  # the script's order
-                              if p.stem.endswith(("(SD1.5)", "(SDXL)"))]  # the bases it builds models for
-    trainers = {f"{family}:{dtype}": ("unitune_finetune", "controlnet_zero") for family, dtype in loads} | (quick or {})
+                              if p.stem.endswith(bases)]
+    trainers = {f"{family}:{dtype}": DIT_TRAINERS if family in ("flux1", "sd3") else SD_TRAINERS
+                for family, dtype in loads} | (quick or {})
     expected = [f"{kind} {family} {dtype}" for family, dtype in loads
                 for kind in ("load", *trainers[f"{family}:{dtype}"])]
     assert names == expected + [f"workflow {w}" for w in workflows]
     by_name = {i["name"]: i for i in report["items"]}
     for family, dtype in loads:
-        assert by_name[f"load {family} {dtype}"]["settings"] == {"unet_dtype": {"bf16": "bfloat16",
-                                                                                "fp16": "float16"}[dtype],
-                                                                 "manual_cast": "None"}
+        dit_load = family in ("flux1", "sd3")  # fp8 storage computing in bf16, as ComfyUI does on an H100
+        assert by_name[f"load {family} {dtype}"]["settings"] == (
+            {"unet_dtype": "float8_e4m3fn", "manual_cast": "bfloat16"} if dit_load else
+            {"unet_dtype": {"bf16": "bfloat16", "fp16": "float16"}[dtype], "manual_cast": "None"})
         for trainer in trainers[f"{family}:{dtype}"]:
             item = by_name[f"{trainer} {family} {dtype}"]
             assert item["steps"] == 2 and item["it_per_s"] > 0, item
             assert item["settings"]["steps"] == 2
             assert item["max_memory_allocated"] is None  # CPU: no CUDA counter
+            if dit_load:  # the memory bench's cases: batch 1, checkpointing; UniTune LoRA (Flux: rank 16)
+                assert item["settings"]["batch_size"] == 1 and item["settings"]["gradient_checkpointing"] is True
+                assert item["memory_target_gib"] == ({"flux1": 16.0, "sd3": 12.0}[family]
+                                                     if trainer == "unitune_finetune" else None)
+        if dit_load:
+            tuned = by_name[f"unitune_finetune {family} {dtype}"]["settings"]
+            assert tuned["train"] == "lora" and tuned.get("lora_rank") == ({"flux1": 16}.get(family)), tuned
+            assert f"{family}:{dtype}" not in (quick or {})
         if family == "sdxl":  # the SDXL case: 8-bit AdamW where the node offers it, checkpointing
             sdxl = {t: by_name[f"{t} {family} {dtype}"]["settings"] for t in trainers[f"{family}:{dtype}"]}
             assert sdxl.get("controlnet_zero", {"optimizer": "adamw8bit"})["optimizer"] == "adamw8bit"
@@ -225,8 +344,16 @@ def dry_run(out: Path, loads: list[str], workflows: list[str], quick: dict | Non
     assert layouts["sd15_unet_parameters"] == 859_520_964 and layouts["sdxl_unet_parameters"] == 2_567_463_684
     assert layouts["sdxl_attn2_layers"] == 70 and layouts["clip_vision_layers"] == 48
     assert 1.2e9 < layouts["sdxl_controlnet_parameters"] < 1.3e9
+    # the --dit files, detected by ComfyUI's stock detection from their shapes (Flux, SD3): Flux.1-dev 11.90B
+    # (bench/full_size.py), SD3.5 Large 8.06B; CLIP-L at full size; T5 at T5-XXL's width with 1 layer
+    assert layouts["flux1_parameters"] == 11_901_408_320 and 8.0e9 < layouts["sd3_parameters"] < 8.1e9
+    assert layouts["clip_l_parameters"] == 123_650_304 and layouts["t5xxl_layers"] == 1
+    assert layouts["disk_bytes"]["flux1"] == layouts["flux1_parameters"], "fp8: one byte per weight"
+    assert layouts["disk_sd_run_bytes"] + layouts["disk_dit_run_bytes"] < 40 * 10**9, "issue 21: disk under 40 GB"
     md = (out / "report.md").read_text()
     assert all(n in md for n in names) and "**FAIL**" not in md
+    assert "At full size: the SD run writes" in md
+    assert (report["dit"] and "memory bench" in md) or not dit
     return by_name
 
 
@@ -241,15 +368,17 @@ def test_quick_covers_each_family_each_trainer_and_dtype_once_with_one_workflow(
     quick = gpu_check.QUICK_TRAINERS
     assert sorted(k.split(":")[0] for k in quick) == list(gpu_check.FAMILIES)
     assert sorted(k.split(":")[1] for k in quick) == sorted(gpu_check.DTYPES)
-    assert sorted(t for ts in quick.values() for t in ts) == sorted(gpu_check.TRAINERS)
+    assert sorted(t for ts in quick.values() for t in ts) == sorted(SD_TRAINERS)
+    assert all(gpu_check.FAMILY_TRAINERS[f] == SD_TRAINERS for f in gpu_check.FAMILIES)
     assert all(len(ts) == 1 for ts in quick.values())
     assert [p.stem for p in gpu_check.workflow_files([gpu_check.QUICK_WORKFLOW])] == [gpu_check.QUICK_WORKFLOW]
 
 
 def test_quick_refuses_a_choice_of_its_own(tmp_path):
-    done = _run("--device", "cpu", "--tiny", "--quick", "--loads", "sd15:fp16", "--out", str(tmp_path / "r"))
-    assert done.returncode != 0 and "--quick chooses the loads and the workflow itself" in done.stderr, done.stderr
-    assert not (tmp_path / "r").exists()
+    for extra in (("--loads", "sd15:fp16"), ("--dit",)):
+        done = _run("--device", "cpu", "--tiny", "--quick", *extra, "--out", str(tmp_path / "r"))
+        assert done.returncode != 0 and "--quick chooses the loads and the workflow itself" in done.stderr, done.stderr
+        assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.long
@@ -262,6 +391,27 @@ def test_cpu_dry_run_of_quick_runs_one_trainer_per_family_and_one_workflow(gpu_c
     assert report["quick"] is True and "--quick" in (out / "report.md").read_text()
     built = sorted(p.name.split("_")[3] for p in (tmp_path / "models" / "tiny").glob("*.safetensors"))
     assert built == ["sd15", "sdxl"], built
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_of_the_flux_load_and_the_sd35_workflow(tmp_path):
+    """``--dit`` in ``make test``: Flux.1-dev through the stock UNETLoader (fp8) with UniTune and Textual Inversion,
+    and the SD3.5 workflow through the server (its checkpoint built too); only the DiT files are built."""
+    by_name = dry_run(tmp_path / "gpu_check", ["flux1:bf16"], [DIT_WORKFLOWS[1]], dit=True,
+                      build=tmp_path / "models")
+    capped = by_name[f"workflow {DIT_WORKFLOWS[1]}"]["settings"]
+    assert [v for k, v in capped.items() if k.endswith("FrozenTuneUniTuneFineTune.steps")] == ["16 -> 2"], capped
+    built = sorted(p.name.rsplit("_v", 1)[0].removeprefix("gpu_check_tiny_")
+                   for p in (tmp_path / "models" / "tiny").glob("*.safetensors"))
+    assert built == ["clip_l", "flux1", "sd3", "t5xxl", "vae16"], built
+    words = [p.name for p in (tmp_path / "models" / "tiny" / "run" / "embeddings").glob("*.safetensors")]
+    assert words == ["gpu_check_flux1_bf16.safetensors"], words
+
+
+@pytest.mark.long
+def test_cpu_dry_run_of_everything_dit_runs_writes_the_report(tmp_path):
+    """The whole ``--dit`` dry run: Flux.1-dev and SD3.5 loads with their trainers and both DiT workflows."""
+    dry_run(tmp_path / "gpu_check", [], [], dit=True)
 
 
 @pytest.mark.long
