@@ -71,6 +71,9 @@ FULL = (
     Case("UniTune Flux.1-dev LoRA", "unitune", "flux1-dev", 1024, 1, "lora", weights="fp8", lora_rank=16,
          target_gib=16.0),
     Case("UniTune SD3.5 Large LoRA", "unitune", "sd3.5-large", 1024, 1, "lora", weights="fp8", target_gib=12.0),
+    # issue 23: XLabs-layout ControlNet (2 double blocks, the layout's default), fp8 base, 8-bit AdamW, checkpointing
+    Case("ControlNet-Zero Flux.1-dev", "controlnet_zero", "flux1-dev", 1024, 1, optimizer="adamw8bit", weights="fp8",
+         target_gib=20.0),
 )
 # Real runs on this CPU compute in fp32 (bf16 matmuls and convs run ~100x slower here without native
 # bf16), with the weights stored in fp16 and cast at each use as in the full-size runs; one case checks
@@ -167,6 +170,13 @@ def use_sdpa() -> None:
 
     attention.optimized_attention = attention.attention_pytorch
     attention.optimized_attention_masked = attention.attention_pytorch
+    # modules that imported the name already (e.g. comfy.ldm.flux.math) keep their own binding: rebind it
+    for name, module in list(sys.modules.items()):
+        if name.startswith("comfy.ldm.") and module is not attention:
+            for attr in ("optimized_attention", "optimized_attention_masked"):
+                if getattr(module, attr, None) in (attention.attention_sub_quad, attention.attention_split,
+                                                   attention.attention_basic):
+                    setattr(module, attr, attention.attention_pytorch)
 
 
 def run_case(case: Case, fake: bool, profile: bool) -> dict:
@@ -246,7 +256,7 @@ def _controlnet_zero(case: Case, base, latent):
     import comfy.model_management as mm
     import torch
 
-    from frozentune.controlnet_zero import cache, network
+    from frozentune.controlnet_zero import cache, layouts, network
     from frozentune.controlnet_zero import training_run as trainer
 
     res = case.size
@@ -265,7 +275,7 @@ def _controlnet_zero(case: Case, base, latent):
     mm.load_models_gpu([base], force_full_load=True)
     device = base.load_device
     with torch.inference_mode(False):
-        control = network.trainable_copy(network.create(base.model), device)
+        control = network.trainable_copy(layouts.for_model(base.model).create(base.model), device)
 
     def train(on_step, tracker):
         control.zero_grad(set_to_none=True)  # gradients a warm-up run left would be freed, untracked, inside this one

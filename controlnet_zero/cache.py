@@ -106,8 +106,8 @@ def _encode_rows(indices: list[int], encode: Callable[[list[int]], list[dict[str
 class TrainingData:
     """Everything a training step reads: latents (model space), RGB hints, text conditionings."""
 
-    images: Rows  # row i: {"latent": [C, h, w] float32, "hint": [R, R, 3] uint8}
-    texts: Rows  # row j: the model's extra conds ("c_crossattn", "y" for SDXL) for caption j; row 0 = EMPTY
+    images: Rows  # row i: {"latent": [C, h, w] float32, "hint": [R, R, 3] uint8, or latent hints [C, h, w] float}
+    texts: Rows  # row j: the model's extra conds (c_crossattn; y: SDXL, SD3, Flux; Flux guidance) for caption j; 0 = EMPTY
     caption_ids: torch.Tensor  # [N] long, index into texts
     resolution: int
     fingerprint: str = ""  # the dataset's (Source.fingerprint); "" when unknown
@@ -121,7 +121,11 @@ class TrainingData:
 
         rows = [self.images[int(i)] for i in indices]
         x0 = torch.stack([r["latent"] for r in rows]).to(device, torch.float32)
-        hint = torch.stack([r["hint"] for r in rows]).to(device).movedim(-1, 1).float() / 255.0
+        hint = torch.stack([r["hint"] for r in rows]).to(device)
+        if hint.dtype == torch.uint8:  # pixel hints [B, R, R, 3] -> [B, 3, R, R] in [0, 1]
+            hint = hint.movedim(-1, 1).float() / 255.0
+        else:  # latent hints (``layouts``: hint_input), already [B, C, h, w] as the control module takes them
+            hint = hint.float()
         texts = [self.texts[0 if bool(d) else int(self.caption_ids[int(i)])] for i, d in zip(indices, dropped, strict=True)]
         conds = {}
         for name in texts[0]:
@@ -159,29 +163,38 @@ class Source:
 
 
 def encode(source: Source, base_model, vae, clip, resolution: int, cache_dir: Path | None = None,
-           dist: Dist | None = None, chunk: int = 8) -> TrainingData:
+           dist: Dist | None = None, chunk: int = 8, guidance: float | None = None,
+           hint_input: Callable[[torch.Tensor, object], torch.Tensor] | None = None) -> TrainingData:
     """Run the VAE over every target and the text encoder over every unique caption, once.
 
     ``base_model`` is the base ``comfy.model_base.BaseModel``: its latent format maps VAE latents to
     model space, and its ``extra_conds`` build the UNet inputs (SDXL pooled/size conditioning at the
-    training resolution) exactly as sampling does.
+    training resolution, Flux's pooled vector) exactly as sampling does. ``guidance``: the guidance value a
+    guidance-embedding model (Flux.1 dev) trains at, in every caption's conds; None: the model's own default
+    (other families take none). ``hint_input``: the layout's (``layouts``), what a row keeps of its hint;
+    None keeps the uint8 pixels.
     """
     dist = dist or Dist()
     unique = [EMPTY] + sorted(set(source.captions) - {EMPTY})
     index = {c: j for j, c in enumerate(unique)}
     caption_ids = torch.tensor([index[c] for c in source.captions], dtype=torch.long)
-    latent_like = torch.zeros(1, 4, resolution // 8, resolution // 8)
+    channels = getattr(base_model.latent_format, "latent_channels", 4)
+    latent_like = torch.zeros(1, channels, resolution // 8, resolution // 8)
 
     def encode_images(rows: list[int]) -> list[dict[str, torch.Tensor]]:
         targets, hints = source.load(rows)
         pixels = targets.float() / 255.0 if targets.dtype == torch.uint8 else targets
         latents = base_model.latent_format.process_in(vae.encode(pixels).float().cpu())
+        if hint_input is not None:
+            hints = hint_input(hints, vae)
         return [{"latent": lat, "hint": h} for lat, h in zip(latents, hints, strict=True)]
 
     def encode_texts(rows: list[int]) -> list[dict[str, torch.Tensor]]:
         out = []
         for j in rows:
             conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(unique[j]))
+            if guidance is not None:
+                conditioning = [[c, {**extras, "guidance": guidance}] for c, extras in conditioning]
             out.append(training_conds(base_model, conditioning, latent_like, torch.device("cpu")))
         return out
 

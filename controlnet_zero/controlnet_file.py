@@ -1,4 +1,5 @@
-"""The ControlNet file: the module's own state dict (ComfyUI's ldm layout, no prefix), atomic, settings in metadata."""
+"""The ControlNet file: the layout's tensors (``layouts``: ldm and Flux XLabs = the module's own state dict, SD3 =
+diffusers' names), no prefix, atomic, settings in metadata."""
 
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ def check_stem(path: Path) -> None:
 
 
 def tensors(control_model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Every weight of the ControlNet under its module name, on the CPU in ``dtype``."""
-    return {k: v.detach().to("cpu", dtype) for k, v in control_model.state_dict().items()}
+    """Every weight of the ControlNet under the names its layout's file uses (``layouts``), on the CPU in ``dtype``."""
+    from . import layouts
+
+    named = layouts.file_tensors(control_model)
+    return {k: v.detach().to("cpu", dtype) for k, v in named.items()}
 
 
 def save(path: Path, control_model: torch.nn.Module, metadata: dict[str, str], dtype: str = "fp32") -> Path:

@@ -14,9 +14,12 @@ import logging
 import torch
 
 from .. import families
+from . import layouts
 
 log = logging.getLogger(__name__)
 
+NAME = "ldm"  # this module is the "ldm" layout of ``layouts`` (SD1.x / SDXL)
+DEFAULT_DEPTH = 0  # a UNet ControlNet copies the whole encoder and middle block: no depth to choose
 HINT_CHANNELS = 3  # ComfyUI IMAGE tensors are RGB
 # Module prefixes that do not exist in the base UNet. zero_convs / middle_block_out start at exactly
 # zero (so a fresh ControlNet changes nothing); so does the last hint conv, as in the original code.
@@ -50,13 +53,17 @@ def build(config: dict, device: torch.device | str = "cpu", dtype: torch.dtype =
     return comfy.cldm.cldm.ControlNet(**cfg)
 
 
-def create(base_model, generator: torch.Generator | None = None) -> torch.nn.Module:
+def create(base_model, generator: torch.Generator | None = None, *, depth: int = 0) -> torch.nn.Module:
     """A fresh ControlNet for ``base_model``: encoder + middle block copied, new parts initialized.
 
     ``zero_convs``, ``middle_block_out`` and the last hint conv are exactly zero; the other hint
     convs get PyTorch's default conv init (Kaiming-uniform), as in the reference code.
-    Weights are fp32 on the CPU (training keeps fp32 master weights).
+    Weights are fp32 on the CPU (training keeps fp32 master weights). ``depth`` must be 0: a UNet
+    ControlNet always copies the whole encoder.
     """
+    if depth:
+        raise ValueError(f"depth={depth} applies to Flux.1 and SD3 ControlNets (how many transformer blocks they "
+                         "copy); an SD1.5/SDXL ControlNet always copies the whole UNet encoder: set depth to 0.")
     cfg = controlnet_config(base_model)
     base_sd = base_model.diffusion_model.state_dict()
     cn = build(cfg, "cpu", torch.float32)
@@ -135,8 +142,11 @@ def trainable_copy(control_model: torch.nn.Module, device: torch.device) -> torc
     return cn
 
 
-def wrap(control_model: torch.nn.Module):
-    """A ``comfy.controlnet.ControlNet`` (the stock CONTROL_NET type) around ``control_model``."""
+def wrap(control_model: torch.nn.Module, vae=None):
+    """A ``comfy.controlnet.ControlNet`` (the stock CONTROL_NET type) around ``control_model``.
+
+    ``vae`` is not used: ldm ControlNets take pixel hints.
+    """
     import comfy.controlnet
     import comfy.model_management as mm
 
@@ -163,3 +173,39 @@ def unwrap(control_net) -> torch.nn.Module:
         raise ValueError(f"this ControlNet takes {hint}-channel hints; ControlNet-Zero trains RGB (3-channel) "
                          "hint ControlNets only.")
     return module
+
+
+def owns(control_model) -> bool:
+    """Whether ``control_model`` is a UNet ControlNet (``unwrap`` says which kinds of them train)."""
+    import comfy.cldm.cldm
+
+    return isinstance(control_model, comfy.cldm.cldm.ControlNet)
+
+
+def file_tensors(control_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's own state dict: ComfyUI's ldm ControlNet layout, which the stock loader reads as is."""
+    return dict(control_model.state_dict())
+
+
+def load(tensors: dict[str, torch.Tensor], base_model) -> torch.nn.Module:
+    """An fp32 CPU ControlNet for ``base_model`` from an ldm-layout file's tensors (bare or ``control_model.``)."""
+    if "zero_convs.0.0.weight" not in tensors:
+        prefixed = {k[len("control_model."):]: v for k, v in tensors.items() if k.startswith("control_model.")}
+        if "zero_convs.0.0.weight" not in prefixed:
+            raise ValueError("not an ldm-layout ControlNet (no zero_convs.0.0.weight): convert a diffusers "
+                             "ControlNet by loading it in ComfyUI and saving it with ControlNet-Zero Save.")
+        tensors = prefixed
+    return layouts.load_checked(build(controlnet_config(base_model), "cpu", torch.float32), tensors, base_model,
+                                check_fits, "ControlNet layout")
+
+
+hint_input = layouts.pixel_hints
+
+
+def control(control_model, x_in: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, conds: dict,
+            compute: torch.dtype) -> dict:
+    """The UNet's ``control`` dict from the ControlNet's outputs, as ``get_control`` feeds it (fresh lists)."""
+    y = conds.get("y")
+    outputs = control_model(x=x_in, hint=hint, timesteps=timesteps, context=conds["c_crossattn"], y=y)
+    return {"input": [], "middle": [c.to(compute) for c in outputs["middle"]],
+            "output": [c.to(compute) for c in outputs["output"]]}

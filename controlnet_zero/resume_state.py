@@ -1,7 +1,7 @@
 """Training checkpoints: everything needed to resume exactly, as safetensors (no pickle).
 
 A checkpoint is a folder ``step_000100/`` holding ``controlnet.safetensors`` (the weights, in the
-same ldm layout the final file has, so any checkpoint also loads in ComfyUI) and
+same layout the final file has, so any checkpoint also loads in ComfyUI) and
 ``state.safetensors`` (the optimizer's state as plain tensors, ``training.optimizers.state_tensors``:
 AdamW's fp32 moments or 8-bit AdamW's uint8 codes and scales; the sampling generator's state, the global
 RNG state; the step, the optimizer's hyperparameters and the loss history in the metadata). The state file is
@@ -45,7 +45,7 @@ OPTIMIZER = "controlnet_zero.optimizer"
 # What a run is: a checkpoint continues only a run with the same values (besides the base and the optimizer).
 IDENTITY = tuple(f"controlnet_zero.{name}" for name in (
     "dataset_size", "dataset_fingerprint", "resolution", "learning_rate", "weight_decay", "max_grad_norm",
-    "prompt_dropout", "batch_size", "gradient_accumulation", "seed"))
+    "prompt_dropout", "batch_size", "gradient_accumulation", "seed", "flux_guidance"))
 # These may change on resume (other hardware); the result then differs from an uninterrupted run, so it warns.
 WARN_ONLY = ("controlnet_zero.world_size", "controlnet_zero.mixed_precision")
 _RUN_FOLDER = re.compile(r"^run_(\d+)$")
@@ -118,12 +118,19 @@ def save(root: Path, step: int, control_model: torch.nn.Module, optimizer: torch
 
 
 def load(folder: Path, control_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         generator: torch.Generator, scaler=None) -> Resumed:
-    """Restore weights, optimizer, RNG states from ``folder``; returns the step reached and the losses."""
+         generator: torch.Generator, scaler=None,
+         to_module: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> Resumed:
+    """Restore weights, optimizer, RNG states from ``folder``; returns the step reached and the losses.
+
+    ``to_module`` maps the checkpoint's file tensors (the layout's file names) to ``control_model``'s state dict
+    names (a layout's ``module_tensors``, ``layouts``); None: they are the same names.
+    """
     folder = Path(folder)
     read_metadata(folder)  # a clear error for an incomplete folder
     weights, _ = weights_file.load(folder / WEIGHTS)
     weights_file.check_finite(weights, f"checkpoint {folder / WEIGHTS}")
+    if to_module is not None:
+        weights = to_module(weights)
     with torch.no_grad():
         control_model.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=True)
     tensors, meta = weights_file.load(folder / STATE)

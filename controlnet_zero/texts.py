@@ -67,6 +67,14 @@ TEXTS: dict[str, str] = {
         "with previews on or off."),
     "previews": "The previews drawn while training, side by side in step order (a 64x64 black image when "
                 "preview_every is 0).",
+    "flux_guidance": (
+        "The guidance strength Flux.1 dev (it takes one as input) trains at, fed to the ControlNet and the base: 4, "
+        "as XLabs' x-flux ControlNet trainer. Other families have no such input and ignore it."),
+    # --- Create node only
+    "depth": (
+        "Transformer blocks the ControlNet copies from the MODEL; 0 = the reference default: Flux.1 2 double blocks "
+        "(XLabs' ControlNets), SD3/SD3.5 12 joint blocks (diffusers' SD3 trainer), at most the model's blocks - 1. "
+        "SD1.5/SDXL copy the whole encoder: keep 0 there."),
     # --- Save node only
     "filename": "Name under models/controlnet/ (sub-folders allowed, e.g. controlnet_zero/edges; 'controlnet/...' "
                 "is the same folder); a counter is added if it exists. Absolute paths, '..', hidden names, other "
@@ -78,7 +86,8 @@ TEXTS: dict[str, str] = {
     "dataset": "The dataset folder: images/ + conditioning/ + a .txt caption per image, or a .jsonl manifest "
                "(paths relative to the folder). Not confined to ComfyUI's input folder (the node's dataset_folder is).",
     "output": "The ControlNet file to write, e.g. models/controlnet/my_controlnet.safetensors.",
-    "controlnet": "Optional: an ldm-layout ControlNet file of the same base model to continue training from.",
+    "controlnet": "Optional: a ControlNet file of the same base model to continue training from, in the layout "
+                  "ControlNet-Zero Save writes for its family (SD1.5/SDXL ldm, Flux.1 XLabs, SD3 diffusers).",
     "work_dir": "Folder for checkpoints (checkpoints/run_NNN/) and losses.json; the encoding cache lives there "
                 "while training and is removed after. Default: <output>_run/.",
     "eval_rows": "Training pairs to measure a fixed-draw loss on before and after training (0 = off).",

@@ -3,7 +3,8 @@
 Run it from the pack's root folder with ComfyUI importable: ``COMFYUI_DIR=/path/to/ComfyUI`` (default:
 the pack's pinned ``build/comfyui``). Multi-process: ``torchrun --nproc_per_node N -m controlnet_zero.train
 --config train.toml`` (DistributedDataParallel; gloo on the CPU, nccl on GPUs). The output is the same
-ldm-layout ControlNet file the ControlNet-Zero Save node writes; put it in ``models/controlnet/``.
+ControlNet file the ControlNet-Zero Save node writes for the base's family (``layouts``: SD1.5/SDXL ldm,
+Flux.1 XLabs, SD3 diffusers); put it in ``models/controlnet/``.
 
 Config (TOML; every key is also a flag, e.g. ``--learning-rate 2e-5``; flags win)::
 
@@ -19,6 +20,8 @@ Config (TOML; every key is also a flag, e.g. ``--learning-rate 2e-5``; flags win
     optimizer = "adamw"                   # or "adamw8bit" (bitsandbytes' 8-bit AdamW state)
     mixed_precision = "auto"              # bf16 autocast on CUDA where supported, else fp16; fp32 on the CPU
     checkpoint_every = 500
+    depth = 0                             # Flux.1/SD3: blocks a new ControlNet copies (0: the reference default)
+    flux_guidance = 4.0                   # Flux.1 dev: the guidance it trains at (x-flux's ControlNet trainer: 4)
 
 Every flag's help is the node's tooltip for the same setting (``controlnet_zero.texts``). Booleans
 read true/false, 1/0, yes/no, on/off; anything else is refused. Paths are used as given: the CLI is
@@ -45,7 +48,7 @@ from .texts import cli_text
 log = logging.getLogger("controlnet_zero.train")
 PACKAGE = "frozentune"
 RUN_KEYS = {"checkpoint": str, "dataset": str, "output": str, "controlnet": str, "work_dir": str, "resume": bool,
-            "save_dtype": str, "eval_rows": int, "log_every": int}
+            "save_dtype": str, "eval_rows": int, "log_every": int, "depth": int, "flux_guidance": float}
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -175,37 +178,19 @@ def options(argv: list[str] | None = None) -> tuple[dict, object]:
 
 
 def load_controlnet_file(path: Path, base_model):
-    """A ControlNet module for ``base_model`` with the weights of an ldm-layout file (bare or control_model.)."""
-    import torch
-
+    """A ControlNet module for ``base_model`` from a file in its family's layout (``layouts.for_model``)."""
     from ..storage import safetensors_file as weights_file
-    from . import network
+    from . import layouts
 
     tensors, _ = weights_file.load(path)
     weights_file.check_finite(tensors, f"ControlNet file {path}")
-    if "zero_convs.0.0.weight" not in tensors:
-        prefixed = {k[len("control_model."):]: v for k, v in tensors.items() if k.startswith("control_model.")}
-        if "zero_convs.0.0.weight" not in prefixed:
-            raise ValueError(f"{path} is not an ldm-layout ControlNet (no zero_convs.0.0.weight): convert a "
-                             "diffusers ControlNet by loading it in ComfyUI and saving it with ControlNet-Zero Save.")
-        tensors = prefixed
-    module = network.build(network.controlnet_config(base_model), "cpu", torch.float32)
-    missing, unexpected = module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
-    if missing or unexpected:
-        network.check_fits(_ShapeOnly(tensors), base_model)
-        raise ValueError(f"{path} does not match the base model's ControlNet layout (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}).")
-    return module
-
-
-class _ShapeOnly:
-    """Lets ``check_fits`` describe a file's tensors without building a module."""
-
-    def __init__(self, tensors):
-        self._tensors = tensors
-
-    def state_dict(self):
-        return self._tensors
+    try:
+        return layouts.for_model(base_model).load(tensors, base_model)
+    except ValueError as error:  # the layouts say "not a ..." / "does not match ..." of the file
+        text = str(error)
+        joined = f"{path} is {text}" if text.startswith("not ") else f"{path} {text}" if text.startswith("does ") \
+            else f"{path}: {text}"
+        raise ValueError(joined) from None
 
 
 def run(opts: dict, settings) -> Path | None:
@@ -216,7 +201,7 @@ def run(opts: dict, settings) -> Path | None:
     import comfy.sd
     import torch
 
-    from . import cache, controlnet_file, dataset, distributed, network, training_run
+    from . import cache, controlnet_file, dataset, distributed, flux_xlabs, layouts, network, training_run
 
     dist = distributed.from_environment()
     cache_dir = None
@@ -228,13 +213,18 @@ def run(opts: dict, settings) -> Path | None:
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(opts["checkpoint"], output_vae=True,
                                                                       output_clip=True)
         # the ControlNet first: a file of another model family fails before the slow encoding
+        layout = layouts.for_model(model.model)
         if opts.get("controlnet"):
             start = load_controlnet_file(Path(opts["controlnet"]), model.model)
         else:
-            start = network.create(model.model, torch.Generator().manual_seed(settings.seed))
+            start = layout.create(model.model, torch.Generator().manual_seed(settings.seed),
+                                  depth=int(opts.get("depth") or 0))
+        guidance = training_run.training_guidance(model.model, float(opts.get("flux_guidance",
+                                                                             flux_xlabs.TRAIN_GUIDANCE)))
         with torch.inference_mode(False):
             data = cache.encode(cache.Source.from_pairs(pairs, settings.resolution), model.model, vae, clip,
-                                settings.resolution, cache_dir=cache_dir, dist=dist)
+                                settings.resolution, cache_dir=cache_dir, dist=dist, guidance=guidance,
+                                hint_input=layout.hint_input)
         del clip, vae
         gc.collect()
         mm.load_models_gpu([model], force_full_load=True)
@@ -249,7 +239,10 @@ def run(opts: dict, settings) -> Path | None:
             if dist.is_main and (step == 1 or step % every == 0 or step == total):
                 log.info("step %d/%d loss %.5f", step, total, loss)
 
-        meta = {"controlnet_zero.base_checkpoint": Path(opts["checkpoint"]).name}
+        meta = {"controlnet_zero.base_checkpoint": Path(opts["checkpoint"]).name,
+                **training_run.guidance_metadata(guidance)}
+        if hasattr(layout, "depth_of"):
+            meta["controlnet_zero.depth"] = str(layout.depth_of(control_model))
         result = training_run.train(model.model, control_model, data, settings, device,
                                checkpoint_root=work / "checkpoints", resume=resume_value(opts.get("resume", False)),
                                dist=dist, metadata=meta, on_step=on_step, run_folders=True)

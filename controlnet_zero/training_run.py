@@ -2,9 +2,11 @@
 
 Each step mirrors how ComfyUI runs a ControlNet at sampling time (``comfy.controlnet.ControlNet.
 get_control``): the ControlNet sees ``calculate_input(sigma, x_t)``, the discrete timestep, the text
-context (and SDXL ``y``) and the RGB hint in [0, 1]; its outputs go into the frozen UNet's ``control``
-argument. The loss is ``training.objective``'s: the MSE of the UNet's raw output against the output
-that reproduces the clean latent, in the base model's own parameterization (eps or v), timesteps uniform.
+context (and ``y``: SDXL, SD3, Flux; Flux.1 dev's ``guidance``) and the hint (RGB in [0, 1], or SD3's
+latents); its outputs go into the frozen diffusion model's ``control`` argument. What runs the control
+module and shapes its outputs is the family's layout (``layouts``: ldm, flux_xlabs, sd3_diffusers). The
+loss is ``training.objective``'s: the MSE of the model's raw output against the output that reproduces
+the clean latent, in the base model's own parameterization (eps, v, or the flow target), timesteps uniform.
 
 Precision (``training.precision``): only the ControlNet trains, as fp32 master weights. The base UNet
 is never written or copied: it runs through a frozen twin whose weights alias the base's memory in its
@@ -26,10 +28,11 @@ from pathlib import Path
 
 import torch
 
+from .. import families
 from ..families import fingerprint
 from ..training import checkpointing, loop, objective, optimizers, precision, trainer
 from ..training import preview as previews
-from . import network, resume_state
+from . import layouts, resume_state
 from .cache import TrainingData
 from .distributed import Dist
 
@@ -82,18 +85,25 @@ class TrainSettings:
         return {f"controlnet_zero.{k}": str(v) for k, v in asdict(self).items()}
 
 
+GUIDANCE_KEY = "controlnet_zero.flux_guidance"
+
+
+def training_guidance(base_model, value: float) -> float | None:
+    """The guidance a guidance-embedding base (Flux.1 dev) trains at: ``value``; None for the others (no such input)."""
+    return float(value) if families.family_of(base_model).guidance_embed else None
+
+
+def guidance_metadata(guidance: float | None) -> dict[str, str]:
+    """The training guidance in the metadata (part of a run's identity, ``resume_state.IDENTITY``); none without."""
+    return {} if guidance is None else {GUIDANCE_KEY: f"{guidance:g}"}
+
+
 @dataclass
 class TrainResult:
     control_model: torch.nn.Module
     losses: list[float]
     step: int
     metadata: dict[str, str] = field(default_factory=dict)
-
-
-def _control(outputs: dict, dtype: torch.dtype) -> dict:
-    """The ControlNet's outputs as the UNet's ``control`` argument, in ``dtype`` (fresh lists: the UNet pops them)."""
-    return {"input": [], "middle": [c.to(dtype) for c in outputs["middle"]],
-            "output": [c.to(dtype) for c in outputs["output"]]}
 
 
 Forward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
@@ -108,6 +118,7 @@ def controlled_forward(base_model, control_model: torch.nn.Module, device: torch
     The frozen twin of the base UNet (aliased weights, cast per op) and the checkpointing of both
     networks live as long as the block; both are undone after.
     """
+    layout = layouts.for_module(control_model)
     unet = precision.frozen_twin(base_model.diffusion_model)
     precision.cast_on_use(unet)
     ms = base_model.model_sampling
@@ -115,14 +126,15 @@ def controlled_forward(base_model, control_model: torch.nn.Module, device: torch
     def forward(model, x_t, sigma, hint, conds) -> torch.Tensor:
         x_in = ms.calculate_input(sigma, x_t)
         timesteps = ms.timestep(sigma).float()
-        context, y = conds["c_crossattn"], conds.get("y")
+        # the base's other inputs by name: SDXL/SD3 y, Flux y and guidance (the training guidance, cached)
+        extra = {k: v.to(compute) for k, v in conds.items() if k != "c_crossattn" and isinstance(v, torch.Tensor)}
         with precision.autocast(device, compute):
-            outputs = model(x=x_in, hint=hint, timesteps=timesteps, context=context, y=y)
-            return unet(x_in.to(compute), timesteps, context=context.to(compute),
-                        y=None if y is None else y.to(compute), control=_control(outputs, compute),
-                        transformer_options={})
+            control = layout.control(model, x_in, hint, timesteps, conds, compute)
+            return unet(x_in.to(compute), timesteps, context=conds["c_crossattn"].to(compute), control=control,
+                        transformer_options={}, **extra)
 
-    with checkpointing.gradient_checkpointing([control_model, unet], gradient_checkpointing):
+    with layouts.training(layout, control_model, unet), \
+            checkpointing.gradient_checkpointing([control_model, unet], gradient_checkpointing):
         yield forward
 
 
@@ -155,9 +167,10 @@ def preview_render(forward: Forward, control_model: torch.nn.Module, data: Train
     """
     _, hint, conds = data.batch(torch.tensor([0]), torch.zeros(1, dtype=torch.bool), device)
     channels = data.images[0]["latent"].shape[0]
-    h, w = pv.latent_size(hint.shape[-2], hint.shape[-1])
-    if (h * 8, w * 8) != tuple(hint.shape[-2:]):
-        hint = torch.nn.functional.interpolate(hint, size=(h * 8, w * 8), mode="bilinear", antialias=True)
+    scale = 8 if data.images[0]["hint"].dtype == torch.uint8 else 1  # pixel hints, or latent ones (SD3)
+    h, w = pv.latent_size(hint.shape[-2] * 8 // scale, hint.shape[-1] * 8 // scale)
+    if (h * scale, w * scale) != tuple(hint.shape[-2:]):
+        hint = torch.nn.functional.interpolate(hint, size=(h * scale, w * scale), mode="bilinear", antialias=True)
     noise = previews.fixed_noise((1, channels, h, w), pv.seed, device, torch.float32)
     sigmas = previews.sigmas(ms, pv.steps)
 
@@ -232,7 +245,7 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
           dist: Dist | None = None, metadata: dict[str, str] | None = None,
           on_step: loop.StepHook | None = None, run_folders: bool = False,
           preview: previews.Preview | None = None) -> TrainResult:
-    """Train ``control_model`` (a trainable fp32 ``cldm.ControlNet`` on ``device``) around ``base_model``.
+    """Train ``control_model`` (a trainable fp32 control module of the base's layout on ``device``) around ``base_model``.
 
     ``base_model`` is a loaded ``comfy.model_base.BaseModel`` on ``device``; it is only read.
     ``resume``: True = the newest checkpoint of a matching run under ``checkpoint_root`` if any, or a
@@ -246,7 +259,7 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
     """
     settings.check()
     dist = dist or Dist()
-    network.check_fits(control_model, base_model)
+    layout = layouts.check_pair(control_model, base_model)
     metadata = dict(metadata or {})
     metadata.update(settings.metadata())
     metadata["controlnet_zero.dataset_size"] = str(len(data))
@@ -260,11 +273,15 @@ def train(base_model, control_model: torch.nn.Module, data: TrainingData, settin
     model = control_model
     if dist.enabled:
         ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(control_model, device_ids=ids)
+        # a layout whose module has weights the loss never reaches (Flux: the last double block's text stream)
+        # says so; DDP would otherwise wait for their gradients forever
+        model = torch.nn.parallel.DistributedDataParallel(
+            control_model, device_ids=ids, find_unused_parameters=getattr(layout, "UNUSED_PARAMETERS", False))
     fit = _Run(base_model, control_model, model, data, settings, device, dist, run, metadata)
     step, losses = 0, []
     if run.resume_from is not None:
-        done = resume_state.load(run.resume_from, control_model, fit.optimizer, fit.generator, fit.scaler)
+        done = resume_state.load(run.resume_from, control_model, fit.optimizer, fit.generator, fit.scaler,
+                                 to_module=getattr(layout, "module_tensors", None))
         step, losses = done.step, done.losses
         log.info("ControlNet-Zero: resumed from %s at step %d (run %s)", run.resume_from, step, run.run_id)
 

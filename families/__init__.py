@@ -1,7 +1,7 @@
 """The model families FrozenTune knows: one vocabulary every capability and node uses.
 
 A family is data (``families.table``): its id (``"sd15"``, ``"sdxl"``, ``"flux1"``, ``"flux1_schnell"``,
-``"sd3"``), a readable label for messages, the ComfyUI config classes it covers, its latents, text
+``"sd3"``, ``"qwen_image"``, ``"z_image"``, ``"chroma"``), a readable label for messages, the ComfyUI config classes it covers, its latents, text
 encoders, guidance, and the modules each UniTune train mode trains. ``family_of`` names a loaded
 model's family, ``require`` refuses one a capability does not support, ``train_targets`` is the train
 rule for a mode. A new family is a record in the table plus its tests; ``fingerprint`` identifies the
@@ -17,20 +17,23 @@ from collections.abc import Callable
 
 from . import table
 from .table import (
+    CHROMA,
     FAMILIES,
     FLUX1,
     FLUX1_SCHNELL,
+    QWEN_IMAGE,
     SD3,
     SD15,
     SDXL,
     TRAIN_MODES,
+    Z_IMAGE,
     Family,
     TextEncoder,
     TrainTargets,
 )
 
 __all__ = [
-    "FAMILIES", "FLUX1", "FLUX1_SCHNELL", "SD3", "SD15", "SDXL", "TRAIN_MODES", "Family", "TextEncoder",
+    "CHROMA", "FAMILIES", "FLUX1", "FLUX1_SCHNELL", "QWEN_IMAGE", "SD3", "SD15", "SDXL", "TRAIN_MODES", "Z_IMAGE", "Family", "TextEncoder",
     "TrainTargets", "by_context", "default_guidance", "describe_unet", "family_of", "model_family", "require",
     "train_targets",
 ]

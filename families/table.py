@@ -4,7 +4,7 @@ Everything a capability asks of a family lives here: which ComfyUI config classe
 (``comfy.supported_models``) it covers, its latents, its text encoders, how it is guided, and which
 modules of its diffusion model each UniTune train mode trains. What ComfyUI already knows about a
 loaded model (parameterization, shift, the guidance default) is read from the model, never restated.
-A new family (Qwen-Image, Z-Image, Chroma) is one more record plus its tests.
+A new family is one more record plus its tests (Qwen-Image, Z-Image and Chroma were).
 
 Nothing here imports torch or ComfyUI.
 """
@@ -25,6 +25,9 @@ class TextEncoder:
     width: int  # width of its token embeddings (what an ``embedding:`` file holds for it)
     word: bool  # its per-token output is (part of) the conditioning, so a prompt's word acts through it
     pooled: bool  # it feeds the pooled vector
+    # ComfyUI 0.3.75's tokenizer reads ``embedding:name`` words for it (False: built without the embedding
+    # directory, so the words stay plain text: Qwen2.5-VL in text_encoders/qwen_image.py:11, Qwen3 in z_image.py:9)
+    embedding: bool = True
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class TrainTargets:
 class Family:
     """A model family. Families FrozenTune does not know get a record with only id, label and config class."""
 
-    id: str  # "sd15", "sdxl", "flux1", "flux1_schnell", "sd3"; for others the config class name, lower case
+    id: str  # "sd15", "sdxl", "flux1", ..., "chroma"; for others the config class name, lower case
     label: str  # for messages: "SD1.x", "Flux.1 dev"
     config_classes: tuple[str, ...] = ()  # the comfy.supported_models classes it covers
     arch: str | None = None  # "unet" | "dit"; None for a family FrozenTune does not know
@@ -67,7 +70,9 @@ class Family:
     # Slots for the next issue. InstantStyle's block roles (role -> diffusers block names) live in
     # instantstyle/blocks.py BLOCK_ROLES for SD1.x/SDXL today; no DiT has a published map yet.
     style_blocks: tuple[tuple[str, tuple[str, ...]], ...] | None = None
-    # The ControlNet file layout ControlNet-Zero writes: "ldm" (comfy.cldm.cldm.ControlNet's state dict).
+    # The ControlNet file layout ControlNet-Zero writes (controlnet_zero/layouts.py): "ldm" (comfy.cldm.cldm.
+    # ControlNet's state dict), "flux_xlabs" (XLabs' Flux ControlNet = ComfyUI's ControlNetFlux state dict),
+    # "sd3_diffusers" (diffusers' SD3ControlNetModel names); None: ControlNet-Zero does not support the family.
     controlnet_layout: str | None = None
 
     @property
@@ -93,6 +98,9 @@ SDXL = "sdxl"
 FLUX1 = "flux1"
 FLUX1_SCHNELL = "flux1_schnell"
 SD3 = "sd3"
+QWEN_IMAGE = "qwen_image"
+Z_IMAGE = "z_image"
+CHROMA = "chroma"
 
 CLIP_L = TextEncoder("clip_l", "l", 768, word=True, pooled=False)
 CLIP_G = TextEncoder("clip_g", "g", 1280, word=True, pooled=True)  # SDXL: the pooled vector is CLIP-G's alone
@@ -103,6 +111,11 @@ FLUX_CLIP_L = TextEncoder("clip_l", "l", 768, word=False, pooled=True)
 # SD3: CLIP-L and CLIP-G tokens are concatenated (padded to 4096) before T5's; pooled = l_pooled ++ g_pooled
 # (text_encoders/sd3_clip.py SD3ClipModel.encode_token_weights).
 SD3_CLIP_L = TextEncoder("clip_l", "l", 768, word=True, pooled=True)
+# Qwen-Image: Qwen2.5-VL-7B (text_encoders/qwen_image.py: tokenizer attribute and tokens key "qwen25_7b", 3584
+# wide; its loader always builds the 1280-wide vision tower too). Z-Image: Qwen3-4B, hidden layer -2
+# (text_encoders/z_image.py: "qwen3_4b", 2560 wide). Neither tokenizer gets an embedding directory in 0.3.75.
+QWEN25_7B = TextEncoder("qwen25_7b", "qwen25_7b", 3584, word=True, pooled=False, embedding=False)
+QWEN3_4B = TextEncoder("qwen3_4b", "qwen3_4b", 2560, word=True, pooled=False, embedding=False)
 
 # UniTune train targets. SD1.x/SDXL are today's unitune/finetune.py rules written as patterns (at 28daab5:
 # ATTENTION = (".attn1.", ".attn2."), ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0");
@@ -149,6 +162,31 @@ SD3_TARGETS = TrainTargets(
     lora=r"joint_blocks\.\d+\.(x|context)_block\.(attn2?\.(qkv|proj)|mlp\.fc[12])",
 )
 
+# Qwen-Image (comfy/ldm/qwen_image/model.py): transformer_blocks.i.attn.{to_q,to_k,to_v,to_out.0} (image
+# stream), .attn.{add_q_proj,add_k_proj,add_v_proj,to_add_out} (text stream), {img,txt}_mlp.net.{0.proj,2};
+# img_mod/txt_mod, img_in/txt_in/txt_norm, time_text_embed, norm_out/proj_out frozen. diffusers'
+# train_dreambooth_lora_qwen_image.py defaults to to_{k,q,v,out.0} (peft suffixes: the image stream only);
+# musubi-tuner's Qwen-Image LoRA takes every Linear of the blocks but the modulation: the Flux rule again.
+QWEN_IMAGE_TARGETS = TrainTargets(
+    full=r".*",
+    attention=r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
+    lora=r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+         r"|(img|txt)_mlp\.net\.(0\.proj|2))",
+)
+# Z-Image (comfy/ldm/lumina/model.py NextDiT): the main blocks (layers.i), the image-token refiner
+# (noise_refiner.i) and the caption refiner (context_refiner.i) are all JointTransformerBlocks with a fused
+# attention.qkv, attention.out and a SwiGLU feed_forward.w1/w2/w3; adaLN_modulation, x/t/cap_embedder, the norms
+# and final_layer stay frozen. The refiners are transformer blocks of the image and text streams, as Flux's
+# txt_* halves are, so they train too.
+Z_IMAGE_TARGETS = TrainTargets(
+    full=r".*",
+    attention=r"(layers|noise_refiner|context_refiner)\.\d+\.attention\.(qkv|out)",
+    lora=r"(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])",
+)
+# Chroma (comfy/ldm/chroma/model.py) runs Flux's own DoubleStreamBlock/SingleStreamBlock with modulation=False
+# (its modulations come from distilled_guidance_layer, frozen), so Flux's rule names the same layers.
+CHROMA_TARGETS = FLUX_TARGETS
+
 FAMILIES: dict[str, Family] = {
     SD15: Family(
         SD15, "SD1.x", config_classes=("SD15", "SD15_instructpix2pix"), arch="unet", latent_channels=4,
@@ -165,17 +203,40 @@ FAMILIES: dict[str, Family] = {
     FLUX1: Family(
         FLUX1, "Flux.1 dev", config_classes=("Flux",), arch="dit", latent_channels=16,
         text_encoders=(FLUX_CLIP_L, T5XXL), cfg="distilled", guidance_embed=True, context_dim=4096,
-        pooled_dim=768, targets=FLUX_TARGETS, auto_train="lora",
+        pooled_dim=768, targets=FLUX_TARGETS, auto_train="lora", controlnet_layout="flux_xlabs",
+        # InstantStyle roles, PROVISIONAL (instantstyle/flux_blocks.py): single stream from SplitFlux (arXiv
+        # 2511.15258: single 0-9 content, 10-37 style); double stream an unmeasured extension of that order.
+        style_blocks=(("style", ("double 10-18", "single 10-37")), ("layout", ("double 0-9", "single 0-9"))),
     ),
     FLUX1_SCHNELL: Family(
         FLUX1_SCHNELL, "Flux.1 schnell", config_classes=("FluxSchnell",), arch="dit", latent_channels=16,
         text_encoders=(FLUX_CLIP_L, T5XXL), cfg="distilled", context_dim=4096, pooled_dim=768,
-        targets=FLUX_TARGETS, auto_train="lora",
+        targets=FLUX_TARGETS, auto_train="lora", controlnet_layout="flux_xlabs",
     ),
     SD3: Family(
         SD3, "SD3/SD3.5", config_classes=("SD3",), arch="dit", latent_channels=16,
         text_encoders=(SD3_CLIP_L, CLIP_G, T5XXL), cfg="true", context_dim=4096, pooled_dim=2048,
-        targets=SD3_TARGETS, auto_train="lora",
+        targets=SD3_TARGETS, auto_train="lora", controlnet_layout="sd3_diffusers",
+    ),
+    # Qwen-Image and Qwen-Image Edit (one config class; Edit adds reference latents to the conditioning): flow,
+    # shift 1.15, true CFG, Wan-2.1 latent format (sampling latents [B, 16, 1, H, W]).
+    QWEN_IMAGE: Family(
+        QWEN_IMAGE, "Qwen-Image", config_classes=("QwenImage",), arch="dit", latent_channels=16,
+        text_encoders=(QWEN25_7B,), cfg="true", context_dim=3584, targets=QWEN_IMAGE_TARGETS, auto_train="lora",
+    ),
+    # Z-Image: flow, shift 3. cfg "distilled" is Z-Image Turbo's (cfg 1; ComfyUI's template samples it at cfg 1,
+    # 9 steps). A non-distilled Z-Image has the same ComfyUI config (ZImage, dim 3840) and the same keys, so
+    # nothing in the model tells the two apart: the sampler's cfg is the user's either way. A Z-Image-shaped
+    # model narrower than 3840 is classed Lumina2 by ComfyUI, which this record does not cover.
+    Z_IMAGE: Family(
+        Z_IMAGE, "Z-Image", config_classes=("ZImage",), arch="dit", latent_channels=16, text_encoders=(QWEN3_4B,),
+        cfg="distilled", context_dim=2560, targets=Z_IMAGE_TARGETS, auto_train="lora",
+    ),
+    # Chroma: Flux-like blocks, T5 only (embedding key t5xxl), true CFG. Its model reads a guidance value
+    # (model_base.Chroma.extra_conds, default 0) but it is not guidance-distilled: trained and sampled at 0.
+    CHROMA: Family(
+        CHROMA, "Chroma", config_classes=("Chroma",), arch="dit", latent_channels=16, text_encoders=(T5XXL,),
+        cfg="true", context_dim=4096, targets=CHROMA_TARGETS, auto_train="lora",
     ),
 }
 

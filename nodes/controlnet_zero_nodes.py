@@ -18,7 +18,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..controlnet_zero import cache, controlnet_file, dataset, network, training_run
+from ..controlnet_zero import cache, controlnet_file, dataset, flux_xlabs, layouts, network, training_run
 from ..controlnet_zero.texts import text
 from ..storage import names, user_paths
 from ..storage import safetensors_file as weights_file
@@ -35,7 +35,7 @@ PREVIEW_SIZE = training_inputs.PREVIEW_SIZE  # a preview's longer side (at most 
 
 
 def _with_metadata(control_model: torch.nn.Module, metadata: dict[str, str]):
-    control_net = network.wrap(control_model)
+    control_net = layouts.for_module(control_model).wrap(control_model)
     setattr(control_net, METADATA_ATTR, dict(metadata))
     return control_net
 
@@ -49,26 +49,33 @@ class ControlNetZeroCreate(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Builds a new trainable ControlNet for the MODEL: a copy of its encoder and middle block joined "
-                "through zero-initialized convolutions, plus a small hint encoder for RGB hints. Until trained it "
-                "changes nothing (sampling with it applied is identical to sampling without it). The MODEL is "
-                "not modified."
+                "through zero-initialized convolutions (SD1.5/SDXL), or of its first transformer blocks with "
+                "zero-initialized output layers (Flux.1: XLabs' layout; SD3: diffusers' layout), plus a small hint "
+                "encoder. Until trained it changes nothing (sampling with it applied is identical to sampling "
+                "without it). The MODEL is not modified."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The base model (SD1.5 or SDXL family) the ControlNet is built for. "
-                               "It is only read."),
+                io.Model.Input("model", tooltip="The base model (SD1.5, SDXL, Flux.1 or SD3 family) the ControlNet is "
+                               "built for. It is only read."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Seed for the initial weights of the hint encoder (the only random part)."),
+                # Last and optional, so workflows saved before it existed still load and build the same ControlNet.
+                io.Int.Input("depth", default=0, min=0, max=64, optional=True, tooltip=text("depth")),
             ],
             outputs=[io.ControlNet.Output(display_name="CONTROL_NET", tooltip="The fresh ControlNet: connect it "
                                           "to ControlNet-Zero Train.")],
         )
 
     @classmethod
-    def execute(cls, model, seed) -> io.NodeOutput:
+    def execute(cls, model, seed, depth=0) -> io.NodeOutput:
+        layout = layouts.for_model(model)  # an unsupported family is refused before anything loads
         comfy.model_management.load_models_gpu([model])
         with torch.inference_mode(False):
-            control_model = network.create(model.model, torch.Generator().manual_seed(seed))
-        return io.NodeOutput(_with_metadata(control_model, {"controlnet_zero.init_seed": str(seed)}))
+            control_model = layout.create(model.model, torch.Generator().manual_seed(seed), depth=depth)
+        metadata = {"controlnet_zero.init_seed": str(seed)}
+        if hasattr(layout, "depth_of"):  # the layouts whose depth is a choice record the one made
+            metadata["controlnet_zero.depth"] = str(layout.depth_of(control_model))
+        return io.NodeOutput(_with_metadata(control_model, metadata))
 
 
 class ControlNetZeroTrain(io.ComfyNode):
@@ -81,7 +88,7 @@ class ControlNetZeroTrain(io.ComfyNode):
             is_experimental=True,
             description=(
                 "Trains a ControlNet on (image, hint, caption) triples with the base model frozen: only the "
-                "ControlNet learns (AdamW or 8-bit AdamW), the loss is in the model's own eps/v "
+                "ControlNet learns (AdamW or 8-bit AdamW), the loss is in the model's own eps/v/flow "
                 "parameterization, latents and captions are encoded once. Give either a dataset folder (images/ + conditioning/ + captions) or "
                 "image and hint batches. The input MODEL and CONTROL_NET are not modified."
             ),
@@ -114,6 +121,8 @@ class ControlNetZeroTrain(io.ComfyNode):
                                tooltip=text("optimizer")),
                 io.Int.Input("preview_every", default=0, min=0, max=1000000, optional=True,
                              tooltip=text("preview_every")),
+                io.Float.Input("flux_guidance", default=flux_xlabs.TRAIN_GUIDANCE, min=0.0, max=100.0, step=0.1,
+                               optional=True, tooltip=text("flux_guidance")),
             ],
             outputs=[
                 io.ControlNet.Output(display_name="CONTROL_NET", tooltip="The trained ControlNet. Apply it with "
@@ -127,8 +136,8 @@ class ControlNetZeroTrain(io.ComfyNode):
     def execute(cls, model, clip, vae, control_net, dataset_folder, steps, batch_size, gradient_accumulation,
                 learning_rate, prompt_dropout, resolution, gradient_checkpointing, mixed_precision, seed,
                 checkpoint_every, run_name, resume, images=None, hints=None, captions="",
-                optimizer="adamw", preview_every=0) -> io.NodeOutput:
-        checks.finite(learning_rate=learning_rate, prompt_dropout=prompt_dropout)
+                optimizer="adamw", preview_every=0, flux_guidance=flux_xlabs.TRAIN_GUIDANCE) -> io.NodeOutput:
+        checks.finite(learning_rate=learning_rate, prompt_dropout=prompt_dropout, flux_guidance=flux_guidance)
         settings = training_run.TrainSettings(
             steps=steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
             learning_rate=learning_rate, prompt_dropout=prompt_dropout, resolution=resolution,
@@ -137,10 +146,12 @@ class ControlNetZeroTrain(io.ComfyNode):
         )
         settings.check()
         run = names.plain_name(run_name, input_name="run_name", example="controlnet_zero")
-        source_module = network.unwrap(control_net)
+        layout = layouts.for_control_net(control_net)
+        source_module = layout.unwrap(control_net)
         comfy.model_management.load_models_gpu([model])
-        network.check_fits(source_module, model.model)
+        layouts.check_pair(source_module, model.model)
         checks.vae(vae)
+        guidance = training_run.training_guidance(model.model, flux_guidance)
         run_dir = Path(folder_paths.get_output_directory()) / "controlnet_zero" / run
         source = cls._source(dataset_folder, images, hints, captions or "", resolution)
         cache_dir = None
@@ -152,11 +163,13 @@ class ControlNetZeroTrain(io.ComfyNode):
 
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                data = cache.encode(source, model.model, vae, clip, resolution, cache_dir=cache_dir)
+                data = cache.encode(source, model.model, vae, clip, resolution, cache_dir=cache_dir, guidance=guidance,
+                                    hint_input=layout.hint_input)
                 comfy.model_management.load_models_gpu([model], force_full_load=True)
                 device = model.load_device
                 control_model = network.trainable_copy(source_module, device)
                 metadata = dict(getattr(control_net, METADATA_ATTR, {}) or {})
+                metadata.update(training_run.guidance_metadata(guidance))
                 result = training_run.train(model.model, control_model, data, settings, device,
                                        checkpoint_root=run_dir, resume=resume, metadata=metadata,
                                        on_step=progress.on_step("ControlNet-Zero step", 25),
@@ -193,9 +206,9 @@ class ControlNetZeroSave(io.ComfyNode):
             category=CATEGORY,
             is_output_node=True,
             description=(
-                "Saves a ControlNet into models/controlnet/ as safetensors in ComfyUI's own ControlNet layout "
-                "(atomic write, training settings in the metadata), where the stock Load ControlNet Model node "
-                "lists it. Its control_net_name output can feed that node's name input directly."
+                "Saves a ControlNet into models/controlnet/ as safetensors in the layout the stock loader reads for "
+                "its family (SD1.5/SDXL: ComfyUI's ldm layout; Flux.1: XLabs'; SD3: diffusers'), atomic, training "
+                "settings in the metadata, where the stock Load ControlNet Model node lists it. Its control_net_name output can feed that node's name input directly."
             ),
             inputs=[
                 io.ControlNet.Input("control_net", tooltip="The CONTROL_NET output of ControlNet-Zero Train."),
@@ -213,7 +226,7 @@ class ControlNetZeroSave(io.ComfyNode):
 
     @classmethod
     def execute(cls, control_net, filename, dtype) -> io.NodeOutput:
-        module = network.unwrap(control_net)
+        module = layouts.for_control_net(control_net).unwrap(control_net)
         root = Path(folder_paths.get_folder_paths("controlnet")[0])
         folder, stem = names.save_target(filename, input_name="filename", folders={"controlnet": root},
                                          default="controlnet")

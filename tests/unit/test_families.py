@@ -18,7 +18,8 @@ from harness.comfy_env import REPO_ROOT, import_pack
 import_pack()
 from frozentune import families  # noqa: E402
 
-SUPPORTED = ("sd15", "sdxl", "flux1", "flux1_schnell", "sd3")
+SUPPORTED = ("sd15", "sdxl", "flux1", "flux1_schnell", "sd3", "qwen_image", "z_image", "chroma")
+SUPPORTED_LABELS = "SD1.x, SDXL family, Flux.1 dev, Flux.1 schnell, SD3/SD3.5, Qwen-Image, Z-Image, Chroma"
 
 
 def stand_in(config_class: str, patcher: bool = False):
@@ -47,7 +48,8 @@ def test_import_needs_neither_torch_nor_comfy():
 
 def test_the_table_has_the_fixed_ids_and_each_config_class_once():
     assert tuple(families.FAMILIES) == SUPPORTED
-    assert (families.SD15, families.SDXL, families.FLUX1, families.FLUX1_SCHNELL, families.SD3) == SUPPORTED
+    assert (families.SD15, families.SDXL, families.FLUX1, families.FLUX1_SCHNELL, families.SD3, families.QWEN_IMAGE,
+            families.Z_IMAGE, families.CHROMA) == SUPPORTED
     classes = [c for f in families.FAMILIES.values() for c in f.config_classes]
     assert len(classes) == len(set(classes))
     for family in families.FAMILIES.values():
@@ -60,10 +62,12 @@ def test_the_table_has_the_fixed_ids_and_each_config_class_once():
 
 def test_family_facts():
     f = families.FAMILIES
-    assert [f[i].latent_channels for i in SUPPORTED] == [4, 4, 16, 16, 16]
-    assert [f[i].arch for i in SUPPORTED] == ["unet", "unet", "dit", "dit", "dit"]
-    assert [f[i].cfg for i in SUPPORTED] == ["true", "true", "distilled", "distilled", "true"]
-    assert [i for i in SUPPORTED if f[i].guidance_embed] == ["flux1"]
+    assert [f[i].latent_channels for i in SUPPORTED] == [4, 4, 16, 16, 16, 16, 16, 16]
+    assert [f[i].arch for i in SUPPORTED] == ["unet", "unet", "dit", "dit", "dit", "dit", "dit", "dit"]
+    assert [f[i].cfg for i in SUPPORTED] == ["true", "true", "distilled", "distilled", "true", "true", "distilled",
+                                             "true"]
+    assert [i for i in SUPPORTED if f[i].guidance_embed] == ["flux1"]  # Chroma reads a guidance input, held at 0
+    assert [i for i in SUPPORTED if f[i].auto_train != "lora"] == ["sd15"]
     assert [e.key for e in f["sdxl"].text_encoders] == ["clip_l", "clip_g"]
     # Flux: CLIP-L only feeds the pooled vector, the T5 tokens carry the word
     assert [e.key for e in f["flux1"].word_encoders] == ["t5xxl"]
@@ -72,14 +76,25 @@ def test_family_facts():
     assert [(e.key, e.tokens, e.width) for e in f["sd3"].text_encoders] == [
         ("clip_l", "l", 768), ("clip_g", "g", 1280), ("t5xxl", "t5xxl", 4096)]
     assert f["sd15"].controlnet_layout == f["sdxl"].controlnet_layout == "ldm"
-    assert all(f[i].controlnet_layout is None and f[i].style_blocks is None for i in ("flux1", "flux1_schnell", "sd3"))
+    assert f["flux1"].controlnet_layout == f["flux1_schnell"].controlnet_layout == "flux_xlabs"
+    assert f["sd3"].controlnet_layout == "sd3_diffusers"
+    # Qwen-Image / Z-Image: one Qwen encoder each, whose tokenizer ComfyUI 0.3.75 builds without the embedding
+    # directory; Chroma: T5 alone, under Flux's key
+    assert [(e.key, e.tokens, e.width, e.embedding) for i in ("qwen_image", "z_image", "chroma")
+            for e in f[i].text_encoders] == [("qwen25_7b", "qwen25_7b", 3584, False),
+                                             ("qwen3_4b", "qwen3_4b", 2560, False), ("t5xxl", "t5xxl", 4096, True)]
+    assert all(e.embedding for i in SUPPORTED[:5] for e in f[i].text_encoders)
+    assert [f[i].context_dim for i in ("qwen_image", "z_image", "chroma")] == [3584, 2560, 4096]
+    assert not any(f[i].pooled for i in ("qwen_image", "z_image", "chroma"))
+    assert f["chroma"].targets == f["flux1"].targets  # Flux's own blocks
 
 
 @pytest.mark.parametrize("patcher", [False, True], ids=["BaseModel", "ModelPatcher"])
 @pytest.mark.parametrize(("config_class", "family"), [
     ("SD15", "sd15"), ("SD15_instructpix2pix", "sd15"), ("SDXL", "sdxl"), ("KOALA_700M", "sdxl"),
     ("SSD1B", "sdxl"), ("Segmind_Vega", "sdxl"), ("KOALA_1B", "sdxl"), ("Flux", "flux1"),
-    ("FluxSchnell", "flux1_schnell"), ("SD3", "sd3"),
+    ("FluxSchnell", "flux1_schnell"), ("SD3", "sd3"), ("QwenImage", "qwen_image"), ("ZImage", "z_image"),
+    ("Chroma", "chroma"),
 ])
 def test_family_of_by_config_class(config_class, family, patcher):
     model = stand_in(config_class, patcher)
@@ -88,7 +103,7 @@ def test_family_of_by_config_class(config_class, family, patcher):
 
 
 @pytest.mark.parametrize(("config_class", "label"), [
-    ("QwenImage", "Qwen-Image"), ("Lumina2", "Lumina 2"), ("FluxInpaint", "Flux.1 Fill"), ("Flux2", "Flux.2"),
+    ("Lumina2", "Lumina 2"), ("FluxInpaint", "Flux.1 Fill"), ("Flux2", "Flux.2"), ("ChromaRadiance", "Chroma Radiance"),
     ("SDXLRefiner", "SDXL Refiner"), ("SomeCustomDiT", "SomeCustomDiT"),
 ])
 def test_unknown_families_get_a_readable_name_and_are_refused(config_class, label):
@@ -98,8 +113,7 @@ def test_unknown_families_get_a_readable_name_and_are_refused(config_class, labe
     assert families.model_family(model) == config_class.lower()  # what model_family returned before the table
     with pytest.raises(ValueError) as err:
         families.require(model, "UniTune Fine-Tune", SUPPORTED)
-    assert str(err.value).startswith(f"UniTune Fine-Tune does not support {label} yet (supported: SD1.x, SDXL "
-                                     "family, Flux.1 dev, Flux.1 schnell, SD3/SD3.5)")
+    assert str(err.value).startswith(f"UniTune Fine-Tune does not support {label} yet (supported: {SUPPORTED_LABELS})")
     with pytest.raises(ValueError, match="no train targets"):
         families.train_targets(family, "lora")
 
@@ -167,8 +181,33 @@ SD3_NAMES = {  # from comfy/ldm/modules/diffusionmodules/mmdit.py
 }
 
 
+QWEN_IMAGE_NAMES = {  # from comfy/ldm/qwen_image/model.py
+    "img_in": (0, 0), "txt_in": (0, 0), "txt_norm": (0, 0), "time_text_embed.timestep_embedder.linear_1": (0, 0),
+    "transformer_blocks.0.img_mod.1": (0, 0), "transformer_blocks.0.txt_mod.1": (0, 0),
+    "transformer_blocks.0.attn.to_q": (1, 1), "transformer_blocks.0.attn.to_k": (1, 1),
+    "transformer_blocks.0.attn.to_v": (1, 1), "transformer_blocks.0.attn.to_out.0": (1, 1),
+    "transformer_blocks.0.attn.to_out": (0, 0), "transformer_blocks.0.attn.add_q_proj": (1, 1),
+    "transformer_blocks.59.attn.add_k_proj": (1, 1), "transformer_blocks.59.attn.add_v_proj": (1, 1),
+    "transformer_blocks.59.attn.to_add_out": (1, 1), "transformer_blocks.0.attn.norm_q": (0, 0),
+    "transformer_blocks.0.attn.norm_added_k": (0, 0), "transformer_blocks.0.img_mlp.net.0.proj": (0, 1),
+    "transformer_blocks.0.img_mlp.net.2": (0, 1), "transformer_blocks.7.txt_mlp.net.0.proj": (0, 1),
+    "transformer_blocks.7.txt_mlp.net.2": (0, 1), "transformer_blocks.7.txt_mlp.net.0": (0, 0),
+    "transformer_blocks.0.img_norm1": (0, 0), "norm_out.linear": (0, 0), "proj_out": (0, 0),
+}
+Z_IMAGE_NAMES = {  # from comfy/ldm/lumina/model.py (NextDiT with z_image_modulation)
+    "x_embedder": (0, 0), "t_embedder.mlp.0": (0, 0), "cap_embedder.1": (0, 0), "layers.0.attention.qkv": (1, 1),
+    "layers.0.attention.out": (1, 1), "layers.0.attention.q_norm": (0, 0), "layers.29.feed_forward.w1": (0, 1),
+    "layers.29.feed_forward.w2": (0, 1), "layers.29.feed_forward.w3": (0, 1), "layers.0.adaLN_modulation.0": (0, 0),
+    "layers.0.attention_norm1": (0, 0), "noise_refiner.1.attention.qkv": (1, 1), "noise_refiner.0.feed_forward.w2": (0, 1),
+    "noise_refiner.0.adaLN_modulation.0": (0, 0), "context_refiner.1.attention.out": (1, 1),
+    "context_refiner.0.feed_forward.w3": (0, 1), "final_layer.linear": (0, 0),
+    "final_layer.adaLN_modulation.1": (0, 0), "norm_final": (0, 0), "x.layers.0.attention.qkv": (0, 0),
+}
+
+
 @pytest.mark.parametrize(("family", "names"), [("flux1", FLUX_NAMES), ("flux1_schnell", FLUX_NAMES),
-                                               ("sd3", SD3_NAMES)])
+                                               ("sd3", SD3_NAMES), ("qwen_image", QWEN_IMAGE_NAMES),
+                                               ("z_image", Z_IMAGE_NAMES), ("chroma", FLUX_NAMES)])
 def test_dit_rules_on_names(family, names):
     attention, lora, full = (families.train_targets(family, m) for m in ("attention", "lora", "full"))
     assert {n: (int(attention(n)), int(lora(n))) for n in names} == names

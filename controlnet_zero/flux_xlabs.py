@@ -1,0 +1,294 @@
+"""The "flux_xlabs" ControlNet-Zero layout (``layouts``): Flux.1 ControlNets as XLabs' x-flux trains them.
+
+The module is ComfyUI's own ``comfy.ldm.flux.controlnet.ControlNetFlux`` (ported from x-flux's
+``src/flux/controlnet.py``) with ``depth`` double blocks and no single blocks, built from the base's own
+configuration. Its ``state_dict()`` is the XLabs file layout (``double_blocks.*``, ``controlnet_blocks.*``,
+``pos_embed_input.*``, ``input_hint_block.*`` and the embedders ``img_in``/``time_in``/``vector_in``/
+``guidance_in``/``txt_in``), which the stock ControlNetLoader recognises by ``controlnet_blocks.0.weight`` +
+``double_blocks.0.img_attn.norm.key_norm.scale`` (``comfy/controlnet.py`` dispatch ->
+``load_controlnet_flux_xlabs_mistoline``) and detects the configuration of from the shapes: no key
+conversion, no VAE (pixel hints, scaled to [-1, 1] and downsampled 8x by the hint convs).
+
+As x-flux builds one (``src/flux/util.py`` ``load_controlnet``: ``ControlNetFlux(params)`` then
+``load_state_dict(transformer.state_dict(), strict=False)``): the embedders and the first ``depth`` double
+blocks are the base's weights, ``controlnet_blocks`` and the last hint conv are zero (``zero_module``), the
+other hint convs and ``pos_embed_input`` keep PyTorch's default init. x-flux's ``ControlNetFlux`` defaults
+to ``controlnet_depth=2``, the depth of XLabs' released Flux ControlNets (canny/depth/hed v3): our
+``DEFAULT_DEPTH``. At sampling time ComfyUI repeats the ``depth`` outputs over the base's 19 double blocks
+(block i gets output ``i % depth``), as x-flux's Flux does.
+
+Training guidance: x-flux's ControlNet trainer feeds the frozen Flux.1-dev ``guidance = 4``
+(``train_flux_deepspeed_controlnet.py``: ``guidance_vec = torch.full(..., 4)``), to the ControlNet and
+the base alike: ``TRAIN_GUIDANCE``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+
+import torch
+
+from .. import families
+from . import layouts
+
+log = logging.getLogger(__name__)
+
+NAME = "flux_xlabs"
+DEFAULT_DEPTH = 2  # x-flux ControlNetFlux(controlnet_depth=2): XLabs' released Flux ControlNets
+TRAIN_GUIDANCE = 4.0  # x-flux train_flux_deepspeed_controlnet.py: guidance_vec = torch.full((bs,), 4)
+ZERO_PREFIXES = ("controlnet_blocks.", "controlnet_single_blocks.")
+LAST_HINT_CONV = 14  # input_hint_block.14: zero_module(nn.Conv2d(16, 16, 3, padding=1)) in x-flux
+FAMILY_IDS = (families.FLUX1, families.FLUX1_SCHNELL)
+# The last double block's text-stream weights (txt_attn.proj, txt_mlp) get no gradient: only its img output
+# reaches a controlnet_block (as in x-flux). DDP must be told (``find_unused_parameters``).
+UNUSED_PARAMETERS = True
+_BLOCK = re.compile(r"^(controlnet_blocks|controlnet_single_blocks|double_blocks)\.(\d+)\.")
+
+
+def base_config(base_model) -> dict:
+    """The base Flux's ``unet_config`` (a clear error for another family or a Flux variant x-flux has no layout for)."""
+    family = families.family_of(base_model)
+    cfg = dict(base_model.model_config.unet_config)
+    if family.id not in FAMILY_IDS or cfg.get("image_model") != "flux":
+        raise ValueError(f"a Flux XLabs-layout ControlNet needs a Flux.1 dev or schnell MODEL; this MODEL is "
+                         f"{family.label}.")
+    return cfg
+
+
+def build(config: dict, depth: int, single: int = 0, device: torch.device | str = "cpu",
+          dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """An empty (uninitialized) ``ControlNetFlux`` with ``depth`` double and ``single`` single blocks."""
+    import dataclasses
+
+    import comfy.ldm.flux.controlnet
+    import comfy.ldm.flux.model
+    import comfy.ops
+
+    # the Flux parameters only (a loaded model's unet_config also carries dtype, operations and the like)
+    names = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    cfg = {k: v for k, v in config.items() if k in names}
+    cfg.update(depth=depth, depth_single_blocks=single)
+    return comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.disable_weight_init, dtype=dtype,
+                                                    device=device, **cfg)
+
+
+def create(base_model, generator: torch.Generator | None = None, *, depth: int = 0) -> torch.nn.Module:
+    """A fresh XLabs-layout ControlNet from the base's first ``depth`` double blocks (0: ``DEFAULT_DEPTH``).
+
+    Weights are fp32 on the CPU; the random part (hint convs but the last, ``pos_embed_input``) is drawn
+    from ``generator``.
+    """
+    from .network import _default_init
+
+    cfg = base_config(base_model)
+    depth = depth or DEFAULT_DEPTH
+    if not 1 <= depth <= int(cfg["depth"]):
+        raise ValueError(f"depth={depth}: a Flux ControlNet copies 1 to {cfg['depth']} of the MODEL's "
+                         f"{cfg['depth']} double blocks (x-flux and XLabs' released ControlNets: {DEFAULT_DEPTH}).")
+    base_sd = base_model.diffusion_model.state_dict()
+    cn = build(cfg, depth)
+    sd = cn.state_dict()
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    out = {}
+    for name, ref in sd.items():
+        if name in base_sd and tuple(base_sd[name].shape) == tuple(ref.shape):
+            out[name] = _base_value(base_model.diffusion_model, name, base_sd[name])
+        elif name.startswith(ZERO_PREFIXES) or name.startswith(f"input_hint_block.{LAST_HINT_CONV}."):
+            out[name] = torch.zeros(ref.shape)
+        elif name.startswith(("input_hint_block.", "pos_embed_input.")):
+            out[name] = _default_init(cn, name, sd, gen)
+        else:
+            raise RuntimeError(f"ControlNetFlux weight {name} {tuple(ref.shape)} has no counterpart in the base Flux "
+                               f"({tuple(base_sd[name].shape) if name in base_sd else 'missing'})")
+    cn.load_state_dict(out, strict=True)
+    return cn
+
+
+def _base_value(diffusion_model: torch.nn.Module, name: str, stored: torch.Tensor) -> torch.Tensor:
+    """The base's weight ``name`` as fp32 CPU values, through its op's ``convert_weight`` where it has one.
+
+    Scaled-fp8 Flux files store ``weight / scale_weight``; ComfyUI's ops dequantize with ``convert_weight`` (as
+    its LoRA patching does), so the copy holds the weights the base computes with.
+    """
+    module_name, _, leaf = name.rpartition(".")
+    convert = getattr(diffusion_model.get_submodule(module_name), "convert_weight", None) if leaf == "weight" else None
+    value = convert(stored.detach()) if convert is not None else stored.detach()
+    return value.to("cpu", torch.float32).clone()
+
+
+def depth_of(control_model: torch.nn.Module) -> int:
+    """The double blocks a ControlNet copies (what Create's ``depth`` resolved to; for the metadata)."""
+    return len(control_model.double_blocks)
+
+
+def _counts(names) -> tuple[int, int]:
+    """(controlnet blocks, controlnet single blocks) among state-dict ``names``."""
+    found: dict[str, set[int]] = {"controlnet_blocks": set(), "controlnet_single_blocks": set()}
+    for name in names:
+        m = _BLOCK.match(name)
+        if m and m.group(1) in found:
+            found[m.group(1)].add(int(m.group(2)))
+    return len(found["controlnet_blocks"]), len(found["controlnet_single_blocks"])
+
+
+def _width(sd: dict) -> str:
+    w = sd.get("img_in.weight")
+    ctx = sd.get("txt_in.weight")
+    return (f"hidden {tuple(w.shape)[0] if w is not None else '?'}, text context "
+            f"{tuple(ctx.shape)[1] if ctx is not None else '?'}, guidance input "
+            f"{'yes' if 'guidance_in.in_layer.weight' in sd else 'no'}")
+
+
+def check_fits(control_model, base_model) -> None:
+    """Raise a clear error if ``control_model`` is not an XLabs ControlNet the base Flux's configuration builds."""
+    cn_sd = control_model.state_dict()
+    cfg = base_config(base_model)
+    depth, single = _counts(cn_sd)
+    want = {k: tuple(v.shape) for k, v in build(cfg, max(depth, 1), single, "meta").state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in cn_sd.items()}
+    differences = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if differences:
+        first = differences[0]
+        raise ValueError(
+            f"this ControlNet does not fit the MODEL: it is a Flux ControlNet with {_width(cn_sd)}, the MODEL is "
+            f"{families.family_of(base_model).label} with {_width({k: _Shape(v) for k, v in want.items()})} "
+            f"({len(differences)} weights differ, e.g. {first}: ControlNet {have.get(first, 'missing')}, MODEL's "
+            f"{want.get(first, 'none')}). Continue training only from a ControlNet of the same base model, or start "
+            "a new one with ControlNet-Zero Create.")
+
+
+class _Shape:
+    """A shape standing in for a tensor (``_width`` reads ``.shape`` only)."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+
+def owns(control_model) -> bool:
+    import comfy.ldm.flux.controlnet
+
+    return isinstance(control_model, comfy.ldm.flux.controlnet.ControlNetFlux)
+
+
+def unwrap(control_net) -> torch.nn.Module:
+    """The ``ControlNetFlux`` inside a CONTROL_NET, or a clear error for the Flux ControlNets this layout does not train."""
+    module = getattr(control_net, "control_model", None)
+    if not owns(module):
+        kind = type(module).__name__ if module is not None else type(control_net).__name__
+        raise ValueError(f"this CONTROL_NET is a {kind}, not a Flux XLabs-layout ControlNet.")
+    if module.latent_input:
+        raise ValueError("this CONTROL_NET is an InstantX/Union-style Flux ControlNet (latent hints); ControlNet-Zero "
+                         "trains XLabs-layout Flux ControlNets (pixel hints): start one with ControlNet-Zero Create.")
+    if module.mistoline:
+        raise ValueError("this CONTROL_NET is a MistoLine Flux ControlNet; ControlNet-Zero trains XLabs-layout Flux "
+                         "ControlNets: start one with ControlNet-Zero Create.")
+    if module.controlnet_mode_embedder is not None:
+        raise ValueError("this CONTROL_NET is a Union Flux ControlNet; ControlNet-Zero trains plain ControlNets only.")
+    return module
+
+
+def wrap(control_model: torch.nn.Module, vae=None):
+    """The stock CONTROL_NET as ``load_controlnet_flux_xlabs_mistoline`` makes it (extra conds y and guidance).
+
+    ``vae`` is not used: XLabs ControlNets take pixel hints.
+    """
+    import comfy.controlnet
+    import comfy.model_management as mm
+
+    load_device = mm.get_torch_device()
+    dtype = next(control_model.parameters()).dtype
+    manual_cast = mm.unet_manual_cast(dtype, load_device)
+    return comfy.controlnet.ControlNet(control_model, load_device=load_device, manual_cast_dtype=manual_cast,
+                                       extra_conds=["y", "guidance"])
+
+
+def file_tensors(control_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's own state dict: ComfyUI's ``ControlNetFlux`` names are XLabs' file names."""
+    return dict(control_model.state_dict())
+
+
+def load(tensors: dict[str, torch.Tensor], base_model) -> torch.nn.Module:
+    """An fp32 CPU ``ControlNetFlux`` for ``base_model`` from an XLabs-layout file's tensors."""
+    if "controlnet_blocks.0.weight" not in tensors or "double_blocks.0.img_attn.norm.key_norm.scale" not in tensors:
+        raise ValueError("not an XLabs-layout Flux ControlNet (it needs controlnet_blocks.0.weight and "
+                         "double_blocks.0.*): InstantX/Union and MistoLine Flux ControlNets are not trained here.")
+    depth, single = _counts(tensors)
+    return layouts.load_checked(build(base_config(base_model), depth, single), tensors, base_model, check_fits,
+                                "Flux ControlNet layout")
+
+
+hint_input = layouts.pixel_hints
+
+
+def control(control_model, x_in: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, conds: dict,
+            compute: torch.dtype) -> dict:
+    """The base Flux's ``control`` dict, as ``get_control`` builds it: ``input`` = the 19 double-block residuals."""
+    outputs = control_model(x=x_in, hint=hint, timesteps=timesteps, context=conds["c_crossattn"], y=conds.get("y"),
+                            guidance=conds.get("guidance"))
+    return {"input": [c.to(compute) for c in outputs["input"]], "middle": [],
+            "output": [c.to(compute) for c in outputs.get("output", ())]}
+
+
+def _copy_input(module: torch.nn.Module, args: tuple):
+    """Forward pre-hook: the norm's input copied when autograd will save it (the block then adds into it in place)."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad and torch.is_grad_enabled():
+        return (args[0].clone(), *args[1:])
+    return None
+
+
+def _copy_stream(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook (with kwargs): a block runs on copies of its ``img``/``txt`` streams when grad is recorded.
+
+    ``ControlNetFlux`` feeds a block's output both to its ``controlnet_blocks`` Linear (which saves it for
+    backward) and to the next block, which adds into it in place: the copy keeps the saved one intact.
+    """
+    if not torch.is_grad_enabled():
+        return None
+
+    def own(v):
+        return v.clone() if isinstance(v, torch.Tensor) and v.requires_grad else v
+
+    return tuple(own(v) for v in args), {k: own(v) if k in ("img", "txt", "x") else v for k, v in kwargs.items()}
+
+
+def _own_output(module: torch.nn.Module, args: tuple, out: torch.Tensor):
+    """Forward hook: a frozen layer's output as a tensor of its own when it is a view without grad.
+
+    The frozen Flux's ``img_in`` gives a view of its matmul's output (no grad: nothing in it trains); the base
+    then adds the control residual into a slice of it in place (``flux/model.py``: ``img[:, :n] += add``),
+    which autograd refuses on a view of a leaf ("a leaf Variable that requires grad is being used in an
+    in-place operation"). With gradient checkpointing the blocks run on copies, so only the plain path needs it.
+    """
+    if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and not out.requires_grad and out._base is not None:
+        return out.clone()
+    return None
+
+
+@contextlib.contextmanager
+def training(control_model: torch.nn.Module, base_twin: torch.nn.Module | None = None) -> Iterator[None]:
+    """While training: hooks that let autograd through ComfyUI's in-place Flux code, removed after.
+
+    The ControlNet's Flux blocks' LayerNorms get a copy of their input: the blocks add into their residual
+    stream in place after a LayerNorm saved it for backward (``training.checkpointing`` explains it; the frozen
+    base twin has the same hooks from ``frozen_twin``), and each block runs on a copy of its streams
+    (``_copy_stream``). The base twin's ``img_in`` output gets its own storage (``_own_output``). The trained module keeps no hook, so the CONTROL_NET Train returns runs as a loaded one.
+    """
+    import comfy.ldm.flux.layers
+
+    blocks = (comfy.ldm.flux.layers.DoubleStreamBlock, comfy.ldm.flux.layers.SingleStreamBlock)
+    handles = [norm.register_forward_pre_hook(_copy_input)
+               for block in control_model.modules() if isinstance(block, blocks)
+               for norm in block.children() if isinstance(norm, torch.nn.LayerNorm)]
+    handles += [block.register_forward_pre_hook(_copy_stream, with_kwargs=True)
+                for block in control_model.modules() if isinstance(block, blocks)]
+    img_in = getattr(base_twin, "img_in", None)
+    if img_in is not None:
+        handles.append(img_in.register_forward_hook(_own_output))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

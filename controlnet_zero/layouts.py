@@ -1,0 +1,176 @@
+"""One ControlNet-Zero layout per family: which module builds, trains and saves a family's ControlNet.
+
+A family's ``controlnet_layout`` slot (``families.table``) names its layout; each layout is a module of
+this package implementing the protocol below as module-level functions. Create, Train, Save and the CLI
+reach a layout only through ``for_model(base)`` (by the base's family), ``for_module(control)`` (by the
+control module's class) or ``for_control_net(control_net)`` (a CONTROL_NET object), never by importing
+a layout module, so a family is one more module plus one table value.
+
+Layouts: ``"ldm"`` -> ``network`` (SD1.x/SDXL: ``comfy.cldm.cldm.ControlNet``), ``"flux_xlabs"`` ->
+``flux_xlabs`` (Flux.1: ``comfy.ldm.flux.controlnet.ControlNetFlux``, XLabs' layout, pixel hints),
+``"sd3_diffusers"`` -> ``sd3_diffusers`` (SD3/SD3.5: ``comfy.cldm.mmdit.ControlNet``, diffusers' layout,
+latent hints).
+
+The protocol (names fixed; ``base_model`` is a loaded ``comfy.model_base.BaseModel``):
+
+- ``NAME: str`` the layout's name (the table's value); ``DEFAULT_DEPTH: int`` the blocks Create copies when
+  its ``depth`` input is 0 (0 for ldm: the whole encoder, there is no choice).
+- ``owns(control_model) -> bool``: whether a control module is this layout's (its class and kind).
+- ``create(base_model, generator=None, *, depth=0) -> torch.nn.Module``: a fresh fp32 CPU control module,
+  its copied blocks from the base's own weights, zero-initialized exactly as the reference code.
+  ``depth`` 0: ``DEFAULT_DEPTH``; a layout without a depth refuses any other value with a clear error.
+- ``unwrap(control_net) -> torch.nn.Module``: the module inside a CONTROL_NET; a clear error if it is not
+  a ControlNet this layout trains.
+- ``check_fits(control_model, base_model) -> None``: a clear error (both families/widths named) if the
+  control module was not made for this base.
+- ``wrap(control_model, vae=None)``: the stock ``comfy.controlnet.ControlNet`` exactly as the stock loader
+  builds it for this layout (extra conds, latent format, compression ratio).
+- ``file_tensors(control_model) -> dict[str, Tensor]``: the tensors of a file the stock ControlNetLoader
+  reads for this layout (names only; the caller casts and writes).
+- ``load(tensors, base_model) -> torch.nn.Module``: a saved file (``file_tensors``' names) back into an fp32
+  CPU control module for this base (resume, the CLI's ``controlnet`` setting); a clear error otherwise.
+- ``hint_input(hints, vae) -> Tensor``: what the cache stores per row for a batch of hints ``hints``
+  (``[B, H, W, 3]`` uint8 at the training resolution, as the dataset loads them). Pixel-hint layouts return
+  them unchanged (uint8 [B, H, W, 3]); latent-hint layouts return float latents ``[B, C, h, w]`` processed
+  as ``comfy.controlnet.ControlNet.get_control`` does. ``cache.TrainingData.batch`` hands the control
+  module uint8 rows as ``[B, 3, H, W]`` floats in [0, 1] and float rows as they are.
+- ``control(control_model, x_in, hint, timesteps, conds, compute) -> dict``: runs the control module
+  (``control_model`` may be its DDP wrapper) as ``get_control`` does at sampling time and returns the
+  ``control=`` dict the base diffusion model's forward takes, every tensor in ``compute`` dtype (fresh
+  lists: the base pops them). ``x_in`` is ``model_sampling.calculate_input(sigma, x_t)``, ``conds`` the
+  cached conds (``c_crossattn``, and ``y`` / ``guidance`` where the family has them). The training forward
+  then calls the frozen base twin with ``context=c_crossattn`` and every other cond by its name.
+- ``UNUSED_PARAMETERS: bool`` (optional, default False): the control module has weights the loss never reaches
+  (DDP then runs with ``find_unused_parameters``).
+- ``depth_of(control_model) -> int`` (optional): the blocks a control module copies (recorded in the metadata).
+- ``module_tensors(tensors) -> dict[str, Tensor]`` (optional): a file's tensors under the control module's
+  state-dict names (resume loads a checkpoint's weights file through it); missing means the names are the same.
+- ``training(control_model, base_twin)`` (optional): a context manager the training forward runs inside (hooks
+  the trainable control module and the frozen base twin, ``training.precision.frozen_twin``, need for autograd;
+  removed on exit); missing means none.
+
+Nothing heavy is imported here: layout modules import ComfyUI inside their functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from types import ModuleType
+
+from .. import families
+
+LDM, FLUX_XLABS, SD3_DIFFUSERS = "ldm", "flux_xlabs", "sd3_diffusers"
+MODULES = {LDM: "network", FLUX_XLABS: "flux_xlabs", SD3_DIFFUSERS: "sd3_diffusers"}
+
+
+def layout(name: str) -> ModuleType:
+    """The module implementing layout ``name``."""
+    if name not in MODULES:
+        raise KeyError(f"no ControlNet-Zero layout {name!r}: known {', '.join(MODULES)}")
+    return importlib.import_module(f".{MODULES[name]}", __package__)
+
+
+def available() -> list[ModuleType]:
+    """The layout modules that import (a layout still being written is skipped)."""
+    found = []
+    for name in MODULES:
+        try:
+            found.append(layout(name))
+        except ImportError:
+            continue
+    return found
+
+
+def supported_labels() -> str:
+    """The families ControlNet-Zero supports, for messages ("SD1.x, SDXL family, Flux.1 dev, ...")."""
+    return ", ".join(f.label for f in families.FAMILIES.values() if f.controlnet_layout in MODULES)
+
+
+def for_model(base_model) -> ModuleType:
+    """The layout of a base model (a MODEL or ``comfy.model_base.BaseModel``), by its family; a clear error else."""
+    family = families.family_of(base_model)
+    if family.controlnet_layout is None:
+        raise ValueError(f"ControlNet-Zero does not support {family.label} models (supported: {supported_labels()}): "
+                         "connect a MODEL of one of those families.")
+    return layout(family.controlnet_layout)
+
+
+def owner(control_model) -> ModuleType | None:
+    """The layout a control module belongs to, or None (also where ComfyUI is not importable)."""
+    for module in available():
+        try:
+            if module.owns(control_model):
+                return module
+        except ImportError:
+            return None
+    return None
+
+
+def file_tensors(control_model) -> dict:
+    """The tensors of ``control_model``'s file: its layout's ``file_tensors``, else its own state dict."""
+    module = owner(control_model)
+    return module.file_tensors(control_model) if module is not None else dict(control_model.state_dict())
+
+
+def for_module(control_model) -> ModuleType:
+    """The layout a control module belongs to; a clear error for a module no layout trains."""
+    module = owner(control_model)
+    if module is not None:
+        return module
+    raise ValueError(f"this ControlNet is a {type(control_model).__name__}, which ControlNet-Zero does not train "
+                     f"(it trains ControlNets of {supported_labels()} made by ControlNet-Zero Create or loaded with "
+                     "Load ControlNet Model from a file in one of those layouts).")
+
+
+def for_control_net(control_net) -> ModuleType:
+    """The layout of a CONTROL_NET object (what Create/Train/Save receive)."""
+    module = getattr(control_net, "control_model", None)
+    if module is None:
+        raise ValueError(f"this CONTROL_NET is a {type(control_net).__name__} without a control model (a T2I-Adapter "
+                         "or a Control-LoRA?): ControlNet-Zero trains full ControlNets only.")
+    return for_module(module)
+
+
+def training(layout_module: ModuleType, control_model, base_twin):
+    """``layout_module.training(control_model, base_twin)`` if the layout has one, else a context that does nothing."""
+    hook = getattr(layout_module, "training", None)
+    return hook(control_model, base_twin) if hook is not None else contextlib.nullcontext()
+
+
+def check_pair(control_model, base_model) -> ModuleType:
+    """The control module's layout, after checking it fits ``base_model`` (a clear error naming both if not)."""
+    mine = for_module(control_model)
+    family = families.family_of(base_model)
+    if family.controlnet_layout != mine.NAME:
+        wanted = ", ".join(f.label for f in families.FAMILIES.values() if f.controlnet_layout == mine.NAME)
+        raise ValueError(f"this ControlNet does not fit the MODEL: it is a {mine.NAME}-layout ControlNet (for "
+                         f"{wanted or 'another family'}), the MODEL is {family.label}. Continue training only from a "
+                         "ControlNet of the same base model, or start a new one with ControlNet-Zero Create.")
+    mine.check_fits(control_model, base_model)
+    return mine
+
+
+class FileTensors:
+    """A file's tensors where a layout's ``check_fits`` wants a module: it reads only ``state_dict()``."""
+
+    def __init__(self, tensors: dict) -> None:
+        self._tensors = tensors
+
+    def state_dict(self) -> dict:
+        return self._tensors
+
+
+def load_checked(module, tensors: dict, base_model, check_fits, what: str):
+    """``module`` holding ``tensors`` (as fp32); if keys are missing or unexpected, ``check_fits`` names the
+    mismatch (base vs file) or a ValueError saying the file ``does not match`` ``what``."""
+    missing, unexpected = module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    if missing or unexpected:
+        check_fits(FileTensors(tensors), base_model)
+        raise ValueError(f"does not match the base model's {what} (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    return module
+
+
+def pixel_hints(hints, vae=None):
+    """``hint_input`` of a pixel-hint layout: the uint8 ``[B, H, W, 3]`` rows are what the cache keeps."""
+    return hints

@@ -1,0 +1,393 @@
+"""ControlNet-Zero's "sd3_diffusers" layout: an SD3/SD3.5 ControlNet in diffusers' ``SD3ControlNetModel`` layout.
+
+The network is ComfyUI's own ``comfy.cldm.mmdit.ControlNet`` (what the stock loader builds for this
+layout, ``comfy/controlnet.py`` ``load_controlnet_mmdit``): the base MMDiT's patch/time/pooled/text
+embedders and its first N joint blocks, copied from the base's weights, plus one zero-initialized
+``controlnet_blocks`` Linear per block and a zero-initialized ``pos_embed_input`` (the hint's patch
+embedding), as diffusers' ``SD3ControlNetModel.__init__`` (``zero_module`` on each controlnet block) and
+``from_transformer`` (``zero_module(pos_embed_input)``) do. A created, untrained ControlNet therefore adds
+exactly zero to the base's residual stream. N defaults to 12, ``from_transformer``'s ``num_layers``
+default, which diffusers' ``examples/controlnet/train_controlnet_sd3.py`` uses (it passes no
+``num_layers``); the hint takes 16 latent channels (that script's ``--num_extra_conditioning_channels``
+default 0; 17 channels would make ComfyUI treat the file as an inpaint ControlNet).
+
+Why diffusers' layout and not Stability's SD3.5 layout, which the stock loader also reads:
+
+- Stability's layout (``load_controlnet_sd35``, ``comfy.cldm.dit_embedder.ControlNetEmbedder``; Stability's
+  SD3.5 Large Blur/Canny/Depth files) has image-only DiT blocks with no text stream, so the base's joint
+  blocks cannot be copied into it, and ComfyUI's loader hard-codes 2048 pooled channels, 16 input
+  channels and patch size 2 and overwrites the x/y embedders from the base at every run (``pre_run``).
+  It is a different architecture trained from scratch, not a ControlNet grown from the base.
+- Diffusers' layout is the original ControlNet recipe on an MMDiT (copied blocks, zero-initialized
+  outputs), what diffusers' SD3 trainer writes and the InstantX SD3 ControlNets use; ComfyUI builds its
+  config from the file itself (any width and depth, SD3 and SD3.5 Medium/Large, MMDiT-X second attention,
+  QK-norm). It loads through the stock ``ControlNetLoader`` + ``ControlNetApplyAdvanced`` with a VAE.
+
+ComfyUI's sampling-time conventions for this layout, which training reproduces so the trained file
+behaves the same in the stock nodes: the hint is the VAE latent of the hint image scaled by SD3's
+latent scale with **no shift** (``latent_format.shift_factor = 0``, "SD3 controlnet weirdness"; diffusers'
+pipeline does the same for ``force_zeros_for_pooled_projection`` ControlNets), and the ControlNet sees a
+**zero** pooled vector (``comfy.cldm.mmdit.ControlNet.forward`` zeroes ``y``; diffusers' pipeline zeroes
+it for the same ControlNets). Its outputs feed ``control["output"]``, added after joint block i.
+
+The file (``file_tensors``) is in diffusers' key names, the inverse of ``comfy.utils.mmdit_to_diffusers``
+for the ControlNet's modules, with ``controlnet_blocks.*`` and ``pos_embed_input.*`` under their own
+names (the loader reads those two raw). The stock loader consumes every key and misses none, and the
+file is key for key and value for value what diffusers' ``SD3ControlNetModel.from_transformer`` makes from the
+same base (``tests/node/test_controlnet_zero_sd3.py`` checks both, and equal outputs).
+
+Scaled-fp8 and quantized bases are read through their ops' ``convert_weight``, so the copied blocks hold the
+weights the base computes with.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+
+from . import layouts
+
+log = logging.getLogger(__name__)
+
+NAME = "sd3_diffusers"  # this module is the "sd3_diffusers" layout of ``layouts`` (SD3/SD3.5)
+# diffusers SD3ControlNetModel.from_transformer(transformer, num_layers=12, ...); train_controlnet_sd3.py passes none.
+DEFAULT_DEPTH = 12
+# Modules the base MMDiT lacks; both start at exactly zero (diffusers' zero_module).
+ZERO_PREFIXES = ("controlnet_blocks.", "pos_embed_input.")
+FILE_OWN_NAMES = ZERO_PREFIXES  # loaded under their own names by comfy.controlnet.load_controlnet_mmdit
+LATENT_HINTS = True  # hint_input gives VAE latents [B, 16, H/8, W/8] (pixel-hint layouts: uint8 pixels)
+
+
+# --- configuration -----------------------------------------------------------------------------------
+
+def _diffusion_model(base_model):
+    return base_model.diffusion_model
+
+
+def _is_mmdit(base_model) -> bool:
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+
+    return isinstance(_diffusion_model(base_model), mmdit.MMDiT)
+
+
+def describe(hidden: int | None, blocks: int | None = None) -> str:
+    """A readable name for an SD3-family MMDiT width (for messages)."""
+    if hidden is None:
+        return "a model that is not an SD3/SD3.5 MMDiT"
+    text = f"an SD3/SD3.5 MMDiT of width {hidden} ({hidden // 64} heads of 64)"
+    return text + (f", {blocks} ControlNet blocks" if blocks is not None else "")
+
+
+def base_config(base_model) -> dict:
+    """The base MMDiT's ComfyUI ``unet_config`` (what ``comfy.cldm.mmdit.ControlNet`` is built from)."""
+    if not _is_mmdit(base_model):
+        name = type(getattr(base_model, "model_config", base_model)).__name__
+        raise ValueError(f"the {NAME} ControlNet layout needs an SD3/SD3.5 (MMDiT) model, not {name}.")
+    return dict(base_model.model_config.unet_config)
+
+
+def block_count(base_model, depth: int | None) -> int:
+    """The number of joint blocks the ControlNet copies: ``depth`` (0/None: ``DEFAULT_DEPTH``) checked against the base.
+
+    At most the base's blocks minus one: the base's last joint block is ``pre_only`` (its text stream
+    ends there), a different shape from a ControlNet block, which diffusers' ``from_transformer`` cannot
+    copy either. 0/None caps the default at that bound (tiny or shallow bases); an explicit value is
+    refused outside it.
+    """
+    blocks = len(_diffusion_model(base_model).joint_blocks)
+    most = blocks - 1
+    if most < 1:
+        raise ValueError(f"this SD3 model has {blocks} joint block(s); a ControlNet copies at least 1 of the "
+                         "blocks before the last, so the base needs at least 2.")
+    if depth is None or int(depth) == 0:
+        n = min(DEFAULT_DEPTH, most)
+        if n != DEFAULT_DEPTH:
+            log.info("ControlNet-Zero SD3: the base has %d joint blocks; copying %d (default %d, capped at blocks - 1)",
+                     blocks, n, DEFAULT_DEPTH)
+        return n
+    n = int(depth)
+    if not 1 <= n <= most:
+        raise ValueError(f"depth {n} is out of range for this SD3 model: it has {blocks} joint blocks and a "
+                         f"ControlNet copies 1 to {most} of them (the last one is the text stream's end and "
+                         f"has another shape). diffusers' default is {DEFAULT_DEPTH}.")
+    return n
+
+
+def depth_of(control_model: torch.nn.Module) -> int:
+    """The joint blocks a ControlNet copies (what Create's ``depth`` resolved to; for the metadata)."""
+    return len(control_model.joint_blocks)
+
+
+def _config(config: dict, num_blocks: int) -> dict:
+    cfg = {k: v for k, v in config.items() if k not in ("dtype", "device", "operations", "num_blocks", "final_layer")}
+    layers = cfg.get("x_block_self_attn_layers") or []
+    cfg["x_block_self_attn_layers"] = [i for i in layers if i < num_blocks]  # as the loader detects from the file
+    return cfg
+
+
+def build(config: dict, num_blocks: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+          operations=None) -> torch.nn.Module:
+    """An empty ``comfy.cldm.mmdit.ControlNet`` of ``num_blocks`` joint blocks for the base ``config``."""
+    import comfy.cldm.mmdit
+    import comfy.ops
+
+    return comfy.cldm.mmdit.ControlNet(num_blocks=num_blocks, control_latent_channels=config.get("in_channels", 16),
+                                       operations=operations or comfy.ops.disable_weight_init, dtype=dtype,
+                                       device=device, **_config(config, num_blocks))
+
+
+# --- protocol ----------------------------------------------------------------------------------------
+
+def create(base_model, generator: torch.Generator | None = None, *, depth: int = 0) -> torch.nn.Module:
+    """A fresh SD3 ControlNet for ``base_model`` (a ``comfy.model_base.BaseModel``): fp32 on the CPU.
+
+    Embedders (``x_embedder``, ``pos_embed``, ``t_embedder``, ``y_embedder``, ``context_embedder``) and joint
+    blocks ``0..depth-1`` are the base's weights; ``controlnet_blocks`` and ``pos_embed_input`` are exactly
+    zero (diffusers' ``zero_module``). ``depth`` 0: ``DEFAULT_DEPTH``, capped at the base's blocks - 1
+    (``block_count``). Nothing is random, so ``generator`` is unused (it is the protocol's).
+    """
+    del generator
+    cfg = base_config(base_model)
+    n = block_count(base_model, depth)
+    diffusion_model = _diffusion_model(base_model)
+    base_sd = diffusion_model.state_dict()
+    cn = build(cfg, n, "cpu", torch.float32)
+    out = {}
+    for name, ref in cn.state_dict().items():
+        if name.startswith(ZERO_PREFIXES):
+            out[name] = torch.zeros(ref.shape)
+        elif name in base_sd:
+            value = _base_value(diffusion_model, name, base_sd[name])
+            if tuple(value.shape) != tuple(ref.shape):
+                raise RuntimeError(f"MMDiT weight {name} has shape {tuple(value.shape)} but the ControlNet "
+                                   f"built from the same config wants {tuple(ref.shape)}")
+            out[name] = value
+        else:
+            raise RuntimeError(f"the SD3 ControlNet has a weight {name} that the base MMDiT lacks; this model's "
+                               "configuration is not one ControlNet-Zero can copy.")
+    cn.load_state_dict(out, strict=True)
+    log.info("ControlNet-Zero SD3: created a %d-block ControlNet (width %d) from the base's weights", n, cn.hidden_size)
+    return cn.eval().requires_grad_(False)
+
+
+def _base_value(diffusion_model: torch.nn.Module, name: str, stored: torch.Tensor) -> torch.Tensor:
+    """The base's weight ``name`` as fp32 CPU values: through its op's ``convert_weight`` where it has one.
+
+    Scaled-fp8 checkpoints (e.g. ``sd3.5_large_fp8_scaled``) store ``weight / scale_weight`` and quantized ones
+    a ``QuantizedTensor``; ComfyUI's ops dequantize with ``convert_weight`` (as its LoRA patching does).
+    """
+    module_name, _, leaf = name.rpartition(".")
+    convert = getattr(diffusion_model.get_submodule(module_name), "convert_weight", None) if leaf == "weight" else None
+    value = convert(stored.detach()) if convert is not None else stored.detach()
+    return value.to("cpu", torch.float32).clone()
+
+
+def owns(control_model) -> bool:
+    """Whether ``control_model`` is an MMDiT ControlNet (``unwrap`` says which of them train)."""
+    import comfy.cldm.mmdit
+
+    return isinstance(control_model, comfy.cldm.mmdit.ControlNet)
+
+
+def unwrap(control_net) -> torch.nn.Module:
+    """The ``comfy.cldm.mmdit.ControlNet`` inside a CONTROL_NET, or a clear error for other kinds."""
+    import comfy.cldm.mmdit
+
+    module = getattr(control_net, "control_model", None)
+    if not isinstance(module, comfy.cldm.mmdit.ControlNet):
+        kind = type(module).__name__ if module is not None else type(control_net).__name__
+        hint = (" (Stability's SD3.5 ControlNet layout: a different architecture, not grown from the base; "
+                "ControlNet-Zero trains diffusers' SD3 layout)") if kind == "ControlNetEmbedder" else ""
+        raise ValueError(f"this CONTROL_NET is a {kind}{hint}, not an SD3 ControlNet in diffusers' layout. For an "
+                         "SD3/SD3.5 model use ControlNet-Zero Create or a diffusers-layout SD3 ControlNet file "
+                         "loaded with Load ControlNet Model.")
+    channels = module.pos_embed_input.proj.weight.shape[1]
+    if channels != module.in_channels:
+        raise ValueError(f"this SD3 ControlNet takes {channels}-channel hints (an inpaint ControlNet: the latent "
+                         f"plus a mask); ControlNet-Zero trains plain {module.in_channels}-channel latent hints only.")
+    return module
+
+
+def _shapes(module_or_sd) -> dict[str, tuple[int, ...]]:
+    sd = module_or_sd if isinstance(module_or_sd, dict) else module_or_sd.state_dict()
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def _hidden(shapes: dict) -> int | None:
+    w = shapes.get("x_embedder.proj.weight")
+    return int(w[0]) if w is not None else None
+
+
+def _blocks(shapes: dict) -> int:
+    import comfy.model_detection
+
+    return comfy.model_detection.count_blocks(shapes, "controlnet_blocks.{}.")
+
+
+def check_fits(control_model, base_model) -> None:
+    """Raise a clear error unless ``control_model`` is the ControlNet ``base_model``'s config builds (any depth)."""
+    have = _shapes(control_model)
+    n = _blocks(have)
+    if not _is_mmdit(base_model):
+        from .. import families
+
+        raise ValueError(f"this ControlNet was made for {describe(_hidden(have), n)}; the MODEL is "
+                         f"{families.family_of(base_model).label}. Use it with the SD3/SD3.5 model it was made for.")
+    cfg = base_config(base_model)
+    blocks = len(_diffusion_model(base_model).joint_blocks)
+    if not 1 <= n < blocks:
+        raise ValueError(f"this ControlNet does not fit the MODEL: it has {n} ControlNet blocks, the MODEL's "
+                         f"{blocks} joint blocks take 1 to {blocks - 1}. Continue training only from a ControlNet of "
+                         "the same base model, or start a new one with ControlNet-Zero Create.")
+    want = _shapes(build(cfg, n, "meta"))
+    differences = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if differences:
+        first = differences[0]
+        raise ValueError(
+            f"this ControlNet does not fit the MODEL: it was made for {describe(_hidden(have), n)}, the MODEL is "
+            f"{describe(64 * cfg['depth'])} with {blocks} joint blocks ({len(differences)} weights differ, e.g. "
+            f"{first}: ControlNet {have.get(first, 'missing')}, MODEL's {want.get(first, 'none')}). Continue "
+            "training only from a ControlNet of the same base model, or start a new one with ControlNet-Zero Create.")
+
+
+def wrap(control_model: torch.nn.Module, vae=None):
+    """A stock ``comfy.controlnet.ControlNet`` around ``control_model``, as ``load_controlnet_mmdit`` makes it.
+
+    Latent hints (the stock Apply node's VAE encodes them at sampling time), ``compression_ratio`` 1, SD3's
+    latent format with shift 0, no inpaint mask. ``vae`` is not stored: the Apply node gives it.
+    """
+    import comfy.controlnet
+    import comfy.model_management as mm
+
+    del vae
+    unwrap(type("_Probe", (), {"control_model": control_model})())
+    load_device = mm.get_torch_device()
+    dtype = next(control_model.parameters()).dtype
+    manual_cast = mm.unet_manual_cast(dtype, load_device)
+    return comfy.controlnet.ControlNet(control_model, compression_ratio=1, latent_format=hint_latent_format(),
+                                       concat_mask=False, load_device=load_device, manual_cast_dtype=manual_cast)
+
+
+def hint_latent_format():
+    """SD3's latent format with ``shift_factor`` 0: how ComfyUI scales this layout's hint latents."""
+    import comfy.latent_formats
+
+    latent_format = comfy.latent_formats.SD3()
+    latent_format.shift_factor = 0  # as comfy.controlnet.load_controlnet_mmdit ("SD3 controlnet weirdness")
+    return latent_format
+
+
+def _diffusers_map(depth: int, num_blocks: int) -> dict:
+    """diffusers key -> comfy key, or (comfy key, (dim, start, size) | None, fn) (``comfy.utils.mmdit_to_diffusers``)."""
+    import comfy.utils
+
+    return comfy.utils.mmdit_to_diffusers({"depth": depth, "num_blocks": num_blocks}, output_prefix="")
+
+
+def file_tensors(control_model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The ControlNet's weights in diffusers' names, on the CPU in ``dtype``: what the stock ControlNetLoader reads.
+
+    Fused ``qkv`` weights are split into ``to_q``/``to_k``/``to_v`` (and ``add_*_proj`` for the text stream);
+    ``controlnet_blocks.*`` and ``pos_embed_input.*`` keep their names. Every module weight is written once.
+    """
+    module = unwrap(type("_Probe", (), {"control_model": control_model})())
+    sd = {k: v.detach().to("cpu", dtype) for k, v in module.state_dict().items()}
+    out, used = to_diffusers(sd, module.depth, len(module.joint_blocks))
+    for name, weight in sd.items():
+        if name.startswith(FILE_OWN_NAMES):
+            out[name] = weight.contiguous()
+            used.add(name)
+    left = sorted(set(sd) - used)
+    if left:
+        raise RuntimeError(f"SD3 ControlNet weights with no diffusers name: {left[:5]}")
+    return out
+
+
+def to_diffusers(sd: dict[str, torch.Tensor], depth: int, num_blocks: int) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """ComfyUI MMDiT tensors -> diffusers' SD3 names (the inverse of ``comfy.utils.mmdit_to_diffusers``), and
+    the ComfyUI names used. ``depth``: the MMDiT's width / 64 (its block count in a full model)."""
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for diffusers_key, target in _diffusers_map(depth, num_blocks).items():
+        if isinstance(target, str):
+            if target in sd:
+                out[diffusers_key] = sd[target].contiguous()
+                used.add(target)
+            continue
+        name, offset = target[0], target[1]
+        if name not in sd:
+            continue  # final layer / pre-only last block of the base: not in a ControlNet
+        weight = sd[name]
+        if offset is not None:
+            weight = weight.narrow(offset[0], offset[1], offset[2])
+        if len(target) > 2:
+            weight = target[2](weight)  # swap_scale_shift is its own inverse
+        out[diffusers_key] = weight.contiguous()
+        used.add(name)
+    return out, used
+
+
+def module_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers-layout SD3 ControlNet file's tensors in ComfyUI module names (as the stock loader converts them)."""
+    import comfy.model_detection
+
+    if "transformer_blocks.0.adaLN_modulation.1.bias" in tensors:
+        raise ValueError("not a diffusers-layout SD3 ControlNet but one in Stability's SD3.5 layout (another "
+                         "architecture); ControlNet-Zero continues only diffusers-layout SD3 ControlNets.")
+    if "transformer_blocks.0.attn.add_q_proj.weight" not in tensors or "pos_embed_input.proj.weight" not in tensors:
+        raise ValueError("not an SD3 ControlNet in diffusers' layout (no transformer_blocks.0.attn.add_q_proj or "
+                         "pos_embed_input weights).")
+    converted = comfy.model_detection.convert_diffusers_mmdit(dict(tensors), "")
+    converted.update({k: v for k, v in tensors.items() if k.startswith(FILE_OWN_NAMES)})
+    return converted
+
+
+def load(tensors: dict[str, torch.Tensor], base_model) -> torch.nn.Module:
+    """The fp32 CPU ControlNet for ``base_model`` holding a diffusers-layout file's weights (resume / CLI)."""
+    sd = {k: v.float() for k, v in module_tensors(tensors).items()}
+    n = _blocks(sd)
+    check_fits(layouts.FileTensors(sd), base_model)
+    module = build(base_config(base_model), n, "cpu", torch.float32)
+    module.load_state_dict(sd, strict=True)
+    return module.eval().requires_grad_(False)
+
+
+def hint_input(hint_pixels: torch.Tensor, vae) -> torch.Tensor:
+    """The ControlNet's hint for ``hint_pixels`` ([B, H, W, 3], IMAGE layout, uint8 or float in [0, 1]).
+
+    As ``comfy.controlnet.ControlNet.get_control`` does for this layout: the VAE's latent, then SD3's
+    latent scale with no shift. [B, 16, H/8, W/8] float32 on the CPU. The pixels are at the training
+    resolution already (sampling resizes the hint to the latent's size x 8 first; here they match).
+    """
+    pixels = hint_pixels.float() / 255.0 if hint_pixels.dtype == torch.uint8 else hint_pixels.float()
+    with torch.no_grad():
+        latent = vae.encode(pixels[..., :3]).float().cpu()
+    return hint_latent_format().process_in(latent)
+
+
+def control(control_model, x_in: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, conds: dict,
+            compute: torch.dtype) -> dict:
+    """The base MMDiT's ``control`` argument: the ControlNet run as ``get_control`` runs it, outputs in ``compute``.
+
+    ``x_in`` is ``model_sampling.calculate_input(sigma, x_t)``, ``timesteps`` ``model_sampling.timestep(sigma)``,
+    ``conds`` holds ``c_crossattn`` and ``y`` (the module zeroes ``y`` itself, as at sampling time). The
+    lists are fresh: the MMDiT adds ``control["output"][i]`` after joint block i.
+    """
+    context, y = conds["c_crossattn"], conds.get("y")
+    if y is None:
+        raise ValueError("SD3 conditioning without a pooled vector (y): encode the prompts with the SD3 text encoders.")
+    outputs = control_model(x=x_in, hint=hint.to(device=x_in.device, dtype=x_in.dtype), timesteps=timesteps,
+                            context=context, y=y)
+    return {"input": [], "middle": [], "output": [o.to(compute) for o in outputs["output"]]}
+
+
+def trainable_copy(control_model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A private fp32 copy whose weights are ordinary tensors (run under ``torch.inference_mode(False)``)."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(device, torch.float32).clone())
+            for p in control_model.parameters()}
+    memo.update({id(b): b.detach().to(device).clone() for b in control_model.buffers()})
+    cn = copy.deepcopy(control_model, memo)
+    cn.dtype = torch.float32
+    return cn

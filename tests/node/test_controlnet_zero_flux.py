@@ -1,0 +1,484 @@
+"""ControlNet-Zero on Flux.1: the "flux_xlabs" layout (issue 23), on the tiny Flux.1 dev (2 double + 2 single blocks).
+
+The oracles are stock: ``ControlNetApplyAdvanced`` and ``KSampler`` sample with the ControlNet ControlNet-Zero
+Create makes; ``ControlNetLoader`` reads the file ControlNet-Zero Save writes (XLabs' keys,
+``comfy/controlnet.py`` ``load_controlnet_flux_xlabs_mistoline``). ComfyUI's Flux detection fixes 24 heads of
+128 (hidden 3072) and ``ControlNetLoader`` passes no file metadata to it (``controlnet_config``), so the tiny
+ControlNet file needs a test-only shape shim (``tiny_flux_controlnet_detection``): for a Flux state dict whose
+hidden width is the tiny one it answers the tiny heads/axes; every other file detects as stock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import pytest
+import torch
+
+from harness import disks
+from harness.hashing import weight_hash
+
+R = 64  # hint / image size; latents 8x8, 4x4 tokens
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def tiny_flux_controlnet_detection():
+    """ComfyUI's detection, plus: a Flux state dict of the tiny width gets the tiny Flux's heads and RoPE axes."""
+    import comfy.model_detection as md
+
+    from harness import tiny_dits
+
+    tiny = tiny_dits.RECIPES["flux1"].unet
+    current = md.detect_unet_config
+
+    def detect_unet_config(state_dict, key_prefix, metadata=None):
+        cfg = current(state_dict, key_prefix, metadata=metadata)
+        if cfg and cfg.get("image_model") == "flux" and cfg.get("hidden_size") == tiny["hidden_size"]:
+            cfg = {**cfg, "num_heads": tiny["num_heads"], "axes_dim": list(tiny["axes_dim"])}
+        return cfg
+
+    md.detect_unet_config = detect_unet_config
+    try:
+        yield
+    finally:
+        md.detect_unet_config = current
+
+
+@pytest.fixture()
+def controlnet_folder(tmp_path, monkeypatch):
+    """ComfyUI's controlnet, output, input and temp folders in a temp folder."""
+    import folder_paths
+
+    folder = tmp_path / "controlnet"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "controlnet", ([str(folder)], {".safetensors"}))
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    monkeypatch.setattr(folder_paths, "input_directory", str(tmp_path / "input"))
+    monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path / "temp"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flux(tiny_dit, pack):
+    return tiny_dit("flux1")
+
+
+@pytest.fixture(scope="module")
+def prompts(flux):
+    return flux.encode("a red disk"), flux.encode("")
+
+
+def hint_image(seed: int = 7) -> torch.Tensor:
+    return torch.rand(1, R, R, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def sample(model, prompts, control_net=None, hint=None, steps: int = 2) -> torch.Tensor:
+    import nodes
+
+    positive, negative = prompts
+    if control_net is not None:
+        positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control_net, hint,
+                                                                            1.0, 0.0, 1.0)
+    latent = {"samples": torch.zeros(1, 16, R // 8, R // 8)}
+    return nodes.KSampler().sample(model, 0, steps, 1.0, "euler", "simple", positive, negative, latent)[0]["samples"]
+
+
+def create(model, seed: int = 0, **kwargs):
+    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroCreate
+
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        return ControlNetZeroCreate.execute(model=model, seed=seed, **kwargs).args[0]
+
+
+def perturbed(cn: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """A copy of ``cn`` whose zero-initialized parts are random (a stand-in for a trained ControlNet)."""
+    import copy
+
+    out = copy.deepcopy(cn)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if name.startswith("controlnet_blocks.") or name.startswith("input_hint_block.14."):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return out
+
+
+def test_create_copies_the_base_and_zeroes_what_x_flux_zeroes(flux):
+    from frozentune.controlnet_zero import flux_xlabs, layouts, network
+
+    base = flux.model.model
+    before = weight_hash(base.diffusion_model)
+    control_net = create(flux.model)
+    cn = control_net.control_model
+    assert layouts.for_module(cn) is flux_xlabs and layouts.for_model(flux.model) is flux_xlabs
+    assert len(cn.double_blocks) == flux_xlabs.DEFAULT_DEPTH == 2 and len(cn.single_blocks) == 0
+    assert control_net.frozentune_metadata["controlnet_zero.depth"] == "2"
+    assert "guidance" in control_net.extra_conds and "y" in control_net.extra_conds  # as the stock loader makes it
+    base_sd, sd = base.diffusion_model.state_dict(), cn.state_dict()
+    copied = [k for k in sd if k in base_sd]
+    assert {"img_in.weight", "txt_in.weight", "time_in.in_layer.weight", "vector_in.in_layer.weight",
+            "guidance_in.in_layer.weight", "double_blocks.1.img_attn.qkv.weight"} <= set(copied)
+    for k in copied:
+        assert torch.equal(sd[k], base_sd[k].float()), k
+    zero = sorted(k for k in sd if k.startswith("controlnet_blocks.") or k.startswith("input_hint_block.14."))
+    assert zero == ["controlnet_blocks.0.bias", "controlnet_blocks.0.weight", "controlnet_blocks.1.bias",
+                    "controlnet_blocks.1.weight", "input_hint_block.14.bias", "input_hint_block.14.weight"]
+    assert all(not sd[k].any() for k in zero)
+    random = [k for k in sd if k not in copied and k not in zero]
+    assert random and all(k.startswith(("input_hint_block.", "pos_embed_input.")) and sd[k].any() for k in random)
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in sd.values())
+    assert len(create(flux.model, depth=1).control_model.double_blocks) == 1
+    for bad in (3, 9):
+        with pytest.raises(ValueError, match=f"depth={bad}: a Flux ControlNet copies 1 to 2"):
+            create(flux.model, depth=bad)
+    with pytest.raises(ValueError, match="SD1.5/SDXL ControlNet always copies the whole UNet encoder"):
+        network.create(None, depth=2)  # refused before the model is read
+    assert weight_hash(base.diffusion_model) == before, "Create modified the base MODEL"
+
+
+def test_schnell_gets_an_xlabs_controlnet_without_guidance_input(tiny_dit, pack):
+    """Flux.1 schnell (no guidance_in): the same layout, its ControlNet has no guidance embedder, the untrained one
+    changes nothing, and Train's flux_guidance is not recorded (schnell takes none)."""
+    from frozentune.controlnet_zero import layouts, training_run
+
+    schnell = tiny_dit("flux1_schnell")
+    zero = create(schnell.model)
+    assert layouts.for_module(zero.control_model).NAME == "flux_xlabs"
+    assert not any(k.startswith("guidance_in.") for k in zero.control_model.state_dict())
+    assert training_run.guidance_metadata(training_run.training_guidance(schnell.model.model, 4.0)) == {}
+    prompts = schnell.encode("a red disk"), schnell.encode("")
+    assert torch.equal(sample(schnell.model, prompts), sample(schnell.model, prompts, zero, hint_image()))
+
+
+def test_the_layout_dispatch_refuses_what_does_not_fit(flux):
+    """Families without a layout, modules no layout trains and a ControlNet of another family's layout are refused
+    with both names."""
+    import types
+
+    from frozentune.controlnet_zero import layouts
+
+    def stub(config_class: str):  # a BaseModel as families.family_of sees it
+        return types.SimpleNamespace(model_config=type(config_class, (), {})())
+
+    with pytest.raises(ValueError, match="does not support Qwen-Image models.*SD1.x, SDXL family, Flux.1 dev"):
+        layouts.for_model(stub("QwenImage"))
+    with pytest.raises(ValueError, match="is a Linear, which ControlNet-Zero does not train"):
+        layouts.for_module(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="without a control model"):
+        layouts.for_control_net(types.SimpleNamespace())
+    cn = create(flux.model).control_model
+    with pytest.raises(ValueError, match=r"flux_xlabs-layout ControlNet \(for Flux.1 dev, Flux.1 schnell\), the "
+                                         "MODEL is SDXL family"):
+        layouts.check_pair(cn, stub("SDXL"))
+    assert layouts.check_pair(cn, flux.model.model).NAME == "flux_xlabs"
+
+
+def test_untrained_controlnet_changes_nothing_and_a_trained_one_steers(flux, prompts):
+    from frozentune.controlnet_zero import flux_xlabs
+
+    before = weight_hash(flux.model.model.diffusion_model)
+    zero = create(flux.model)
+    plain = sample(flux.model, prompts)
+    with_zero = sample(flux.model, prompts, zero, hint_image())
+    assert torch.equal(plain, with_zero), (plain - with_zero).abs().max()
+    trained = flux_xlabs.wrap(perturbed(zero.control_model))
+    steered = sample(flux.model, prompts, trained, hint_image())
+    other_hint = sample(flux.model, prompts, trained, hint_image(8))
+    assert (steered - plain).abs().max() > 1e-3
+    assert (steered - other_hint).abs().max() > 1e-5, "the hint does not reach the output"
+    assert weight_hash(flux.model.model.diffusion_model) == before
+
+
+def test_training_forward_is_what_sampling_computes(flux, prompts, monkeypatch):
+    """The layout's control() + the frozen twin give the base's output under stock get_control, bit for bit."""
+    import comfy.ldm.flux.model
+    import comfy.model_management as mm
+
+    from frozentune.controlnet_zero import cache, flux_xlabs
+    from frozentune.controlnet_zero import training_run as trainer
+
+    cn = perturbed(create(flux.model).control_model)
+    hint = hint_image()
+    seen = {}
+    stock = comfy.ldm.flux.model.Flux._forward
+
+    def record(self, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None, *args, **kwargs):
+        out = stock(self, x, timestep, context, y, guidance, ref_latents, control, *args, **kwargs)
+        if control is not None:
+            seen.update(x=x.clone(), t=timestep.clone(), out=out.clone(), guidance=guidance.clone())
+        return out
+
+    monkeypatch.setattr(comfy.ldm.flux.model.Flux, "_forward", record)
+    sample(flux.model, prompts, flux_xlabs.wrap(cn), hint, steps=1)
+    monkeypatch.undo()
+    ms = flux.model.model.model_sampling
+    sigma = ms.sigma(seen["t"]).float()
+    assert torch.equal(ms.calculate_input(sigma, seen["x"]), seen["x"])  # so the recorded input is x_t itself
+    with torch.inference_mode(False):
+        data = cache.encode(cache.Source.from_tensors(hint, hint, ["a red disk"]), flux.model.model, flux.vae,
+                            flux.clip, R, guidance=float(seen["guidance"][0]))
+        _, _, conds = data.batch(torch.tensor([0]), torch.zeros(1, dtype=torch.bool), "cpu")
+        mm.load_models_gpu([flux.model], force_full_load=True)
+        with torch.no_grad(), trainer.controlled_forward(flux.model.model, cn, torch.device("cpu"),
+                                                         torch.float32) as forward:
+            out = forward(cn, seen["x"], sigma, hint.movedim(-1, 1), conds)
+    assert torch.equal(out, seen["out"]), (out - seen["out"]).abs().max()
+
+
+def test_checkpointing_on_and_off_give_the_same_loss_and_gradients(flux):
+    """The training forward through ComfyUI's in-place Flux code, with and without gradient checkpointing of both
+    networks: the same loss and the same gradient for every ControlNet weight (and the hooks that make the plain
+    path work are gone afterwards)."""
+    import comfy.model_management as mm
+
+    from frozentune.controlnet_zero import cache, network
+    from frozentune.controlnet_zero import training_run as trainer
+
+    base = flux.model.model
+    targets, hints = disks.disks(2, R, seed=0)
+    mm.load_models_gpu([flux.model], force_full_load=True)
+    device = flux.model.load_device
+    results = {}
+    with torch.inference_mode(False):
+        data = cache.encode(cache.Source.from_tensors(targets, hints, [disks.CAPTION] * 2), base, flux.vae,
+                            flux.clip, R, guidance=4.0)
+        cn = network.trainable_copy(perturbed(create(flux.model).control_model), device).train()
+        x0, hint, conds = data.batch(torch.tensor([0, 1]), torch.zeros(2, dtype=torch.bool), device)
+        gen = torch.Generator().manual_seed(3)
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = base.model_sampling.sigmas[torch.tensor([300, 700])]
+        for checkpointing in (False, True):
+            cn.zero_grad(set_to_none=True)
+            with torch.enable_grad(), trainer.controlled_loss(base, cn, device, torch.float32,
+                                                              checkpointing) as loss_fn:
+                loss = loss_fn(cn, x0, hint, conds, sigma, noise)
+                loss.backward()
+            results[checkpointing] = float(loss.detach()), {n: p.grad for n, p in cn.named_parameters()}
+    (plain, g_plain), (ckpt, g_ckpt) = results[False], results[True]
+    assert plain == pytest.approx(ckpt, rel=1e-6)
+    # the last double block's text stream feeds nothing (only img goes to controlnet_blocks), as in x-flux
+    unused = sorted(n for n, g in g_plain.items() if g is None)
+    assert unused == sorted(n for n, g in g_ckpt.items() if g is None)
+    assert unused and all(n.startswith(("double_blocks.1.txt_attn.proj.", "double_blocks.1.txt_mlp.")) for n in unused)
+    assert g_plain["controlnet_blocks.0.weight"].abs().sum() > 0
+    for name in set(g_plain) - set(unused):
+        assert torch.allclose(g_plain[name], g_ckpt[name], rtol=1e-4, atol=1e-7), name
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in cn.modules()), "training hooks left behind"
+
+
+def test_save_writes_a_file_the_stock_loader_reads_whole(flux, prompts, controlnet_folder):
+    """Save's file: every key consumed by the stock ControlNetLoader (XLabs branch), the same sampling as the
+    ControlNet it was saved from, and trainable further from the loaded CONTROL_NET."""
+    import nodes
+    import safetensors
+
+    from frozentune.controlnet_zero import flux_xlabs
+    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroSave, ControlNetZeroTrain
+
+    trained = flux_xlabs.wrap(perturbed(create(flux.model).control_model))
+    trained.frozentune_metadata = {"controlnet_zero.depth": "2"}
+    with torch.inference_mode():
+        name = ControlNetZeroSave.execute(control_net=trained, filename="flux/edges", dtype="fp32").args[0]
+    assert name == "flux/edges.safetensors"
+    path = controlnet_folder / name
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        meta = f.metadata()
+    assert meta["controlnet_zero.depth"] == "2"
+    with tiny_flux_controlnet_detection():
+        (loaded,) = nodes.ControlNetLoader().load_controlnet(name)
+    module = loaded.control_model
+    assert type(module).__name__ == "ControlNetFlux" and not module.latent_input and not module.mistoline
+    assert keys == set(module.state_dict()), "the stock loader left keys missing or unexpected"
+    for k, v in trained.control_model.state_dict().items():
+        assert torch.equal(module.state_dict()[k].float(), v), k
+    ours = sample(flux.model, prompts, trained, hint_image())
+    stock = sample(flux.model, prompts, loaded, hint_image())
+    assert torch.equal(ours, stock), (ours - stock).abs().max()
+    # and the loaded file trains on (Train takes what Load ControlNet Model gives)
+    targets, hints = disks.disks(2, R, seed=0)
+    with torch.inference_mode():
+        more = ControlNetZeroTrain.execute(
+            model=flux.model, clip=flux.clip, vae=flux.vae, control_net=loaded, dataset_folder="", images=targets,
+            hints=hints, captions=disks.CAPTION, steps=1, batch_size=2, gradient_accumulation=1, learning_rate=1e-3,
+            prompt_dropout=0.0, resolution=R, gradient_checkpointing=False, mixed_precision="fp32", seed=0,
+            checkpoint_every=0, run_name="more", resume=False).args[0]
+    moved = more.control_model.state_dict()["controlnet_blocks.0.weight"]
+    assert not torch.equal(moved, module.state_dict()["controlnet_blocks.0.weight"].float())
+
+
+def test_train_node_trains_a_flux_controlnet_that_loads_back(flux, controlnet_folder):
+    """The Train node end to end on Flux (flow loss, prompt dropout, cached encodings, checkpointing of both
+    networks, the training guidance, a preview): the ControlNet's zero parts move, the base stays, the guidance is
+    recorded, the checkpoint loads back through the CLI's loader."""
+    from frozentune.controlnet_zero import flux_xlabs, train
+    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroTrain
+
+    before = weight_hash(flux.model.model.diffusion_model)
+    start = create(flux.model)
+    targets, hints = disks.disks(4, R, seed=0)
+    with torch.inference_mode():
+        out = ControlNetZeroTrain.execute(
+            model=flux.model, clip=flux.clip, vae=flux.vae, control_net=start, dataset_folder="", images=targets,
+            hints=hints, captions=disks.CAPTION, steps=3, batch_size=2, gradient_accumulation=1, learning_rate=1e-3,
+            prompt_dropout=0.5, resolution=R, gradient_checkpointing=True, mixed_precision="fp32", seed=0,
+            checkpoint_every=3, run_name="flux", resume=False, optimizer="adamw", preview_every=3, flux_guidance=4.0)
+    trained, curve, previews = out.args
+    assert curve.shape[-1] == 3
+    assert previews.shape[1:] == (R, R, 3) and previews.std() > 0, "the preview (a pixel hint on Flux) was not drawn"
+    meta = trained.frozentune_metadata
+    assert meta["controlnet_zero.flux_guidance"] == "4" and meta["controlnet_zero.steps_done"] == "3"
+    assert all(math.isfinite(float(v)) for v in [meta["controlnet_zero.final_loss"]])
+    a, b = start.control_model.state_dict(), trained.control_model.state_dict()
+    assert b["controlnet_blocks.0.weight"].any() and not torch.equal(a["pos_embed_input.weight"],
+                                                                      b["pos_embed_input.weight"])
+    assert not any(h for m in trained.control_model.modules() for h in m._forward_pre_hooks.values()), \
+        "training hooks left on the trained ControlNet"
+    assert weight_hash(flux.model.model.diffusion_model) == before, "training modified the base"
+    checkpoint = controlnet_folder.parent / "output" / "controlnet_zero" / "flux" / "run_001" / "step_000003"
+    module = train.load_controlnet_file(checkpoint / "controlnet.safetensors", flux.model.model)
+    assert isinstance(module, type(trained.control_model))
+    for k, v in b.items():
+        assert torch.equal(module.state_dict()[k], v.cpu()), k
+    assert flux_xlabs.owns(module)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_resume_matches_an_uninterrupted_run(optimizer, flux, controlnet_folder):
+    """Cancel after the step-2 checkpoint, resume: the same ControlNet as an uninterrupted run, with AdamW or 8-bit
+    AdamW (whose state of the weights that get no gradient, the last block's text stream, stays empty)."""
+    import comfy.model_management as mm
+
+    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroTrain
+    from harness.cancel import cancel_at
+
+    if optimizer == "adamw8bit":
+        pytest.importorskip("bitsandbytes")
+    targets, hints = disks.disks(4, R, seed=0)
+
+    def train(run_name, resume=False, guidance=4.0):
+        args = dict(dataset_folder="", images=targets, hints=hints, captions=disks.CAPTION, steps=4, batch_size=1,
+                    gradient_accumulation=2, learning_rate=1e-3, prompt_dropout=0.5, resolution=R,
+                    gradient_checkpointing=False, mixed_precision="fp32", seed=0, checkpoint_every=2,
+                    run_name=run_name, resume=resume, optimizer=optimizer, flux_guidance=guidance)
+        with torch.inference_mode():
+            return ControlNetZeroTrain.execute(model=flux.model, clip=flux.clip, vae=flux.vae,
+                                               control_net=create(flux.model), **args).args[0]
+
+    whole = train("whole")
+    with cancel_at(3), pytest.raises(mm.InterruptProcessingException):
+        train("cut")
+    with pytest.raises(ValueError, match="flux_guidance: stored 4, requested 3.5"):
+        train("cut", resume=True, guidance=3.5)
+    resumed = train("cut", resume=True)
+    a, b = whole.control_model.state_dict(), resumed.control_model.state_dict()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+    assert resumed.frozentune_metadata["controlnet_zero.steps_done"] == "4"
+
+
+@pytest.mark.half
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp8"])
+def test_bf16_and_fp8_bases_train_fp32_controlnets_and_apply(dtype_name, flux, prompts):
+    """bf16 computing natively (bf16 autocast), or fp8 weight storage (UNETLoader fp8_e4m3fn, cast per op): the
+    ControlNet trains as fp32 master weights, the base is not modified, and an untrained one applied changes nothing."""
+    import comfy.model_management as mm
+
+    from frozentune.controlnet_zero import cache, flux_xlabs, network
+    from frozentune.controlnet_zero import training_run as trainer
+    from harness import tiny_dits
+
+    kwargs = {"bf16": dict(dtype="bf16"), "fp8": dict(weight_dtype="fp8_e4m3fn")}[dtype_name]
+    stored = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[dtype_name]
+    with torch.inference_mode():
+        model = tiny_dits.load_model("flux1", **kwargs)
+    assert model.model.diffusion_model.img_in.weight.dtype == stored
+    if dtype_name == "bf16":
+        assert model.model.manual_cast_dtype is None, "the bf16 base must compute natively, as on a GPU"
+    clip, vae = flux.clip, flux.vae
+    mm.load_models_gpu([model], force_full_load=True)
+    before = weight_hash(model.model.diffusion_model)
+    zero = create(model)
+    plain = sample(model, prompts)
+    assert torch.equal(plain, sample(model, prompts, zero, hint_image())), "an untrained ControlNet changed the output"
+    targets, hints = disks.disks(4, R, seed=0)
+    with torch.inference_mode(False):
+        data = cache.encode(cache.Source.from_tensors(targets, hints, [disks.CAPTION] * 4), model.model, vae, clip, R,
+                            guidance=4.0)
+        cn = network.trainable_copy(zero.control_model, model.load_device)
+        settings = trainer.TrainSettings(steps=2, batch_size=2, learning_rate=1e-3, resolution=R,
+                                         gradient_checkpointing=True,
+                                         mixed_precision="bf16" if dtype_name == "bf16" else "fp32")
+        with torch.enable_grad():
+            result = trainer.train(model.model, cn, data, settings, model.load_device)
+    assert all(math.isfinite(v) for v in result.losses), result.losses
+    assert {p.dtype for p in result.control_model.parameters()} == {torch.float32}, "master weights must stay fp32"
+    assert result.control_model.state_dict()["controlnet_blocks.0.weight"].any()
+    assert weight_hash(model.model.diffusion_model) == before, "training modified the base"
+    assert model.model.diffusion_model.img_in.weight.dtype == stored
+    steered = sample(model, prompts, flux_xlabs.wrap(result.control_model), hint_image())
+    assert torch.isfinite(steered).all() and not torch.equal(steered, plain)
+
+
+def disk_latents(targets: torch.Tensor) -> torch.Tensor:
+    """``[N, R, R, 3]`` images -> ``[N, 16, R/8, R/8]`` latents that show the disk (a stand-in for a trained VAE)."""
+    pooled = torch.nn.functional.avg_pool2d(targets.movedim(-1, 1), 8)
+    lat = torch.cat([pooled, pooled.mean(1, keepdim=True)], dim=1).repeat(1, 4, 1, 1)
+    return (lat - lat.mean()) / lat.std()
+
+
+class _NoVae:
+    """Hands back prepared latents where cache.encode would run the VAE (only its text part is used here)."""
+
+    def __init__(self, latents):
+        self.latents = latents
+
+    def encode(self, pixels):
+        return self.latents[: pixels.shape[0]]
+
+
+def disk_set(flux, count: int, seed: int):
+    from frozentune.controlnet_zero import cache
+
+    targets, hints = disks.disks(count, R, seed=seed)
+    latents = disk_latents(targets)
+    u8 = (hints * 255).round().to(torch.uint8)
+    texts = cache.encode(cache.Source.from_tensors(targets[:1], hints[:1], [disks.CAPTION]), flux.model.model,
+                         _NoVae(latents[:1]), flux.clip, R, guidance=4.0).texts
+    images = cache.Rows({i: {"latent": latents[i], "hint": u8[i]} for i in range(count)})
+    return cache.TrainingData(images, texts, torch.ones(count, dtype=torch.long), R)
+
+
+@pytest.mark.slow
+def test_true_hints_beat_shuffled_hints_on_held_out_disks(flux):
+    """As the SD1.5 check (test_controlnet_zero_learning.py): disks visible in the latents, the tiny Flux frozen,
+    lr 1e-3; after training, the held-out loss with the true hints is clearly below the one with shuffled hints."""
+    import comfy.model_management as mm
+
+    from frozentune.controlnet_zero import flux_xlabs, network
+    from frozentune.controlnet_zero import training_run as trainer
+
+    steps = 80
+    base = flux.model.model
+    with torch.inference_mode(False):
+        train_set, held_out = disk_set(flux, 32, seed=1), disk_set(flux, 16, seed=2)
+    rows = list(range(16))
+    mm.load_models_gpu([flux.model], force_full_load=True)
+    device = flux.model.load_device
+    with torch.inference_mode(False):
+        cn = network.trainable_copy(flux_xlabs.create(base), device)
+        start = trainer.evaluate(base, cn, held_out, device, rows[:4], repeats=1)
+        assert trainer.evaluate(base, cn, held_out, device, rows[:4], repeats=1, shuffle_hints=True) == start
+        settings = trainer.TrainSettings(steps=steps, batch_size=4, learning_rate=1e-3, resolution=R,
+                                         gradient_checkpointing=False)
+        result = trainer.train(base, cn, train_set, settings, device)
+        true = trainer.evaluate(base, cn, held_out, device, rows)
+        shuffled = trainer.evaluate(base, cn, held_out, device, rows, shuffle_hints=True)
+    log.warning("ControlNet-Zero learning check (Flux.1-dev tiny, %d steps x batch 4, lr 1e-3): held-out loss before "
+                "(4 rows) %.4f; after: true hints %.4f, shuffled hints %.4f (ratio %.3f); train loss %.4f -> %.4f",
+                steps, start, true, shuffled, true / shuffled, sum(result.losses[:10]) / 10,
+                sum(result.losses[-10:]) / 10)
+    assert true < 0.85 * shuffled, (true, shuffled)
