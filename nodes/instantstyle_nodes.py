@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 
 import folder_paths
+import torch
 from comfy_api.latest import io
 
-from ..instantstyle import adapter_file, apply, attention, blocks
+from ..instantstyle import adapter_file, apply, attention, blocks, flux_adapter_file, flux_apply, flux_blocks
 from ..instantstyle import embeds as style_embeds
 from ..storage import names
 from ..storage import safetensors_file as weights_file
@@ -28,6 +29,9 @@ EMBEDS_FOLDER = "ipadapter_embeds"
 # source node's RETURN_TYPES, not by the type string saved in the workflow (execution.py validate_inputs).
 IPAdapterType = io.Custom("FROZENTUNE_IPADAPTER")
 EmbedsType = io.Custom("FROZENTUNE_IPADAPTER_EMBEDS")
+# One socket type per adapter family: Flux IP-Adapters (XLabs, InstantX) never link into the SD nodes or back.
+# Not XLabs' IP_ADAPTER_FLUX nor Shakker-Labs' IP_ADAPTER_FLUX_INSTANTX: their values are other objects.
+FluxIPAdapterType = io.Custom("FROZENTUNE_FLUX_IPADAPTER")
 
 # models/ipadapter/ (the folder name other IP-Adapter packs use too, so files are found by both).
 if FOLDER not in folder_paths.folder_names_and_paths:
@@ -163,10 +167,29 @@ class InstantStyleApply(io.ComfyNode):
         settings = apply.StyleSettings(weight=weight, preset=preset, custom_blocks=custom_blocks,
                                        combine=combine_images, subtract=subtract, start=start_at, end=end_at,
                                        plus_negative=plus_negative)
+        check_sd_pair(ipadapter, model)
         chosen = apply.select_layers(model, ipadapter, settings)
         content_pooled = content_embedding(clip, content_text, subtract)
         cond, uncond = apply.encode_tokens(ipadapter, clip_vision, image, settings, negative_image, content_pooled)
         return io.NodeOutput(apply.patch_model(model, ipadapter, chosen, cond, uncond, settings, attn_mask))
+
+
+def check_sd_pair(ipadapter, model=None) -> None:
+    """Refuse a Flux adapter, or a Flux/SD3 MODEL, in the SD1.5/SDXL nodes, naming both (the HTTP API skips the
+    socket types, so a prompt can send anything)."""
+    from .. import families
+
+    family = families.family_of(model) if model is not None else None
+    if not isinstance(ipadapter, adapter_file.IPAdapter):
+        on = f" for MODEL {family.label}" if family is not None else ""
+        raise ValueError(f"InstantStyle (SD1.5/SDXL) got {flux_apply.adapter_label(ipadapter)}{on}, which is not an "
+                         "SD1.5/SDXL IP-Adapter: use the Flux nodes (InstantStyle Apply (Flux)) for Flux adapters.")
+    if family is None:
+        return
+    if family.arch == "dit" or (family.known and family.id not in (families.SD15, families.SDXL)):
+        raise ValueError(f"the IP-Adapter {ipadapter.name} is {ipadapter.family} but MODEL is {family.label}: "
+                         "load a Flux IP-Adapter (Flux IP-Adapter Loader) and use InstantStyle Apply (Flux) on Flux.1, "
+                         "or connect an SD1.5/SDXL model.")
 
 
 def content_embedding(clip, content_text: str, subtract: float):
@@ -215,6 +238,7 @@ class InstantStyleEncode(io.ComfyNode):
                 negative_image=None, plus_negative=apply.PLUS_NEGATIVE_ZEROS) -> io.NodeOutput:
         checks.finite(subtract=subtract)
         checks.choice("plus_negative", plus_negative, apply.PLUS_NEGATIVES)
+        check_sd_pair(ipadapter)
         pooled = content_embedding(clip, content_text, subtract)
         embeds, negative = apply.encode_embeds(ipadapter, clip_vision, image, subtract, pooled, negative_image,
                                                plus_negative)
@@ -272,6 +296,7 @@ class InstantStyleApplyEmbeds(io.ComfyNode):
         settings = apply.StyleSettings(weight=weight, preset=preset, custom_blocks=custom_blocks,
                                        combine=combine_embeds, start=start_at, end=end_at, scaling=embeds_scaling,
                                        composition_weight=composition_weight)
+        check_sd_pair(ipadapter, model)
         chosen = apply.select_layers(model, ipadapter, settings)
         cond, uncond = apply.tokens_from_embeds(ipadapter, embeds, negative_embeds, combine_embeds)
         composition = None
@@ -388,5 +413,206 @@ class InstantStyleLoadEmbeds(io.ComfyNode):
         return io.NodeOutput(embeds, negative)
 
 
+FLUX_PRESET_TIP = ("Blocks that get the image (provisional until tried on real weights): all (every block the "
+                   "adapter has; the reference), style (double 10-18, single 10-37), layout (double 0-9, single 0-9) "
+                   "or custom. Single-stream split from SplitFlux (arXiv 2511.15258); the double-stream split is a "
+                   "guess.")
+FLUX_CUSTOM_TIP = ("For preset 'custom': comma-separated blocks with optional weights (factors on weight), e.g. "
+                   "'double 10-18:1.0, single 10-37:0.8' (or double_blocks.3). Only blocks the adapter has weights "
+                   "for: XLabs covers the 19 double blocks.")
+SIGLIP_NONE = "none"
+
+
+def flux_adapter_input() -> io.Custom.Input:
+    return FluxIPAdapterType.Input("flux_ipadapter", tooltip="From Flux IP-Adapter Loader (XLabs or InstantX); an "
+                                   "SD1.5/SDXL IP-Adapter is refused.")
+
+
+def flux_block_inputs(weight_tip: str) -> list:
+    return [io.Float.Input("weight", default=1.0, min=-1.0, max=5.0, step=0.05, tooltip=weight_tip),
+            io.Combo.Input("preset", options=list(flux_blocks.PRESETS), default="all", tooltip=FLUX_PRESET_TIP),
+            io.String.Input("custom_blocks", default="double 10-18", tooltip=FLUX_CUSTOM_TIP)]
+
+
+def flux_subtraction_inputs() -> list:
+    return [io.String.Input("content_text", default="", tooltip="What the reference shows (e.g. 'a cat'): its "
+                            "CLIP-L text embedding (text projection applied) is subtracted from the CLIP ViT-L image "
+                            "embedding. Needs the clip input; XLabs adapters only."),
+            io.Float.Input("subtract", default=0.5, min=0.0, max=2.0, step=0.05,
+                           tooltip="Scale of the content subtraction: image_embeds - subtract * text_embeds. "
+                           "Ignored while content_text is empty.")]
+
+
+def flux_content(clip, content_text: str, subtract: float, adapter):
+    if not content_text.strip() or subtract == 0:
+        return None
+    if clip is None:
+        raise ValueError("content_text is set but the clip input is empty: connect the Flux CLIP (clip_l + t5xxl), "
+                         "or clear content_text.")
+    return flux_apply.content_embedding(clip, content_text, adapter)
+
+
+class FluxIPAdapterLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FrozenTuneFluxIPAdapterLoader",
+            display_name="Flux IP-Adapter Loader",
+            category=CATEGORY,
+            description=(
+                "Loads a Flux.1 IP-Adapter from models/ipadapter/: XLabs (flux-ip-adapter, CLIP ViT-L image embeds, "
+                "double blocks) or InstantX (FLUX.1-dev-IP-Adapter, SigLIP, double and single blocks). Other files "
+                "(SD1.5/SDXL adapters, damaged files) are refused with the format expected."
+            ),
+            inputs=[
+                io.Combo.Input("flux_ipadapter_file", options=folder_paths.get_filename_list(FOLDER),
+                               tooltip="A Flux IP-Adapter file from models/ipadapter/, e.g. XLabs' "
+                               "flux-ip-adapter.safetensors or InstantX's ip-adapter.bin."),
+                io.Combo.Input("siglip_file", options=[SIGLIP_NONE, *folder_paths.get_filename_list("clip_vision")],
+                               default=SIGLIP_NONE, optional=True,
+                               tooltip="InstantX adapters only: the SigLIP so400m-384 file (the one CLIP Vision "
+                               "Loader loads), for its pooling head. Ignored for XLabs."),
+            ],
+            outputs=[FluxIPAdapterType.Output(display_name="FLUX_IPADAPTER", tooltip="The adapter, for InstantStyle "
+                                              "Apply (Flux) and Encode (Flux).")],
+        )
+
+    @classmethod
+    def execute(cls, flux_ipadapter_file, siglip_file=SIGLIP_NONE) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(FOLDER, flux_ipadapter_file)
+        adapter = flux_adapter_file.load(path)
+        if siglip_file and siglip_file != SIGLIP_NONE and hasattr(adapter, "with_siglip_head"):
+            adapter = adapter.with_siglip_head(folder_paths.get_full_path_or_raise("clip_vision", siglip_file))
+        log.info("Flux IP-Adapter: %s", flux_adapter_file.describe(adapter))
+        return io.NodeOutput(adapter)
+
+
+class InstantStyleApplyFlux(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FrozenTuneInstantStyleApplyFlux",
+            display_name="InstantStyle Apply (Flux)",
+            category=CATEGORY,
+            description=(
+                "Transfers the style of an image to Flux.1 with an XLabs or InstantX IP-Adapter injected only into "
+                "chosen transformer blocks, with a weight per block; optionally subtracts the reference's content "
+                "(CLIP-L text embedding, XLabs). Presets style/layout are provisional. Returns a patched copy of "
+                "MODEL; the input MODEL is untouched."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The Flux.1 model to style (dev or schnell). It is not modified."),
+                flux_adapter_input(),
+                io.ClipVision.Input("clip_vision", tooltip="The adapter's image encoder from the stock "
+                                    "CLIPVisionLoader: CLIP ViT-L/14 for XLabs, SigLIP so400m-384 for InstantX."),
+                io.Image.Input("image", tooltip="The style reference. Several images are averaged or their tokens "
+                               "concatenated (see combine_images)."),
+                *flux_block_inputs("Strength of the image attention (XLabs' ip_scale; 1 = the reference scale, 0 = "
+                                   "no effect)."),
+                io.Combo.Input("combine_images", options=list(flux_apply.COMBINE_MODES), default="average",
+                               tooltip="Several style images: average their features, or concatenate their tokens."),
+                *flux_subtraction_inputs(),
+                *window_inputs(),
+                io.Clip.Input("clip", optional=True, tooltip="The Flux CLIP (clip_l + t5xxl) for content_text: its "
+                              "CLIP-L embeds the text in CLIP ViT-L space."),
+                io.Image.Input("negative_image", optional=True, tooltip="Optional image for the unconditional side "
+                               "(true CFG only) instead of x-flux's black image."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="A patched copy of the model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, flux_ipadapter, clip_vision, image, weight, preset, custom_blocks, combine_images,
+                content_text, subtract, start_at, end_at, clip=None, negative_image=None) -> io.NodeOutput:
+        checks.finite(weight=weight, subtract=subtract, start_at=start_at, end_at=end_at)
+        settings = flux_apply.FluxStyleSettings(weight=weight, preset=preset, custom_blocks=custom_blocks,
+                                                combine=combine_images, subtract=subtract, start=start_at, end=end_at)
+        adapter, chosen = flux_apply.prepare(model, flux_ipadapter, settings)
+        content = flux_content(clip, content_text, subtract, adapter)
+        features, negative = flux_apply.encode_embeds(adapter, clip_vision, image, subtract, content, negative_image)
+        cond = flux_apply.tokens(adapter, features, combine_images)
+        uncond = flux_apply.tokens(adapter, negative, "average")
+        return io.NodeOutput(flux_apply.patch_model(model, adapter, chosen, cond, uncond, settings))
+
+
+class InstantStyleEncodeFlux(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FrozenTuneInstantStyleEncodeFlux",
+            display_name="InstantStyle Encode (Flux)",
+            category=CATEGORY,
+            description=(
+                "Encodes style image(s) once into embeds for a Flux IP-Adapter (its image encoder's features, minus "
+                "the content text embedding when content_text is set), to apply, combine or save with the "
+                "InstantStyle embeds nodes. negative_embeds: the negative image's features, else a black image's."
+            ),
+            inputs=[
+                flux_adapter_input(),
+                io.ClipVision.Input("clip_vision", tooltip="The adapter's image encoder (CLIP ViT-L/14 for XLabs)."),
+                io.Image.Input("image", tooltip="The style reference(s); every image is kept (one row each)."),
+                *flux_subtraction_inputs(),
+                io.Clip.Input("clip", optional=True, tooltip="The Flux CLIP (clip_l + t5xxl) for content_text."),
+                io.Image.Input("negative_image", optional=True, tooltip="Image(s) for the unconditional side "
+                               "instead of a black image."),
+            ],
+            outputs=[EmbedsType.Output(display_name="embeds", tooltip="The style embeds, one row per image."),
+                     EmbedsType.Output(display_name="negative_embeds", tooltip="The unconditional embeds.")],
+        )
+
+    @classmethod
+    def execute(cls, flux_ipadapter, clip_vision, image, content_text, subtract, clip=None,
+                negative_image=None) -> io.NodeOutput:
+        checks.finite(subtract=subtract)
+        adapter = flux_apply.check_adapter(flux_ipadapter)
+        content = flux_content(clip, content_text, subtract, adapter)
+        features, negative = flux_apply.encode_embeds(adapter, clip_vision, image, subtract, content, negative_image)
+        source = "image" if content is None else f"image minus {subtract:g} x content text"
+        embeds = flux_apply.as_style_embeds(adapter, features, source)
+        log.info("InstantStyle Encode (Flux): %s", embeds.describe())
+        return io.NodeOutput(embeds, flux_apply.as_style_embeds(adapter, negative, "negative"))
+
+
+class InstantStyleApplyEmbedsFlux(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FrozenTuneInstantStyleApplyEmbedsFlux",
+            display_name="InstantStyle Apply Embeds (Flux)",
+            category=CATEGORY,
+            description=("InstantStyle Apply (Flux) from embeds (Encode (Flux), Combine or Load Embeds) instead of "
+                         "images, so one encoding serves many generations. Returns a patched copy of MODEL."),
+            inputs=[
+                io.Model.Input("model", tooltip="The Flux.1 model to style. It is not modified."),
+                flux_adapter_input(),
+                EmbedsType.Input("embeds", tooltip="Style embeds made with this adapter's image encoder."),
+                *flux_block_inputs("Strength of the image attention (1 = the reference scale, 0 = no effect)."),
+                io.Combo.Input("combine_embeds", options=list(flux_apply.COMBINE_MODES), default="average",
+                               tooltip="Several images in the embeds: average their features, or concatenate their "
+                               "tokens."),
+                *window_inputs(),
+                EmbedsType.Input("negative_embeds", optional=True, tooltip="Unconditional embeds (from Encode "
+                                 "(Flux) or Load Embeds); empty = zero embeds."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="A patched copy of the model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, flux_ipadapter, embeds, weight, preset, custom_blocks, combine_embeds, start_at, end_at,
+                negative_embeds=None) -> io.NodeOutput:
+        checks.finite(weight=weight, start_at=start_at, end_at=end_at)
+        settings = flux_apply.FluxStyleSettings(weight=weight, preset=preset, custom_blocks=custom_blocks,
+                                                combine=combine_embeds, start=start_at, end=end_at)
+        adapter, chosen = flux_apply.prepare(model, flux_ipadapter, settings)
+        flux_apply.check_embeds(adapter, embeds)
+        negative = negative_embeds.features if negative_embeds is not None else torch.zeros_like(embeds.features[:1])
+        if negative_embeds is not None:
+            flux_apply.check_embeds(adapter, negative_embeds, "negative_embeds")
+        cond = flux_apply.tokens(adapter, embeds.features, combine_embeds)
+        uncond = flux_apply.tokens(adapter, negative, "average")
+        return io.NodeOutput(flux_apply.patch_model(model, adapter, chosen, cond, uncond, settings))
+
+
 NODES = [IPAdapterLoader, InstantStyleApply, InstantStyleEncode, InstantStyleApplyEmbeds, InstantStyleCombineEmbeds,
-         InstantStyleSaveEmbeds, InstantStyleLoadEmbeds]
+         InstantStyleSaveEmbeds, InstantStyleLoadEmbeds, FluxIPAdapterLoader, InstantStyleApplyFlux,
+         InstantStyleEncodeFlux, InstantStyleApplyEmbedsFlux]
