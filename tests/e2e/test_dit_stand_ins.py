@@ -52,6 +52,11 @@ def run_and_check(srv, prompt: dict) -> None:
         assert max(ImageStat.Stat(img.convert("RGB")).stddev) > 0, "one flat colour (NaN?)"
 
 
+def combo_options(spec: list) -> list:
+    """A combo input's options from /object_info: V1 nodes list them first, V3 nodes as ["COMBO", {"options": ...}]."""
+    return spec[1]["options"] if spec[0] == "COMBO" else spec[0]
+
+
 def test_loaders_list_the_real_names(comfy_server):
     from harness.server import DIT_STAND_INS
 
@@ -59,7 +64,9 @@ def test_loaders_list_the_real_names(comfy_server):
     listed = {"diffusion_models": info["UNETLoader"]["input"]["required"]["unet_name"][0],
               "text_encoders": info["DualCLIPLoader"]["input"]["required"]["clip_name1"][0],
               "vae": info["VAELoader"]["input"]["required"]["vae_name"][0],
-              "checkpoints": info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]}
+              "checkpoints": info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0],
+              "ipadapter": combo_options(info["FrozenTuneFluxIPAdapterLoader"]["input"]["required"]["flux_ipadapter_file"]),
+              "clip_vision": info["CLIPVisionLoader"]["input"]["required"]["clip_name"][0]}
     for folder, names in DIT_STAND_INS.items():
         assert set(names) <= set(listed[folder]), (folder, listed[folder])
 

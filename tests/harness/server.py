@@ -51,14 +51,19 @@ DIT_STAND_INS: dict[str, dict[str, str]] = {
     "vae": {"ae.safetensors": "vae16"},
     "checkpoints": {"sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors": "sd3_checkpoint",
                     "sd3.5_large_fp8_scaled.safetensors": "sd3_checkpoint"},
+    # InstantStyle on Flux.1 (harness.tiny_flux_ipadapter): XLabs' IP-Adapter as XLabs names it, and the CLIP ViT-L/14
+    # image encoder it was trained with (openai/clip-vit-large-patch14) for the stock CLIPVisionLoader.
+    "ipadapter": {"flux-ip-adapter.safetensors": "flux_ipadapter_xlabs"},
+    "clip_vision": {"clip_vit_large_patch14.safetensors": "clip_vision_l"},
 }
 # The example workflows carry real-use settings (512 px, 128 training steps). On the tiny random
 # models on a CPU the demo and the e2e tests shrink them, by node class, after UI->API conversion.
 TINY_RUN_OVERRIDES: dict[str, dict[str, object]] = {
     "ImageScale": {"width": 64, "height": 64},
     "EmptyLatentImage": {"width": 64, "height": 64},
+    "EmptySD3LatentImage": {"width": 64, "height": 64},
     "FrozenTuneUniTuneFineTune": {"steps": 16, "batch_size": 2},
-    "FrozenTuneControlNetZeroTrain": {"steps": 2, "batch_size": 2, "resolution": 64},
+    "FrozenTuneControlNetZeroTrain": {"steps": 2, "batch_size": 2, "gradient_accumulation": 1, "resolution": 64},
     "FrozenTuneTextualInversionTrain": {"steps": 2, "batch_size": 1},
     "KSampler": {"steps": 6},
     "BasicScheduler": {"steps": 6},
@@ -114,6 +119,10 @@ def dit_stand_in_path(folder: str, item: str) -> Path:
         return tiny_dits.text_encoder_path(item)
     if folder == "vae":
         return tiny_dits.vae_path()
+    if folder in ("ipadapter", "clip_vision"):
+        from . import tiny_flux_ipadapter
+
+        return tiny_flux_ipadapter.xlabs_path() if folder == "ipadapter" else tiny_flux_ipadapter.clip_vision_l_path()
     return tiny_dits.checkpoint_path(item.removesuffix("_checkpoint"))
 
 

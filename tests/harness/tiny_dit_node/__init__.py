@@ -5,7 +5,9 @@ safetensors metadata key ``frozentune_tiny_unet_config``; ComfyUI builds its tex
 full-size configs, so the tiny text encoders (and the tiny SD3 checkpoint) carry their ``model_options`` in
 ``frozentune_tiny_te_options``. This installs the shims that read them (``install_detection_shim``,
 ``install_text_encoder_shim``); they answer only for files with those keys, so every other model loads as
-stock ComfyUI loads it. Linked into the e2e/demo server's custom_nodes only, never shipped with the pack.
+stock ComfyUI loads it. A ControlNet file carries no such key (the stock ControlNetLoader passes no metadata to
+the detection): a Flux state dict of the tiny Flux's width gets the tiny heads and RoPE axes. Linked into the
+e2e/demo server's custom_nodes only, never shipped with the pack.
 """
 
 import os
@@ -21,3 +23,29 @@ from harness.tiny_dits import install_detection_shim, install_text_encoder_shim 
 
 install_detection_shim()
 install_text_encoder_shim()
+
+
+def _install_controlnet_shape_shim() -> None:
+    """ControlNetLoader passes no file metadata to the detection, and Flux detection fixes 24 heads of 128: a Flux
+    state dict of the tiny Flux's width (a ControlNet-Zero file trained on it) gets the tiny heads and RoPE axes.
+    Every other width (all real files) detects as stock."""
+    import comfy.model_detection as md
+
+    from harness.tiny_dits import RECIPES
+
+    tiny = RECIPES["flux1"].unet
+    current = md.detect_unet_config
+
+    def detect_unet_config(state_dict, key_prefix, metadata=None):
+        cfg = current(state_dict, key_prefix, metadata=metadata)
+        if cfg and cfg.get("image_model") == "flux" and cfg.get("hidden_size") == tiny["hidden_size"]:
+            cfg = {**cfg, "num_heads": tiny["num_heads"], "axes_dim": list(tiny["axes_dim"])}
+        return cfg
+
+    for attr in ("frozentune_tiny_shim", "stock"):  # harness.tiny_dits still sees its shim installed
+        if hasattr(current, attr):
+            setattr(detect_unet_config, attr, getattr(current, attr))
+    md.detect_unet_config = detect_unet_config
+
+
+_install_controlnet_shape_shim()
