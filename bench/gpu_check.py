@@ -32,8 +32,13 @@ in the file's metadata, read by the test-only text-encoder shim of ``harness.tin
 add 4.4B parameters and 8.8 GB over the 40 GB disk limit, so Textual Inversion's backward through 24 T5 layers is
 not measured here) and a full-size 16-channel KL VAE (Flux's ``ae`` layout). Items: the load, UniTune
 Fine-Tune (LoRA, batch 1 at 1024 px, bf16, checkpointing: peak memory against the memory bench's targets),
-Textual Inversion Train, and the two DiT example workflows. Disk: the SD run's files and these together stay
-under 40 GB (report.md prints the sum; the dry run computes it for the full-size layouts).
+ControlNet-Zero Create + Train (issue 23: Flux.1 in XLabs' layout with 2 double blocks, SD3.5 in diffusers' with the
+node's default 12 joint blocks; batch 1 at 1024 px, bf16, 8-bit AdamW, checkpointing; Flux.1 against the memory
+bench's 20 GiB), Textual Inversion Train, InstantStyle Apply (Flux) with a full-size random XLabs Flux IP-Adapter
+(19 double blocks, 4096 -> 3072 k/v, bf16 as published) and CLIP ViT-L/14 vision (fp16), sampled at 1024 px with and
+without it, and the DiT example workflows. Disk: the SD run's files and these together are ~40.5 GB at full size,
+over the 40 GB limit, so a run first removes the other run's cached files (``prune_other_run``; report.md prints
+the sums; the dry run computes them from the full-size layouts).
 
 Exit code 0 if every item passed, 1 if any failed (each item runs in its own try/except, so one failure
 is reported and the rest still run), 2 with a one-line reason when no CUDA GPU is visible.
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import importlib.util
@@ -76,14 +82,20 @@ SD_LOADS = tuple(f"{family}:{dtype}" for family in FAMILIES for dtype in DTYPES)
 DIT_FAMILIES = ("flux1", "sd3")
 DIT_LOADS = ("flux1:bf16", "sd3:bf16")
 ALL_LOADS = SD_LOADS + DIT_LOADS
-# per family, the trainer items run on each load (ControlNet-Zero on DiTs is issue 23's)
+# per family, the in-process items run on each load (issue 23: ControlNet-Zero on both DiTs, InstantStyle on Flux.1)
 FAMILY_TRAINERS = {"sd15": ("unitune_finetune", "controlnet_zero"), "sdxl": ("unitune_finetune", "controlnet_zero"),
-                   "flux1": ("unitune_finetune", "textual_inversion"), "sd3": ("unitune_finetune", "textual_inversion")}
-# bench/memory_bench.py --full's targets for UniTune LoRA at 1024 px, batch 1, fp8 weights, bf16, checkpointing
-DIT_MEMORY_TARGETS_GIB = {"flux1": 16.0, "sd3": 12.0}
+                   "flux1": ("unitune_finetune", "controlnet_zero", "textual_inversion", "instantstyle_flux"),
+                   "sd3": ("unitune_finetune", "controlnet_zero", "textual_inversion")}
+# bench/memory_bench.py --full's targets at 1024 px, batch 1, fp8 weights, bf16, checkpointing: UniTune LoRA, and
+# ControlNet-Zero Flux.1-dev (XLabs layout, 2 double blocks, 8-bit AdamW; issue 23). SD3.5's ControlNet has none.
+DIT_MEMORY_TARGETS_GIB = {("unitune_finetune", "flux1"): 16.0, ("unitune_finetune", "sd3"): 12.0,
+                          ("controlnet_zero", "flux1"): 20.0}
+# ControlNet-Zero Create's depth on Flux.1: the XLabs releases' 2 double blocks (the memory bench's case); SD3.5 takes
+# the node's default (diffusers' SD3 ControlNet: 12 joint blocks)
+DIT_CONTROLNET_DEPTH = {"flux1": 2}
 DIT_LORA_RANK = {"flux1": 16}  # the memory bench's Flux case (issue 22); SD3.5: the node's default (32)
 BUDGET_SECONDS = 600  # issue 21: the whole run, model build included, under 10 minutes on one H100
-DISK_LIMIT_BYTES = 40 * 10**9  # issue 21: disk under 40 GB, the SD run's and the --dit run's builds together
+DISK_LIMIT_BYTES = 40 * 10**9  # issue 21: disk under 40 GB in the build folder the SD and --dit runs share (prune_other_run)
 # Estimates for ``--dit`` on one H100, before any GPU ran it (seconds; report.md prints them beside the measured
 # run). Random init on the GPU is seconds (12B normal draws); writing is safetensors moving each tensor to the
 # host then one file write (~1 GB/s assumed); steps from FLOPs: Flux.1-dev at 1024 px is ~110 TFLOP per image
@@ -98,6 +110,16 @@ DIT_ESTIMATES = (
     ("server start", 20),
     ("workflow Flux.1 dev: load, 8 training steps at batch 2, 25 edit steps x 2 predictions x batch 2, 1024 px", 110),
     ("workflow SD3.5: load, 8 training steps at batch 2, 27 edit steps x 3 predictions x batch 2, 1024 px", 90),
+    # issue 23: a ControlNet-Zero step is the base's checkpointed forward and backward (~4 forwards) plus the
+    # ControlNet's (2 of 19 double blocks on Flux.1, 0.72B weights; 12 of 38 joint blocks on SD3.5, 2.6B weights,
+    # copied to fp32 on the host by Create); sampling at 1024 px ~0.45 s/step (Flux.1-dev, cfg 1)
+    ("build XLabs Flux IP-Adapter (bf16, 0.98 GB) + CLIP ViT-L/14 vision (fp16, 0.61 GB)", 5),
+    ("Flux.1-dev ControlNet-Zero: Create (2 double blocks) + encode + 4 steps at 1024 px (~1.9 s/step)", 20),
+    ("Flux.1-dev InstantStyle Apply (Flux) + 4 sampling steps at 1024 px, without and with the adapter", 12),
+    ("SD3.5 Large ControlNet-Zero: Create (12 joint blocks) + encode + 4 steps at 1024 px (~1.3 s/step)", 25),
+    ("workflow ControlNet-Zero (Flux.1 dev): encode 16 images, 8 steps x 4 accumulated at 1024 px (~60 s), "
+     "checkpoint + Save, 20 steps with the stock ControlNet loader", 90),
+    ("workflow InstantStyle (Flux.1 dev): CLIP ViT-L + XLabs adapter, 20 steps at 1024 px, decode", 25),
 )
 QUICK_BUDGET_SECONDS = 240  # issue 21: ``--quick`` in 4 minutes
 # ``--quick``: one trainer item per family (both trainers and both dtypes still covered) and one workflow.
@@ -355,6 +377,10 @@ def controlnet_weights(checkpoint_sd: dict, device: str, dtype) -> dict:
 # --- Flux.1-dev and SD3.5 (``--dit``) ------------------------------------------------------------------------
 
 DIT_FILES = {"flux1": ("flux1", "clip_l", "t5xxl", "vae16"), "sd3": ("sd3",)}  # what each DiT family's build writes
+# InstantStyle on Flux.1 (issue 23): an XLabs Flux IP-Adapter and the CLIP ViT-L/14 vision model it reads, built
+# when a Flux.1 load runs (its instantstyle_flux item) or a workflow names them (harness.server.DIT_STAND_INS)
+FLUX_STYLE_FILES = ("flux_ipadapter", "clip_vision_l")
+XLABS_TOKENS = 4  # x-flux ImageProjModel(clip_extra_context_tokens=4)
 KL16_VAE = dict(KL_VAE, z_channels=16)  # Flux.1's ae / SD3's VAE: the SD KL layout, 16 latent channels, no quant convs
 
 
@@ -445,6 +471,74 @@ def sd3_checkpoint_weights(mode: Mode, device: str, dtype) -> tuple[dict, dict]:
     return sd, ({tiny_dits.TE_OPTIONS_KEY: json.dumps(options)} if options else {})
 
 
+def flux_ipadapter_weights(mode: Mode, device: str, dtype) -> dict:
+    """An XLabs Flux IP-Adapter (``double_blocks.{i}.processor.ip_adapter_double_stream_{k,v}_proj`` per double
+    block, Linear(context -> hidden), and ``ip_adapter_proj_model``: Linear(768 -> 4 x context) + LayerNorm) for
+    ``mode``'s Flux; stored in ``dtype`` (bf16 at full size, as XLabs' flux-ip-adapter.safetensors, 0.98 GB).
+
+    k/v are random, not zero as a fresh x-flux adapter: the image attention must act on the sample. The tiny one is
+    ``harness.tiny_flux_ipadapter``'s (sized for the tiny Flux and its 64-d CLIP vision stand-in).
+    """
+    import torch
+
+    from harness import tiny_flux_ipadapter
+
+    if mode.name == "tiny" and device != "meta":
+        return {k: v.to(dtype) for k, v in tiny_flux_ipadapter.xlabs_state_dict().items()}
+    unet = mode.unets["flux1"]
+    hidden, context, double = unet["hidden_size"], unet["context_in_dim"], unet["depth"]
+    embed = json.loads(_clip_vision_l_config(mode.name == "tiny").read_text())["projection_dim"]
+    shapes = {"ip_adapter_proj_model.proj.weight": (XLABS_TOKENS * context, embed),
+              "ip_adapter_proj_model.proj.bias": (XLABS_TOKENS * context,),
+              "ip_adapter_proj_model.norm.weight": (context,), "ip_adapter_proj_model.norm.bias": (context,)}
+    for i in range(double):
+        for which in ("k", "v"):
+            p = f"double_blocks.{i}.processor.ip_adapter_double_stream_{which}_proj."
+            shapes[p + "weight"], shapes[p + "bias"] = (hidden, context), (hidden,)
+    out = {}
+    for name, shape in shapes.items():
+        if device == "meta":
+            out[name] = torch.empty(shape, device="meta", dtype=dtype)
+        elif len(shape) < 2:  # LayerNorm weight 1, biases 0 (random_weights' rules)
+            out[name] = (torch.ones if name.endswith("norm.weight") else torch.zeros)(shape, device=device).to(dtype)
+        else:
+            gen = torch.Generator(device=device).manual_seed(SEED + 7 + zlib.crc32(name.encode()))
+            out[name] = torch.empty(shape, device=device).normal_(0.0, shape[1] ** -0.5, generator=gen).to(dtype)
+    return out
+
+
+def _clip_vision_l_config(tiny: bool) -> Path:
+    import comfy.clip_model
+
+    from harness import tiny_flux_ipadapter
+
+    return (tiny_flux_ipadapter.clip_vision_l_config_path() if tiny
+            else Path(comfy.clip_model.__file__).parent / "clip_vision_config_vitl.json")
+
+
+def clip_vision_l_weights(tiny: bool, device: str, dtype) -> dict:
+    """CLIP ViT-L/14 vision (comfy/clip_vision_config_vitl.json: 24 layers, 768-d image_embeds) at full size, which
+    the stock CLIPVisionLoader detects from ``layers.22`` and 257 positions; or the harness's tiny 64-d one."""
+    import comfy.clip_model
+    import comfy.ops
+    import torch
+
+    config = json.loads(_clip_vision_l_config(tiny).read_text())
+    model = comfy.clip_model.CLIPVisionModelProjection(config, torch.float32, "meta", comfy.ops.disable_weight_init)
+    return random_weights(model, SEED + 8, dtype, device)
+
+
+def build_flux_style(mode: Mode, paths: dict[str, Path], device: str) -> None:
+    import torch
+
+    if not paths["flux_ipadapter"].exists():
+        save(paths["flux_ipadapter"], flux_ipadapter_weights(mode, device, torch.bfloat16),
+             f"{mode.name} xlabs flux ipadapter")
+    if not paths["clip_vision_l"].exists():
+        save(paths["clip_vision_l"], clip_vision_l_weights(mode.name == "tiny", device, torch.float16),
+             f"{mode.name} clip vision vit-l")
+
+
 def build_dit(mode: Mode, family: str, paths: dict[str, Path], device: str) -> None:
     """Write ``family``'s files (``DIT_FILES``) that are missing; the diffusion models in fp8 at full size."""
     import torch
@@ -476,7 +570,8 @@ def save(path: Path, sd: dict, note: str, metadata: dict | None = None) -> Path:
     return _save(path, sd, {"frozentune_gpu_check": note, **(metadata or {})})
 
 
-def build_models(mode: Mode, folder: Path, device: str, needs: set[str]) -> dict[str, Path]:
+def build_models(mode: Mode, folder: Path, device: str, needs: set[str],
+                 removed: list[Path] | None = None) -> dict[str, Path]:
     """The files of the groups in ``needs`` (``MODEL_GROUPS``: "sd15", "sdxl", "stand_ins", "flux1", "sd3") for
     ``mode``, built if missing (cached in ``folder``).
 
@@ -492,6 +587,8 @@ def build_models(mode: Mode, folder: Path, device: str, needs: set[str]) -> dict
              for group in MODEL_GROUPS.values() for name in group}
     if "stand_ins" in needs:
         needs = needs | {"sdxl"}  # the stand-ins are built from the SDXL checkpoint
+    if mode.name == "full":  # ``removed``: what prune_other_run removed, for the report
+        (removed if removed is not None else []).extend(prune_other_run(paths, needs))
     dtype = torch.float16
     for family in ("sd15", "sdxl"):
         if family not in needs:
@@ -512,7 +609,9 @@ def build_models(mode: Mode, folder: Path, device: str, needs: set[str]) -> dict
     if "stand_ins" in needs:
         if not paths["ipadapter"].exists():
             layers = tiny_ipadapter.attn2_shapes(paths["sdxl"])
-            save(paths["ipadapter"], tiny_ipadapter.ipadapter_state_dict(layers, 1280), f"{mode.name} sdxl ipadapter")
+            # fp16, as the published ip-adapter_sdxl.safetensors (0.70 GB at full size; fp32 would take 1.41)
+            save(paths["ipadapter"], {k: v.half() for k, v in tiny_ipadapter.ipadapter_state_dict(layers, 1280).items()},
+                 f"{mode.name} sdxl ipadapter")
         if not paths["clip_vision"].exists():
             save(paths["clip_vision"], clip_vision_weights(mode.name == "tiny", device, dtype),
                  f"{mode.name} clip vision")
@@ -523,11 +622,46 @@ def build_models(mode: Mode, folder: Path, device: str, needs: set[str]) -> dict
             build_dit(mode, family, paths, device)
             _empty_cache(device)
             log.info("built %s %s in %.1fs: %s", mode.name, family, time.perf_counter() - start, paths[family])
+    if "flux_style" in needs:
+        start = time.perf_counter()
+        build_flux_style(mode, paths, device)
+        log.info("built %s XLabs Flux IP-Adapter + CLIP ViT-L in %.1fs", mode.name, time.perf_counter() - start)
     return paths
 
 
+# Bytes of each full-size file as the GPU runs write it (``full_size_layouts()["disk_bytes"]``, which the dry-run
+# test checks this against): what ``prune_other_run`` plans with before anything is built.
+FULL_SIZE_BYTES = {
+    "sd15": 2_132_470_614, "sdxl": 6_937_676_352, "controlnet": 2_502_028_320, "clip_vision": 3_689_814_528,
+    "ipadapter": 702_562_304, "flux1": 11_901_408_320, "sd3": 9_950_540_422, "clip_l": 247_300_608,
+    "t5xxl": 649_097_216, "vae16": 167_639_366, "flux_ipadapter": 981_749_760, "clip_vision_l": 607_932_416,
+}
+
+
+def prune_other_run(paths: dict[str, Path], needs: set[str]) -> list[Path]:
+    """Remove the other run's cached files (the SD run's for ``--dit``, and the reverse) when keeping them would take
+    the build folder over ``DISK_LIMIT_BYTES``: with the Flux.1 InstantStyle files both runs' together are ~40.5 GB
+    at full size, so the folder holds one run's files (at most ~24.5 GB) and a run after the other rebuilds its own
+    (its build is inside its time budget). Returns what was removed."""
+    ours = {name for group in needs for name in MODEL_GROUPS[group]}
+    other_groups = DIT_RUN_GROUPS if any(g in SD_RUN_GROUPS for g in needs) else SD_RUN_GROUPS
+    others = [paths[n] for g in other_groups for n in MODEL_GROUPS[g] if n not in ours and paths[n].exists()]
+    kept = sum(p.stat().st_size for p in others)
+    planned = sum(paths[n].stat().st_size if paths[n].exists() else FULL_SIZE_BYTES.get(n, 0) for n in ours)
+    if not others or kept + planned <= DISK_LIMIT_BYTES:
+        return []
+    for path in others:
+        path.unlink()
+    log.info("removed the other run's cached files (%.1f GB; with this run's %.1f GB they exceed %.0f GB): %s",
+             kept / 1e9, planned / 1e9, DISK_LIMIT_BYTES / 1e9, ", ".join(p.name for p in others))
+    return others
+
+
 # What each build group writes (``build_models``), by ``paths`` name.
-MODEL_GROUPS = {"sd15": ("sd15",), "sdxl": ("sdxl",), "stand_ins": STAND_INS, **DIT_FILES}
+MODEL_GROUPS = {"sd15": ("sd15",), "sdxl": ("sdxl",), "stand_ins": STAND_INS, **DIT_FILES,
+                "flux_style": FLUX_STYLE_FILES}
+SD_RUN_GROUPS = ("sd15", "sdxl", "stand_ins")
+DIT_RUN_GROUPS = (*DIT_FAMILIES, "flux_style")
 
 
 def model_needs(loads: list[tuple[str, str]], workflows: list[Path]) -> set[str]:
@@ -536,11 +670,16 @@ def model_needs(loads: list[tuple[str, str]], workflows: list[Path]) -> set[str]
     from harness import server
 
     needs = {family for family, _ in loads}
+    needs |= {"flux_style" for family, _ in loads if "instantstyle_flux" in FAMILY_TRAINERS[family]}
     stand_in_names = [n for folder, names in server.STAND_INS.items() if folder != "checkpoints" for n in names]
+    group_of = {name: group for group, names in MODEL_GROUPS.items() for name in names}
     for path in workflows:
         needs.add(WORKFLOW_BASES[workflow_base(path)])
-        if any(name in path.read_text(encoding="utf-8") for name in stand_in_names):
+        text = path.read_text(encoding="utf-8")
+        if any(name in text for name in stand_in_names):
             needs.add("stand_ins")
+        needs |= {group_of[DIT_STAND_IN_FILES[item]] for names in server.DIT_STAND_INS.values()
+                  for name, item in names.items() if json.dumps(name) in text and item in DIT_STAND_IN_FILES}
     return needs
 
 
@@ -570,8 +709,8 @@ def full_size_layouts() -> dict:
     out["clip_vision_parameters"] = _parameters(vision, "")
     out["clip_vision_layers"] = sum(1 for k in vision if k.endswith("layer_norm1.weight"))
     disk["clip_vision"] = _bytes(vision)
-    # fp32 (harness.tiny_ipadapter): to_k_ip/to_v_ip per attn2 layer and the 4-token projection from ViT-bigG's 1280
-    disk["ipadapter"] = 4 * (sum(2 * inner * context for inner, context in layers) + 4 * layers[0][1] * (1280 + 1))
+    # fp16, as build_models writes it: to_k_ip/to_v_ip per attn2 layer and the 4-token projection from ViT-bigG's 1280
+    disk["ipadapter"] = 2 * (sum(2 * inner * context for inner, context in layers) + 4 * layers[0][1] * (1280 + 1))
     # the --dit run's files: stock detection (no shim answers: no metadata) must find Flux / SD3 in the shapes
     with tiny_dits.without_detection_shim():
         flux = dit_weights(mode, "flux1", "meta", torch.float8_e4m3fn, {})
@@ -586,9 +725,29 @@ def full_size_layouts() -> dict:
         disk[name] = _bytes(te)
     disk["vae16"] = _bytes(kl16_vae_weights("meta", torch.float16))
     out["t5xxl_layers"] = sum(1 for k in te if k.endswith("layer.0.SelfAttention.q.weight"))
+    # InstantStyle on Flux.1: XLabs' adapter in bf16 (its published file: 0.98 GB) and CLIP ViT-L/14 vision in fp16
+    adapter = flux_ipadapter_weights(mode, "meta", torch.bfloat16)
+    out["flux_ipadapter_parameters"] = _parameters(adapter, "")
+    out["flux_ipadapter_double_blocks"] = sum(1 for k in adapter if k.endswith("double_stream_k_proj.weight"))
+    vision_l = clip_vision_l_weights(False, "meta", torch.float16)
+    out["clip_vision_l_parameters"] = _parameters(vision_l, "")
+    out["clip_vision_l_layers"] = sum(1 for k in vision_l if k.endswith("layer_norm1.weight"))
+    # what the stock CLIPVisionLoader reads to pick ViT-L/14 (comfy/clip_vision.py: layers.22, 257 positions, 1024 wide)
+    out["clip_vision_l_positions"] = vision_l["vision_model.embeddings.position_embedding.weight"].shape[0]
+    disk["flux_ipadapter"], disk["clip_vision_l"] = _bytes(adapter), _bytes(vision_l)
+    try:  # the pack's own XLabs reader (Flux IP-Adapter Loader) on the full-size builder's values at Flux.1's widths
+        # (it reads values, so not on the meta device: 2 of the 19 double blocks, 63M values on the host)
+        from frozentune.instantstyle import flux_adapter_file
+
+        two = dataclasses.replace(mode, unets={**mode.unets, "flux1": {**mode.unets["flux1"], "depth": 2}})
+        out["flux_ipadapter_read_as"] = flux_adapter_file.describe(flux_adapter_file.from_flat(
+            flux_ipadapter_weights(two, "cpu", torch.bfloat16), "flux-ip-adapter.safetensors"))
+    except ImportError:  # full_size_layouts without the pack imported (main imports it first)
+        out["flux_ipadapter_read_as"] = None
     out["disk_bytes"] = disk
-    out["disk_sd_run_bytes"] = sum(v for k, v in disk.items() if k not in MODEL_GROUPS["flux1"] + MODEL_GROUPS["sd3"])
-    out["disk_dit_run_bytes"] = sum(disk[k] for k in MODEL_GROUPS["flux1"] + MODEL_GROUPS["sd3"])
+    dit_files = [n for g in DIT_RUN_GROUPS for n in MODEL_GROUPS[g]]
+    out["disk_sd_run_bytes"] = sum(v for k, v in disk.items() if k not in dit_files)
+    out["disk_dit_run_bytes"] = sum(disk[k] for k in dit_files)
     return out
 
 
@@ -706,7 +865,7 @@ def run_unitune(models: tuple, family: str, dtype_name: str, mode: Mode) -> dict
     overrides = {"steps": mode.train_steps, "seed": 0, **precision_overrides(dtype_name)}
     if family != "sd15":  # SDXL at 1024 px fits consumer cards at batch 1 with checkpointing (the bench's case)
         overrides.update(batch_size=1, gradient_checkpointing=True)
-    if family in DIT_MEMORY_TARGETS_GIB:  # the memory bench's DiT cases: LoRA, its rank
+    if family in DIT_FAMILIES:  # the memory bench's DiT cases: LoRA, its rank
         overrides.update(train="lora", **({"lora_rank": DIT_LORA_RANK[family]} if family in DIT_LORA_RANK else {}))
     if mode.batch_size:
         overrides["batch_size"] = mode.batch_size
@@ -720,7 +879,7 @@ def run_unitune(models: tuple, family: str, dtype_name: str, mode: Mode) -> dict
     del tuned, curve
     return {"steps": len(clock.times), "it_per_s": steps_per_second(clock.times),
             "settings": {**applied, "image": mode.sizes[family]},
-            "memory_target_gib": DIT_MEMORY_TARGETS_GIB.get(family)}
+            "memory_target_gib": DIT_MEMORY_TARGETS_GIB.get(("unitune_finetune", family))}
 
 
 def run_textual_inversion(models: tuple, family: str, dtype_name: str, mode: Mode) -> dict:
@@ -748,12 +907,13 @@ def run_controlnet_zero(models: tuple, family: str, dtype_name: str, mode: Mode)
     from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroCreate, ControlNetZeroTrain
 
     model, clip, vae = models
-    create_args, _ = schema_arguments(ControlNetZeroCreate, {"model": model}, {})
+    create_overrides = {"depth": DIT_CONTROLNET_DEPTH[family]} if family in DIT_CONTROLNET_DEPTH else {}
+    create_args, create_applied = schema_arguments(ControlNetZeroCreate, {"model": model}, create_overrides)
     control_net = ControlNetZeroCreate.execute(**create_args).args[0]
     size = mode.sizes[family]
     overrides = {"steps": mode.train_steps, "resolution": size, "seed": 0, "checkpoint_every": 0,
                  "run_name": f"gpu_check_{family}_{dtype_name}", "resume": False, **precision_overrides(dtype_name)}
-    if family == "sdxl":  # 1024 px, batch 1, 8-bit AdamW where offered (the bench's SDXL case)
+    if family != "sd15":  # 1024 px, batch 1, 8-bit AdamW where offered (the bench's SDXL and Flux.1-dev cases)
         overrides.update(batch_size=1, gradient_checkpointing=True, optimizer="adamw8bit")
     if mode.batch_size:
         overrides["batch_size"] = mode.batch_size
@@ -769,14 +929,63 @@ def run_controlnet_zero(models: tuple, family: str, dtype_name: str, mode: Mode)
         raise RuntimeError("ControlNet-Zero Train returned no CONTROL_NET")
     del trained, curve, control_net
     return {"steps": len(clock.times), "it_per_s": steps_per_second(clock.times),
-            "settings": {**applied, "images": batch}}
+            "settings": {**create_applied, **applied, "images": batch},
+            "memory_target_gib": DIT_MEMORY_TARGETS_GIB.get(("controlnet_zero", family))}
 
 
-TRAINERS: dict[str, Callable[[tuple, str, str, Mode], dict]] = {
+def run_instantstyle_flux(models: tuple, family: str, dtype_name: str, mode: Mode, paths: dict[str, Path],
+                          device: str) -> dict:
+    """InstantStyle Apply (Flux) with the XLabs IP-Adapter (Flux IP-Adapter Loader) and CLIP ViT-L/14 (the stock
+    loader), preset ``all``, then ``mode.train_steps`` Euler steps at the family's size with FluxGuidance 3.5 and
+    the same seed, once without and once with the adapter: the styled sample must differ (the adapter acts), and
+    the styled run's it/s and peak memory are the item's."""
+    import comfy.clip_vision
+    import comfy.utils
+    import folder_paths
+    import node_helpers
+    import nodes
+    import torch
+
+    from frozentune.nodes.instantstyle_nodes import FluxIPAdapterLoader, InstantStyleApplyFlux
+
+    model, clip, _ = models
+    folder_paths.add_model_folder_path("ipadapter", str(paths["flux_ipadapter"].parent))
+    adapter = FluxIPAdapterLoader.execute(paths["flux_ipadapter"].name).args[0]
+    if mode.name == "tiny":  # the stock loader knows only full-size layouts (harness.tiny_flux_ipadapter)
+        vision = comfy.clip_vision.ClipVisionModel(str(_clip_vision_l_config(True)))
+        vision.load_sd(comfy.utils.load_torch_file(str(paths["clip_vision_l"])))
+    else:
+        vision = comfy.clip_vision.load(str(paths["clip_vision_l"]))
+    size = mode.sizes[family]
+    given = dict(model=model, flux_ipadapter=adapter, clip_vision=vision, image=images(1, 224, 5))
+    args, applied = schema_arguments(InstantStyleApplyFlux, given, {"preset": "all"})
+    styled = InstantStyleApplyFlux.execute(**args).args[0]
+    tokens, pooled = clip.encode_from_tokens(clip.tokenize("a lighthouse on a cliff at dusk"), return_pooled=True)
+    positive = node_helpers.conditioning_set_values([[tokens, {"pooled_output": pooled}]], {"guidance": 3.5})
+    negative = [[torch.zeros_like(tokens), {"pooled_output": torch.zeros_like(pooled)}]]
+    latent = torch.zeros(1, 16, size // 8, size // 8)  # EmptySD3LatentImage's (Flux.1: 16 channels, 1/8 size)
+    samples, clock = [], StepClock()
+    for which in (model, styled):
+        if which is styled and device == "cuda":
+            _cuda_counter(reset=True)  # the item's peak: the styled run's
+        with progress_hook(clock if which is styled else StepClock()):
+            samples.append(nodes.common_ksampler(which, 0, mode.train_steps, 1.0, "euler", "simple", positive,
+                                                 negative, {"samples": latent})[0]["samples"].float().cpu())
+    if torch.equal(samples[0], samples[1]):
+        raise RuntimeError("InstantStyle Apply (Flux) left the sample unchanged: the adapter did not act")
+    del styled, vision, adapter
+    return {"steps": len(clock.times), "it_per_s": steps_per_second(clock.times),
+            "settings": {**applied, "image": size, "sampling_steps": mode.train_steps,
+                         "max_abs_change": round(float((samples[1] - samples[0]).abs().max()), 4)}}
+
+
+TRAINERS: dict[str, Callable[..., dict]] = {
     "unitune_finetune": run_unitune,
     "controlnet_zero": run_controlnet_zero,
     "textual_inversion": run_textual_inversion,
+    "instantstyle_flux": run_instantstyle_flux,
 }
+NEEDS_FILES = ("instantstyle_flux",)  # items that also take the built files and the device
 
 
 def release_models(device: str) -> None:
@@ -851,7 +1060,8 @@ def trainer_items(mode: Mode, paths: dict[str, Path], family: str, dtype_name: s
             continue
         item = Item(f"{trainer} {family} {dtype_name}", "trainer")
         if "models" in loaded:
-            run_item(item, functools.partial(fn, loaded["models"], family, dtype_name, mode), device)
+            extra = (paths, device) if trainer in NEEDS_FILES else ()
+            run_item(item, functools.partial(fn, loaded["models"], family, dtype_name, mode, *extra), device)
         else:
             item.error = "not run: the checkpoint did not load"
         items.append(item)
@@ -903,7 +1113,8 @@ def stand_in(folder: str, family: str, paths: dict[str, Path]) -> Path:
 # harness.server.DIT_STAND_INS items (what the tiny e2e stand-in is) -> the ``paths`` name of the file built for
 # them. Items missing here (Flux.1 schnell, a lone CLIP-G) have no full-size stand-in: no example workflow uses them.
 DIT_STAND_IN_FILES = {"flux1": "flux1", "clip_l": "clip_l", "t5xxl": "t5xxl", "vae16": "vae16",
-                      "sd3_checkpoint": "sd3"}
+                      "sd3_checkpoint": "sd3", "flux_ipadapter_xlabs": "flux_ipadapter",
+                      "clip_vision_l": "clip_vision_l"}
 
 
 def prepare_server_base(base: Path, paths: dict[str, Path], tiny: bool) -> Path:
@@ -1087,37 +1298,46 @@ GB = 10**9
 
 
 def disk_lines(report: dict) -> list[str]:
-    """The disk the built files take (limit: 40 GB for the SD run's and ``--dit``'s together)."""
+    """The disk the built files take (limit: 40 GB in the build folder, which both runs share)."""
     disk = report["disk"]
-    lines = [f"Disk: the files built in {disk['folder']} take {disk['built_bytes'] / GB:.1f} GB (both runs' when "
-             f"both ran there; limit {DISK_LIMIT_BYTES / GB:.0f} GB)."]
-    layouts = report.get("full_size_layouts")
-    if layouts:  # the dry run: what the GPU runs would write, from the full-size layouts on the meta device
-        sd, dit = layouts["disk_sd_run_bytes"], layouts["disk_dit_run_bytes"]
-        files = ", ".join(f"{k} {layouts['disk_bytes'][k] / GB:.2f}" for k in MODEL_GROUPS["flux1"] + ("sd3",))
-        lines.append(f"At full size: the SD run writes {sd / GB:.1f} GB, --dit {dit / GB:.1f} GB ({files}), "
-                     f"together {(sd + dit) / GB:.1f} GB (limit {DISK_LIMIT_BYTES / GB:.0f} GB).")
+    lines = [f"Disk: the files built in {disk['folder']} take {disk['built_bytes'] / GB:.1f} GB (limit "
+             f"{DISK_LIMIT_BYTES / GB:.0f} GB)."]
+    if disk.get("removed"):
+        lines[0] += f" Removed first, the other run's cached files: {', '.join(disk['removed'])}."
+    # the dry run: what the GPU runs would write, from the full-size layouts on the meta device; a GPU run: the same
+    # figures (FULL_SIZE_BYTES, which the dry-run test checks against those layouts)
+    layouts = report.get("full_size_layouts") or {"disk_bytes": FULL_SIZE_BYTES}
+    sizes = layouts["disk_bytes"]
+    sd = sum(sizes[n] for g in SD_RUN_GROUPS for n in MODEL_GROUPS[g])
+    dit = sum(sizes[n] for g in DIT_RUN_GROUPS for n in MODEL_GROUPS[g])
+    files = ", ".join(f"{k} {sizes[k] / GB:.2f}" for g in DIT_RUN_GROUPS for k in MODEL_GROUPS[g])
+    both = (f"together {(sd + dit) / GB:.1f} GB, over the limit: a run first removes the other run's cached files, "
+            f"so the folder holds at most {max(sd, dit) / GB:.1f} GB" if sd + dit > DISK_LIMIT_BYTES
+            else f"together {(sd + dit) / GB:.1f} GB")
+    lines.append(f"At full size: the SD run writes {sd / GB:.1f} GB, the DiT run {dit / GB:.1f} GB ({files}); {both} "
+                 f"(limit {DISK_LIMIT_BYTES / GB:.0f} GB).")
     return lines
 
 
 # bench/memory_bench.py --full's figures for the same cases (FakeTensorMode, bench/README.md), beside the measured
-DIT_MEMORY_BENCH_GIB = {"flux1": 13.963, "sd3": 9.513}
+DIT_MEMORY_BENCH_GIB = {("unitune_finetune", "flux1"): 13.963, ("unitune_finetune", "sd3"): 9.513,
+                        ("controlnet_zero", "flux1"): 18.728}
 
 
 def dit_lines(report: dict) -> list[str]:
-    """The DiT part of report.md: UniTune LoRA's s/step and peak memory against the memory bench's targets, and
-    the time estimates the ``--dit`` run was planned with."""
-    lines = ["UniTune LoRA on the DiTs (1024 px at full size, batch 1, fp8 weights, bf16, checkpointing; "
-             "memory bench targets and its FakeTensorMode figure):", ""]
+    """The DiT part of report.md: UniTune LoRA's and ControlNet-Zero Flux.1's s/step and peak memory against the
+    memory bench's targets, and the time estimates the ``--dit`` run was planned with."""
+    lines = ["UniTune LoRA and ControlNet-Zero (Flux.1: 2 double blocks, 8-bit AdamW) on the DiTs (1024 px at full "
+             "size, batch 1, fp8 weights, bf16, checkpointing; memory bench targets and its FakeTensorMode figure):", ""]
     for it in report["items"]:
         if it["kind"] != "trainer" or not it.get("memory_target_gib"):
             continue
-        family = it["name"].split(" ")[1]
+        trainer, family = it["name"].split(" ")[:2]
         step = f"{1 / it['it_per_s']:.2f} s/step" if it["it_per_s"] else "s/step -"
         peak = it["max_memory_allocated"]
         verdict = "-" if peak is None else ("met" if peak <= it["memory_target_gib"] * 2**30 else "**over**")
         lines.append(f"- {it['name']}: {step}, peak {_gib(peak)} against ≤ {it['memory_target_gib']:g} GiB "
-                     f"({verdict}; memory bench {DIT_MEMORY_BENCH_GIB[family]} GiB)")
+                     f"({verdict}; memory bench {DIT_MEMORY_BENCH_GIB[(trainer, family)]} GiB)")
     total = sum(s for _, s in DIT_ESTIMATES)
     lines += ["", f"Planned (estimates for --dit on one H100, before any GPU ran it; {total} s of "
               f"{BUDGET_SECONDS} s):", ""]
@@ -1197,7 +1417,8 @@ def main(argv: list[str] | None = None) -> int:
     folder_paths.add_model_folder_path("embeddings", str(build / "run" / "embeddings"), is_default=True)
 
     start = time.perf_counter()
-    paths = build_models(mode, build, args.device, needs)
+    removed: list[Path] = []
+    paths = build_models(mode, build, args.device, needs, removed)
     build_seconds = time.perf_counter() - start
     items = []
     if args.only in ("all", "trainers"):
@@ -1208,7 +1429,8 @@ def main(argv: list[str] | None = None) -> int:
         "mode": mode.name, "quick": args.quick, "dit": args.dit, "environment": environment(args.device),
         "unet_parameters": {f: unet_parameters(paths[f], UNET_PREFIX[f]) for f in (*FAMILIES, *DIT_FAMILIES)
                             if paths[f].exists()},
-        "disk": {"folder": str(build), "built_bytes": sum(p.stat().st_size for p in build.glob("*.safetensors"))},
+        "disk": {"folder": str(build), "built_bytes": sum(p.stat().st_size for p in build.glob("*.safetensors")),
+                 "removed": [p.name for p in removed]},
         "full_size_layouts": full_size_layouts() if mode.name == "tiny" else None,
         "build_seconds": round(build_seconds, 1), "seconds": round(time.perf_counter() - start, 1),
         "passed": sum(i.passed for i in items), "items": [asdict(i) for i in items],

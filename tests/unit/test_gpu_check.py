@@ -8,8 +8,9 @@
   with the probe, and the report is written. ``make test`` runs one load (SD1.5 in fp16) and one
   workflow; the whole dry run (every load, every workflow) is marked ``long``.
 - ``--dit`` the same for Flux.1-dev and SD3.5 (tiny DiTs, fp8 weight storage computing in bf16, through the stock
-  loaders): ``make test`` runs the Flux.1 load with its trainers and the SD3.5 workflow, the whole ``--dit`` dry
-  run is ``long``; the full-size DiT layouts (stock detection, parameters, disk) are checked on the meta device.
+  loaders): ``make test`` runs the Flux.1 load with its items (UniTune, ControlNet-Zero, Textual Inversion,
+  InstantStyle Apply (Flux) + sampling) and the SD3.5 workflow, the whole ``--dit`` dry run is ``long``; the
+  full-size DiT layouts (stock detection, parameters, disk) are checked on the meta device.
 - The pure helpers (schema arguments, step rates, per-item failure capture, step caps) on fakes.
 
 The script is run as a subprocess, as ``make gpu-check`` runs it, so ComfyUI is never imported here.
@@ -30,6 +31,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "gpu_check.py"
+
+
+def _script():
+    """The script as a module (its top level imports no ComfyUI)."""
+    spec = importlib.util.spec_from_file_location("gpu_check_constants", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +175,9 @@ def test_an_unknown_workflow_name_is_refused(gpu_check):
     assert [p.stem for p in gpu_check.workflow_files(list(DRY_RUN_WORKFLOWS))] == list(DRY_RUN_WORKFLOWS)
 
 
-DIT_WORKFLOWS = ("UniTune - edit a photo with a prompt (Flux.1 dev)", "UniTune - edit a photo with a prompt (SD3.5)")
+DIT_WORKFLOWS = ("UniTune - edit a photo with a prompt (Flux.1 dev)", "UniTune - edit a photo with a prompt (SD3.5)",
+                 "ControlNet-Zero - train a ControlNet on a folder (Flux.1 dev)",
+                 "InstantStyle - style transfer from an image (Flux.1 dev)")
 
 
 def test_the_sd_run_takes_the_sd_workflows_and_dit_the_flux_and_sd35_ones_and_none_is_left_out(gpu_check):
@@ -182,11 +197,15 @@ def test_a_run_builds_only_the_models_its_loads_and_workflows_use(gpu_check):
 
     assert needs([("sd15", "fp16")], DRY_RUN_WORKFLOWS) == {"sd15"}
     assert needs([], ["InstantStyle - style transfer from an image (SDXL)"]) == {"sdxl", "stand_ins"}
-    assert needs([("flux1", "bf16")], [DIT_WORKFLOWS[1]]) == {"flux1", "sd3"}
+    # the Flux.1 load runs InstantStyle Apply (Flux): the XLabs adapter and CLIP ViT-L are built with it
+    assert needs([("flux1", "bf16")], [DIT_WORKFLOWS[1]]) == {"flux1", "flux_style", "sd3"}
+    assert needs([("sd3", "bf16")], [DIT_WORKFLOWS[1]]) == {"sd3"}
+    assert needs([], ["InstantStyle - style transfer from an image (Flux.1 dev)"]) == {"flux1", "flux_style"}
+    assert needs([], ["ControlNet-Zero - train a ControlNet on a folder (Flux.1 dev)"]) == {"flux1"}
     sd_run = needs(gpu_check.parse_loads(""), [p.stem for p in gpu_check.workflow_files()])
     assert sd_run == {"sd15", "sdxl", "stand_ins"}
     dit_run = needs(gpu_check.parse_loads("", dit=True), [p.stem for p in gpu_check.workflow_files(dit=True)])
-    assert dit_run == {"flux1", "sd3"}
+    assert dit_run == {"flux1", "flux_style", "sd3"}
 
 
 def test_every_model_name_the_dit_workflows_use_has_a_built_stand_in(gpu_check):
@@ -200,8 +219,10 @@ def test_every_model_name_the_dit_workflows_use_has_a_built_stand_in(gpu_check):
         family = gpu_check.WORKFLOW_BASES[gpu_check.workflow_base(path)]
         used = [(name, item) for names in DIT_STAND_INS.values() for name, item in names.items() if name in text]
         assert used, stem
+        built = {n for group in gpu_check.model_needs([], [path]) for n in gpu_check.MODEL_GROUPS[group]}
+        assert family in gpu_check.model_needs([], [path])
         for name, item in used:
-            assert gpu_check.DIT_STAND_IN_FILES.get(item) in gpu_check.MODEL_GROUPS[family], (stem, name, item)
+            assert gpu_check.DIT_STAND_IN_FILES.get(item) in built, (stem, name, item)
 
 
 def test_the_offline_bundle_keeps_the_t5_tokenizer_the_dit_items_need(tmp_path):
@@ -245,15 +266,23 @@ def _item(name: str, peak_gib: float | None, target: float | None, it_per_s: flo
 
 def test_the_report_compares_dit_peak_memory_with_the_memory_bench_targets(gpu_check, tmp_path):
     items = [_item("unitune_finetune flux1 bf16", 13.5, 16.0), _item("unitune_finetune sd3 bf16", 12.5, 12.0, 1.25),
-             _item("textual_inversion flux1 bf16", 20.0, None)]
-    gpu_check.write_report(tmp_path, _report(items))
+             _item("textual_inversion flux1 bf16", 20.0, None), _item("controlnet_zero flux1 bf16", 19.5, 20.0, 0.4),
+             _item("controlnet_zero sd3 bf16", 40.0, None)]
+    gpu_check.write_report(tmp_path, _report(items, disk={"folder": "/b/full", "built_bytes": 23 * 10**9,
+                                                          "removed": ["gpu_check_full_sdxl_v1.safetensors"]}))
     md = (tmp_path / "report.md").read_text()
     assert "target: under 600s on one H100, --dit" in md
     assert "| unitune_finetune flux1 bf16 | pass | 9.0 | 0.50 | 13.50 GiB (target ≤ 16) |" in md
     assert "- unitune_finetune flux1 bf16: 2.00 s/step, peak 13.50 GiB against ≤ 16 GiB (met; memory bench" in md
     assert "- unitune_finetune sd3 bf16: 0.80 s/step, peak 12.50 GiB against ≤ 12 GiB (**over**;" in md
-    assert "textual_inversion flux1 bf16:" not in md, "no target: not in the memory lines"
+    assert ("- controlnet_zero flux1 bf16: 2.50 s/step, peak 19.50 GiB against ≤ 20 GiB (met; memory bench "
+            "18.728 GiB)") in md
+    assert "textual_inversion flux1 bf16:" not in md and "controlnet_zero sd3 bf16:" not in md, \
+        "no target: not in the memory lines"
     assert "Disk: the files built in /b/full take 23.0 GB" in md and "limit 40 GB" in md
+    assert "Removed first, the other run's cached files: gpu_check_full_sdxl_v1.safetensors." in md
+    # a GPU run prints the full-size sums too (FULL_SIZE_BYTES, checked against the layouts by the dry run)
+    assert "the SD run writes 16.0 GB, the DiT run 24.5 GB" in md and "together 40.5 GB, over the limit" in md
     total = sum(s for _, s in gpu_check.DIT_ESTIMATES)
     assert f"{total} s of 600 s" in md and total < gpu_check.BUDGET_SECONDS
     assert all(what in md for what, _ in gpu_check.DIT_ESTIMATES)
@@ -265,6 +294,32 @@ def test_the_sd_report_has_no_dit_part(gpu_check, tmp_path):
     assert "memory bench" not in md and "Planned" not in md and "--dit" not in md
 
 
+def _built(folder: Path, gpu_check, names: list[str], size: int) -> dict[str, Path]:
+    paths = {n: folder / f"gpu_check_full_{n}_v1.safetensors" for g in gpu_check.MODEL_GROUPS.values() for n in g}
+    for name in names:
+        paths[name].write_bytes(b"x" * size)
+    return paths
+
+
+def test_a_run_removes_the_other_runs_cached_files_only_when_both_exceed_the_disk_limit(gpu_check, tmp_path,
+                                                                                       monkeypatch):
+    sd_files = [n for g in gpu_check.SD_RUN_GROUPS for n in gpu_check.MODEL_GROUPS[g]]
+    dit_needs = set(gpu_check.DIT_RUN_GROUPS)
+    monkeypatch.setattr(gpu_check, "FULL_SIZE_BYTES", {n: 100 for n in gpu_check.FULL_SIZE_BYTES})
+    paths = _built(tmp_path, gpu_check, sd_files, 100)
+    monkeypatch.setattr(gpu_check, "DISK_LIMIT_BYTES", 100 * (len(sd_files) + 7))  # exactly both runs
+    assert gpu_check.prune_other_run(paths, dit_needs) == [] and all(paths[n].exists() for n in sd_files)
+    monkeypatch.setattr(gpu_check, "DISK_LIMIT_BYTES", 100 * (len(sd_files) + 6))
+    removed = gpu_check.prune_other_run(paths, dit_needs)
+    assert sorted(removed) == sorted(paths[n] for n in sd_files) and not any(p.exists() for p in removed)
+    # the reverse, and never a file the run itself uses (a run mixing both kinds of loads keeps both)
+    paths = _built(tmp_path, gpu_check, ["flux1", "sd3", "clip_l", "sd15"], 100)
+    monkeypatch.setattr(gpu_check, "DISK_LIMIT_BYTES", 100)
+    assert set(gpu_check.prune_other_run(paths, {"sd15"})) == {paths["flux1"], paths["sd3"], paths["clip_l"]}
+    paths = _built(tmp_path, gpu_check, ["flux1", "sd15"], 100)
+    assert gpu_check.prune_other_run(paths, {"sd15", "flux1"}) == [] and paths["flux1"].exists()
+
+
 def test_a_bad_loads_value_fails_before_any_work(tmp_path):
     done = _run("--device", "cpu", "--tiny", "--out", str(tmp_path / "report"), "--loads", "sd21:bf16")
     assert done.returncode != 0 and "unknown --loads sd21:bf16" in done.stderr, done.stderr
@@ -273,7 +328,11 @@ def test_a_bad_loads_value_fails_before_any_work(tmp_path):
 
 # what each family's load runs (bench/gpu_check.py FAMILY_TRAINERS), as the report must list them
 SD_TRAINERS = ("unitune_finetune", "controlnet_zero")
-DIT_TRAINERS = ("unitune_finetune", "textual_inversion")
+DIT_TRAINERS = {"flux1": ("unitune_finetune", "controlnet_zero", "textual_inversion", "instantstyle_flux"),
+                "sd3": ("unitune_finetune", "controlnet_zero", "textual_inversion")}
+# bench/memory_bench.py --full's targets for the DiT items that have one
+DIT_TARGETS = {("unitune_finetune", "flux1"): 16.0, ("unitune_finetune", "sd3"): 12.0,
+               ("controlnet_zero", "flux1"): 20.0}
 
 
 def dry_run(out: Path, loads: list[str], workflows: list[str], quick: dict | None = None,
@@ -305,8 +364,7 @@ def dry_run(out: Path, loads: list[str], workflows: list[str], quick: dict | Non
     bases = ("(Flux.1 dev)", "(SD3.5)") if dit else ("(SD1.5)", "(SDXL)")  # the bases of the run
     workflows = workflows or [p.stem for p in sorted((REPO / "workflows").glob("*.json"))  # the script's order
                               if p.stem.endswith(bases)]
-    trainers = {f"{family}:{dtype}": DIT_TRAINERS if family in ("flux1", "sd3") else SD_TRAINERS
-                for family, dtype in loads} | (quick or {})
+    trainers = {f"{family}:{dtype}": DIT_TRAINERS.get(family, SD_TRAINERS) for family, dtype in loads} | (quick or {})
     expected = [f"{kind} {family} {dtype}" for family, dtype in loads
                 for kind in ("load", *trainers[f"{family}:{dtype}"])]
     assert names == expected + [f"workflow {w}" for w in workflows]
@@ -319,16 +377,24 @@ def dry_run(out: Path, loads: list[str], workflows: list[str], quick: dict | Non
         for trainer in trainers[f"{family}:{dtype}"]:
             item = by_name[f"{trainer} {family} {dtype}"]
             assert item["steps"] == 2 and item["it_per_s"] > 0, item
-            assert item["settings"]["steps"] == 2
+            assert item["settings"].get("steps", item["settings"].get("sampling_steps")) == 2
             assert item["max_memory_allocated"] is None  # CPU: no CUDA counter
-            if dit_load:  # the memory bench's cases: batch 1, checkpointing; UniTune LoRA (Flux: rank 16)
+            if dit_load and trainer != "instantstyle_flux":  # the memory bench's cases: batch 1, checkpointing
                 assert item["settings"]["batch_size"] == 1 and item["settings"]["gradient_checkpointing"] is True
-                assert item["memory_target_gib"] == ({"flux1": 16.0, "sd3": 12.0}[family]
-                                                     if trainer == "unitune_finetune" else None)
+            if dit_load:
+                assert item["memory_target_gib"] == DIT_TARGETS.get((trainer, family)), item
         if dit_load:
             tuned = by_name[f"unitune_finetune {family} {dtype}"]["settings"]
             assert tuned["train"] == "lora" and tuned.get("lora_rank") == ({"flux1": 16}.get(family)), tuned
             assert f"{family}:{dtype}" not in (quick or {})
+            # ControlNet-Zero on the DiTs: 8-bit AdamW at the family's 64 px (1024 at full size); Flux.1's Create
+            # copies 2 double blocks (the memory bench's case), SD3.5's takes the node's default depth
+            control = by_name[f"controlnet_zero {family} {dtype}"]["settings"]
+            assert control["optimizer"] == "adamw8bit" and control["resolution"] == 64, control
+            assert control.get("depth") == {"flux1": 2}.get(family), control
+        if family == "flux1":  # InstantStyle Apply (Flux), preset all: the styled sample differs from the plain one
+            styled = by_name[f"instantstyle_flux {family} {dtype}"]["settings"]
+            assert styled["preset"] == "all" and styled["max_abs_change"] > 0, styled
         if family == "sdxl":  # the SDXL case: 8-bit AdamW where the node offers it, checkpointing
             sdxl = {t: by_name[f"{t} {family} {dtype}"]["settings"] for t in trainers[f"{family}:{dtype}"]}
             assert sdxl.get("controlnet_zero", {"optimizer": "adamw8bit"})["optimizer"] == "adamw8bit"
@@ -349,10 +415,24 @@ def dry_run(out: Path, loads: list[str], workflows: list[str], quick: dict | Non
     assert layouts["flux1_parameters"] == 11_901_408_320 and 8.0e9 < layouts["sd3_parameters"] < 8.1e9
     assert layouts["clip_l_parameters"] == 123_650_304 and layouts["t5xxl_layers"] == 1
     assert layouts["disk_bytes"]["flux1"] == layouts["flux1_parameters"], "fp8: one byte per weight"
-    assert layouts["disk_sd_run_bytes"] + layouts["disk_dit_run_bytes"] < 40 * 10**9, "issue 21: disk under 40 GB"
+    # InstantStyle on Flux.1: XLabs' adapter (19 double blocks, Linear(4096 -> 3072) k/v, 768 -> 4 x 4096 tokens) in
+    # bf16 as published (0.98 GB); CLIP ViT-L/14 vision (24 layers, 303.97M with its projection) in fp16
+    assert layouts["flux_ipadapter_double_blocks"] == 19 and layouts["flux_ipadapter_parameters"] == 490_874_880
+    assert layouts["clip_vision_l_layers"] == 24 and layouts["clip_vision_l_parameters"] == 303_966_208
+    assert layouts["clip_vision_l_positions"] == 257, "the stock CLIPVisionLoader's ViT-L/14 (224 px), not 336"
+    assert layouts["flux_ipadapter_read_as"] == ("flux-ip-adapter.safetensors: XLabs Flux IP-Adapter, 3072-wide, 2 "
+                                                 "double blocks, CLIP ViT-L/14 image_embeds (768-d)")
+    assert layouts["disk_bytes"]["flux_ipadapter"] == 2 * layouts["flux_ipadapter_parameters"]
+    assert layouts["disk_bytes"]["ipadapter"] < 0.71e9, "the SDXL IP-Adapter in fp16, as ip-adapter_sdxl is"
+    # issue 21: under 40 GB in the build folder; both runs' files together are over it, so a run removes the other's
+    # first (prune_other_run), planning with FULL_SIZE_BYTES: the layouts' own figures
+    assert layouts["disk_bytes"] == _script().FULL_SIZE_BYTES
+    assert max(layouts["disk_sd_run_bytes"], layouts["disk_dit_run_bytes"]) < 40 * 10**9
     md = (out / "report.md").read_text()
     assert all(n in md for n in names) and "**FAIL**" not in md
     assert "At full size: the SD run writes" in md
+    assert (layouts["disk_sd_run_bytes"] + layouts["disk_dit_run_bytes"] <= 40 * 10**9) == \
+        ("a run first removes the other run's cached files" not in md)
     assert (report["dit"] and "memory bench" in md) or not dit
     return by_name
 
@@ -395,15 +475,16 @@ def test_cpu_dry_run_of_quick_runs_one_trainer_per_family_and_one_workflow(gpu_c
 
 @pytest.mark.slow
 def test_cpu_dry_run_of_the_flux_load_and_the_sd35_workflow(tmp_path):
-    """``--dit`` in ``make test``: Flux.1-dev through the stock UNETLoader (fp8) with UniTune and Textual Inversion,
-    and the SD3.5 workflow through the server (its checkpoint built too); only the DiT files are built."""
+    """``--dit`` in ``make test``: Flux.1-dev through the stock UNETLoader (fp8) with UniTune, ControlNet-Zero,
+    Textual Inversion and InstantStyle Apply (Flux), and the SD3.5 workflow through the server (its checkpoint built
+    too); only the DiT files are built (with the XLabs adapter and CLIP ViT-L the InstantStyle item uses)."""
     by_name = dry_run(tmp_path / "gpu_check", ["flux1:bf16"], [DIT_WORKFLOWS[1]], dit=True,
                       build=tmp_path / "models")
     capped = by_name[f"workflow {DIT_WORKFLOWS[1]}"]["settings"]
     assert [v for k, v in capped.items() if k.endswith("FrozenTuneUniTuneFineTune.steps")] == ["16 -> 2"], capped
     built = sorted(p.name.rsplit("_v", 1)[0].removeprefix("gpu_check_tiny_")
                    for p in (tmp_path / "models" / "tiny").glob("*.safetensors"))
-    assert built == ["clip_l", "flux1", "sd3", "t5xxl", "vae16"], built
+    assert built == ["clip_l", "clip_vision_l", "flux1", "flux_ipadapter", "sd3", "t5xxl", "vae16"], built
     words = [p.name for p in (tmp_path / "models" / "tiny" / "run" / "embeddings").glob("*.safetensors")]
     assert words == ["gpu_check_flux1_bf16.safetensors"], words
 
