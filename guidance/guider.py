@@ -20,7 +20,8 @@ guider adds what UniTune editing needs on top of it:
   is not evaluated at all and the step is exactly stock CFG;
 - guidance rescale (φ, as in CFG-rescale) applied to the combined prediction;
 - the positive prompt's ControlNet is given to a baseline that has none, so structure guidance
-  applies to all three terms and they stay in one batch.
+  applies to all three terms and they stay in one batch; likewise its reference latents (the image an
+  edit model such as Qwen-Image Edit reads).
 
 Model hooks that assume plain CFG (``sampler_pre_cfg_function``: stock APG, LatentApplyOperationCFG,
 TCFG, FreSca...) get exactly what stock ``CFGGuider`` hands them: ``conds`` [positive, negative],
@@ -85,6 +86,16 @@ def with_positive_guidance(baseline: list, positive: list) -> list:
     return _from_positive(baseline, positive, "guidance")
 
 
+def with_positive_reference(baseline: list, positive: list) -> list:
+    """The baseline conditioning, given the positive's reference latents where it has none (copies, never mutates).
+
+    Edit models (Qwen-Image Edit, Flux Kontext) read the image to edit from each conditioning's
+    ``reference_latents`` (the ReferenceLatent / TextEncodeQwenImageEdit nodes set them). A baseline encoded
+    without them would be predicted without the image, and the pg term would measure that as well as the prompts'.
+    """
+    return _from_positive(baseline, positive, "reference_latents")
+
+
 def rescale_guidance(denoised: torch.Tensor, positive: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor,
                      phi: float) -> torch.Tensor:
     """CFG-rescale (Lin et al. 2023) of a combined prediction, done on v-prediction as stock RescaleCFG does.
@@ -117,8 +128,9 @@ class PromptGuidanceGuider(comfy.samplers.CFGGuider):
         self.cfg, self.pg, self.pg_start, self.pg_end, self.rescale = cfg, pg, pg_start, pg_end, rescale
 
     def set_conds(self, positive: list, negative: list, baseline: list) -> None:
+        baseline = with_positive_reference(with_positive_control(baseline, positive), positive)
         self.inner_set_conds({"positive": positive, "negative": negative,
-                              "baseline": with_positive_guidance(with_positive_control(baseline, positive), positive)})
+                              "baseline": with_positive_guidance(baseline, positive)})
 
     def pg_at(self, sigma: float) -> float:
         """The prompt-guidance scale at this sigma: ``pg`` inside the window, else 0."""

@@ -79,16 +79,16 @@ class TextualInversionTrain(io.ComfyNode):
             is_output_node=True,
             description=(
                 "Learns a new word for the concept in the images (textual inversion): a few vectors per text "
-                "encoder (SD1.5, SDXL, Flux.1 dev/schnell, SD3/SD3.5), while the text encoder(s) and the UNet or "
+                "encoder (SD1.5, SDXL, Flux.1 dev/schnell, SD3/SD3.5, Chroma), while the text encoder(s) and the UNet or "
                 "DiT stay frozen and unchanged. Saves them to models/embeddings/ in the layout the stock loader "
                 "reads, so any prompt can use 'embedding:name' in the stock CLIPTextEncode."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The base model: SD1.5, SDXL family, Flux.1 dev/schnell or "
-                               "SD3/SD3.5. It is not modified."),
+                io.Model.Input("model", tooltip="The base model: SD1.5, SDXL family, Flux.1 dev/schnell, "
+                               "SD3/SD3.5 or Chroma. It is not modified."),
                 io.Clip.Input("clip", tooltip="The model's text encoder(s), not modified. Vectors are trained for each: "
                               "CLIP-L (SD1.5); CLIP-L + CLIP-G (SDXL); CLIP-L + T5 (Flux.1, where T5 carries the "
-                              "word); CLIP-L + CLIP-G + T5 or the ones present (SD3)."),
+                              "word); CLIP-L + CLIP-G + T5 or the ones present (SD3); T5 (Chroma)."),
                 io.Vae.Input("vae", tooltip="The model's VAE, used once to encode the images."),
                 io.Image.Input("image", optional=True, tooltip="One or several views of the concept, all the same "
                                "size (a batch). Or leave it unconnected and set folder."),

@@ -95,8 +95,8 @@ class UniTuneFineTune(io.ComfyNode):
                 "images of one subject (same size) train DreamBooth-style."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The base model (SD1.5, SDXL family, Flux.1 dev/schnell or SD3/SD3.5). "
-                               "It is not modified."),
+                io.Model.Input("model", tooltip="The base model (SD1.5, SDXL family, Flux.1 dev/schnell, SD3/SD3.5, "
+                               "Qwen-Image, Z-Image or Chroma). It is not modified."),
                 io.Clip.Input("clip", tooltip="The model's text encoder, used once to encode the training caption."),
                 io.Vae.Input("vae", tooltip="The model's VAE, used once to encode the image."),
                 io.Image.Input("image", tooltip="The image to bind to the token. A batch of several views of the "

@@ -109,7 +109,8 @@ class Trainer:
         training one (current weights, training autocast).
         """
         h, w = preview.latent_size(self.x0.shape[-2] * 8, self.x0.shape[-1] * 8)
-        noise = previews.fixed_noise((1, self.x0.shape[1], h, w), preview.seed, self.device, torch.float32)
+        # the latents' own layout at the preview's size ([1, C, h, w]; Qwen-Image's Wan-2.1 latents [1, C, 1, h, w])
+        noise = previews.fixed_noise((1, *self.x0.shape[1:-2], h, w), preview.seed, self.device, torch.float32)
         conds = self.preview_conds(noise)
         ms = self.twin.model_sampling
 

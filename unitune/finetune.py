@@ -4,8 +4,8 @@ The base model is never touched and never copied: training runs on a ``training.
 of the base's ``BaseModel`` (its weights alias the base's live, patched weights in their load dtype,
 cast to the compute dtype at each use). Only what trains is fp32: LoRA factors (``lora``), master
 copies of the attention weights (``attention``) or of every weight (``full``); which layers each mode
-trains is the family's (``families.train_targets``: SD1.x/SDXL attention; Flux.1 and SD3 attention and
-MLP projections of every transformer block). What remains is a
+trains is the family's (``families.train_targets``: SD1.x/SDXL attention; the DiTs (Flux.1, SD3, Qwen-Image,
+Z-Image, Chroma) attention and MLP projections of every transformer block). What remains is a
 set of weight patches in ComfyUI's LoRA key format (``.diff`` deltas for ``full`` and ``attention``,
 ``lora_up``/``lora_down`` factors for ``lora``). The tuned MODEL is the base's ``clone()`` carrying
 those patches, so saving it, loading it back and the stock LoraLoader all read the same tensors.

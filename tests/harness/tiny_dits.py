@@ -1,4 +1,4 @@
-"""Tiny random flow-matching DiTs (Flux.1 dev, Flux.1 schnell, SD3) that ComfyUI's stock loaders read.
+"""Tiny random flow-matching DiTs (Flux.1 dev, Flux.1 schnell, SD3; Chroma) that ComfyUI's stock loaders read.
 
 No weights can be downloaded here, so tests build these on demand and cache them under
 ``build/tiny_models/dits/`` (``FROZENTUNE_TINY_DIR`` moves ``build/tiny_models``), one folder per
@@ -24,6 +24,9 @@ in all, and build in seconds. Random weights prove plumbing, maths and learning 
   makes the stock loader nodes (DualCLIPLoader, CheckpointLoaderSimple, ...) pass them, for those files only.
 - ``checkpoint_path("sd3")``: the tiny SD3, VAE and CLIP-L + CLIP-G in one checkpoint, as ComfyUI's SD3.5
   templates load SD3.5 (CheckpointLoaderSimple).
+- Chroma (issue 24; not in ``FAMILIES``, see ``harness.tiny_dits2``): recipe "chroma", Flux's blocks under the same
+  shim; its CLIP is ComfyUI's PixArt-T5 tokenizer and encoder on the tiny T5 (``load_clip`` builds it: the stock
+  loader reads a T5 this narrow as T5-base).
 - ``real_width_flux_one_block()``: a Flux.1-dev at the real width (hidden 3072, 1 double + 1 single
   block, ~531M parameters, 1 GB bf16) that the stock detection reads without the shim (``long`` tests).
 
@@ -81,10 +84,20 @@ _SD3_UNET = {
 CLIP_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2}
 T5_CONFIG = {"d_model": 64, "d_ff": 128, "d_kv": 32, "num_heads": 2, "num_layers": 2}
 # What ``encode`` gives per family: (context width, pooled width); the context length is 256 (Flux T5) / 77.
-COND_WIDTHS = {"flux1": (64, 64), "flux1_schnell": (64, 64), "sd3": (4096, 128)}
+COND_WIDTHS = {"flux1": (64, 64), "flux1_schnell": (64, 64), "sd3": (4096, 128), "chroma": (64, None)}
 # The model_options each tiny text-encoder file needs (written into its TE_OPTIONS_KEY metadata).
 TE_FILE_OPTIONS = {"clip_l": {"model_config": CLIP_CONFIG}, "clip_g": {"model_config": CLIP_CONFIG},
                    "t5xxl": {"t5xxl_model_config": T5_CONFIG}}
+
+# Chroma (issue 24): Flux's blocks with modulation=False, fed by distilled_guidance_layer (an Approximator whose
+# input is 16 timestep + 16 guidance + 32 modulation-index features, so in_dim 64, and whose output is the
+# hidden width); img_in takes the 2x2-patchified latent (in_channels 64). Its detection is Flux's (hidden 3072,
+# 24 heads), so it rides the same CONFIG_KEY shim; ComfyUI's config matching classes it Chroma.
+_CHROMA_UNET = {
+    "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 64, "hidden_size": 64,
+    "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 10000,
+    "qkv_bias": True, "patch_size": 2, "in_dim": 64, "out_dim": 64, "hidden_dim": 32, "n_layers": 2,
+}
 
 REAL_FLUX_UNET = {
     **_FLUX_UNET, "hidden_size": 3072, "num_heads": 24, "axes_dim": [16, 56, 56], "vec_in_dim": 768,
@@ -113,6 +126,8 @@ RECIPES = {r.family: r for r in (
     DiTRecipe("flux1_schnell", "FluxSchnell", {**_FLUX_UNET, "guidance_embed": False}, True,
               ("clip_l", "t5xxl"), "FLUX"),
     DiTRecipe("sd3", "SD3", _SD3_UNET, False, ("clip_l", "clip_g"), "SD3"),
+    # Not in FAMILIES (the issue-22 set that build_all and the loader tests walk); tiny_dits2 has the issue-24 ones.
+    DiTRecipe("chroma", "Chroma", _CHROMA_UNET, True, ("t5xxl",), "CHROMA"),
 )}
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5xxl")
 VAE_FILENAME = f"frozentune_tiny_vae16_v{RECIPE_VERSION}.safetensors"
@@ -479,10 +494,34 @@ def load_clip(family: str, embedding_directory: list[str] | str | None = None):
     recipe = RECIPES[family]
     if embedding_directory is None:
         embedding_directory = folder_paths.get_folder_paths("embeddings")
+    if recipe.clip_type == "CHROMA":
+        return _chroma_clip(embedding_directory)
     paths = [str(text_encoder_path(n)) for n in recipe.text_encoders]
     return comfy.sd.load_clip(paths, embedding_directory=embedding_directory,
                               clip_type=getattr(comfy.sd.CLIPType, recipe.clip_type),
                               model_options=text_encoder_options(family))
+
+
+def _chroma_clip(embedding_directory):
+    """Chroma's CLIP (ComfyUI's PixArt T5 tokenizer and text encoder, what CLIPLoader type "chroma" builds) on the
+    tiny T5. The stock loader cannot take it: ``detect_te_model`` reads a T5 this narrow as T5-base, and only a
+    T5-XXL is routed to Chroma's encoder; so the ``comfy.sd.CLIP`` is built as ``load_text_encoder_state_dicts``
+    builds it for a T5-XXL, with the tiny width in ``model_options``."""
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.pixart_t5
+    import comfy.utils
+
+    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.pixart_t5.PixArtTokenizer,
+                                                    comfy.text_encoders.pixart_t5.pixart_te())
+    sd = comfy.utils.load_torch_file(str(text_encoder_path("t5xxl")), safe_load=True)
+    clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory,
+                         parameters=comfy.utils.calculate_parameters(sd),
+                         model_options={"t5xxl_model_config": dict(T5_CONFIG)})
+    missing, _ = clip.load_sd(sd)
+    if missing:
+        raise RuntimeError(f"tiny Chroma T5: missing {missing[:3]}")
+    return clip
 
 
 def load_vae():

@@ -162,7 +162,7 @@ def test_config_matching_picks_the_classes_the_table_lists(pack, comfy_root):
 
 
 @pytest.mark.parametrize(("config_class", "config", "label"), [
-    ("QwenImage", {"image_model": "qwen_image"}, "Qwen-Image"), ("Lumina2", {"image_model": "lumina2"}, "Lumina 2"),
+    ("Lumina2", {"image_model": "lumina2"}, "Lumina 2"),
     ("FluxInpaint", dict(FLUX_TINY, in_channels=96), "Flux.1 Fill"), ("SDXLRefiner", SDXL_CONFIG, "SDXL Refiner"),
     ("SD20", dict(SD15_CONFIG, context_dim=1024), "SD2.x"),
 ])
@@ -174,7 +174,8 @@ def test_other_families_get_a_readable_name_and_are_refused(pack, config_class, 
     assert (family.label, family.known) == (label, False)
     assert families.model_family(base) == legacy_model_family(base) == config_class.lower()
     with pytest.raises(ValueError, match=rf"^UniTune Fine-Tune does not support {label} yet \(supported: SD1\.x, "
-                                         r"SDXL family, Flux\.1 dev, Flux\.1 schnell, SD3/SD3\.5\)"):
+                                         r"SDXL family, Flux\.1 dev, Flux\.1 schnell, SD3/SD3\.5, Qwen-Image, "
+                                         r"Z-Image, Chroma\)"):
         families.require(patcher(base), "UniTune Fine-Tune", tuple(families.FAMILIES))
 
 

@@ -1,9 +1,10 @@
-"""Prompt Guidance Guider and UniTune Edit on flow-matching DiTs (issue 22; Qwen-Image's 5-D latents, issue 24).
+"""Prompt Guidance Guider and UniTune Edit on flow-matching DiTs (issue 22; Qwen-Image, Z-Image, Chroma: issue 24).
 
 Tiny random models: Flux.1 dev (guidance-distilled: the ``guidance`` value rides in the conditioning),
 Flux.1 schnell and SD3 from ``harness.tiny_dits`` (stock UNETLoader, 16-channel TAESD-format VAE, tiny text
 encoders), and a tiny Qwen-Image from ``harness.tiny_qwen`` (Wan-2.1 VAE, latents ``[B, 16, 1, H, W]``,
-prompt-keyed conditioning in place of its 7B text encoder). The oracles are stock: CFGGuider (pg = 0, bit for
+prompt-keyed conditioning in place of its 7B text encoder), a tiny Z-Image (its real config class, a tiny Qwen3 text
+encoder) and a tiny Chroma (stock UNETLoader through the detection shim, a tiny T5) from ``harness.tiny_dits2``. The oracles are stock: CFGGuider (pg = 0, bit for
 bit), DualCFGGuider (pg ≠ 0, the same sum in another order), ``model_sampling.noise_scaling`` (the SDEdit
 start), the stock sampling graph (UniTune Edit) and the original pixels (outside the mask). Model calls are
 counted by a ``set_model_unet_function_wrapper`` wrapper: one entry per call, with its batch and cond indexes.
@@ -22,15 +23,16 @@ from typing import Any
 import pytest
 import torch
 
-from harness import tiny_dits, tiny_qwen
+from harness import tiny_dits, tiny_dits2, tiny_qwen
 from harness.guiders import ours, stock_cfg
 from harness.hashing import weight_hash
 
 FAMILIES = ("flux1", "flux1_schnell", "sd3")
-ALL = (*FAMILIES, "qwen_image")
+ISSUE24 = ("z_image", "chroma")  # harness.tiny_dits2 (issue 24); Qwen-Image is harness.tiny_qwen's
+ALL = (*FAMILIES, "qwen_image", *ISSUE24)
 STEPS = 2
 # What the families sample at: Flux.1 dev/schnell are distilled (cfg 1), SD3.5 and Qwen-Image true CFG.
-CFG = {"flux1": 1.0, "flux1_schnell": 1.0, "sd3": 4.0, "qwen_image": 4.0}
+CFG = {"flux1": 1.0, "flux1_schnell": 1.0, "sd3": 4.0, "qwen_image": 4.0, "z_image": 1.0, "chroma": 4.0}
 # DualCFGGuider sums the same predictions in another order (fp32 rounding, ~1e-7 relative); in bf16 the model
 # rounds its input to 8 mantissa bits, so such a difference can flip a rounding at the next step (one bf16 ulp
 # is 3.9e-3). Measured at cfg 1 and 4, pg 2, 2 steps, relative: <= 1.0e-6 fp32, 4.6e-7 fp8, 1.6e-7 bf16 (this
@@ -64,6 +66,7 @@ def _forget_models():
     yield
     _MODELS.clear()
     _PROMPTS.clear()
+    tiny_dits2.forget()
 
 
 class EncodedOnce:
@@ -91,6 +94,12 @@ class EncodedOnce:
 def kit(tiny_dit, pack):
     """``kit(family, dtype="fp32")``: the family's MODEL in ``dtype`` with its CLIP, VAE and encoder."""
     def make(family: str, dtype: str = "fp32") -> Kit:
+        if family in ISSUE24:  # Z-Image Turbo (distilled, cfg 1), Chroma (true CFG)
+            if (family, dtype) not in _MODELS:
+                _MODELS[family, dtype] = tiny_dits2.kit(family, dtype, fresh=True)
+            k2 = _MODELS[family, dtype]
+            clip = EncodedOnce(family, k2.encode)
+            return Kit(k2.model, clip, k2.vae, clip, family)
         if family == "qwen_image":
             if (family, dtype) not in _MODELS:
                 _MODELS[family, dtype] = tiny_qwen.model(dtype)
@@ -167,6 +176,16 @@ def counting(model):
     return counted, calls
 
 
+def unbatched(calls: list[Call]) -> list[tuple[int, ...]]:
+    """The cond indexes evaluated at each step, over all of its calls. Z-Image's and Chroma's prompts of different
+    lengths carry attention masks (and Z-Image a token count) of different sizes, which stock ``calc_cond_batch``
+    cannot concatenate: it runs one call per prompt there, for stock CFGGuider as for this guider."""
+    steps: dict[float, list[int]] = {}
+    for c in calls:
+        steps.setdefault(c.sigma, []).extend(c.chunks)
+    return [tuple(sorted(v)) for v in steps.values()]
+
+
 def assert_close(got, expected, tol):
     err, scale = (got - expected).abs().max().item(), max(1.0, expected.abs().max().item())
     logging.getLogger(__name__).info("max abs error %.3g at scale %.3g (relative %.3g)", err, scale, err / scale)
@@ -203,7 +222,14 @@ def test_one_batched_call_per_step_with_the_predictions_the_cfg_needs(kit, famil
     for (cfg, pg), chunks in CHUNKS.items():
         calls.clear()
         sample(ours(model, prompts(k), cfg, pg), model, k.zeros())
+        if family in ISSUE24:  # see unbatched()
+            assert unbatched(calls) == [chunks] * STEPS, (cfg, pg)
+            continue
         assert [(c.batch, c.chunks) for c in calls] == [(len(chunks), chunks)] * STEPS, (cfg, pg)
+    if family in ISSUE24:  # stock CFGGuider runs one call per prompt there too
+        calls.clear()
+        sample(stock_cfg(model, prompts(k), 4.0), model, k.zeros())
+        assert [c.chunks for c in calls] == [(0,), (1,)] * STEPS or [c.chunks for c in calls] == [(1,), (0,)] * STEPS
 
 
 def test_flux_baseline_is_predicted_at_the_positive_guidance(kit, caplog):
@@ -308,8 +334,14 @@ def test_edit_starts_from_the_models_noise_scaling(kit, photo, family):
     expected = ms.noise_scaling(sigmas[0], comfy.sample.prepare_noise(original, 11), x0)
     first = calls[0]
     assert first.sigma == float(sigmas[0]) < float(ms.sigma_max)
-    assert len(calls) == 3 and first.chunks == ((0, 2) if CFG[family] == 1.0 else (0, 1, 2))
-    for chunk in first.x.chunk(len(first.order)):
+    chunks = (0, 2) if CFG[family] == 1.0 else (0, 1, 2)
+    if family in ISSUE24:  # one call per prompt (see unbatched()): each call of the first step
+        assert unbatched(calls) == [chunks] * 3
+        firsts = [c for c in calls if c.sigma == first.sigma]
+    else:
+        assert len(calls) == 3 and first.chunks == chunks
+        firsts = [first]
+    for chunk in (x for c in firsts for x in c.x.chunk(len(c.order))):
         assert chunk.shape == original.shape and torch.equal(chunk, expected)
     eps_style = x0 + float(sigmas[0]) * comfy.sample.prepare_noise(original, 11)
     assert (expected - eps_style).abs().max() > 0.1

@@ -339,7 +339,7 @@ def test_refuses_a_family_without_embedding_text_encoders_and_a_mismatched_clip(
         model = Base()
 
     with pytest.raises(ValueError, match=r"Textual inversion does not support Qwen-Image yet \(supported: SD1.x, "
-                                         r"SDXL family, Flux.1 dev, Flux.1 schnell, SD3/SD3.5\)"):
+                                         r"SDXL family, Flux.1 dev, Flux.1 schnell, SD3/SD3.5, Chroma\)"):
         run_node(Patcher(), flux_clip, vae, name="refused")
     with pytest.raises(ValueError, match=r"on SD3/SD3.5 trains vectors for CLIP-L \+ CLIP-G \+ T5-XXL, but this "
                                          r"CLIP runs CLIP-L \+ T5-XXL"):

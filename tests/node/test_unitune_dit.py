@@ -142,13 +142,20 @@ def test_trainable_selects_the_same_layers_as_before_on_sd(tiny_checkpoints, pac
 
 
 def test_a_family_unitune_does_not_know_is_refused_naming_it_and_the_supported_ones(subject):
-    """Qwen-Image (tiny, built from its real config class): refused before any work, not "nothing to train"."""
-    from frozentune.nodes.unitune_nodes import UniTuneFineTune
-    from harness import tiny_qwen
+    """Lumina 2 (a tiny Z-Image-shaped model, which ComfyUI classes Lumina2 below width 3840): refused before any
+    work, not "nothing to train"."""
+    import comfy.model_detection
+    import comfy.model_patcher
 
-    with pytest.raises(ValueError, match=r"UniTune Fine-Tune does not support Qwen-Image yet \(supported: SD1\.x, "
-                                         r"SDXL family, Flux\.1 dev, Flux\.1 schnell, SD3/SD3\.5\)"):
-        UniTuneFineTune.execute(model=tiny_qwen.model(), clip=tiny_qwen.PromptClip(), vae=tiny_qwen.vae(),
+    from frozentune.nodes.unitune_nodes import UniTuneFineTune
+    from harness import tiny_dits2, tiny_qwen
+
+    base = comfy.model_detection.model_config_from_unet_config(dict(tiny_dits2.ZIMAGE_UNET)).get_model({})
+    lumina2 = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"UniTune Fine-Tune does not support Lumina 2 yet \(supported: SD1\.x, "
+                                         r"SDXL family, Flux\.1 dev, Flux\.1 schnell, SD3/SD3\.5, Qwen-Image, "
+                                         r"Z-Image, Chroma\)"):
+        UniTuneFineTune.execute(model=lumina2, clip=tiny_qwen.PromptClip(), vae=tiny_qwen.vae(),
                                 image=subject, token="beikkpic", class_word="", steps=1, batch_size=1,
                                 learning_rate=1e-3, optimizer="adamw", train="auto", lora_rank=4,
                                 gradient_checkpointing=False, seed=0)
