@@ -88,6 +88,13 @@ TEXTS: dict[str, str] = {
     "output": "The ControlNet file to write, e.g. models/controlnet/my_controlnet.safetensors.",
     "controlnet": "Optional: a ControlNet file of the same base model to continue training from, in the layout "
                   "ControlNet-Zero Save writes for its family (SD1.5/SDXL ldm, Flux.1 XLabs, SD3 diffusers).",
+    "diffusion_model": "Instead of checkpoint: the frozen base's diffusion model alone (a UNETLoader file, e.g. "
+                       "flux1-dev.safetensors); give text_encoders and vae with it.",
+    "weight_dtype": "How the base's weights are stored while training, as UNETLoader's weight_dtype: default keeps "
+                    "the file's dtype, fp8_e4m3fn / fp8_e4m3fn_fast / fp8_e5m2 store them in fp8 (computed per "
+                    "operation in the compute dtype).",
+    "text_encoders": "With diffusion_model: the text-encoder files, as CLIPLoader/DualCLIPLoader take them (Flux.1: "
+                     "clip_l + t5xxl; SD3/SD3.5: clip_l + clip_g + t5xxl); the type follows the model's family.",
     "work_dir": "Folder for checkpoints (checkpoints/run_NNN/) and losses.json; the encoding cache lives there "
                 "while training and is removed after. Default: <output>_run/.",
     "eval_rows": "Training pairs to measure a fixed-draw loss on before and after training (0 = off).",
@@ -100,6 +107,8 @@ TEXTS: dict[str, str] = {
 
 # What a flag's --help adds to its short text (the node's help page says the same for the UI).
 CLI_MORE: dict[str, str] = {
+    "vae": "On the command line: a VAE file (as VAELoader reads it, e.g. ae.safetensors for Flux.1), with "
+           "diffusion_model and text_encoders instead of checkpoint.",
     "gradient_checkpointing": "Measured on the tiny SD1.5 test model (batch 2, 64 px): the bytes kept for backward "
                               "drop to 0.31x with an fp32 base and 0.12x with an fp16 base.",
     "mixed_precision": "The base (fp16, bf16 or fp8 storage) is cast per operation; the control residuals and their "

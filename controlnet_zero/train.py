@@ -8,7 +8,12 @@ Flux.1 XLabs, SD3 diffusers); put it in ``models/controlnet/``.
 
 Config (TOML; every key is also a flag, e.g. ``--learning-rate 2e-5``; flags win)::
 
-    checkpoint = "models/checkpoints/v1-5-pruned-emaonly.safetensors"   # the frozen base model
+    checkpoint = "models/checkpoints/v1-5-pruned-emaonly.safetensors"   # the frozen base model, all in one file
+    # or, instead of checkpoint, the split files Flux.1 and SD3.5 ship as (UNETLoader / CLIPLoader / VAELoader's):
+    # diffusion_model = "models/diffusion_models/flux1-dev.safetensors"
+    # weight_dtype = "fp8_e4m3fn"         # UNETLoader's: default, fp8_e4m3fn, fp8_e4m3fn_fast, fp8_e5m2 (either way)
+    # text_encoders = ["models/text_encoders/clip_l.safetensors", "models/text_encoders/t5xxl_fp16.safetensors"]
+    # vae = "models/vae/ae.safetensors"
     dataset = "data/fill50k"              # images/ + conditioning/ + captions, or a .jsonl manifest
     output = "models/controlnet/my_controlnet.safetensors"
     controlnet = ""                       # optional: a ControlNet file to continue from
@@ -48,7 +53,16 @@ from .texts import cli_text
 log = logging.getLogger("controlnet_zero.train")
 PACKAGE = "frozentune"
 RUN_KEYS = {"checkpoint": str, "dataset": str, "output": str, "controlnet": str, "work_dir": str, "resume": bool,
-            "save_dtype": str, "eval_rows": int, "log_every": int, "depth": int, "flux_guidance": float}
+            "save_dtype": str, "eval_rows": int, "log_every": int, "depth": int, "flux_guidance": float,
+            "diffusion_model": str, "weight_dtype": str, "text_encoders": list, "vae": str}
+SPLIT_KEYS = ("diffusion_model", "text_encoders", "vae")  # the base as split files, instead of ``checkpoint``
+# UNETLoader's weight_dtype choices -> the load's model_options (nodes.py UNETLoader.load_unet)
+WEIGHT_DTYPES = {"default": {}, "fp8_e4m3fn": {"dtype": "float8_e4m3fn"},
+                 "fp8_e4m3fn_fast": {"dtype": "float8_e4m3fn", "fp8_optimizations": True},
+                 "fp8_e5m2": {"dtype": "float8_e5m2"}}
+# The text-encoder type each family's files load as (CLIPLoader / DualCLIPLoader's "type"; comfy.sd.CLIPType names)
+CLIP_TYPES = {"sd15": "STABLE_DIFFUSION", "sdxl": "STABLE_DIFFUSION", "flux1": "FLUX", "flux1_schnell": "FLUX",
+              "sd3": "SD3"}
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -126,6 +140,10 @@ def _parser(fields: dict[str, type]) -> argparse.ArgumentParser:
         elif kind is bool:
             p.add_argument(flag, type=_argument(lambda v, name=name: boolean(v, name)), metavar="BOOL",
                            help=cli_text(name))
+        elif kind is list:
+            p.add_argument(flag, nargs="+", metavar="FILE", help=cli_text(name))
+        elif name == "weight_dtype":
+            p.add_argument(flag, choices=list(WEIGHT_DTYPES), help=cli_text(name))
         else:
             p.add_argument(flag, type=kind, help=cli_text(name))
     return p
@@ -163,7 +181,8 @@ def options(argv: list[str] | None = None) -> tuple[dict, object]:
             merged["resume"] = resume_value(merged["resume"])
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    for key in ("checkpoint", "dataset", "output"):
+    base_source(merged)
+    for key in ("dataset", "output"):
         if not merged.get(key):
             raise SystemExit(f"missing setting {key!r}: give it in the config file or as --{key}")
     from .controlnet_file import check_stem
@@ -175,6 +194,68 @@ def options(argv: list[str] | None = None) -> tuple[dict, object]:
     settings = TrainSettings(**{k: merged[k] for k in fields if k in merged})
     settings.check()
     return merged, settings
+
+
+def base_source(merged: dict) -> None:
+    """Check the base model is given one way: ``checkpoint``, or ``diffusion_model`` + ``text_encoders`` + ``vae``.
+
+    Normalises ``text_encoders`` to a list of paths (a TOML string is one file) and checks ``weight_dtype``;
+    anything else stops with the keys named, before any file is read.
+    """
+    encoders = merged.get("text_encoders")
+    if isinstance(encoders, str):
+        encoders = [encoders]
+    if encoders is not None:
+        if not isinstance(encoders, list) or not all(isinstance(e, str) and e for e in encoders):
+            raise SystemExit(f"text_encoders must be a list of text-encoder files, not {encoders!r}")
+        merged["text_encoders"] = encoders
+    dtype = merged.get("weight_dtype") or "default"
+    if dtype not in WEIGHT_DTYPES:
+        raise SystemExit(f"weight_dtype {dtype!r} is unknown: use one of {', '.join(WEIGHT_DTYPES)} "
+                         "(UNETLoader's choices).")
+    split = [k for k in SPLIT_KEYS if merged.get(k)]
+    how = ("give the base model either as checkpoint (one file with the model, text encoders and VAE) or as "
+           "diffusion_model + text_encoders + vae (the split files Flux.1 and SD3.5 ship as)")
+    if merged.get("checkpoint"):
+        if split:
+            raise SystemExit(f"checkpoint and {' + '.join(split)} are both set: {how}, not both.")
+        return
+    if not split:
+        raise SystemExit(f"missing setting 'checkpoint': {how}; in the config file or as --checkpoint, or "
+                         "--diffusion-model, --text-encoders and --vae.")
+    if len(split) < len(SPLIT_KEYS):
+        missing = [k for k in SPLIT_KEYS if k not in split]
+        raise SystemExit(f"{' + '.join(split)} set without {' and '.join(missing)}: {how}.")
+
+
+def load_base(opts: dict):
+    """(MODEL, CLIP, VAE, base file name) from ``checkpoint`` or from the split files, as ComfyUI's loaders read them.
+
+    Split files load as UNETLoader (``weight_dtype``), CLIPLoader/DualCLIPLoader/TripleCLIPLoader (with the
+    diffusion model's family's text-encoder type: Flux.1 FLUX, SD3/SD3.5 SD3) and VAELoader do.
+    """
+    import comfy.sd
+    import comfy.utils
+    import torch
+
+    from .. import families
+
+    options = {k: getattr(torch, v) if k == "dtype" else v
+               for k, v in WEIGHT_DTYPES[opts.get("weight_dtype") or "default"].items()}
+    if opts.get("checkpoint"):
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(opts["checkpoint"], output_vae=True,
+                                                                      output_clip=True, model_options=options)
+        return model, clip, vae, Path(opts["checkpoint"]).name
+    model = comfy.sd.load_diffusion_model(opts["diffusion_model"], model_options=options)
+    family = families.family_of(model.model)
+    if family.id not in CLIP_TYPES:
+        raise ValueError(f"diffusion_model {opts['diffusion_model']} is a {family.label} model, which ControlNet-Zero "
+                         f"does not train (supported: {', '.join(families.FAMILIES[f].label for f in CLIP_TYPES)}).")
+    clip_type = getattr(comfy.sd.CLIPType, CLIP_TYPES[family.id])
+    clip = comfy.sd.load_clip([str(p) for p in opts["text_encoders"]], clip_type=clip_type)
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(opts["vae"])))
+    vae.throw_exception_if_invalid()
+    return model, clip, vae, Path(opts["diffusion_model"]).name
 
 
 def load_controlnet_file(path: Path, base_model):
@@ -198,7 +279,6 @@ def run(opts: dict, settings) -> Path | None:
     import gc
 
     import comfy.model_management as mm
-    import comfy.sd
     import torch
 
     from . import cache, controlnet_file, dataset, distributed, flux_xlabs, layouts, network, training_run
@@ -210,8 +290,7 @@ def run(opts: dict, settings) -> Path | None:
         work = Path(opts.get("work_dir") or output.with_name(output.stem + "_run")).resolve()
         cache_dir = work / f"cache_{settings.resolution}"
         pairs = dataset.scan_folder(opts["dataset"])  # not confined: the CLI is run by the machine's owner
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(opts["checkpoint"], output_vae=True,
-                                                                      output_clip=True)
+        model, clip, vae, base_name = load_base(opts)
         # the ControlNet first: a file of another model family fails before the slow encoding
         layout = layouts.for_model(model.model)
         if opts.get("controlnet"):
@@ -239,7 +318,7 @@ def run(opts: dict, settings) -> Path | None:
             if dist.is_main and (step == 1 or step % every == 0 or step == total):
                 log.info("step %d/%d loss %.5f", step, total, loss)
 
-        meta = {"controlnet_zero.base_checkpoint": Path(opts["checkpoint"]).name,
+        meta = {"controlnet_zero.base_checkpoint": base_name,
                 **training_run.guidance_metadata(guidance)}
         if hasattr(layout, "depth_of"):
             meta["controlnet_zero.depth"] = str(layout.depth_of(control_model))

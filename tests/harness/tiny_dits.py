@@ -588,3 +588,25 @@ def real_width_flux_one_block() -> Path:
         module = _meta_diffusion_model("Flux", REAL_FLUX_UNET)
         _save(tiny_models.random_state_dict(module, SEED + 100, torch.bfloat16), path)
     return path
+
+
+@contextlib.contextmanager
+def flux_controlnet_detection():
+    """ComfyUI's detection, plus (test-only; ``ControlNetLoader`` passes no file metadata, so the CONFIG_KEY shim
+    cannot reach it): a Flux state dict of the tiny width gets the tiny Flux's heads and RoPE axes."""
+    import comfy.model_detection as md
+
+    tiny = RECIPES["flux1"].unet
+    current = md.detect_unet_config
+
+    def detect_unet_config(state_dict, key_prefix, metadata=None):
+        cfg = current(state_dict, key_prefix, metadata=metadata)
+        if cfg and cfg.get("image_model") == "flux" and cfg.get("hidden_size") == tiny["hidden_size"]:
+            cfg = {**cfg, "num_heads": tiny["num_heads"], "axes_dim": list(tiny["axes_dim"])}
+        return cfg
+
+    md.detect_unet_config = detect_unet_config
+    try:
+        yield
+    finally:
+        md.detect_unet_config = current

@@ -4,47 +4,23 @@ The oracles are stock: ``ControlNetApplyAdvanced`` and ``KSampler`` sample with 
 Create makes; ``ControlNetLoader`` reads the file ControlNet-Zero Save writes (XLabs' keys,
 ``comfy/controlnet.py`` ``load_controlnet_flux_xlabs_mistoline``). ComfyUI's Flux detection fixes 24 heads of
 128 (hidden 3072) and ``ControlNetLoader`` passes no file metadata to it (``controlnet_config``), so the tiny
-ControlNet file needs a test-only shape shim (``tiny_flux_controlnet_detection``): for a Flux state dict whose
+ControlNet file needs a test-only shape shim (``tiny_dits.flux_controlnet_detection``): for a Flux state dict whose
 hidden width is the tiny one it answers the tiny heads/axes; every other file detects as stock.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 
 import pytest
 import torch
 
-from harness import disks
+from harness import disks, tiny_dits
 from harness.hashing import weight_hash
 
 R = 64  # hint / image size; latents 8x8, 4x4 tokens
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def tiny_flux_controlnet_detection():
-    """ComfyUI's detection, plus: a Flux state dict of the tiny width gets the tiny Flux's heads and RoPE axes."""
-    import comfy.model_detection as md
-
-    from harness import tiny_dits
-
-    tiny = tiny_dits.RECIPES["flux1"].unet
-    current = md.detect_unet_config
-
-    def detect_unet_config(state_dict, key_prefix, metadata=None):
-        cfg = current(state_dict, key_prefix, metadata=metadata)
-        if cfg and cfg.get("image_model") == "flux" and cfg.get("hidden_size") == tiny["hidden_size"]:
-            cfg = {**cfg, "num_heads": tiny["num_heads"], "axes_dim": list(tiny["axes_dim"])}
-        return cfg
-
-    md.detect_unet_config = detect_unet_config
-    try:
-        yield
-    finally:
-        md.detect_unet_config = current
 
 
 @pytest.fixture()
@@ -163,8 +139,9 @@ def test_the_layout_dispatch_refuses_what_does_not_fit(flux):
     def stub(config_class: str):  # a BaseModel as families.family_of sees it
         return types.SimpleNamespace(model_config=type(config_class, (), {})())
 
-    with pytest.raises(ValueError, match="does not support Qwen-Image models.*SD1.x, SDXL family, Flux.1 dev"):
-        layouts.for_model(stub("QwenImage"))
+    with pytest.raises(ValueError, match="does not support Z-Image models: ComfyUI 0.3.75 has no ControlNet loader "
+                                         "for Z-Image.*SD1.x, SDXL family, Flux.1 dev"):
+        layouts.for_model(stub("ZImage"))
     with pytest.raises(ValueError, match="is a Linear, which ControlNet-Zero does not train"):
         layouts.for_module(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="without a control model"):
@@ -288,7 +265,7 @@ def test_save_writes_a_file_the_stock_loader_reads_whole(flux, prompts, controln
         keys = set(f.keys())
         meta = f.metadata()
     assert meta["controlnet_zero.depth"] == "2"
-    with tiny_flux_controlnet_detection():
+    with tiny_dits.flux_controlnet_detection():
         (loaded,) = nodes.ControlNetLoader().load_controlnet(name)
     module = loaded.control_model
     assert type(module).__name__ == "ControlNetFlux" and not module.latent_input and not module.mistoline
