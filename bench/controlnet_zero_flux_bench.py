@@ -33,16 +33,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from controlnet_zero_bench import _params, _rate, _reset_peak, _status, _tracker  # noqa: E402
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
-DOUBLE, SINGLE, CONTEXT, POOLED, TOKENS, HEAD = 2, 4, 256, 128, 64, 64
+CONTEXT, POOLED, TOKENS, HEAD = 256, 128, 64, 64
 AXES = (16, 24, 24)  # RoPE axes, summing to the head width 64
-CONTROL_DEPTH = 2  # double blocks the ControlNet copies (x-flux's released Flux ControlNets)
 GUIDANCE = 4.0
 
 
-def comfy_config(width: int) -> dict:
+def comfy_config(args) -> dict:
     """The small Flux in ComfyUI's ``detect_unet_config`` vocabulary (matched to ``supported_models.Flux``)."""
     return dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=POOLED, context_in_dim=CONTEXT,
-                hidden_size=width, mlp_ratio=4.0, num_heads=width // HEAD, depth=DOUBLE, depth_single_blocks=SINGLE,
+                hidden_size=args.width, mlp_ratio=4.0, num_heads=args.width // HEAD, depth=args.double,
+                depth_single_blocks=args.single,
                 axes_dim=list(AXES), theta=10000, qkv_bias=True, guidance_embed=True, patch_size=2)
 
 
@@ -77,7 +77,7 @@ def child_ours(args) -> dict:
 
     _use_sdpa()
     torch.manual_seed(0)
-    config = comfy.model_detection.model_config_from_unet_config(comfy_config(args.width))
+    config = comfy.model_detection.model_config_from_unet_config(comfy_config(args))
     config.set_inference_dtype(torch.float32, None)
     cpu = torch.device("cpu")
     model = config.get_model({}, "", device=cpu)  # ComfyUI's ops leave weights uninitialized: fill them
@@ -99,7 +99,7 @@ def child_ours(args) -> dict:
     mm.load_models_gpu([base], force_full_load=True)
     device = base.load_device
     with torch.inference_mode(False):
-        cn = network.trainable_copy(layouts.for_model(base.model).create(base.model, depth=CONTROL_DEPTH), device)
+        cn = network.trainable_copy(layouts.for_model(base.model).create(base.model, depth=args.control_depth), device)
     settings = trainer.TrainSettings(steps=args.warmup + args.steps, batch_size=args.batch, resolution=args.res,
                                      gradient_checkpointing=False, mixed_precision="fp32", prompt_dropout=0.0)
     times = []
@@ -125,11 +125,11 @@ def child_diffusers(args) -> dict:
     from diffusers import FluxControlNetModel, FluxTransformer2DModel
 
     torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=DOUBLE, num_single_layers=SINGLE,
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=args.double, num_single_layers=args.single,
                                          attention_head_dim=HEAD, num_attention_heads=args.width // HEAD,
                                          joint_attention_dim=CONTEXT, pooled_projection_dim=POOLED,
                                          guidance_embeds=True, axes_dims_rope=AXES)
-    controlnet = FluxControlNetModel.from_transformer(transformer, num_layers=CONTROL_DEPTH, num_single_layers=0,
+    controlnet = FluxControlNetModel.from_transformer(transformer, num_layers=args.control_depth, num_single_layers=0,
                                                       attention_head_dim=HEAD, num_attention_heads=args.width // HEAD)
     transformer.requires_grad_(False)
     controlnet.train()
@@ -175,7 +175,8 @@ def child_diffusers(args) -> dict:
 def run_child(arm: str, args, track: bool = False, steps: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", arm, "--steps", str(steps or args.steps), "--warmup",
            str(args.warmup), "--batch", str(args.batch), "--res", str(args.res), "--pairs", str(args.pairs),
-           "--threads", str(args.threads), "--width", str(args.width)] + (["--track"] if track else [])
+           "--threads", str(args.threads), "--width", str(args.width), "--double", str(args.double), "--single",
+           str(args.single), "--control-depth", str(args.control_depth)] + (["--track"] if track else [])
     out = subprocess.run(cmd, cwd=TESTS, env=dict(os.environ, PYTHONPATH=str(TESTS)), capture_output=True,
                          text=True, check=False)
     if out.returncode != 0:
@@ -194,6 +195,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: stable under load)")
     p.add_argument("--rounds", type=int, default=2, help="alternating timing rounds")
     p.add_argument("--width", type=int, default=256, help="transformer width (heads of 64)")
+    p.add_argument("--double", type=int, default=2, help="the transformer's double blocks")
+    p.add_argument("--single", type=int, default=4, help="the transformer's single blocks")
+    p.add_argument("--control-depth", type=int, default=2, help="double blocks the ControlNet copies (x-flux: 2)")
     p.add_argument("--track", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -219,7 +223,8 @@ def main() -> None:
             peaks[arm] = max(peaks.get(arm, 0), r["peak"] - r["rss_before"])
     live = {arm: run_child(arm, args, track=True, steps=2) for arm in rates}
     best = {arm: max(v) for arm, v in rates.items()}
-    print(f"Flux ControlNet training step, width {args.width}, {DOUBLE}+{SINGLE} blocks, ControlNet {CONTROL_DEPTH} "
+    print(f"Flux ControlNet training step, width {args.width}, {args.double}+{args.single} blocks, ControlNet "
+          f"{args.control_depth} "
           f"double blocks, {args.res}px, batch {args.batch}, fp32, {args.threads} thread(s), best of {args.rounds}")
     for arm in rates:
         print(f"- {arm}: {best[arm]:.3f} steps/s; live growth {live[arm]['live_growth'] / 2**20:.1f} MiB; "

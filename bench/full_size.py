@@ -1,11 +1,14 @@
-"""Full-size SD1.5 / SDXL UNets and Flux.1-dev / SD3.5 Large DiTs with random weights, built as ComfyUI builds them.
+"""Full-size SD1.5 / SDXL UNets and Flux.1-dev / SD3.5 Large / Qwen-Image / Z-Image DiTs with random weights, built
+as ComfyUI builds them.
 
 No weights can be downloaded here. The configs are ComfyUI's own (``comfy/model_detection.py``:
 ``unet_config_from_diffusers_unet`` for the UNets, ``detect_unet_config`` read against the published files'
 shapes for the DiTs); ``comfy.model_detection.model_config_from_unet_config`` matches them to
-``comfy.supported_models`` (``SD15``, ``SDXL``, ``Flux``, ``SD3``) and ``get_model`` builds the ``BaseModel``.
+``comfy.supported_models`` (``SD15``, ``SDXL``, ``Flux``, ``SD3``, ``QwenImage``, ``ZImage``) and ``get_model`` builds
+the ``BaseModel``.
 No text encoder or VAE: training runs only the diffusion model, so the benches feed random conditioning of the
-right shape (Flux.1: 512 T5 tokens, as its text encoder pads to; SD3.5: 77 CLIP + 77 T5 tokens, ComfyUI's default).
+right shape (Flux.1: 512 T5 tokens, as its text encoder pads to; SD3.5: 77 CLIP + 77 T5 tokens, ComfyUI's default;
+Qwen-Image and Z-Image: 512 tokens of Qwen2.5-VL-7B / Qwen3-4B width, see ``DIT_TEXT``).
 """
 
 from __future__ import annotations
@@ -37,14 +40,39 @@ SD35_LARGE_FULL = dict(in_channels=16, patch_size=2, out_channels=16, depth=38, 
                                                 "params": {"in_features": 4096, "out_features": 2432}},
                        num_patches=36864, pos_embed_max_size=192, qk_norm="rms", pos_embed_scaling_factor=None,
                        x_block_self_attn_layers=[])
-FULL_SIZE = {"sd15": SD15_FULL, "sdxl": SDXL_FULL, "flux1-dev": FLUX_DEV_FULL, "sd3.5-large": SD35_LARGE_FULL}
-# text tokens and pooled width the conditioning has, per DiT (see the module docstring)
-DIT_TEXT = {"flux1-dev": (512, 768), "sd3.5-large": (154, 2048)}
-LATENT_CHANNELS = {"flux1-dev": 16, "sd3.5-large": 16}
+# Qwen-Image (Qwen/Qwen-Image, qwen_image_fp8_e4m3fn.safetensors / transformer/): detect_unet_config reads only
+# in_channels (img_in 3072x64) and the block count (60 transformer_blocks); the rest is QwenImageTransformer2DModel's
+# defaults, which are the published config's: 24 heads of 128 (3072 wide), joint_attention_dim 3584 (Qwen2.5-VL-7B's
+# hidden size: txt_norm 3584, txt_in 3072x3584), patch 2, out_channels 16, rope axes (16, 56, 56); 20.4B parameters.
+QWEN_IMAGE_FULL = dict(image_model="qwen_image", in_channels=64, num_layers=60)
+# Z-Image (Tongyi-MAI/Z-Image-Turbo, z_image_turbo_bf16.safetensors): cap_embedder.1 3840x2560 (dim 3840; caption
+# width 2560, Qwen3-4B's hidden size), 30 layers, cap_pad_token present; detect_unet_config's dim-3840 branch sets
+# the rest (30 heads of 128, rope axes 32/48/48, theta 256, SwiGLU 8/3, Z-Image modulation, time scale 1000) and
+# leaves n_refiner_layers at NextDiT's 2 (the published 2 noise + 2 context refiners); 6.15B parameters.
+Z_IMAGE_FULL = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=3840, cap_feat_dim=2560, n_layers=30,
+                    qk_norm=True, n_heads=30, n_kv_heads=30, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
+                    rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0,
+                    pad_tokens_multiple=32)
+FULL_SIZE = {"sd15": SD15_FULL, "sdxl": SDXL_FULL, "flux1-dev": FLUX_DEV_FULL, "sd3.5-large": SD35_LARGE_FULL,
+             "qwen-image": QWEN_IMAGE_FULL, "z-image": Z_IMAGE_FULL}
+# text tokens, pooled width (None: the model reads none) and context width the conditioning has, per DiT (see the
+# module docstring). Qwen-Image and Z-Image: their encoders pad nothing, so the token count is the caption's; 512 is
+# diffusers' max_sequence_length for both pipelines, an upper bound for a training caption.
+DIT_TEXT = {"flux1-dev": (512, 768, 4096), "sd3.5-large": (154, 2048, 4096), "qwen-image": (512, None, 3584),
+            "z-image": (512, None, 2560)}
+LATENT_CHANNELS = {"flux1-dev": 16, "sd3.5-large": 16, "qwen-image": 16, "z-image": 16}
+VIDEO_LATENT = ("qwen-image",)  # Wan-2.1 latent format: [B, C, 1, h, w] (one frame), what its VAE encodes to
 
 
 def latent_channels(model: str) -> int:
     return LATENT_CHANNELS.get(model, 4)
+
+
+def latent_shape(model: str, size: int, batch: int = 1) -> tuple[int, ...]:
+    """The VAE latent of a ``size``-pixel square image: ``[B, C, h, w]``, or ``[B, C, 1, h, w]`` for Qwen-Image."""
+    side = size // 8
+    frames = (1,) if model in VIDEO_LATENT else ()
+    return (batch, latent_channels(model), *frames, side, side)
 
 
 def unet_config(model: str) -> dict:
@@ -90,11 +118,11 @@ def conditioning(model: str):
     gen = torch.Generator().manual_seed(1)
     cfg = unet_config(model)
     if model in DIT_TEXT:
-        tokens, pooled = DIT_TEXT[model]
-        extras = {"pooled_output": torch.randn(1, pooled, generator=gen)}
+        tokens, pooled, width = DIT_TEXT[model]
+        extras = {"pooled_output": torch.randn(1, pooled, generator=gen)} if pooled else {}
         if cfg.get("guidance_embed"):
             extras["guidance"] = 1.0
-        return [[torch.randn(1, tokens, 4096, generator=gen), extras]]
+        return [[torch.randn(1, tokens, width, generator=gen), extras]]
     cond = torch.randn(1, 77, cfg["context_dim"], generator=gen)
     extras = {"pooled_output": torch.randn(1, 1280, generator=gen)} if cfg.get("adm_in_channels") else {}
     return [[cond, extras]]

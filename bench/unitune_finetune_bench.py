@@ -27,7 +27,9 @@ layer) at ``--stock-rank``; fp32 on the CPU, AdamW, no gradient checkpointing fo
 
 ``--dit CASE [CASE ...]``: the same race (``unitune.finetune.fine_tune`` against stock TrainLoraNode) on the tiny
 DiTs of ``tests/harness/tiny_dits.py`` (``flux1``, ``flux1_schnell``, ``sd3``: the stock-loaded tiny model, the
-subject image through its tiny 16-channel VAE, the caption through its tiny text encoders) and on the real-width
+subject image through its tiny 16-channel VAE, the caption through its tiny text encoders), on issue 24's tiny DiTs
+of ``tests/harness/tiny_dits2.py`` (``qwen_image``: 5-D latents through its tiny Wan-2.1 VAE, prompt-keyed
+conditioning in place of Qwen2.5-VL; ``z_image``: its tiny Qwen3 encoder; ``chroma``: the tiny Flux's T5 and VAE) and on the real-width
 one-block Flux.1-dev (``flux1-one-block``: hidden 3072, 1 double + 1 single block, ~546M parameters, through
 the stock ``UNETLoader``; a random latent of ``--dit-size`` pixels and random Flux.1 conditioning of
 ``full_size.conditioning``: 512 T5 tokens). Equal trainable size: ours trains LoRA of rank ``--rank`` on the
@@ -58,7 +60,8 @@ MARK = "BENCH_RESULT "
 CONTENDERS = ("ours lora", "stock lora", "naive lora", "ours full", "naive full")
 RATIOS = (("ours lora", "stock lora"), ("ours lora", "naive lora"), ("ours full", "naive full"),
           ("ours lora gc", "stock lora gc"))
-DIT_CASES = ("flux1", "flux1_schnell", "sd3", "flux1-one-block")  # tiny_dits families, and the real-width Flux
+DIT_CASES = ("flux1", "flux1_schnell", "sd3", "qwen_image", "z_image", "chroma", "flux1-one-block")
+TINY_DITS2 = ("qwen_image", "z_image", "chroma")  # issue 24's tiny families (tests/harness/tiny_dits2.py)
 ONE_BLOCK = "flux1-one-block"
 
 
@@ -338,7 +341,12 @@ def child_dit(contender: str, case: str, cfg: argparse.Namespace) -> dict:
             latent = torch.randn(1, 16, side, side, generator=torch.Generator().manual_seed(2))
             cond = conditioning("flux1-dev")
         else:
-            dit = tiny_dits.get(case)
+            if case in TINY_DITS2:
+                from harness import tiny_dits2
+
+                dit = tiny_dits2.kit(case)
+            else:
+                dit = tiny_dits.get(case)
             base = dit.model
             latent = nodes.VAEEncode().encode(dit.vae, subject_image())[0]["samples"]
             cond = dit.encode(cfg.token)
