@@ -184,7 +184,12 @@ def encode(source: Source, base_model, vae, clip, resolution: int, cache_dir: Pa
     def encode_images(rows: list[int]) -> list[dict[str, torch.Tensor]]:
         targets, hints = source.load(rows)
         pixels = targets.float() / 255.0 if targets.dtype == torch.uint8 else targets
-        latents = base_model.latent_format.process_in(vae.encode(pixels).float().cpu())
+        if getattr(vae, "latent_dim", 2) == 3 and not getattr(vae, "not_video", True):  # video VAE (Qwen-Image's
+            # Wan-2.1): a batch would be one video's frames, so each image is encoded alone (as sampling does)
+            latents = torch.cat([vae.encode(pixels[i:i + 1]).float().cpu() for i in range(pixels.shape[0])])
+        else:
+            latents = vae.encode(pixels).float().cpu()
+        latents = base_model.latent_format.process_in(latents)
         if hint_input is not None:
             hints = hint_input(hints, vae)
         return [{"latent": lat, "hint": h} for lat, h in zip(latents, hints, strict=True)]

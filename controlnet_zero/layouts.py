@@ -9,7 +9,9 @@ a layout module, so a family is one more module plus one table value.
 Layouts: ``"ldm"`` -> ``network`` (SD1.x/SDXL: ``comfy.cldm.cldm.ControlNet``), ``"flux_xlabs"`` ->
 ``flux_xlabs`` (Flux.1: ``comfy.ldm.flux.controlnet.ControlNetFlux``, XLabs' layout, pixel hints),
 ``"sd3_diffusers"`` -> ``sd3_diffusers`` (SD3/SD3.5: ``comfy.cldm.mmdit.ControlNet``, diffusers' layout,
-latent hints).
+latent hints), ``"qwen_instantx"`` -> ``qwen_instantx`` (Qwen-Image: ``comfy.ldm.qwen_image.controlnet.
+QwenImageControlNetModel``, InstantX's / diffusers' layout, Wan-2.1 latent hints). A family without a layout
+may carry a ``controlnet_refusal`` (the reason, e.g. no stock loader), which ``for_model`` names.
 
 The protocol (names fixed; ``base_model`` is a loaded ``comfy.model_base.BaseModel``):
 
@@ -31,8 +33,8 @@ The protocol (names fixed; ``base_model`` is a loaded ``comfy.model_base.BaseMod
   CPU control module for this base (resume, the CLI's ``controlnet`` setting); a clear error otherwise.
 - ``hint_input(hints, vae) -> Tensor``: what the cache stores per row for a batch of hints ``hints``
   (``[B, H, W, 3]`` uint8 at the training resolution, as the dataset loads them). Pixel-hint layouts return
-  them unchanged (uint8 [B, H, W, 3]); latent-hint layouts return float latents ``[B, C, h, w]`` processed
-  as ``comfy.controlnet.ControlNet.get_control`` does. ``cache.TrainingData.batch`` hands the control
+  them unchanged (uint8 [B, H, W, 3]); latent-hint layouts return float latents ``[B, C, h, w]`` (Qwen-Image:
+  ``[B, C, 1, h, w]``) processed as ``comfy.controlnet.ControlNet.get_control`` does. ``cache.TrainingData.batch`` hands the control
   module uint8 rows as ``[B, 3, H, W]`` floats in [0, 1] and float rows as they are.
 - ``control(control_model, x_in, hint, timesteps, conds, compute) -> dict``: runs the control module
   (``control_model`` may be its DDP wrapper) as ``get_control`` does at sampling time and returns the
@@ -60,8 +62,8 @@ from types import ModuleType
 
 from .. import families
 
-LDM, FLUX_XLABS, SD3_DIFFUSERS = "ldm", "flux_xlabs", "sd3_diffusers"
-MODULES = {LDM: "network", FLUX_XLABS: "flux_xlabs", SD3_DIFFUSERS: "sd3_diffusers"}
+LDM, FLUX_XLABS, SD3_DIFFUSERS, QWEN_INSTANTX = "ldm", "flux_xlabs", "sd3_diffusers", "qwen_instantx"
+MODULES = {LDM: "network", FLUX_XLABS: "flux_xlabs", SD3_DIFFUSERS: "sd3_diffusers", QWEN_INSTANTX: "qwen_instantx"}
 
 
 def layout(name: str) -> ModuleType:
@@ -91,8 +93,9 @@ def for_model(base_model) -> ModuleType:
     """The layout of a base model (a MODEL or ``comfy.model_base.BaseModel``), by its family; a clear error else."""
     family = families.family_of(base_model)
     if family.controlnet_layout is None:
-        raise ValueError(f"ControlNet-Zero does not support {family.label} models (supported: {supported_labels()}): "
-                         "connect a MODEL of one of those families.")
+        why = f": {family.controlnet_refusal}" if family.controlnet_refusal else ""
+        raise ValueError(f"ControlNet-Zero does not support {family.label} models{why} (supported: "
+                         f"{supported_labels()}): connect a MODEL of one of those families.")
     return layout(family.controlnet_layout)
 
 

@@ -73,8 +73,8 @@ TEXTS: dict[str, str] = {
     # --- Create node only
     "depth": (
         "Transformer blocks the ControlNet copies from the MODEL; 0 = the reference default: Flux.1 2 double blocks "
-        "(XLabs' ControlNets), SD3/SD3.5 12 joint blocks (diffusers' SD3 trainer), at most the model's blocks - 1. "
-        "SD1.5/SDXL copy the whole encoder: keep 0 there."),
+        "(XLabs), SD3/SD3.5 12 (diffusers, at most blocks - 1), Qwen-Image 5 (diffusers). SD1.5/SDXL copy the whole "
+        "encoder: keep 0 there."),
     # --- Save node only
     "filename": "Name under models/controlnet/ (sub-folders allowed, e.g. controlnet_zero/edges; 'controlnet/...' "
                 "is the same folder); a counter is added if it exists. Absolute paths, '..', hidden names, other "

@@ -166,12 +166,14 @@ def preview_render(forward: Forward, control_model: torch.nn.Module, data: Train
     ControlNet's current weights; ``Preview.maybe`` runs it under no_grad with the RNG forked.
     """
     _, hint, conds = data.batch(torch.tensor([0]), torch.zeros(1, dtype=torch.bool), device)
-    channels = data.images[0]["latent"].shape[0]
-    scale = 8 if data.images[0]["hint"].dtype == torch.uint8 else 1  # pixel hints, or latent ones (SD3)
+    lead = tuple(data.images[0]["latent"].shape[:-2])  # (C,), or (C, T) for Qwen-Image's 5-D latents
+    scale = 8 if data.images[0]["hint"].dtype == torch.uint8 else 1  # pixel hints, or latent ones (SD3, Qwen-Image)
     h, w = pv.latent_size(hint.shape[-2] * 8 // scale, hint.shape[-1] * 8 // scale)
-    if (h * scale, w * scale) != tuple(hint.shape[-2:]):
-        hint = torch.nn.functional.interpolate(hint, size=(h * scale, w * scale), mode="bilinear", antialias=True)
-    noise = previews.fixed_noise((1, channels, h, w), pv.seed, device, torch.float32)
+    if (h * scale, w * scale) != tuple(hint.shape[-2:]):  # 5-D hints resized as a batch of 4-D ones
+        hint = torch.nn.functional.interpolate(hint.flatten(0, hint.ndim - 4), size=(h * scale, w * scale),
+                                               mode="bilinear", antialias=True).view(*hint.shape[:-2], h * scale,
+                                                                                     w * scale)
+    noise = previews.fixed_noise((1, *lead, h, w), pv.seed, device, torch.float32)
     sigmas = previews.sigmas(ms, pv.steps)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

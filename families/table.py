@@ -72,8 +72,11 @@ class Family:
     style_blocks: tuple[tuple[str, tuple[str, ...]], ...] | None = None
     # The ControlNet file layout ControlNet-Zero writes (controlnet_zero/layouts.py): "ldm" (comfy.cldm.cldm.
     # ControlNet's state dict), "flux_xlabs" (XLabs' Flux ControlNet = ComfyUI's ControlNetFlux state dict),
-    # "sd3_diffusers" (diffusers' SD3ControlNetModel names); None: ControlNet-Zero does not support the family.
+    # "sd3_diffusers" (diffusers' SD3ControlNetModel names), "qwen_instantx" (InstantX's Qwen-Image ControlNet:
+    # diffusers' QwenImageControlNetModel names = ComfyUI's module names); None: ControlNet-Zero does not support it.
     controlnet_layout: str | None = None
+    # Why ControlNet-Zero refuses a family without a layout (named in the refusal); None: just unsupported.
+    controlnet_refusal: str | None = None
 
     @property
     def known(self) -> bool:
@@ -223,6 +226,7 @@ FAMILIES: dict[str, Family] = {
     QWEN_IMAGE: Family(
         QWEN_IMAGE, "Qwen-Image", config_classes=("QwenImage",), arch="dit", latent_channels=16,
         text_encoders=(QWEN25_7B,), cfg="true", context_dim=3584, targets=QWEN_IMAGE_TARGETS, auto_train="lora",
+        controlnet_layout="qwen_instantx",
     ),
     # Z-Image: flow, shift 3. cfg "distilled" is Z-Image Turbo's (cfg 1; ComfyUI's template samples it at cfg 1,
     # 9 steps). A non-distilled Z-Image has the same ComfyUI config (ZImage, dim 3840) and the same keys, so
@@ -231,12 +235,16 @@ FAMILIES: dict[str, Family] = {
     Z_IMAGE: Family(
         Z_IMAGE, "Z-Image", config_classes=("ZImage",), arch="dit", latent_channels=16, text_encoders=(QWEN3_4B,),
         cfg="distilled", context_dim=2560, targets=Z_IMAGE_TARGETS, auto_train="lora",
+        controlnet_refusal="ComfyUI 0.3.75 has no ControlNet loader for Z-Image (comfy/controlnet.py detects no "
+        "Z-Image/Lumina 2 format), so a trained file could not be used",
     ),
     # Chroma: Flux-like blocks, T5 only (embedding key t5xxl), true CFG. Its model reads a guidance value
     # (model_base.Chroma.extra_conds, default 0) but it is not guidance-distilled: trained and sampled at 0.
     CHROMA: Family(
         CHROMA, "Chroma", config_classes=("Chroma",), arch="dit", latent_channels=16, text_encoders=(T5XXL,),
         cfg="true", context_dim=4096, targets=CHROMA_TARGETS, auto_train="lora",
+        controlnet_refusal="ComfyUI 0.3.75 has no ControlNet loader for Chroma (its model takes ControlNet residuals, "
+        "but no Chroma ControlNet file format is detected), so a trained file could not be used",
     ),
 }
 

@@ -50,12 +50,12 @@ class ControlNetZeroCreate(io.ComfyNode):
             description=(
                 "Builds a new trainable ControlNet for the MODEL: a copy of its encoder and middle block joined "
                 "through zero-initialized convolutions (SD1.5/SDXL), or of its first transformer blocks with "
-                "zero-initialized output layers (Flux.1: XLabs' layout; SD3: diffusers' layout), plus a small hint "
+                "zero-initialized output layers (Flux.1: XLabs' layout; SD3: diffusers'; Qwen-Image: InstantX's), plus a small hint "
                 "encoder. Until trained it changes nothing (sampling with it applied is identical to sampling "
                 "without it). The MODEL is not modified."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The base model (SD1.5, SDXL, Flux.1 or SD3 family) the ControlNet is "
+                io.Model.Input("model", tooltip="The base model (SD1.5, SDXL, Flux.1, SD3 or Qwen-Image family) the ControlNet is "
                                "built for. It is only read."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Seed for the initial weights of the hint encoder (the only random part)."),

@@ -185,9 +185,28 @@ def present_encoders(clip) -> tuple[str, ...]:
     return tuple(k for k in EMBEDDING_KEYS if k in subs and getattr(clip.cond_stage_model, k, None) is not None)
 
 
+ENCODER_NAMES = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5xxl": "T5-XXL", "qwen25_7b": "Qwen2.5-VL",
+                 "qwen3_4b": "Qwen3"}
+
+
 def _encoder_names(keys) -> str:
-    names = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5xxl": "T5-XXL"}
-    return " + ".join(names.get(k, k) for k in keys) or "none"
+    return " + ".join(ENCODER_NAMES.get(k, k) for k in keys) or "none"
+
+
+def refuse_without_embedding_words(model) -> None:
+    """A clear refusal for a family whose stock tokenizer ignores ``embedding:`` words (Qwen-Image, Z-Image).
+
+    ComfyUI 0.3.75 builds their tokenizers without the embedding directory (``text_encoders/qwen_image.py``,
+    ``z_image.py``): a trained vector could never be used from a prompt, and setting the directory on the
+    tokenizer would change every clone of the CLIP (the tokenizer object is shared across ``CLIP.clone()``).
+    """
+    family = families.family_of(model)
+    plain = [e.key for e in family.text_encoders if not e.embedding]
+    if plain:
+        labels = ", ".join(families.FAMILIES[s].label for s in supported_families())
+        raise ValueError(f"Textual inversion does not support {family.label} yet (supported: {labels}): ComfyUI "
+                         f"0.3.75 builds the {_encoder_names(plain)} tokenizer without embedding support, so "
+                         "embedding:name in a prompt stays plain text and a trained vector could never be used.")
 
 
 def encoder_keys(model, clip) -> tuple[str, ...]:
@@ -196,6 +215,7 @@ def encoder_keys(model, clip) -> tuple[str, ...]:
     Refuses a family without embedding-capable text encoders (naming it and the supported ones), and a
     CLIP that does not go with the MODEL's family.
     """
+    refuse_without_embedding_words(model)
     family = families.require(model, "Textual inversion", supported_families())
     wanted = tuple(e.key for e in family.text_encoders)
     found = present_encoders(clip)
