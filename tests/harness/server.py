@@ -56,6 +56,15 @@ DIT_STAND_INS: dict[str, dict[str, str]] = {
     "ipadapter": {"flux-ip-adapter.safetensors": "flux_ipadapter_xlabs"},
     "clip_vision": {"clip_vit_large_patch14.safetensors": "clip_vision_l"},
 }
+# Qwen-Image and Z-Image Turbo (issue 24), as ComfyUI's Qwen-Image and Z-Image Turbo templates name their files ->
+# the harness.tiny_stand_ins2 item that stands in (Z-Image Turbo's VAE is Flux's ae.safetensors, above).
+for _folder, _names in {
+    "diffusion_models": {"qwen_image_fp8_e4m3fn.safetensors": "qwen_image", "z_image_turbo_bf16.safetensors": "z_image"},
+    "text_encoders": {"qwen_2.5_vl_7b_fp8_scaled.safetensors": "qwen25_7b", "qwen_3_4b.safetensors": "qwen3_4b"},
+    "vae": {"qwen_image_vae.safetensors": "wan21_vae"},
+}.items():
+    DIT_STAND_INS[_folder].update(_names)
+QWEN_ZIMAGE_ITEMS = ("qwen_image", "z_image", "qwen25_7b", "qwen3_4b", "wan21_vae")
 # The example workflows carry real-use settings (512 px, 128 training steps). On the tiny random
 # models on a CPU the demo and the e2e tests shrink them, by node class, after UI->API conversion.
 TINY_RUN_OVERRIDES: dict[str, dict[str, object]] = {
@@ -113,6 +122,10 @@ def dit_stand_in_path(folder: str, item: str) -> Path:
     """The built harness.tiny_dits file for a DIT_STAND_INS entry (built if missing)."""
     from . import tiny_dits
 
+    if item in QWEN_ZIMAGE_ITEMS:
+        from . import tiny_stand_ins2
+
+        return tiny_stand_ins2.path(item)
     if folder == "diffusion_models":
         return tiny_dits.diffusion_model_path(item)
     if folder == "text_encoders":

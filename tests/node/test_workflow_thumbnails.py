@@ -18,10 +18,10 @@ WORKFLOWS = thumbnails.workflow_files()
 FIX = "run `make thumbnails` (cd tests && PYTHONPATH=. ../.venv/bin/python -m harness.thumbnails --write) and commit"
 
 
-# `<Capability> - <what it does, sentence case> (<base>)`, the base maybe words ("Flux.1 dev"): the frontend shows
+# `<Capability> - <what it does, sentence case> (<base>)`, the base maybe words ("Flux.1 dev", "Z-Image Turbo"): the frontend shows
 # the file name as the card's title; no commas (gpu-check's --workflows takes a comma-separated list) or other
 # characters a shell or URL treats specially.
-TITLE = re.compile(r"[A-Z][A-Za-z0-9 .()-]* - [a-z][A-Za-z0-9 .()-]* \([A-Za-z0-9.]+( [A-Za-z0-9.]+)*\)")
+TITLE = re.compile(r"[A-Z][A-Za-z0-9 .()-]* - [a-z][A-Za-z0-9 .()-]* \([A-Za-z0-9.-]+( [A-Za-z0-9.-]+)*\)")
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])

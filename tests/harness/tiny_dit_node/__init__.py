@@ -49,3 +49,48 @@ def _install_controlnet_shape_shim() -> None:
 
 
 _install_controlnet_shape_shim()
+
+
+def _install_qwen_zimage_shims() -> None:
+    """Qwen-Image / Z-Image Turbo stand-ins (harness.tiny_stand_ins2), for their files only:
+
+    - a Z-Image unet_config below the real width (3840; only a tiny file's CONFIG_KEY metadata gives one) gets the
+      ZImage config class, which stock matching reserves for dim 3840 (the rest is Lumina2);
+    - a Qwen2.5-VL built from a tiny file's options (a non-empty config) gets a vision tower one block deep: the
+      stock one is fixed at 0.67B parameters, and text prompts never run it.
+    """
+    import functools
+
+    import comfy.model_detection as md
+    import comfy.supported_models
+    import comfy.text_encoders.llama as llama
+    import comfy.text_encoders.qwen_vl as qwen_vl
+
+    from harness.tiny_stand_ins2 import VISION_LAYERS
+
+    stock_match = md.model_config_from_unet_config
+
+    def model_config_from_unet_config(unet_config, state_dict=None):
+        if unet_config.get("z_image_modulation") and unet_config.get("dim") != 3840:
+            return comfy.supported_models.ZImage(unet_config)
+        return stock_match(unet_config, state_dict)
+
+    md.model_config_from_unet_config = model_config_from_unet_config
+
+    stock_init = llama.Qwen25_7BVLI.__init__
+
+    @functools.wraps(stock_init)
+    def init(self, config_dict, dtype, device, operations):
+        if not config_dict:
+            return stock_init(self, config_dict, dtype, device, operations)
+        stock_vision = qwen_vl.Qwen2VLVisionTransformer
+        qwen_vl.Qwen2VLVisionTransformer = functools.partial(stock_vision, num_layers=VISION_LAYERS)
+        try:
+            return stock_init(self, config_dict, dtype, device, operations)
+        finally:
+            qwen_vl.Qwen2VLVisionTransformer = stock_vision
+
+    llama.Qwen25_7BVLI.__init__ = init
+
+
+_install_qwen_zimage_shims()
