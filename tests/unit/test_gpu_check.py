@@ -186,7 +186,9 @@ def test_the_sd_run_takes_the_sd_workflows_and_dit_the_flux_and_sd35_ones_and_no
     dit = {p.stem for p in gpu_check.workflow_files(dit=True)}
     assert sd and all(s.endswith(("(SD1.5)", "(SDXL)")) for s in sd)
     assert dit == set(DIT_WORKFLOWS)
-    assert sd | dit == every and not sd & dit, "every example workflow runs in exactly one of the two runs"
+    unbuilt = {p for p in every if gpu_check.workflow_base(Path(p + ".json")) in gpu_check.UNBUILT_BASES}
+    assert sd | dit | unbuilt == every and not sd & dit, \
+        "every example workflow runs in exactly one of the two runs, or its base is listed as not built yet"
     assert [p.stem for p in gpu_check.workflow_files([DIT_WORKFLOWS[1], DRY_RUN_WORKFLOWS[0]])] == \
         [DIT_WORKFLOWS[1], DRY_RUN_WORKFLOWS[0]], "--workflows names any of them"
 
