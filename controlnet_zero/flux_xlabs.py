@@ -95,7 +95,7 @@ def create(base_model, generator: torch.Generator | None = None, *, depth: int =
     out = {}
     for name, ref in sd.items():
         if name in base_sd and tuple(base_sd[name].shape) == tuple(ref.shape):
-            out[name] = _base_value(base_model.diffusion_model, name, base_sd[name])
+            out[name] = layouts.base_value(base_model.diffusion_model, name, base_sd[name])
         elif name.startswith(ZERO_PREFIXES) or name.startswith(f"input_hint_block.{LAST_HINT_CONV}."):
             out[name] = torch.zeros(ref.shape)
         elif name.startswith(("input_hint_block.", "pos_embed_input.")):
@@ -105,18 +105,6 @@ def create(base_model, generator: torch.Generator | None = None, *, depth: int =
                                f"({tuple(base_sd[name].shape) if name in base_sd else 'missing'})")
     cn.load_state_dict(out, strict=True)
     return cn
-
-
-def _base_value(diffusion_model: torch.nn.Module, name: str, stored: torch.Tensor) -> torch.Tensor:
-    """The base's weight ``name`` as fp32 CPU values, through its op's ``convert_weight`` where it has one.
-
-    Scaled-fp8 Flux files store ``weight / scale_weight``; ComfyUI's ops dequantize with ``convert_weight`` (as
-    its LoRA patching does), so the copy holds the weights the base computes with.
-    """
-    module_name, _, leaf = name.rpartition(".")
-    convert = getattr(diffusion_model.get_submodule(module_name), "convert_weight", None) if leaf == "weight" else None
-    value = convert(stored.detach()) if convert is not None else stored.detach()
-    return value.to("cpu", torch.float32).clone()
 
 
 def depth_of(control_model: torch.nn.Module) -> int:

@@ -177,3 +177,48 @@ def load_checked(module, tensors: dict, base_model, check_fits, what: str):
 def pixel_hints(hints, vae=None):
     """``hint_input`` of a pixel-hint layout: the uint8 ``[B, H, W, 3]`` rows are what the cache keeps."""
     return hints
+
+
+def trainable_copy(control_model, device):
+    """A private fp32 copy of ``control_model`` whose weights are ordinary (not inference) tensors.
+
+    Run under ``torch.inference_mode(False)``: modules created by a ComfyUI node hold inference
+    tensors, which autograd refuses; the input object is never modified.
+    """
+    import copy
+
+    import torch
+
+    memo = {id(p): torch.nn.Parameter(p.detach().to(device, torch.float32).clone())
+            for p in control_model.parameters()}
+    memo.update({id(b): b.detach().to(device).clone() for b in control_model.buffers()})
+    cn = copy.deepcopy(control_model, memo)
+    cn.dtype = torch.float32
+    return cn
+
+
+def base_value(diffusion_model, name: str, stored):
+    """The base's weight ``name`` as fp32 CPU values, through its op's ``convert_weight`` where it has one.
+
+    Scaled-fp8 files store ``weight / scale_weight``; ComfyUI's ops dequantize with ``convert_weight`` (as its
+    LoRA patching does), so a copied block holds the weights the base computes with.
+    """
+    import torch
+
+    module_name, _, leaf = name.rpartition(".")
+    convert = getattr(diffusion_model.get_submodule(module_name), "convert_weight", None) if leaf == "weight" else None
+    value = convert(stored.detach()) if convert is not None else stored.detach()
+    return value.to("cpu", torch.float32).clone()
+
+
+def shapes(module_or_sd) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of a module's state dict (or of a state dict)."""
+    sd = module_or_sd if isinstance(module_or_sd, dict) else module_or_sd.state_dict()
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def controlnet_blocks(named_shapes: dict) -> int:
+    """How many ``controlnet_blocks.N`` a DiT ControlNet's state dict holds."""
+    import comfy.model_detection
+
+    return comfy.model_detection.count_blocks(named_shapes, "controlnet_blocks.{}.")

@@ -8,7 +8,6 @@ and the stock ControlNetLoader detects the same configuration back from the keys
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
@@ -128,18 +127,7 @@ def _adm_channels(sd: dict) -> int | None:
     return int(w.shape[1]) if w is not None else None
 
 
-def trainable_copy(control_model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """A private fp32 copy of ``control_model`` whose weights are ordinary (not inference) tensors.
-
-    Run under ``torch.inference_mode(False)``: modules created by a ComfyUI node hold inference
-    tensors, which autograd refuses; the input object is never modified.
-    """
-    memo = {id(p): torch.nn.Parameter(p.detach().to(device, torch.float32).clone())
-            for p in control_model.parameters()}
-    memo.update({id(b): b.detach().to(device).clone() for b in control_model.buffers()})
-    cn = copy.deepcopy(control_model, memo)
-    cn.dtype = torch.float32
-    return cn
+trainable_copy = layouts.trainable_copy
 
 
 def wrap(control_model: torch.nn.Module, vae=None):

@@ -42,7 +42,6 @@ weights the base computes with.
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
@@ -159,7 +158,7 @@ def create(base_model, generator: torch.Generator | None = None, *, depth: int =
         if name.startswith(ZERO_PREFIXES):
             out[name] = torch.zeros(ref.shape)
         elif name in base_sd:
-            value = _base_value(diffusion_model, name, base_sd[name])
+            value = layouts.base_value(diffusion_model, name, base_sd[name])
             if tuple(value.shape) != tuple(ref.shape):
                 raise RuntimeError(f"MMDiT weight {name} has shape {tuple(value.shape)} but the ControlNet "
                                    f"built from the same config wants {tuple(ref.shape)}")
@@ -170,18 +169,6 @@ def create(base_model, generator: torch.Generator | None = None, *, depth: int =
     cn.load_state_dict(out, strict=True)
     log.info("ControlNet-Zero SD3: created a %d-block ControlNet (width %d) from the base's weights", n, cn.hidden_size)
     return cn.eval().requires_grad_(False)
-
-
-def _base_value(diffusion_model: torch.nn.Module, name: str, stored: torch.Tensor) -> torch.Tensor:
-    """The base's weight ``name`` as fp32 CPU values: through its op's ``convert_weight`` where it has one.
-
-    Scaled-fp8 checkpoints (e.g. ``sd3.5_large_fp8_scaled``) store ``weight / scale_weight`` and quantized ones
-    a ``QuantizedTensor``; ComfyUI's ops dequantize with ``convert_weight`` (as its LoRA patching does).
-    """
-    module_name, _, leaf = name.rpartition(".")
-    convert = getattr(diffusion_model.get_submodule(module_name), "convert_weight", None) if leaf == "weight" else None
-    value = convert(stored.detach()) if convert is not None else stored.detach()
-    return value.to("cpu", torch.float32).clone()
 
 
 def owns(control_model) -> bool:
@@ -210,26 +197,15 @@ def unwrap(control_net) -> torch.nn.Module:
     return module
 
 
-def _shapes(module_or_sd) -> dict[str, tuple[int, ...]]:
-    sd = module_or_sd if isinstance(module_or_sd, dict) else module_or_sd.state_dict()
-    return {k: tuple(v.shape) for k, v in sd.items()}
-
-
 def _hidden(shapes: dict) -> int | None:
     w = shapes.get("x_embedder.proj.weight")
     return int(w[0]) if w is not None else None
 
 
-def _blocks(shapes: dict) -> int:
-    import comfy.model_detection
-
-    return comfy.model_detection.count_blocks(shapes, "controlnet_blocks.{}.")
-
-
 def check_fits(control_model, base_model) -> None:
     """Raise a clear error unless ``control_model`` is the ControlNet ``base_model``'s config builds (any depth)."""
-    have = _shapes(control_model)
-    n = _blocks(have)
+    have = layouts.shapes(control_model)
+    n = layouts.controlnet_blocks(have)
     if not _is_mmdit(base_model):
         from .. import families
 
@@ -241,7 +217,7 @@ def check_fits(control_model, base_model) -> None:
         raise ValueError(f"this ControlNet does not fit the MODEL: it has {n} ControlNet blocks, the MODEL's "
                          f"{blocks} joint blocks take 1 to {blocks - 1}. Continue training only from a ControlNet of "
                          "the same base model, or start a new one with ControlNet-Zero Create.")
-    want = _shapes(build(cfg, n, "meta"))
+    want = layouts.shapes(build(cfg, n, "meta"))
     differences = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
     if differences:
         first = differences[0]
@@ -347,7 +323,7 @@ def module_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load(tensors: dict[str, torch.Tensor], base_model) -> torch.nn.Module:
     """The fp32 CPU ControlNet for ``base_model`` holding a diffusers-layout file's weights (resume / CLI)."""
     sd = {k: v.float() for k, v in module_tensors(tensors).items()}
-    n = _blocks(sd)
+    n = layouts.controlnet_blocks(sd)
     check_fits(layouts.FileTensors(sd), base_model)
     module = build(base_config(base_model), n, "cpu", torch.float32)
     module.load_state_dict(sd, strict=True)
@@ -383,11 +359,4 @@ def control(control_model, x_in: torch.Tensor, hint: torch.Tensor, timesteps: to
     return {"input": [], "middle": [], "output": [o.to(compute) for o in outputs["output"]]}
 
 
-def trainable_copy(control_model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """A private fp32 copy whose weights are ordinary tensors (run under ``torch.inference_mode(False)``)."""
-    memo = {id(p): torch.nn.Parameter(p.detach().to(device, torch.float32).clone())
-            for p in control_model.parameters()}
-    memo.update({id(b): b.detach().to(device).clone() for b in control_model.buffers()})
-    cn = copy.deepcopy(control_model, memo)
-    cn.dtype = torch.float32
-    return cn
+trainable_copy = layouts.trainable_copy
