@@ -222,3 +222,28 @@ def controlnet_blocks(named_shapes: dict) -> int:
     import comfy.model_detection
 
     return comfy.model_detection.count_blocks(named_shapes, "controlnet_blocks.{}.")
+
+
+def fill_from_base(cn, diffusion_model, zero_prefixes: tuple[str, ...], label: str) -> None:
+    """Load ``cn`` with the base's weights under the same names (``base_value``), its ``zero_prefixes`` exactly zero.
+
+    For layouts whose every other weight exists in the base (diffusers' DiT ControlNets); a name the base lacks or
+    a shape that differs is an error naming it (``label``: the family, for the message).
+    """
+    import torch
+
+    base_sd = diffusion_model.state_dict()
+    out = {}
+    for name, ref in cn.state_dict().items():
+        if name.startswith(zero_prefixes):
+            out[name] = torch.zeros(ref.shape)
+        elif name in base_sd:
+            value = base_value(diffusion_model, name, base_sd[name])
+            if tuple(value.shape) != tuple(ref.shape):
+                raise RuntimeError(f"{label} weight {name} has shape {tuple(value.shape)} but the ControlNet "
+                                   f"built from the same config wants {tuple(ref.shape)}")
+            out[name] = value
+        else:
+            raise RuntimeError(f"the {label} ControlNet has a weight {name} that the base lacks; this model's "
+                               "configuration is not one ControlNet-Zero can copy.")
+    cn.load_state_dict(out, strict=True)

@@ -150,23 +150,8 @@ def create(base_model, generator: torch.Generator | None = None, *, depth: int =
     del generator
     cfg = base_config(base_model)
     n = block_count(base_model, depth)
-    diffusion_model = _diffusion_model(base_model)
-    base_sd = diffusion_model.state_dict()
     cn = build(cfg, n, "cpu", torch.float32)
-    out = {}
-    for name, ref in cn.state_dict().items():
-        if name.startswith(ZERO_PREFIXES):
-            out[name] = torch.zeros(ref.shape)
-        elif name in base_sd:
-            value = layouts.base_value(diffusion_model, name, base_sd[name])
-            if tuple(value.shape) != tuple(ref.shape):
-                raise RuntimeError(f"MMDiT weight {name} has shape {tuple(value.shape)} but the ControlNet "
-                                   f"built from the same config wants {tuple(ref.shape)}")
-            out[name] = value
-        else:
-            raise RuntimeError(f"the SD3 ControlNet has a weight {name} that the base MMDiT lacks; this model's "
-                               "configuration is not one ControlNet-Zero can copy.")
-    cn.load_state_dict(out, strict=True)
+    layouts.fill_from_base(cn, _diffusion_model(base_model), ZERO_PREFIXES, "SD3")
     log.info("ControlNet-Zero SD3: created a %d-block ControlNet (width %d) from the base's weights", n, cn.hidden_size)
     return cn.eval().requires_grad_(False)
 
