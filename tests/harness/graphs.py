@@ -318,6 +318,71 @@ def merge(*parts: Graph) -> dict:
     return prompt
 
 
+# The Flux.1 dev names the e2e server links to tiny stand-ins (harness.server.DIT_STAND_INS).
+FLUX_UNET, FLUX_CLIP, FLUX_VAE = "flux1-dev.safetensors", ("clip_l.safetensors", "t5xxl_fp16.safetensors"), "ae.safetensors"
+FLUX_IPADAPTER, FLUX_CLIP_VISION = "flux-ip-adapter.safetensors", "clip_vit_large_patch14.safetensors"
+
+
+def _flux_style_inputs(g: Graph) -> tuple[str, str, str, str, str, str]:
+    """Flux.1 dev model, CLIP, VAE, CLIP ViT-L vision, style image and Flux IP-Adapter loader."""
+    model = g.add("UNETLoader", unet_name=FLUX_UNET, weight_dtype="default")
+    clip = g.add("DualCLIPLoader", clip_name1=FLUX_CLIP[0], clip_name2=FLUX_CLIP[1], type="flux")
+    vae = g.add("VAELoader", vae_name=FLUX_VAE)
+    vision = g.add("CLIPVisionLoader", clip_name=FLUX_CLIP_VISION)
+    adapter = g.add("FrozenTuneFluxIPAdapterLoader", flux_ipadapter_file=FLUX_IPADAPTER)
+    return model, clip, vae, vision, _image(g), adapter
+
+
+def _flux_sample(g: Graph, model: list, clip: str, vae: str, size: int = SIZE) -> str:
+    pos = g.add("FluxGuidance", conditioning=out(g.add("CLIPTextEncode", clip=out(clip), text="a cat")), guidance=3.5)
+    neg = g.add("CLIPTextEncode", clip=out(clip), text="")
+    latent = g.add("EmptySD3LatentImage", width=size, height=size, batch_size=1)
+    sampled = g.add("KSampler", model=model, seed=0, steps=1, cfg=1.0, sampler_name="euler", scheduler="simple",
+                    positive=out(pos), negative=out(neg), latent_image=out(latent), denoise=1.0)
+    return g.add("PreviewImage", images=out(g.add("VAEDecode", samples=out(sampled), vae=out(vae))))
+
+
+FLUX_BLOCKS = {"weight": 1.0, "preset": "all", "custom_blocks": "double 0-1", "start_at": 0.0, "end_at": 1.0}
+
+
+def instantstyle_apply_flux(**overrides) -> Graph:
+    g = Graph()
+    model, clip, vae, vision, image, adapter = _flux_style_inputs(g)
+    inputs = {**FLUX_BLOCKS, "combine_images": "average", "content_text": "a girl", "subtract": 0.5, **overrides}
+    g.target = g.add("FrozenTuneInstantStyleApplyFlux", model=out(model), flux_ipadapter=out(adapter),
+                     clip_vision=out(vision), image=out(image), clip=out(clip), **inputs)
+    _flux_sample(g, out(g.target), clip, vae)
+    return g
+
+
+def flux_ipadapter_loader(flux_ipadapter_file: str = FLUX_IPADAPTER) -> Graph:
+    g = instantstyle_apply_flux()
+    loader = [n for n, v in g.nodes.items() if v["class_type"] == "FrozenTuneFluxIPAdapterLoader"][0]
+    g.nodes[loader]["inputs"]["flux_ipadapter_file"] = flux_ipadapter_file
+    g.target = loader
+    return g
+
+
+def instantstyle_encode_flux(**overrides) -> Graph:
+    """InstantStyle Encode (Flux) -> Apply Embeds (Flux) with its negative -> one step."""
+    g = Graph()
+    model, clip, vae, vision, image, adapter = _flux_style_inputs(g)
+    g.target = g.add("FrozenTuneInstantStyleEncodeFlux", flux_ipadapter=out(adapter), clip_vision=out(vision),
+                     image=out(image), clip=out(clip), **{"content_text": "a girl", "subtract": 0.5, **overrides})
+    applied = g.add("FrozenTuneInstantStyleApplyEmbedsFlux", model=out(model), flux_ipadapter=out(adapter),
+                    embeds=out(g.target), negative_embeds=out(g.target, 1), combine_embeds="average", **FLUX_BLOCKS)
+    _flux_sample(g, out(applied), clip, vae)
+    return g
+
+
+def instantstyle_apply_embeds_flux(**overrides) -> Graph:
+    g = instantstyle_encode_flux()
+    applied = [n for n, v in g.nodes.items() if v["class_type"] == "FrozenTuneInstantStyleApplyEmbedsFlux"][0]
+    g.nodes[applied]["inputs"].update(overrides)
+    g.target = applied
+    return g
+
+
 # One valid base graph per FrozenTune node id (the fuzz pass starts from these).
 BASES = {
     "FrozenTuneUniTuneFineTune": unitune_fine_tune,
@@ -334,4 +399,8 @@ BASES = {
     "FrozenTuneInstantStyleApplyEmbeds": instantstyle_apply_embeds,
     "FrozenTuneInstantStyleCombineEmbeds": instantstyle_combine_embeds,
     "FrozenTuneInstantStyleSaveEmbeds": instantstyle_save_embeds,
+    "FrozenTuneFluxIPAdapterLoader": flux_ipadapter_loader,
+    "FrozenTuneInstantStyleApplyFlux": instantstyle_apply_flux,
+    "FrozenTuneInstantStyleEncodeFlux": instantstyle_encode_flux,
+    "FrozenTuneInstantStyleApplyEmbedsFlux": instantstyle_apply_embeds_flux,
 }

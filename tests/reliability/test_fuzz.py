@@ -42,6 +42,9 @@ BASE_FOR_INPUT = {
     # custom_blocks is only read with preset "custom"
     ("FrozenTuneInstantStyleApply", "custom_blocks"): lambda: graphs.instantstyle_apply(preset="custom"),
     ("FrozenTuneInstantStyleApplyEmbeds", "custom_blocks"): lambda: graphs.instantstyle_apply_embeds(preset="custom"),
+    ("FrozenTuneInstantStyleApplyFlux", "custom_blocks"): lambda: graphs.instantstyle_apply_flux(preset="custom"),
+    ("FrozenTuneInstantStyleApplyEmbedsFlux", "custom_blocks"):
+        lambda: graphs.instantstyle_apply_embeds_flux(preset="custom"),
     # the folder is the views only when the image input is empty (both given is refused, naming folder)
     ("FrozenTuneTextualInversionTrain", "folder"): lambda: graphs.textual_inversion_train(use_image=False),
 }
@@ -55,7 +58,10 @@ NODE_ORDER = ["FrozenTuneUniTuneFineTune", "FrozenTuneUniTuneSave", "FrozenTuneU
               "FrozenTuneIPAdapterLoader",
               "FrozenTuneInstantStyleApply", "FrozenTuneInstantStyleEncode", "FrozenTuneInstantStyleApplyEmbeds",
               "FrozenTuneInstantStyleCombineEmbeds", "FrozenTuneInstantStyleSaveEmbeds",
-              "FrozenTuneInstantStyleLoadEmbeds"]
+              "FrozenTuneInstantStyleLoadEmbeds",
+              # Flux.1 dev last (tiny stand-ins under the template's names)
+              "FrozenTuneFluxIPAdapterLoader", "FrozenTuneInstantStyleApplyFlux", "FrozenTuneInstantStyleEncodeFlux",
+              "FrozenTuneInstantStyleApplyEmbedsFlux"]
 
 
 def bad_numbers(spec: dict) -> dict[str, float]:
