@@ -479,6 +479,7 @@ class FluxIPAdapterLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, flux_ipadapter_file, siglip_file=SIGLIP_NONE) -> io.NodeOutput:
+        checks.choice("siglip_file", siglip_file, [SIGLIP_NONE, *folder_paths.get_filename_list("clip_vision")])
         path = folder_paths.get_full_path_or_raise(FOLDER, flux_ipadapter_file)
         adapter = flux_adapter_file.load(path)
         if siglip_file and siglip_file != SIGLIP_NONE and hasattr(adapter, "with_siglip_head"):
