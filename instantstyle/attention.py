@@ -66,6 +66,19 @@ def _attention(q, k, v, heads: int, extra: dict) -> torch.Tensor:
     return optimized_attention(q, k, v, heads, attn_precision=extra.get("attn_precision"), transformer_options=extra)
 
 
+def sigma_gate(options: dict, rows: int, like: torch.Tensor, sigma_start: float, sigma_end: float) -> torch.Tensor | None:
+    """Per-row 0/1 factor from the rows' sigmas (``options["sigmas"]``): 1 inside [sigma_end, sigma_start];
+    None when every row is active (or no sigmas are known)."""
+    sigmas = options.get("sigmas")
+    if sigmas is None:
+        return None
+    sigmas = torch.as_tensor(sigmas).flatten()
+    if sigmas.numel() != rows:
+        sigmas = sigmas[:1].expand(rows)
+    active = (sigmas <= sigma_start) & (sigmas >= sigma_end)
+    return None if bool(active.all()) else active.to(like.device, like.dtype)
+
+
 @dataclass(frozen=True, eq=False)
 class IPAttention:
     """attn2 replace for one layer: stock (or previous) text attention + weight * image attention."""
@@ -116,17 +129,7 @@ class IPAttention:
             + ORDER_HINT)
 
     def _gate(self, extra: dict, rows: int, like: torch.Tensor) -> torch.Tensor | None:
-        """Per-row 0/1 factor from the rows' sigmas; None when every row is active."""
-        sigmas = extra.get("sigmas")
-        if sigmas is None:
-            return None
-        sigmas = torch.as_tensor(sigmas).flatten()
-        if sigmas.numel() != rows:
-            sigmas = sigmas[:1].expand(rows)
-        active = (sigmas <= self.sigma_start) & (sigmas >= self.sigma_end)
-        if bool(active.all()):
-            return None
-        return active.to(like.device, like.dtype)
+        return sigma_gate(extra, rows, like, self.sigma_start, self.sigma_end)
 
     def effective_weight(self) -> float:
         if self.scaling == "K+V w/ C penalty":

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..sampling import cond_chunks
+from .attention import sigma_gate
 
 TXT_LEN_KEY = "frozentune_flux_ip_txt_len"  # transformer_options: text tokens ahead of the image tokens
 TXT_LEN_WRAPPER_KEY = "frozentune_flux_ip_txt_len"
@@ -71,14 +72,7 @@ class FluxIPBlock:
         return self.prev.models() if hasattr(self.prev, "models") else []
 
     def _gate(self, options: dict, rows: int, like: torch.Tensor) -> torch.Tensor | None:
-        sigmas = options.get("sigmas")
-        if sigmas is None:
-            return None
-        sigmas = torch.as_tensor(sigmas).flatten()
-        if sigmas.numel() != rows:
-            sigmas = sigmas[:1].expand(rows)
-        active = (sigmas <= self.sigma_start) & (sigmas >= self.sigma_end)
-        return None if bool(active.all()) else active.to(like.device, like.dtype)
+        return sigma_gate(options, rows, like, self.sigma_start, self.sigma_end)
 
     def image_attention(self, func, q: torch.Tensor, heads: int, options: dict) -> torch.Tensor:
         """[B, L, H*D] attention of the (un-rotated) query rows ``q`` [B, H, L, D] over the image k/v, per chunk."""
