@@ -53,6 +53,13 @@ Z_IMAGE_FULL = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=384
                     qk_norm=True, n_heads=30, n_kv_heads=30, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
                     rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0,
                     pad_tokens_multiple=32)
+# Chroma (lodestones/Chroma, chroma-unlocked-v*.safetensors): Flux.1's 19 double + 38 single blocks without their
+# modulation layers, fed by distilled_guidance_layer (5 layers, 5120 hidden, 64 in -> 3072 out); img_in 3072x64 (the
+# 2x2-patchified 16-channel latent), txt_in 3072x4096 (T5-XXL); what detect_unet_config's Chroma branch sets. Used by
+# bench/gpu_check.py --families, not by the memory bench (no target for Chroma).
+CHROMA_FULL = dict(image_model="chroma", in_channels=64, out_channels=64, in_dim=64, out_dim=3072, hidden_dim=5120,
+                   n_layers=5, axes_dim=[16, 56, 56], num_heads=24, mlp_ratio=4.0, theta=10000, qkv_bias=True,
+                   hidden_size=3072, context_in_dim=4096, patch_size=2, depth=19, depth_single_blocks=38)
 FULL_SIZE = {"sd15": SD15_FULL, "sdxl": SDXL_FULL, "flux1-dev": FLUX_DEV_FULL, "sd3.5-large": SD35_LARGE_FULL,
              "qwen-image": QWEN_IMAGE_FULL, "z-image": Z_IMAGE_FULL}
 # text tokens, pooled width (None: the model reads none) and context width the conditioning has, per DiT (see the

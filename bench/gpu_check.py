@@ -40,6 +40,23 @@ without it, and the DiT example workflows. Disk: the SD run's files and these to
 over the 40 GB limit, so a run first removes the other run's cached files (``prune_other_run``; report.md prints
 the sums; the dry run computes them from the full-size layouts).
 
+``--families`` (issue 24): Qwen-Image, Z-Image and Chroma, a run of its own (10 minutes; ~39.5 GB of files, which with
+either other run's is over the 40 GB limit: ``prune_other_run`` removes those first but the --dit run's 1-layer T5 and
+16-channel VAE, which Chroma and Z-Image share). Full-size random diffusion models built on the GPU in fp8 and found by
+the stock ``UNETLoader`` detection in their shapes (no shim): Qwen-Image 20.43B (60 blocks), Z-Image 6.15B, Chroma
+8.90B. Text encoders at their real widths, cut to fit the disk: Qwen2.5-VL-7B with 1 of 28 layers and no vision
+weights (the stock loader still builds its 0.67B vision tower; a text prompt never runs it), Qwen3-4B with 3 of 36
+(Z-Image reads layer -2), both through the stock ``CLIPLoader`` (qwen_image, lumina2) with the layer count in the
+file's metadata (the text-encoder shim); Chroma's 1-layer T5 goes through ``chroma_clip`` (ComfyUI's PixArt T5 CLIP
+built directly: ``CLIPLoader`` routes a T5 to Chroma only with T5-XXL's 24th layer). Not measured here, so: the text
+encoders' full depth (their time and memory while encoding; no training goes through them), ``CLIPLoader`` type chroma
+on a real T5-XXL, the Qwen2.5-VL vision tower's weights. VAEs: Qwen-Image's Wan-2.1 (127M) and Flux.1's ae, full
+size. Items: per family the load and UniTune Fine-Tune (LoRA at the node's default rank 32, batch 1 at 1024 px, bf16,
+checkpointing; Qwen-Image against the memory bench's 24 GiB, Z-Image 10 GiB, Chroma reported without a target; ComfyUI
+leaves the text encoder loaded after encoding when memory allows, so report.md judges the peak less what of it stayed),
+then the Qwen-Image and Z-Image Turbo example workflows. report.md prints the FLOP-based estimates (``FAMILY_ESTIMATES``,
+~400 s) and the disk sums.
+
 Exit code 0 if every item passed, 1 if any failed (each item runs in its own try/except, so one failure
 is reported and the rest still run), 2 with a one-line reason when no CUDA GPU is visible.
 """
@@ -81,15 +98,22 @@ SD_LOADS = tuple(f"{family}:{dtype}" for family in FAMILIES for dtype in DTYPES)
 # ``--dit`` (issue 22): Flux.1-dev and SD3.5 Large, weights stored in fp8 (e4m3fn), training computing in bf16
 DIT_FAMILIES = ("flux1", "sd3")
 DIT_LOADS = ("flux1:bf16", "sd3:bf16")
-ALL_LOADS = SD_LOADS + DIT_LOADS
+# ``--families`` (issue 24): Qwen-Image, Z-Image and Chroma, weights stored in fp8, training computing in bf16
+MORE_DITS = ("qwen_image", "z_image", "chroma")
+FAMILY_LOADS = tuple(f"{family}:bf16" for family in MORE_DITS)
+ALL_DITS = DIT_FAMILIES + MORE_DITS
+ALL_LOADS = SD_LOADS + DIT_LOADS + FAMILY_LOADS
 # per family, the in-process items run on each load (issue 23: ControlNet-Zero on both DiTs, InstantStyle on Flux.1)
 FAMILY_TRAINERS = {"sd15": ("unitune_finetune", "controlnet_zero"), "sdxl": ("unitune_finetune", "controlnet_zero"),
                    "flux1": ("unitune_finetune", "controlnet_zero", "textual_inversion", "instantstyle_flux"),
-                   "sd3": ("unitune_finetune", "controlnet_zero", "textual_inversion")}
+                   "sd3": ("unitune_finetune", "controlnet_zero", "textual_inversion"),
+                   **{family: ("unitune_finetune",) for family in MORE_DITS}}
 # bench/memory_bench.py --full's targets at 1024 px, batch 1, fp8 weights, bf16, checkpointing: UniTune LoRA, and
 # ControlNet-Zero Flux.1-dev (XLabs layout, 2 double blocks, 8-bit AdamW; issue 23). SD3.5's ControlNet has none.
 DIT_MEMORY_TARGETS_GIB = {("unitune_finetune", "flux1"): 16.0, ("unitune_finetune", "sd3"): 12.0,
-                          ("controlnet_zero", "flux1"): 20.0}
+                          ("controlnet_zero", "flux1"): 20.0,
+                          # issue 24: the node's default LoRA (rank 32); Chroma has no target (its peak is reported)
+                          ("unitune_finetune", "qwen_image"): 24.0, ("unitune_finetune", "z_image"): 10.0}
 # ControlNet-Zero Create's depth on Flux.1: the XLabs releases' 2 double blocks (the memory bench's case); SD3.5 takes
 # the node's default (diffusers' SD3 ControlNet: 12 joint blocks)
 DIT_CONTROLNET_DEPTH = {"flux1": 2}
@@ -120,6 +144,21 @@ DIT_ESTIMATES = (
     ("workflow ControlNet-Zero (Flux.1 dev): encode 16 images, 8 steps x 4 accumulated at 1024 px (~60 s), "
      "checkpoint + Save, 20 steps with the stock ControlNet loader", 90),
     ("workflow InstantStyle (Flux.1 dev): CLIP ViT-L + XLabs adapter, 20 steps at 1024 px, decode", 25),
+)
+# The same for ``--families`` (issue 24; FLOP-based, not measured): Qwen-Image at 1024 px is ~170 TFLOP per image
+# forward (2 x 20.4B x ~4,100 tokens), ~0.6 s at ~30% of an H100's bf16 peak; Z-Image ~50 TFLOP (2 x 6.15B x ~4,100),
+# ~0.17 s; Chroma ~75 TFLOP (2 x 8.9B x ~4,200), ~0.25 s; a checkpointed LoRA step ~4 forwards. Writing at the --dit
+# build's pace (~3.5 s per GB, random init included); loading from the page cache.
+FAMILY_ESTIMATES = (
+    ("build Qwen-Image (fp8, 20.4 GB) + 1-layer Qwen2.5-VL-7B (1.6 GB) + Wan-2.1 VAE (0.25 GB)", 78),
+    ("build Z-Image (fp8, 6.2 GB) + 3-layer Qwen3-4B (1.4 GB)", 27),
+    ("build Chroma (fp8, 8.9 GB) + 1-layer T5-XXL + 16-ch VAE (0.8 GB; kept from a --dit run if cached)", 34),
+    ("load Qwen-Image + UniTune LoRA 4 steps at 1024 px (~2.3 s/step)", 40),
+    ("load Z-Image + UniTune LoRA 4 steps at 1024 px (~0.7 s/step)", 15),
+    ("load Chroma + UniTune LoRA 4 steps at 1024 px (~1.0 s/step)", 20),
+    ("server start", 20),
+    ("workflow Qwen-Image: load, 8 training steps at batch 2, 18 edit steps x 3 predictions x batch 2, 1024 px", 130),
+    ("workflow Z-Image Turbo: load, 8 training steps at batch 2, 8 edit steps x 2 predictions x batch 2, 1024 px", 35),
 )
 QUICK_BUDGET_SECONDS = 240  # issue 21: ``--quick`` in 4 minutes
 # ``--quick``: one trainer item per family (both trainers and both dtypes still covered) and one workflow.
@@ -160,7 +199,10 @@ class Mode:
     # text encoder -> ComfyUI model_config entries over its stock full-size config ({}: the stock one), written
     # into the file's metadata for the text-encoder shim (harness.tiny_dits.TE_OPTIONS_KEY)
     text_encoders: dict[str, dict] = field(default_factory=dict)
-    flux_config_in_file: bool = False  # tiny Flux: detection reads its unet_config from the file (24 heads fixed)
+    # tiny Flux, Qwen-Image, Z-Image, Chroma (CONFIG_IN_FILE): detection reads the unet_config from the file, as
+    # ComfyUI's fixes their widths (Flux/Chroma 24 heads of 128, Qwen-Image 3072 wide, Z-Image 3840)
+    flux_config_in_file: bool = False
+    wan_vae_dim: int = 96  # Qwen-Image's Wan-2.1 VAE (comfy/sd.py reads the width from decoder.head.0.gamma)
 
 
 # The T5 the --dit run builds: T5-XXL's real width (d_model 4096, which Flux.1's txt_in and SD3's context take)
@@ -168,30 +210,42 @@ class Mode:
 # reads the layer count from the file's metadata through the text-encoder shim (the stock DualCLIPLoader always
 # builds 24 layers).
 T5_LAYERS = {"num_layers": 1}
+# ``--families``' text encoders at their real widths (Qwen-Image's joint width 3584, Z-Image's caption width 2560), cut
+# to what the disk limit leaves (report.md's disk line): Qwen2.5-VL-7B with 1 of its 28 layers (0.78B parameters of
+# 7.6B; no vision weights in the file: ComfyUI's loader builds its 0.67B vision tower anyway and a text prompt never
+# runs it) and Qwen3-4B with 3 of its 36 (Z-Image reads layer -2, and comfy/sd1_clip.py asserts |-2| < the layer
+# count). Chroma takes the 1-layer T5 above.
+QWEN25_LAYERS = {"num_hidden_layers": 1}
+QWEN3_LAYERS = {"num_hidden_layers": 3}
 
 
 def full_mode(train_steps: int = 4, workflow_train_steps: int = 8) -> Mode:
-    from full_size import FLUX_DEV_FULL, SD35_LARGE_FULL
+    from full_size import CHROMA_FULL, FLUX_DEV_FULL, QWEN_IMAGE_FULL, SD35_LARGE_FULL, Z_IMAGE_FULL
 
-    return Mode("full", {"sd15": SD15_UNET, "sdxl": SDXL_UNET, "flux1": FLUX_DEV_FULL, "sd3": SD35_LARGE_FULL},
-                {"sd15": "SD15", "sdxl": "SDXL", "flux1": "Flux", "sd3": "SD3"},
-                {"sd15": 512, "sdxl": 1024, "flux1": 1024, "sd3": 1024}, train_steps, workflow_train_steps,
-                text_encoders={"clip_l": {}, "clip_g": {}, "t5xxl": dict(T5_LAYERS)})
+    return Mode("full", {"sd15": SD15_UNET, "sdxl": SDXL_UNET, "flux1": FLUX_DEV_FULL, "sd3": SD35_LARGE_FULL,
+                         "qwen_image": QWEN_IMAGE_FULL, "z_image": Z_IMAGE_FULL, "chroma": CHROMA_FULL},
+                {"sd15": "SD15", "sdxl": "SDXL", "flux1": "Flux", "sd3": "SD3", "qwen_image": "QwenImage",
+                 "z_image": "ZImage", "chroma": "Chroma"},
+                {"sd15": 512, "sdxl": 1024, **{f: 1024 for f in ALL_DITS}}, train_steps, workflow_train_steps,
+                text_encoders={"clip_l": {}, "clip_g": {}, "t5xxl": dict(T5_LAYERS), "qwen25_7b": dict(QWEN25_LAYERS),
+                               "qwen3_4b": dict(QWEN3_LAYERS)})
 
 
 def tiny_mode() -> Mode:
     # SDXL_BLOCKS has SDXL's block ids, which the InstantStyle presets need
-    from harness import tiny_dits, tiny_models
+    from harness import tiny_dits, tiny_dits2, tiny_models, tiny_qwen, tiny_stand_ins2
 
-    dits = {f: tiny_dits.RECIPES[f] for f in DIT_FAMILIES}
+    dits = {f: tiny_dits.RECIPES[f] for f in (*DIT_FAMILIES, "chroma")}
     return Mode("tiny", {"sd15": tiny_models.SD15.unet, "sdxl": tiny_models.SDXL_BLOCKS.unet,
-                         **{f: r.unet for f, r in dits.items()}},
+                         **{f: r.unet for f, r in dits.items()},
+                         "qwen_image": tiny_qwen.UNET_CONFIG, "z_image": tiny_dits2.ZIMAGE_UNET},
                 {"sd15": tiny_models.SD15.expected_config, "sdxl": tiny_models.SDXL_BLOCKS.expected_config,
-                 **{f: r.config_class for f, r in dits.items()}},
-                {"sd15": 64, "sdxl": 64, "flux1": 64, "sd3": 64}, 2, 2, batch_size=1,
+                 **{f: r.config_class for f, r in dits.items()}, "qwen_image": "QwenImage", "z_image": "ZImage"},
+                {"sd15": 64, "sdxl": 64, **{f: 64 for f in ALL_DITS}}, 2, 2, batch_size=1,
                 text_encoders={"clip_l": tiny_dits.CLIP_CONFIG, "clip_g": tiny_dits.CLIP_CONFIG,
-                               "t5xxl": tiny_dits.T5_CONFIG},
-                flux_config_in_file=True)
+                               "t5xxl": tiny_dits.T5_CONFIG, "qwen25_7b": tiny_stand_ins2.QWEN25_CONFIG,
+                               "qwen3_4b": tiny_dits2.QWEN3_CONFIG},
+                flux_config_in_file=True, wan_vae_dim=tiny_qwen.VAE_DIM)
 
 
 # --- results ---------------------------------------------------------------------------------------------
@@ -377,6 +431,10 @@ def controlnet_weights(checkpoint_sd: dict, device: str, dtype) -> dict:
 # --- Flux.1-dev and SD3.5 (``--dit``) ------------------------------------------------------------------------
 
 DIT_FILES = {"flux1": ("flux1", "clip_l", "t5xxl", "vae16"), "sd3": ("sd3",)}  # what each DiT family's build writes
+# ``--families``: (diffusion model, text encoder, VAE) per family; Z-Image and Chroma share Flux.1's ae (``vae16``),
+# Chroma the --dit run's 1-layer T5
+FAMILY_FILES = {"qwen_image": ("qwen_image", "qwen25_7b", "wan21_vae"), "z_image": ("z_image", "qwen3_4b", "vae16"),
+                "chroma": ("chroma", "t5xxl", "vae16")}
 # InstantStyle on Flux.1 (issue 23): an XLabs Flux IP-Adapter and the CLIP ViT-L/14 vision model it reads, built
 # when a Flux.1 load runs (its instantstyle_flux item) or a workflow names them (harness.server.DIT_STAND_INS)
 FLUX_STYLE_FILES = ("flux_ipadapter", "clip_vision_l")
@@ -388,7 +446,8 @@ def dit_weights(mode: Mode, family: str, device: str, dtype, metadata: dict) -> 
     """``family``'s diffusion model (bare ComfyUI keys) with random weights stored in ``dtype`` (fp8 on the GPU).
 
     Checked against ComfyUI's detection as the loaders will run it: from the shapes alone at full size (the
-    tiny Flux reads its config from ``metadata``, see ``harness.tiny_dits``), to the expected config class.
+    tiny Flux, Qwen-Image, Z-Image and Chroma read their config from ``metadata``, see ``harness.tiny_dits``), to
+    the expected config class.
     """
     import comfy.model_detection
     import torch
@@ -397,15 +456,15 @@ def dit_weights(mode: Mode, family: str, device: str, dtype, metadata: dict) -> 
 
     config_class = mode.detected[family]
     module = tiny_dits._meta_diffusion_model(config_class, mode.unets[family])
-    sd = random_weights(module, SEED + 5 + DIT_FAMILIES.index(family), dtype, device)
+    sd = random_weights(module, SEED + 5 + ALL_DITS.index(family), dtype, device)
     if "pos_embed" in sd and device != "meta":  # SD3's fixed 2-D sin-cos table, not a learned one
         from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
 
         n, dim = sd["pos_embed"].shape[1:]
         table = torch.from_numpy(get_2d_sincos_pos_embed(dim, int(round(n ** 0.5))))
         sd["pos_embed"] = table.to(device=device, dtype=torch.float32).unsqueeze(0).to(dtype)
-    if family == "flux1" and mode.flux_config_in_file:
-        tiny_dits.install_detection_shim()
+    if family in CONFIG_IN_FILE and mode.flux_config_in_file:
+        tiny_shims()
         metadata[tiny_dits.CONFIG_KEY] = json.dumps(mode.unets[family])
     config = comfy.model_detection.model_config_from_unet(sd, "", metadata=metadata or None)
     found = type(config).__name__ if config is not None else None
@@ -414,12 +473,30 @@ def dit_weights(mode: Mode, family: str, device: str, dtype, metadata: dict) -> 
     return sd
 
 
+CONFIG_IN_FILE = ("flux1", *MORE_DITS)  # the tiny files whose unet_config detection reads from their metadata
+TEXT_ENCODER_NAMES = ("clip_l", "clip_g", "t5xxl", "qwen25_7b", "qwen3_4b")
+
+
+def tiny_shims() -> None:
+    """The test-only shims the tiny files need in this process (they answer only for files carrying their metadata):
+    ``harness.tiny_dits``' detection shim, and ``tests/harness/tiny_dit_node``'s ZImage class for a Z-Image below
+    3840 wide and 1-block vision tower for a tiny Qwen2.5-VL (what the e2e server installs)."""
+    import importlib
+
+    from harness import tiny_dits
+
+    tiny_dits.install_detection_shim()
+    importlib.import_module("harness.tiny_dit_node")
+
+
 def text_encoder_weights(mode: Mode, name: str, device: str, dtype) -> tuple[dict, dict]:
-    """A text encoder ("clip_l", "clip_g", "t5xxl"; bare HF keys, as DualCLIPLoader reads) and its file metadata:
-    the ``model_options`` that build it when it is not the stock full size (``mode.text_encoders``)."""
+    """A text encoder (``TEXT_ENCODER_NAMES``; the keys CLIPLoader/DualCLIPLoader read) and its file metadata: the
+    ``model_options`` that build it when it is not the stock full size (``mode.text_encoders``)."""
     import comfy.sd1_clip
     import comfy.sdxl_clip
+    import comfy.text_encoders.qwen_image
     import comfy.text_encoders.sd3_clip
+    import comfy.text_encoders.z_image
     import torch
 
     from harness import tiny_dits
@@ -432,12 +509,21 @@ def text_encoder_weights(mode: Mode, name: str, device: str, dtype) -> tuple[dic
     elif name == "clip_g":
         module = comfy.sdxl_clip.SDXLClipG(model_options={"clip_g_model_config": dict(config)}, **kw).transformer
         options = {"model_config": config}
+    elif name in ("qwen25_7b", "qwen3_4b"):
+        options = {f"{name}_model_config": config}
+        cls = (comfy.text_encoders.qwen_image.Qwen25_7BVLIModel if name == "qwen25_7b"
+               else comfy.text_encoders.z_image.Qwen3_4BModel)
+        # the language model only (``model.*``): no vision weights for Qwen2.5-VL (see QWEN25_LAYERS)
+        module = cls(model_options={"model_name": name, **options}, **kw).transformer.model
+        seed = SEED + 10 + TEXT_ENCODER_NAMES.index(name)
+        sd = {f"model.{k}": v for k, v in random_weights(module, seed, dtype, device).items()}
+        return sd, ({tiny_dits.TE_OPTIONS_KEY: json.dumps(options)} if config else {})
     else:
         module = comfy.text_encoders.sd3_clip.T5XXLModel(model_options={"t5xxl_model_config": dict(config)},
                                                          **kw).transformer
         options = {"t5xxl_model_config": config}
     metadata = {tiny_dits.TE_OPTIONS_KEY: json.dumps(options)} if config else {}
-    return random_weights(module, SEED + 10 + ("clip_l", "clip_g", "t5xxl").index(name), dtype, device), metadata
+    return random_weights(module, SEED + 10 + TEXT_ENCODER_NAMES.index(name), dtype, device), metadata
 
 
 def kl16_vae_weights(device: str, dtype) -> dict:
@@ -451,6 +537,20 @@ def kl16_vae_weights(device: str, dtype) -> dict:
                                  encoder_config={"target": block + "Encoder", "params": KL16_VAE},
                                  decoder_config={"target": block + "Decoder", "params": KL16_VAE})
     return random_weights(vae, SEED + 6, dtype, device)
+
+
+def wan_vae_weights(mode: Mode, device: str, dtype) -> dict:
+    """Qwen-Image's VAE: the Wan-2.1 VAE (``mode.wan_vae_dim``: 96 as published, 8 tiny), whose keys and width the
+    stock ``VAELoader`` reads (as ``harness.tiny_qwen`` builds its tiny one)."""
+    import comfy.ldm.wan.vae
+    import torch
+
+    with torch.device("meta"):
+        vae = comfy.ldm.wan.vae.WanVAE(dim=mode.wan_vae_dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                       attn_scales=[], temperal_downsample=[False, True, True])
+    sd = random_weights(vae, SEED + 9, dtype, device)
+    # its RMS_norm scales are [C, 1, 1(, 1)], not 1-D: ones, as a norm's weight (random_weights would draw them)
+    return {k: torch.ones_like(v) if k.endswith(".gamma") and device != "meta" else v for k, v in sd.items()}
 
 
 def sd3_checkpoint_weights(mode: Mode, device: str, dtype) -> tuple[dict, dict]:
@@ -544,6 +644,9 @@ def build_dit(mode: Mode, family: str, paths: dict[str, Path], device: str) -> N
     import torch
 
     weights = torch.float8_e4m3fn  # the stock loaders' fp8_e4m3fn storage, also for the tiny CPU dry run
+    if family in MORE_DITS:
+        build_more_dit(mode, family, paths, device, weights)
+        return
     if family == "sd3":
         if not paths["sd3"].exists():
             sd, meta = sd3_checkpoint_weights(mode, device, weights)
@@ -561,6 +664,27 @@ def build_dit(mode: Mode, family: str, paths: dict[str, Path], device: str) -> N
             save(paths[name], sd, f"{mode.name} {name} random", meta)
     if not paths["vae16"].exists():
         save(paths["vae16"], kl16_vae_weights(device, torch.float16), f"{mode.name} 16-channel VAE random")
+
+
+def build_more_dit(mode: Mode, family: str, paths: dict[str, Path], device: str, weights) -> None:
+    """``--families``: ``family``'s files (``FAMILY_FILES``) that are missing; the diffusion model in ``weights``
+    (fp8), the text encoders in fp16, the VAEs in fp16 (shared ``t5xxl``/``vae16`` files are the --dit run's)."""
+    import torch
+
+    diffusion, text_encoder, vae = FAMILY_FILES[family]
+    if not paths[diffusion].exists():
+        meta: dict = {}
+        sd = dit_weights(mode, family, device, weights, meta)
+        save(paths[diffusion], sd, f"{mode.name} {family} random", meta)
+        del sd
+        _empty_cache(device)
+    if not paths[text_encoder].exists():
+        sd, meta = text_encoder_weights(mode, text_encoder, device, torch.float16)
+        save(paths[text_encoder], sd, f"{mode.name} {text_encoder} random", meta)
+    if not paths[vae].exists():
+        sd = wan_vae_weights(mode, device, torch.float16) if vae == "wan21_vae" else kl16_vae_weights(device,
+                                                                                                     torch.float16)
+        save(paths[vae], sd, f"{mode.name} {vae} random")
 
 
 def save(path: Path, sd: dict, note: str, metadata: dict | None = None) -> Path:
@@ -616,7 +740,7 @@ def build_models(mode: Mode, folder: Path, device: str, needs: set[str],
             save(paths["clip_vision"], clip_vision_weights(mode.name == "tiny", device, dtype),
                  f"{mode.name} clip vision")
             _empty_cache(device)
-    for family in DIT_FAMILIES:
+    for family in ALL_DITS:
         if family in needs:
             start = time.perf_counter()
             build_dit(mode, family, paths, device)
@@ -635,17 +759,19 @@ FULL_SIZE_BYTES = {
     "sd15": 2_132_470_614, "sdxl": 6_937_676_352, "controlnet": 2_502_028_320, "clip_vision": 3_689_814_528,
     "ipadapter": 702_562_304, "flux1": 11_901_408_320, "sd3": 9_950_540_422, "clip_l": 247_300_608,
     "t5xxl": 649_097_216, "vae16": 167_639_366, "flux_ipadapter": 981_749_760, "clip_vision_l": 607_932_416,
+    "qwen_image": 20_430_401_088, "z_image": 6_154_912_576, "chroma": 8_899_983_424, "qwen25_7b": 1_556_117_504,
+    "qwen3_4b": 1_383_502_336, "wan21_vae": 253_785_062,
 }
 
 
 def prune_other_run(paths: dict[str, Path], needs: set[str]) -> list[Path]:
-    """Remove the other run's cached files (the SD run's for ``--dit``, and the reverse) when keeping them would take
-    the build folder over ``DISK_LIMIT_BYTES``: with the Flux.1 InstantStyle files both runs' together are ~40.5 GB
-    at full size, so the folder holds one run's files (at most ~24.5 GB) and a run after the other rebuilds its own
-    (its build is inside its time budget). Returns what was removed."""
+    """Remove the other runs' cached files (the SD run's and ``--families``' for ``--dit``, and so on: every file this
+    run does not use) when keeping them would take the build folder over ``DISK_LIMIT_BYTES``: the SD and DiT runs'
+    together are ~40.5 GB at full size, ``--families`` alone ~39 GB, so the folder holds one run's files and a run
+    after another rebuilds its own (its build is inside its time budget). Returns what was removed."""
     ours = {name for group in needs for name in MODEL_GROUPS[group]}
-    other_groups = DIT_RUN_GROUPS if any(g in SD_RUN_GROUPS for g in needs) else SD_RUN_GROUPS
-    others = [paths[n] for g in other_groups for n in MODEL_GROUPS[g] if n not in ours and paths[n].exists()]
+    others = list(dict.fromkeys(paths[n] for names in MODEL_GROUPS.values() for n in names
+                                if n not in ours and paths[n].exists()))
     kept = sum(p.stat().st_size for p in others)
     planned = sum(paths[n].stat().st_size if paths[n].exists() else FULL_SIZE_BYTES.get(n, 0) for n in ours)
     if not others or kept + planned <= DISK_LIMIT_BYTES:
@@ -659,9 +785,11 @@ def prune_other_run(paths: dict[str, Path], needs: set[str]) -> list[Path]:
 
 # What each build group writes (``build_models``), by ``paths`` name.
 MODEL_GROUPS = {"sd15": ("sd15",), "sdxl": ("sdxl",), "stand_ins": STAND_INS, **DIT_FILES,
-                "flux_style": FLUX_STYLE_FILES}
+                "flux_style": FLUX_STYLE_FILES, **FAMILY_FILES}
 SD_RUN_GROUPS = ("sd15", "sdxl", "stand_ins")
 DIT_RUN_GROUPS = (*DIT_FAMILIES, "flux_style")
+FAMILY_RUN_GROUPS = MORE_DITS
+RUN_GROUPS = {"SD": SD_RUN_GROUPS, "DiT": DIT_RUN_GROUPS, "--families": FAMILY_RUN_GROUPS}
 
 
 def model_needs(loads: list[tuple[str, str]], workflows: list[Path]) -> set[str]:
@@ -672,14 +800,19 @@ def model_needs(loads: list[tuple[str, str]], workflows: list[Path]) -> set[str]
     needs = {family for family, _ in loads}
     needs |= {"flux_style" for family, _ in loads if "instantstyle_flux" in FAMILY_TRAINERS[family]}
     stand_in_names = [n for folder, names in server.STAND_INS.items() if folder != "checkpoints" for n in names]
-    group_of = {name: group for group, names in MODEL_GROUPS.items() for name in names}
+    group_of: dict[str, str] = {}
+    for group, names in MODEL_GROUPS.items():  # a shared file (t5xxl, vae16) belongs to its first group: Flux.1's
+        for name in names:
+            group_of.setdefault(name, group)
     for path in workflows:
         needs.add(WORKFLOW_BASES[workflow_base(path)])
         text = path.read_text(encoding="utf-8")
         if any(name in text for name in stand_in_names):
             needs.add("stand_ins")
+        built = {n for group in needs for n in MODEL_GROUPS[group]}  # Z-Image's ae is its own group's: no Flux.1
         needs |= {group_of[DIT_STAND_IN_FILES[item]] for names in server.DIT_STAND_INS.values()
-                  for name, item in names.items() if json.dumps(name) in text and item in DIT_STAND_IN_FILES}
+                  for name, item in names.items() if json.dumps(name) in text and item in DIT_STAND_IN_FILES
+                  and DIT_STAND_IN_FILES[item] not in built}
     return needs
 
 
@@ -744,10 +877,27 @@ def full_size_layouts() -> dict:
             flux_ipadapter_weights(two, "cpu", torch.bfloat16), "flux-ip-adapter.safetensors"))
     except ImportError:  # full_size_layouts without the pack imported (main imports it first)
         out["flux_ipadapter_read_as"] = None
+    # --families: Qwen-Image, Z-Image, Chroma found by stock detection in the shapes; their text encoders and VAE
+    with tiny_dits.without_detection_shim():
+        for family in MORE_DITS:
+            sd = dit_weights(mode, family, "meta", torch.float8_e4m3fn, {})
+            out[f"{family}_parameters"] = _parameters(sd, "")
+            disk[family] = _bytes(sd)
+    for name in ("qwen25_7b", "qwen3_4b"):
+        te, _ = text_encoder_weights(mode, name, "meta", torch.float16)
+        out[f"{name}_parameters"] = _parameters(te, "")
+        out[f"{name}_layers"] = sum(1 for k in te if k.endswith("self_attn.q_proj.weight"))
+        out[f"{name}_width"] = te["model.embed_tokens.weight"].shape[1]
+        disk[name] = _bytes(te)
+    wan = wan_vae_weights(mode, "meta", torch.float16)
+    out["wan21_vae_parameters"] = _parameters(wan, "")
+    disk["wan21_vae"] = _bytes(wan)
     out["disk_bytes"] = disk
-    dit_files = [n for g in DIT_RUN_GROUPS for n in MODEL_GROUPS[g]]
-    out["disk_sd_run_bytes"] = sum(v for k, v in disk.items() if k not in dit_files)
-    out["disk_dit_run_bytes"] = sum(disk[k] for k in dit_files)
+    run_files = {run: list(dict.fromkeys(n for g in groups for n in MODEL_GROUPS[g]))
+                 for run, groups in RUN_GROUPS.items()}
+    out["disk_sd_run_bytes"] = sum(disk[k] for k in run_files["SD"])
+    out["disk_dit_run_bytes"] = sum(disk[k] for k in run_files["DiT"])
+    out["disk_families_run_bytes"] = sum(disk[k] for k in run_files["--families"])
     return out
 
 
@@ -761,7 +911,7 @@ def _bytes(sd: dict) -> int:
 
 # where each built file keeps its diffusion model's tensors (the Flux.1 file is a bare diffusion model)
 UNET_PREFIX = {"sd15": "model.diffusion_model.", "sdxl": "model.diffusion_model.", "flux1": "",
-               "sd3": "model.diffusion_model."}
+               "sd3": "model.diffusion_model.", **{family: "" for family in MORE_DITS}}
 
 
 def unet_parameters(path: Path, prefix: str = "model.diffusion_model.") -> int:
@@ -865,7 +1015,7 @@ def run_unitune(models: tuple, family: str, dtype_name: str, mode: Mode) -> dict
     overrides = {"steps": mode.train_steps, "seed": 0, **precision_overrides(dtype_name)}
     if family != "sd15":  # SDXL at 1024 px fits consumer cards at batch 1 with checkpointing (the bench's case)
         overrides.update(batch_size=1, gradient_checkpointing=True)
-    if family in DIT_FAMILIES:  # the memory bench's DiT cases: LoRA, its rank
+    if family in ALL_DITS:  # the memory bench's DiT cases: LoRA, its rank
         overrides.update(train="lora", **({"lora_rank": DIT_LORA_RANK[family]} if family in DIT_LORA_RANK else {}))
     if mode.batch_size:
         overrides["batch_size"] = mode.batch_size
@@ -877,9 +1027,19 @@ def run_unitune(models: tuple, family: str, dtype_name: str, mode: Mode) -> dict
     if not tuned.patches:
         raise RuntimeError("UniTune Fine-Tune returned a MODEL without trained patches")
     del tuned, curve
-    return {"steps": len(clock.times), "it_per_s": steps_per_second(clock.times),
-            "settings": {**applied, "image": mode.sizes[family]},
+    settings = {**applied, "image": mode.sizes[family]}
+    if family in MORE_DITS:  # the memory bench's targets leave the text encoder out: what of it stayed loaded
+        settings["text_encoder_resident_gib"] = round(resident_bytes(clip.patcher) / 2**30, 3)
+    return {"steps": len(clock.times), "it_per_s": steps_per_second(clock.times), "settings": settings,
             "memory_target_gib": DIT_MEMORY_TARGETS_GIB.get(("unitune_finetune", family))}
+
+
+def resident_bytes(patcher) -> int:
+    """Bytes of ``patcher``'s weights ComfyUI holds loaded on its device now (0 when it was unloaded): on a GPU the
+    text encoder encoded the prompt there and stays unless ComfyUI needed the memory, so the item's peak holds it."""
+    import comfy.model_management as mm
+
+    return patcher.loaded_size() if any(m is patcher for m in mm.loaded_models()) else 0
 
 
 def run_textual_inversion(models: tuple, family: str, dtype_name: str, mode: Mode) -> dict:
@@ -1004,8 +1164,9 @@ def load_dit(paths: dict[str, Path], family: str, dtype_name: str, device: str) 
 
     Flux.1: ``UNETLoader`` with ``weight_dtype`` fp8_e4m3fn, ``DualCLIPLoader`` (flux), ``VAELoader``; SD3.5:
     the checkpoint through ``load_checkpoint_guess_config`` (what ``CheckpointLoaderSimple`` calls) with
-    ``dtype`` fp8_e4m3fn, what UNETLoader's weight_dtype sets. On a GPU ComfyUI computes in bf16 by itself; on
-    the CPU ``computing_in`` makes it do the same instead of its fp32 cast.
+    ``dtype`` fp8_e4m3fn, what UNETLoader's weight_dtype sets. Qwen-Image / Z-Image: ``UNETLoader`` (fp8_e4m3fn),
+    ``CLIPLoader`` (qwen_image / lumina2), ``VAELoader``; Chroma: ``UNETLoader``, ``chroma_clip``, ``VAELoader``. On a
+    GPU ComfyUI computes in bf16 by itself; on the CPU ``computing_in`` makes it do the same instead of its fp32 cast.
     """
     import comfy.sd
     import folder_paths
@@ -1017,10 +1178,23 @@ def load_dit(paths: dict[str, Path], family: str, dtype_name: str, device: str) 
 
     tiny_dits.install_detection_shim()  # both answer only for files with their metadata keys (the tiny files,
     tiny_dits.install_text_encoder_shim()  # the 1-layer T5): the full-size DiTs load through stock detection
+    if device == "cpu":  # the tiny files (a Z-Image below 3840 wide, a tiny Qwen2.5-VL): see tiny_shims
+        tiny_shims()
     compute = DTYPE_NAMES[dtype_name]
     ctx = computing_in(tiny_dits.FP8, compute) if device == "cpu" else contextlib.nullcontext()
     with ctx:
-        if family == "flux1":
+        if family in MORE_DITS:
+            diffusion, text_encoder, vae_name = FAMILY_FILES[family]
+            for kind, name in (("diffusion_models", diffusion), ("text_encoders", text_encoder), ("vae", vae_name)):
+                folder_paths.add_model_folder_path(kind, str(paths[name].parent))
+            model = nodes.UNETLoader().load_unet(paths[diffusion].name, "fp8_e4m3fn")[0]
+            if family == "chroma":
+                clip = chroma_clip(paths[text_encoder])
+            else:
+                clip_type = {"qwen_image": "qwen_image", "z_image": "lumina2"}[family]
+                clip = nodes.CLIPLoader().load_clip(paths[text_encoder].name, clip_type)[0]
+            vae = nodes.VAELoader().load_vae(paths[vae_name].name)[0]
+        elif family == "flux1":
             for kind, name in (("diffusion_models", "flux1"), ("text_encoders", "clip_l"),
                                ("text_encoders", "t5xxl"), ("vae", "vae16")):
                 folder_paths.add_model_folder_path(kind, str(paths[name].parent))
@@ -1035,6 +1209,33 @@ def load_dit(paths: dict[str, Path], family: str, dtype_name: str, device: str) 
     return model, clip, vae
 
 
+def chroma_clip(path: Path):
+    """Chroma's CLIP (ComfyUI's PixArt T5 tokenizer and encoder: what ``CLIPLoader`` type chroma builds for a T5-XXL)
+    on the T5 file at ``path``, its layer count from the file's metadata (``harness.tiny_dits.TE_OPTIONS_KEY``).
+
+    Not through ``CLIPLoader``: ComfyUI routes a T5 to Chroma's encoder only when it has T5-XXL's 24th layer
+    (``comfy.sd.detect_te_model``) and reads a 1-layer one as T5-base; so this builds the ``comfy.sd.CLIP`` as
+    ``load_text_encoder_state_dicts`` builds it for a T5-XXL (as ``harness.tiny_dits`` does for the tiny one).
+    """
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.pixart_t5
+    import comfy.utils
+    import folder_paths
+
+    from harness import tiny_dits
+
+    sd = comfy.utils.load_torch_file(str(path), safe_load=True)
+    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.pixart_t5.PixArtTokenizer,
+                                                    comfy.text_encoders.pixart_t5.pixart_te())
+    clip = comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                         parameters=comfy.utils.calculate_parameters(sd), model_options=tiny_dits.te_options_of([path]))
+    missing, _ = clip.load_sd(sd)
+    if missing:
+        raise RuntimeError(f"Chroma's T5 from {path.name}: missing {missing[:3]}")
+    return clip
+
+
 def trainer_items(mode: Mode, paths: dict[str, Path], family: str, dtype_name: str, device: str,
                   trainers: tuple[str, ...] | None = None) -> list[Item]:
     """Load one model in one dtype, then run ``trainers`` (default: the family's ``FAMILY_TRAINERS``) on it."""
@@ -1043,7 +1244,7 @@ def trainer_items(mode: Mode, paths: dict[str, Path], family: str, dtype_name: s
     loaded: dict = {}
 
     def load() -> dict:
-        if family in DIT_FAMILIES:
+        if family in ALL_DITS:
             loaded["models"] = load_dit(paths, family, dtype_name, device)
         else:  # on the CPU, compute natively in half precision as a GPU does (harness.precision)
             loaded["models"] = load_checkpoint(paths[family], DTYPE_NAMES[dtype_name], native=device == "cpu")
@@ -1069,14 +1270,16 @@ def trainer_items(mode: Mode, paths: dict[str, Path], family: str, dtype_name: s
     return items
 
 
-def parse_loads(text: str, dit: bool = False) -> list[tuple[str, str]]:
+def parse_loads(text: str, dit: bool = False, families: bool = False) -> list[tuple[str, str]]:
     """``"sd15:fp16,sdxl:bf16"`` -> ``[("sd15", "fp16"), ("sdxl", "bf16")]``; empty: every SD family in every
-    dtype (``SD_LOADS``), or with ``dit`` the Flux.1-dev and SD3.5 loads (``DIT_LOADS``).
+    dtype (``SD_LOADS``), with ``dit`` the Flux.1-dev and SD3.5 loads (``DIT_LOADS``), with ``families`` the
+    Qwen-Image, Z-Image and Chroma ones (``FAMILY_LOADS``).
 
     A subset is how the CPU dry run in CI checks the wiring of every family and every dtype without the
     cost of all four loads (the full dry run is the ``long`` test).
     """
-    names = [n.strip() for n in text.split(",") if n.strip()] or list(DIT_LOADS if dit else SD_LOADS)
+    names = [n.strip() for n in text.split(",") if n.strip()] or list(FAMILY_LOADS if families else
+                                                                      DIT_LOADS if dit else SD_LOADS)
     unknown = [n for n in names if n not in ALL_LOADS]
     if unknown:
         raise SystemExit(f"gpu-check: unknown --loads {', '.join(unknown)}; choose from {', '.join(ALL_LOADS)}")
@@ -1114,7 +1317,10 @@ def stand_in(folder: str, family: str, paths: dict[str, Path]) -> Path:
 # them. Items missing here (Flux.1 schnell, a lone CLIP-G) have no full-size stand-in: no example workflow uses them.
 DIT_STAND_IN_FILES = {"flux1": "flux1", "clip_l": "clip_l", "t5xxl": "t5xxl", "vae16": "vae16",
                       "sd3_checkpoint": "sd3", "flux_ipadapter_xlabs": "flux_ipadapter",
-                      "clip_vision_l": "clip_vision_l"}
+                      "clip_vision_l": "clip_vision_l",
+                      # --families: Qwen-Image's and Z-Image Turbo's files (harness.server.QWEN_ZIMAGE_ITEMS)
+                      "qwen_image": "qwen_image", "qwen25_7b": "qwen25_7b", "wan21_vae": "wan21_vae",
+                      "z_image": "z_image", "qwen3_4b": "qwen3_4b"}
 
 
 def prepare_server_base(base: Path, paths: dict[str, Path], tiny: bool) -> Path:
@@ -1191,26 +1397,28 @@ def run_workflow(srv, path: Path, mode: Mode, out: Path, timeout: float) -> dict
 
 # The base named in a workflow's title (its last parentheses) -> the family this check builds full-size models for.
 # The SD run takes the SD1.5 and SDXL ones, ``--dit`` the Flux.1 dev and SD3.5 ones.
-WORKFLOW_BASES = {"SD1.5": "sd15", "SDXL": "sdxl", "Flux.1 dev": "flux1", "SD3.5": "sd3"}
-# Workflows on bases this check builds no full-size model for yet, and why (logged when a run picks its workflows).
-UNBUILT_BASES = {"Qwen-Image": "no full-size Qwen-Image (20.4B) build yet (issue 24)",
-                 "Z-Image Turbo": "no full-size Z-Image (6.2B) build yet (issue 24)"}
+WORKFLOW_BASES = {"SD1.5": "sd15", "SDXL": "sdxl", "Flux.1 dev": "flux1", "SD3.5": "sd3",
+                  "Qwen-Image": "qwen_image", "Z-Image Turbo": "z_image"}
+# Workflows on bases this check builds no full-size model for yet, and why (logged when a run picks its workflows);
+# none since issue 24 (``--families`` runs the Qwen-Image and Z-Image Turbo ones; Chroma has no example workflow).
+UNBUILT_BASES: dict[str, str] = {}
 
 
 def workflow_base(path: Path) -> str:
     return path.stem.rsplit("(", 1)[-1].rstrip(")") if path.stem.endswith(")") else ""
 
 
-def workflow_files(names: list[str] | None = None, dit: bool = False) -> list[Path]:
-    """The example workflows of the run (the SD bases, or with ``dit`` the DiT ones), or those of ``names`` (file
-    stems, any base this check builds; an unknown one, or one on another base, is an error naming the choices)."""
+def workflow_files(names: list[str] | None = None, dit: bool = False, families: bool = False) -> list[Path]:
+    """The example workflows of the run (the SD bases, with ``dit`` the Flux.1/SD3.5 ones, with ``families`` the
+    Qwen-Image/Z-Image Turbo ones), or those of ``names`` (file stems, any base this check builds; an unknown one is
+    an error naming the choices)."""
     files = [p for p in sorted((REPO / "workflows").glob("*.json")) if workflow_base(p) in WORKFLOW_BASES]
     if not names:
         for p in sorted((REPO / "workflows").glob("*.json")):
             if workflow_base(p) in UNBUILT_BASES:
                 log.info("gpu-check: not running %s: %s", p.stem, UNBUILT_BASES[workflow_base(p)])
-        families = DIT_FAMILIES if dit else FAMILIES
-        return [p for p in files if WORKFLOW_BASES[workflow_base(p)] in families]
+        bases = MORE_DITS if families else DIT_FAMILIES if dit else FAMILIES
+        return [p for p in files if WORKFLOW_BASES[workflow_base(p)] in bases]
     stems = {p.stem: p for p in files}
     unknown = [n for n in names if n not in stems]
     if unknown:
@@ -1278,7 +1486,8 @@ def write_report(out: Path, report: dict) -> None:
              "",
              f"Time, the build included: {report['seconds']:.0f}s (target: under "
              f"{QUICK_BUDGET_SECONDS if report.get('quick') else BUDGET_SECONDS}s on one H100"
-             f"{', --quick' if report.get('quick') else ', --dit' if report.get('dit') else ''}).",
+             f"{', --quick' if report.get('quick') else ', --dit' if report.get('dit') else ''}"
+             f"{', --families' if report.get('families') else ''}).",
              "", *disk_lines(report), "",
              "| item | result | seconds | it/s | peak memory | settings / error |",
              "|---|---|---:|---:|---:|---|"]
@@ -1294,8 +1503,8 @@ def write_report(out: Path, report: dict) -> None:
     lines += ["", "it/s: steps after the first, from the progress-bar updates (workflows: per node). Peak memory: "
               "torch.cuda.max_memory_allocated, reset before each item. Workflows run at their own sizes; "
               "only training steps are capped (see settings).", ""]
-    if any(it["name"].split(" ")[1] in DIT_FAMILIES for it in report["items"] if it["kind"] != "workflow") or \
-            report.get("dit"):
+    if any(it["name"].split(" ")[1] in ALL_DITS for it in report["items"] if it["kind"] != "workflow") or \
+            report.get("dit") or report.get("families"):
         lines += dit_lines(report)
     (out / "report.md").write_text("\n".join(lines))
 
@@ -1314,40 +1523,54 @@ def disk_lines(report: dict) -> list[str]:
     # figures (FULL_SIZE_BYTES, which the dry-run test checks against those layouts)
     layouts = report.get("full_size_layouts") or {"disk_bytes": FULL_SIZE_BYTES}
     sizes = layouts["disk_bytes"]
-    sd = sum(sizes[n] for g in SD_RUN_GROUPS for n in MODEL_GROUPS[g])
-    dit = sum(sizes[n] for g in DIT_RUN_GROUPS for n in MODEL_GROUPS[g])
-    files = ", ".join(f"{k} {sizes[k] / GB:.2f}" for g in DIT_RUN_GROUPS for k in MODEL_GROUPS[g])
+    run_files = {run: list(dict.fromkeys(n for g in groups for n in MODEL_GROUPS[g]))
+                 for run, groups in RUN_GROUPS.items()}
+    sd, dit, more = (sum(sizes.get(n, 0) for n in run_files[run]) for run in RUN_GROUPS)
+    files = {run: ", ".join(f"{k} {sizes.get(k, 0) / GB:.2f}" for k in run_files[run]) for run in ("DiT", "--families")}
     both = (f"together {(sd + dit) / GB:.1f} GB, over the limit: a run first removes the other run's cached files, "
-            f"so the folder holds at most {max(sd, dit) / GB:.1f} GB" if sd + dit > DISK_LIMIT_BYTES
+            f"so the folder holds at most {max(sd, dit, more) / GB:.1f} GB" if sd + dit > DISK_LIMIT_BYTES
             else f"together {(sd + dit) / GB:.1f} GB")
-    lines.append(f"At full size: the SD run writes {sd / GB:.1f} GB, the DiT run {dit / GB:.1f} GB ({files}); {both} "
-                 f"(limit {DISK_LIMIT_BYTES / GB:.0f} GB).")
+    lines.append(f"At full size: the SD run writes {sd / GB:.1f} GB, the DiT run {dit / GB:.1f} GB ({files['DiT']}), "
+                 f"the --families run {more / GB:.1f} GB ({files['--families']}; t5xxl and vae16 shared with the DiT "
+                 f"run); the SD and DiT runs {both} (limit {DISK_LIMIT_BYTES / GB:.0f} GB).")
     return lines
 
 
 # bench/memory_bench.py --full's figures for the same cases (FakeTensorMode, bench/README.md), beside the measured
 DIT_MEMORY_BENCH_GIB = {("unitune_finetune", "flux1"): 13.963, ("unitune_finetune", "sd3"): 9.513,
-                        ("controlnet_zero", "flux1"): 18.728}
+                        ("controlnet_zero", "flux1"): 18.728, ("unitune_finetune", "qwen_image"): 22.588,
+                        ("unitune_finetune", "z_image"): 8.718}
 
 
 def dit_lines(report: dict) -> list[str]:
     """The DiT part of report.md: UniTune LoRA's and ControlNet-Zero Flux.1's s/step and peak memory against the
     memory bench's targets, and the time estimates the ``--dit`` run was planned with."""
-    lines = ["UniTune LoRA and ControlNet-Zero (Flux.1: 2 double blocks, 8-bit AdamW) on the DiTs (1024 px at full "
-             "size, batch 1, fp8 weights, bf16, checkpointing; memory bench targets and its FakeTensorMode figure):", ""]
+    lines = ["UniTune LoRA (Qwen-Image, Z-Image, Chroma: the node's default rank 32) on the DiTs (1024 px at full size, "
+             "batch 1, fp8 weights, bf16, checkpointing; memory bench targets and its FakeTensorMode figure):", ""] \
+        if report.get("families") else \
+        ["UniTune LoRA and ControlNet-Zero (Flux.1: 2 double blocks, 8-bit AdamW) on the DiTs (1024 px at full "
+         "size, batch 1, fp8 weights, bf16, checkpointing; memory bench targets and its FakeTensorMode figure):", ""]
     for it in report["items"]:
-        if it["kind"] != "trainer" or not it.get("memory_target_gib"):
-            continue
         trainer, family = it["name"].split(" ")[:2]
+        if it["kind"] != "trainer" or not (it.get("memory_target_gib") or family in MORE_DITS):
+            continue
         step = f"{1 / it['it_per_s']:.2f} s/step" if it["it_per_s"] else "s/step -"
         peak = it["max_memory_allocated"]
-        verdict = "-" if peak is None else ("met" if peak <= it["memory_target_gib"] * 2**30 else "**over**")
-        lines.append(f"- {it['name']}: {step}, peak {_gib(peak)} against ≤ {it['memory_target_gib']:g} GiB "
+        # --families: the bench's targets leave the text encoder out; ComfyUI keeps it loaded when memory allows
+        resident = int(it["settings"].get("text_encoder_resident_gib", 0) * 2**30)
+        training = None if peak is None else peak - resident
+        note = f" (text encoder still loaded: {_gib(resident)}; without it {_gib(training)})" if resident else ""
+        if not it.get("memory_target_gib"):  # Chroma: no target, the peak is reported
+            lines.append(f"- {it['name']}: {step}, peak {_gib(peak)}{note} (no target)")
+            continue
+        verdict = "-" if training is None else ("met" if training <= it["memory_target_gib"] * 2**30 else "**over**")
+        lines.append(f"- {it['name']}: {step}, peak {_gib(peak)}{note} against ≤ {it['memory_target_gib']:g} GiB "
                      f"({verdict}; memory bench {DIT_MEMORY_BENCH_GIB[(trainer, family)]} GiB)")
-    total = sum(s for _, s in DIT_ESTIMATES)
-    lines += ["", f"Planned (estimates for --dit on one H100, before any GPU ran it; {total} s of "
-              f"{BUDGET_SECONDS} s):", ""]
-    lines += [f"- {what}: ~{seconds} s" for what, seconds in DIT_ESTIMATES]
+    run, estimates = ("--families", FAMILY_ESTIMATES) if report.get("families") else ("--dit", DIT_ESTIMATES)
+    total = sum(s for _, s in estimates)
+    lines += ["", f"Planned (estimates for {run} on one H100 from FLOP counts and the write pace, before any GPU ran "
+              f"it; {total} s of {BUDGET_SECONDS} s):", ""]
+    lines += [f"- {what}: ~{seconds} s" for what, seconds in estimates]
     return lines + [""]
 
 
@@ -1382,10 +1605,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workflows", default="",
                         help="comma-separated workflow file stems (default: all on the run's bases)")
     parser.add_argument("--loads", default="", help="comma-separated family:dtype loads the trainers run on, of "
-                        f"{', '.join(ALL_LOADS)} (default: {', '.join(SD_LOADS)}; with --dit {', '.join(DIT_LOADS)})")
+                        f"{', '.join(ALL_LOADS)} (default: {', '.join(SD_LOADS)}; with --dit {', '.join(DIT_LOADS)}; "
+                        f"with --families {', '.join(FAMILY_LOADS)})")
     parser.add_argument("--dit", action="store_true",
                         help="Flux.1-dev and SD3.5 Large instead of SD1.5/SDXL (loads " + ", ".join(DIT_LOADS)
                         + f" and their workflows): a run of its own, in {BUDGET_SECONDS // 60} minutes on one H100")
+    parser.add_argument("--families", action="store_true",
+                        help="Qwen-Image, Z-Image and Chroma instead (loads " + ", ".join(FAMILY_LOADS)
+                        + f", UniTune LoRA on each, and the Qwen-Image / Z-Image Turbo workflows): a run of its own, in "
+                        f"{BUDGET_SECONDS // 60} minutes on one H100")
     parser.add_argument("--quick", action="store_true",
                         help="one trainer item per family (" + ", ".join(f"{t[0]} {k}" for k, t in QUICK_TRAINERS.items())
                         + f") and one workflow ({QUICK_WORKFLOW}), in {QUICK_BUDGET_SECONDS // 60} minutes on one H100")
@@ -1398,12 +1626,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu-check: {reason}", file=sys.stderr)
         return 2
 
-    if args.quick and (args.loads or args.workflows or args.dit):
-        parser.error("--quick chooses the loads and the workflow itself: drop --loads / --workflows / --dit")
+    if args.quick and (args.loads or args.workflows or args.dit or args.families):
+        parser.error("--quick chooses the loads and the workflow itself: drop --loads / --workflows / --dit / "
+                     "--families")
+    if args.dit and args.families:
+        parser.error("--dit and --families are runs of their own (10 minutes each): pick one")
     # a typo fails here, before any work
-    loads = parse_loads(",".join(QUICK_TRAINERS) if args.quick else args.loads, dit=args.dit)
+    loads = parse_loads(",".join(QUICK_TRAINERS) if args.quick else args.loads, dit=args.dit, families=args.families)
     names = [QUICK_WORKFLOW] if args.quick else [n.strip() for n in args.workflows.split(",") if n.strip()]
-    workflows = workflow_files(names, dit=args.dit)
+    workflows = workflow_files(names, dit=args.dit, families=args.families)
     needs = model_needs(loads if args.only in ("all", "trainers") else [],
                         workflows if args.only in ("all", "workflows") else [])
     from harness import comfy_env
@@ -1432,8 +1663,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in ("all", "workflows"):
         items += run_workflows(mode, paths, args.device, build, args.out, args.timeout, workflows)
     report = {
-        "mode": mode.name, "quick": args.quick, "dit": args.dit, "environment": environment(args.device),
-        "unet_parameters": {f: unet_parameters(paths[f], UNET_PREFIX[f]) for f in (*FAMILIES, *DIT_FAMILIES)
+        "mode": mode.name, "quick": args.quick, "dit": args.dit, "families": args.families,
+        "environment": environment(args.device),
+        "unet_parameters": {f: unet_parameters(paths[f], UNET_PREFIX[f]) for f in (*FAMILIES, *ALL_DITS)
                             if paths[f].exists()},
         "disk": {"folder": str(build), "built_bytes": sum(p.stat().st_size for p in build.glob("*.safetensors")),
                  "removed": [p.name for p in removed]},

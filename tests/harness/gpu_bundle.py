@@ -8,7 +8,10 @@ of ignored paths. ``build/gpu_bundle/`` (git-ignored, at most ``MAX_BYTES``) hol
 - ``comfyui/``                 ComfyUI 0.3.75 (the pinned copy ``make setup`` extracts) without its tests,
                                examples, models/ and output/ folders, input/ but its example.png, and the
                                tokenizers of model families the check never loads (SD1.5 and SDXL use ``comfy/sd1_tokenizer``, which stays;
-                               T5-XXL's ``comfy/text_encoders/t5_tokenizer`` stays too: Flux.1's and SD3's build it)
+                               the ``comfy/text_encoders`` tokenizers the DiT runs build travel as ``<name>.tar.gz``
+                               (``PACKED_TOKENIZERS``: 2.3 MiB instead of 6.6), unpacked on the GPU machine into the
+                               scratch copy of ComfyUI ``bench/run_gpu_check_offline.sh`` runs from
+                               (``gpu_bundle.py --unpack``), so the bundle never grows)
 - ``wheels/``                  the wheels of ``OFFLINE_REQUIREMENTS``, for CPython 3.12 on manylinux x86_64
                                (pure Python where the package has no compiled part)
 - ``requirements-offline.txt`` those exact pins, what ``bench/run_gpu_check_offline.sh`` installs with
@@ -32,6 +35,8 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -81,8 +86,11 @@ BNB_DROP = re.compile(r"bitsandbytes/libbitsandbytes_\w+\.so$")
 COMFY_SKIP_TOP = {"tests", "tests-unit", "script_examples", "models", "output", "user", "temp",
                   "custom_nodes", ".github", ".ci"}
 COMFY_SKIP_TOKENIZERS = "comfy/text_encoders"  # its *_tokenizer/ folders: T5, Llama, Qwen, ... (17 MiB)
-# but T5-XXL's (2.4 MiB): Flux.1's and SD3's tokenizers build it, also for a checkpoint without a T5 (gpu_check --dit)
-COMFY_KEEP_TOKENIZERS = {"t5_tokenizer"}
+# but these, packed (gzip: zlib is in every Python that runs pip; xz would save 0.7 MiB more): T5-XXL's (2.3 MiB; 0.6
+# packed): Flux.1's, SD3's and Chroma's tokenizers build it, also for a checkpoint without a T5 (gpu_check --dit);
+# Qwen2.5's (4.3 MiB; 1.7 packed): Qwen-Image's and Z-Image's (Qwen3) tokenizers read it (gpu_check --families).
+# Unpacked, the bundle would be over MAX_BYTES (62.4 MiB).
+PACKED_TOKENIZERS = ("t5_tokenizer", "qwen25_tokenizer")
 
 
 # The GPU machine image's Python packages (November 2026; a copy of ../shared/research/gpu_machine_packages.txt).
@@ -110,14 +118,44 @@ def copy_comfyui(src: Path, dest: Path) -> None:
         if rel == "input":  # harness.server copies example.png, the image the example workflows load
             skip |= {n for n in names if n != "example.png"}
         if rel == COMFY_SKIP_TOKENIZERS:
-            skip |= {n for n in names if n.endswith("_tokenizer") and Path(folder, n).is_dir()
-                     and n not in COMFY_KEEP_TOKENIZERS}
+            skip |= {n for n in names if n.endswith("_tokenizer") and Path(folder, n).is_dir()}
         return skip
 
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(src, dest, ignore=ignore, symlinks=True)
     (dest / "custom_nodes").mkdir()  # the server's custom nodes live in its --base-directory
+    for name in PACKED_TOKENIZERS:
+        folder = src / COMFY_SKIP_TOKENIZERS / name
+        if folder.is_dir():
+            with tarfile.open(dest / COMFY_SKIP_TOKENIZERS / f"{name}.tar.gz", "w:gz", compresslevel=9) as tar:
+                tar.add(folder, arcname=name, filter=_portable)
+
+
+def _portable(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def unpack_tokenizers(comfy: Path) -> list[Path]:
+    """Unpack the packed tokenizers (``PACKED_TOKENIZERS``) of a copy of the bundle's ComfyUI at ``comfy`` where the
+    folder is missing (on the GPU machine, before the check runs); each lands whole or not at all. Returns the new
+    folders."""
+    made = []
+    for archive in sorted((comfy / COMFY_SKIP_TOKENIZERS).glob("*_tokenizer.tar.gz")):
+        folder = archive.with_name(archive.name.removesuffix(".tar.gz"))
+        if folder.is_dir():
+            continue
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(tmp, filter="data")
+            os.replace(tmp / folder.name, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        made.append(folder)
+    return made
 
 
 def download(requirement: str, dest: Path) -> Path:
@@ -206,8 +244,16 @@ def summary(bundle: Path) -> tuple[int, str]:
     return total, "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="gpu-bundle: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--unpack"]:  # on the GPU machine: bench/run_gpu_check_offline.sh
+        if len(argv) != 2:
+            log.error("usage: gpu_bundle.py --unpack <the bundle's comfyui folder>")
+            return 2
+        for folder in unpack_tokenizers(Path(argv[1])):
+            log.info("unpacked %s", folder)
+        return 0
     try:
         bundle = build()
     except setup_runtime.SetupError as err:

@@ -11,6 +11,11 @@
   loaders): ``make test`` runs the Flux.1 load with its items (UniTune, ControlNet-Zero, Textual Inversion,
   InstantStyle Apply (Flux) + sampling) and the SD3.5 workflow, the whole ``--dit`` dry run is ``long``; the
   full-size DiT layouts (stock detection, parameters, disk) are checked on the meta device.
+- ``--families`` the same for Qwen-Image, Z-Image and Chroma (issue 24): ``make test`` runs the Z-Image and Chroma
+  loads with UniTune and the Qwen-Image workflow, the whole ``--families`` dry run is ``long``, and so is loading
+  their text encoders (1-layer Qwen2.5-VL-7B, 3-layer Qwen3-4B, 1-layer T5) and the Wan-2.1 VAE at full width
+  through the stock loaders; the disk sums, the pruning across three runs and the packed tokenizers of the offline
+  bundle are checked on fakes.
 - The pure helpers (schema arguments, step rates, per-item failure capture, step caps) on fakes.
 
 The script is run as a subprocess, as ``make gpu-check`` runs it, so ComfyUI is never imported here.
@@ -178,17 +183,21 @@ def test_an_unknown_workflow_name_is_refused(gpu_check):
 DIT_WORKFLOWS = ("UniTune - edit a photo with a prompt (Flux.1 dev)", "UniTune - edit a photo with a prompt (SD3.5)",
                  "ControlNet-Zero - train a ControlNet on a folder (Flux.1 dev)",
                  "InstantStyle - style transfer from an image (Flux.1 dev)")
+FAMILY_WORKFLOWS = ("UniTune - edit a photo with a prompt (Qwen-Image)",
+                    "UniTune - edit a photo with a prompt (Z-Image Turbo)")
 
 
 def test_the_sd_run_takes_the_sd_workflows_and_dit_the_flux_and_sd35_ones_and_none_is_left_out(gpu_check):
     every = {p.stem for p in (REPO / "workflows").glob("*.json")}
     sd = {p.stem for p in gpu_check.workflow_files()}
     dit = {p.stem for p in gpu_check.workflow_files(dit=True)}
+    families = {p.stem for p in gpu_check.workflow_files(families=True)}
     assert sd and all(s.endswith(("(SD1.5)", "(SDXL)")) for s in sd)
     assert dit == set(DIT_WORKFLOWS)
+    assert families == set(FAMILY_WORKFLOWS), "issue 24: --families runs the Qwen-Image and Z-Image Turbo workflows"
     unbuilt = {p for p in every if gpu_check.workflow_base(Path(p + ".json")) in gpu_check.UNBUILT_BASES}
-    assert sd | dit | unbuilt == every and not sd & dit, \
-        "every example workflow runs in exactly one of the two runs, or its base is listed as not built yet"
+    assert sd | dit | families | unbuilt == every and not sd & dit and not families & (sd | dit), \
+        "every example workflow runs in exactly one of the three runs, or its base is listed as not built yet"
     assert [p.stem for p in gpu_check.workflow_files([DIT_WORKFLOWS[1], DRY_RUN_WORKFLOWS[0]])] == \
         [DIT_WORKFLOWS[1], DRY_RUN_WORKFLOWS[0]], "--workflows names any of them"
 
@@ -208,6 +217,13 @@ def test_a_run_builds_only_the_models_its_loads_and_workflows_use(gpu_check):
     assert sd_run == {"sd15", "sdxl", "stand_ins"}
     dit_run = needs(gpu_check.parse_loads("", dit=True), [p.stem for p in gpu_check.workflow_files(dit=True)])
     assert dit_run == {"flux1", "flux_style", "sd3"}
+    # --families: Z-Image Turbo names Flux.1's ae.safetensors, which its own group builds: no Flux.1 (11.9 GB) with it
+    assert needs([], [FAMILY_WORKFLOWS[1]]) == {"z_image"}
+    assert needs([], [FAMILY_WORKFLOWS[0]]) == {"qwen_image"}
+    assert needs([("chroma", "bf16")], []) == {"chroma"}
+    families_run = needs(gpu_check.parse_loads("", families=True),
+                         [p.stem for p in gpu_check.workflow_files(families=True)])
+    assert families_run == {"qwen_image", "z_image", "chroma"}
 
 
 def test_every_model_name_the_dit_workflows_use_has_a_built_stand_in(gpu_check):
@@ -215,11 +231,12 @@ def test_every_model_name_the_dit_workflows_use_has_a_built_stand_in(gpu_check):
     sys.path.insert(0, str(REPO / "tests"))
     from harness.server import DIT_STAND_INS
 
-    for stem in DIT_WORKFLOWS:
+    for stem in DIT_WORKFLOWS + FAMILY_WORKFLOWS:
         (path,) = gpu_check.workflow_files([stem])
         text = path.read_text(encoding="utf-8")
         family = gpu_check.WORKFLOW_BASES[gpu_check.workflow_base(path)]
-        used = [(name, item) for names in DIT_STAND_INS.values() for name, item in names.items() if name in text]
+        used = [(name, item) for names in DIT_STAND_INS.values() for name, item in names.items()
+                if json.dumps(name) in text]  # quoted: "ae.safetensors" is not "qwen_image_vae.safetensors"
         assert used, stem
         built = {n for group in gpu_check.model_needs([], [path]) for n in gpu_check.MODEL_GROUPS[group]}
         assert family in gpu_check.model_needs([], [path])
@@ -227,24 +244,49 @@ def test_every_model_name_the_dit_workflows_use_has_a_built_stand_in(gpu_check):
             assert gpu_check.DIT_STAND_IN_FILES.get(item) in built, (stem, name, item)
 
 
-def test_the_offline_bundle_keeps_the_t5_tokenizer_the_dit_items_need(tmp_path):
-    """Flux.1's and SD3's tokenizers build T5-XXL's (also for a checkpoint without a T5); the others are dropped."""
+def test_the_offline_bundle_packs_the_t5_and_qwen_tokenizers_the_dit_items_need(tmp_path):
+    """Flux.1's, SD3's and Chroma's tokenizers build T5-XXL's (also for a checkpoint without a T5), Qwen-Image's and
+    Z-Image's Qwen2.5's: they travel packed and unpack whole, once; the others are dropped."""
     sys.path.insert(0, str(REPO / "tests"))
     from harness import gpu_bundle
 
     encoders = tmp_path / "src" / "comfy" / "text_encoders"
     for name in ("t5_tokenizer", "llama_tokenizer", "qwen25_tokenizer"):
         (encoders / name).mkdir(parents=True)
-        (encoders / name / "tokenizer.json").write_text("{}")
+        (encoders / name / "tokenizer.json").write_text(json.dumps({"name": name, "pad": "x" * 5000}))
     (encoders / "sd3_clip.py").write_text("")
     gpu_bundle.copy_comfyui(tmp_path / "src", tmp_path / "dest")
-    kept = sorted(p.name for p in (tmp_path / "dest" / "comfy" / "text_encoders").iterdir())
-    assert kept == ["sd3_clip.py", "t5_tokenizer"], kept
+    dest = tmp_path / "dest" / "comfy" / "text_encoders"
+    kept = sorted(p.name for p in dest.iterdir())
+    assert kept == ["qwen25_tokenizer.tar.gz", "sd3_clip.py", "t5_tokenizer.tar.gz"], kept
+    assert (dest / "t5_tokenizer.tar.gz").stat().st_size < 1000, "packed"
+    made = gpu_bundle.unpack_tokenizers(tmp_path / "dest")
+    assert sorted(p.name for p in made) == ["qwen25_tokenizer", "t5_tokenizer"]
+    for name in ("qwen25_tokenizer", "t5_tokenizer"):
+        assert (dest / name / "tokenizer.json").read_text() == (encoders / name / "tokenizer.json").read_text()
+    assert gpu_bundle.unpack_tokenizers(tmp_path / "dest") == [], "unpacked once"
+    assert not [p for p in dest.iterdir() if p.name.startswith(".")], "no half-unpacked folder left"
+
+
+def test_the_offline_bundle_packs_every_tokenizer_the_dit_text_encoders_read():
+    """The tokenizer folders ComfyUI 0.3.75's Flux.1, SD3, Chroma (PixArt T5), Qwen-Image and Z-Image text encoders
+    open (their ``*_tokenizer`` paths) are all in the bundle: the GPU machine has no other copy."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from harness import gpu_bundle, setup_runtime
+
+    encoders = setup_runtime.comfyui_dir() / "comfy" / "text_encoders"
+    read = set()
+    for module in ("flux", "sd3_clip", "pixart_t5", "qwen_image", "z_image"):
+        read |= set(re.findall(r'"(\w+_tokenizer)"', (encoders / f"{module}.py").read_text()))
+    assert read and read <= set(gpu_bundle.PACKED_TOKENIZERS), read
+    assert {"t5_tokenizer", "qwen25_tokenizer"} <= read
 
 
 def test_loads_default_to_every_family_in_every_dtype_and_a_typo_is_refused(gpu_check):
     assert gpu_check.parse_loads("") == [("sd15", "bf16"), ("sd15", "fp16"), ("sdxl", "bf16"), ("sdxl", "fp16")]
     assert gpu_check.parse_loads("", dit=True) == [("flux1", "bf16"), ("sd3", "bf16")]
+    assert gpu_check.parse_loads("", families=True) == [("qwen_image", "bf16"), ("z_image", "bf16"),
+                                                         ("chroma", "bf16")]
     assert gpu_check.parse_loads(" sdxl:bf16, sd15:fp16 ") == [("sdxl", "bf16"), ("sd15", "fp16")]
     assert gpu_check.parse_loads("sd3:bf16") == [("sd3", "bf16")]
     with pytest.raises(SystemExit, match="unknown --loads sdxl:fp32; choose from sd15:bf16, sd15:fp16, "):
@@ -290,6 +332,52 @@ def test_the_report_compares_dit_peak_memory_with_the_memory_bench_targets(gpu_c
     assert all(what in md for what, _ in gpu_check.DIT_ESTIMATES)
 
 
+def test_the_families_report_judges_the_training_peak_without_the_text_encoder_left_loaded(gpu_check, tmp_path):
+    """--families: the memory bench's Qwen-Image / Z-Image targets leave the text encoder out, and ComfyUI keeps it on
+    the GPU after encoding when memory allows, so the verdict is on the peak less what of it stayed loaded; Chroma has
+    no target and still gets its line."""
+    def item(name, peak, target, resident, it_per_s=0.5):
+        return {**_item(name, peak, target, it_per_s), "settings": {"text_encoder_resident_gib": resident}}
+
+    items = [item("unitune_finetune qwen_image bf16", 25.5, 24.0, 2.9), item("unitune_finetune z_image bf16", 11.0,
+                                                                           10.0, 0.5, 1.25),
+             item("unitune_finetune chroma bf16", 15.0, None, 0.0, 1.0)]
+    gpu_check.write_report(tmp_path, _report(items, dit=False, families=True))
+    md = (tmp_path / "report.md").read_text()
+    assert "target: under 600s on one H100, --families" in md
+    assert ("- unitune_finetune qwen_image bf16: 2.00 s/step, peak 25.50 GiB (text encoder still loaded: 2.90 GiB; "
+            "without it 22.60 GiB) against ≤ 24 GiB (met; memory bench 22.588 GiB)") in md
+    assert ("- unitune_finetune z_image bf16: 0.80 s/step, peak 11.00 GiB (text encoder still loaded: 0.50 GiB; "
+            "without it 10.50 GiB) against ≤ 10 GiB (**over**; memory bench 8.718 GiB)") in md
+    assert "- unitune_finetune chroma bf16: 1.00 s/step, peak 15.00 GiB (no target)" in md
+    total = sum(s for _, s in gpu_check.FAMILY_ESTIMATES)
+    assert "estimates for --families on one H100" in md and f"{total} s of 600 s" in md
+    assert total < gpu_check.BUDGET_SECONDS and all(what in md for what, _ in gpu_check.FAMILY_ESTIMATES)
+    assert gpu_check.DIT_ESTIMATES[0][0] not in md, "the --dit run's plan is not this run's"
+
+
+def test_the_families_run_fits_the_disk_limit_alone_and_shares_flux_files_with_the_dit_run(gpu_check):
+    """The full-size sums (FULL_SIZE_BYTES, which the dry run checks against the meta-device layouts): the --families
+    run alone stays under 40 GB (Qwen-Image 20.4B, Z-Image 6.2B, Chroma 8.9B in fp8 with their cut text encoders)."""
+    sizes = gpu_check.FULL_SIZE_BYTES
+    files = {n for g in gpu_check.FAMILY_RUN_GROUPS for n in gpu_check.MODEL_GROUPS[g]}
+    assert files == {"qwen_image", "qwen25_7b", "wan21_vae", "z_image", "qwen3_4b", "vae16", "chroma", "t5xxl"}
+    total = sum(sizes[n] for n in files)
+    assert 39e9 < total < gpu_check.DISK_LIMIT_BYTES, total
+    assert sizes["qwen_image"] == 20_430_401_088 and sizes["z_image"] == 6_154_912_576, "fp8: a byte per weight"
+    dit = {n for g in gpu_check.DIT_RUN_GROUPS for n in gpu_check.MODEL_GROUPS[g]}
+    assert files & dit == {"t5xxl", "vae16"}
+
+
+def test_the_families_run_removes_every_other_runs_files_but_the_ones_it_shares(gpu_check, tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "FULL_SIZE_BYTES", {n: 100 for n in gpu_check.FULL_SIZE_BYTES})
+    monkeypatch.setattr(gpu_check, "DISK_LIMIT_BYTES", 100 * 9)
+    paths = _built(tmp_path, gpu_check, ["sd15", "flux1", "clip_l", "t5xxl", "vae16", "sd3", "z_image"], 100)
+    removed = gpu_check.prune_other_run(paths, set(gpu_check.FAMILY_RUN_GROUPS))
+    assert sorted(p.name for p in removed) == sorted(paths[n].name for n in ("sd15", "flux1", "clip_l", "sd3"))
+    assert all(paths[n].exists() for n in ("t5xxl", "vae16", "z_image"))
+
+
 def test_the_sd_report_has_no_dit_part(gpu_check, tmp_path):
     gpu_check.write_report(tmp_path, _report([_item("unitune_finetune sd15 fp16", 5.0, None)], dit=False))
     md = (tmp_path / "report.md").read_text()
@@ -331,24 +419,30 @@ def test_a_bad_loads_value_fails_before_any_work(tmp_path):
 # what each family's load runs (bench/gpu_check.py FAMILY_TRAINERS), as the report must list them
 SD_TRAINERS = ("unitune_finetune", "controlnet_zero")
 DIT_TRAINERS = {"flux1": ("unitune_finetune", "controlnet_zero", "textual_inversion", "instantstyle_flux"),
-                "sd3": ("unitune_finetune", "controlnet_zero", "textual_inversion")}
+                "sd3": ("unitune_finetune", "controlnet_zero", "textual_inversion"),
+                "qwen_image": ("unitune_finetune",), "z_image": ("unitune_finetune",), "chroma": ("unitune_finetune",)}
+MORE_DITS = ("qwen_image", "z_image", "chroma")  # --families (issue 24)
 # bench/memory_bench.py --full's targets for the DiT items that have one
 DIT_TARGETS = {("unitune_finetune", "flux1"): 16.0, ("unitune_finetune", "sd3"): 12.0,
-               ("controlnet_zero", "flux1"): 20.0}
+               ("controlnet_zero", "flux1"): 20.0, ("unitune_finetune", "qwen_image"): 24.0,
+               ("unitune_finetune", "z_image"): 10.0}
 
 
 def dry_run(out: Path, loads: list[str], workflows: list[str], quick: dict | None = None,
-            build: Path | None = None, dit: bool = False) -> dict:
+            build: Path | None = None, dit: bool = False, families: bool = False) -> dict:
     """Run the CPU dry run and check its report: every item passed, as the GPU run would report it.
 
     ``quick``: run ``--quick``, whose ``QUICK_TRAINERS`` this is (``loads`` / ``workflows``: what it implies).
-    ``dit``: run ``--dit`` (empty ``loads`` / ``workflows``: the Flux.1-dev and SD3.5 ones).
+    ``dit``: run ``--dit`` (empty ``loads`` / ``workflows``: the Flux.1-dev and SD3.5 ones); ``families``: run
+    ``--families`` (empty: the Qwen-Image, Z-Image and Chroma loads, the Qwen-Image and Z-Image Turbo workflows).
     """
     args = ["--device", "cpu", "--tiny", "--out", str(out)]
     if quick:
         args += ["--quick"]
     if dit:
         args += ["--dit"]
+    if families:
+        args += ["--families"]
     if build:
         args += ["--build", str(build)]
     if loads and not quick:
@@ -361,9 +455,11 @@ def dry_run(out: Path, loads: list[str], workflows: list[str], quick: dict | Non
     assert done.returncode == 0 and not failed, f"{failed}\n{done.stderr[-4000:]}"
 
     names = [i["name"] for i in report["items"]]
-    loads = [tuple(x.split(":")) for x in loads] or ([("flux1", "bf16"), ("sd3", "bf16")] if dit else
+    loads = [tuple(x.split(":")) for x in loads] or ([(f, "bf16") for f in MORE_DITS] if families else
+                                                     [("flux1", "bf16"), ("sd3", "bf16")] if dit else
                                                      [(f, d) for f in ("sd15", "sdxl") for d in ("bf16", "fp16")])
-    bases = ("(Flux.1 dev)", "(SD3.5)") if dit else ("(SD1.5)", "(SDXL)")  # the bases of the run
+    bases = ("(Qwen-Image)", "(Z-Image Turbo)") if families else \
+        ("(Flux.1 dev)", "(SD3.5)") if dit else ("(SD1.5)", "(SDXL)")  # the bases of the run
     workflows = workflows or [p.stem for p in sorted((REPO / "workflows").glob("*.json"))  # the script's order
                               if p.stem.endswith(bases)]
     trainers = {f"{family}:{dtype}": DIT_TRAINERS.get(family, SD_TRAINERS) for family, dtype in loads} | (quick or {})
@@ -372,7 +468,7 @@ def dry_run(out: Path, loads: list[str], workflows: list[str], quick: dict | Non
     assert names == expected + [f"workflow {w}" for w in workflows]
     by_name = {i["name"]: i for i in report["items"]}
     for family, dtype in loads:
-        dit_load = family in ("flux1", "sd3")  # fp8 storage computing in bf16, as ComfyUI does on an H100
+        dit_load = family in ("flux1", "sd3", *MORE_DITS)  # fp8 storage computing in bf16, as on an H100
         assert by_name[f"load {family} {dtype}"]["settings"] == (
             {"unet_dtype": "float8_e4m3fn", "manual_cast": "bfloat16"} if dit_load else
             {"unet_dtype": {"bf16": "bfloat16", "fp16": "float16"}[dtype], "manual_cast": "None"})
@@ -389,6 +485,9 @@ def dry_run(out: Path, loads: list[str], workflows: list[str], quick: dict | Non
             tuned = by_name[f"unitune_finetune {family} {dtype}"]["settings"]
             assert tuned["train"] == "lora" and tuned.get("lora_rank") == ({"flux1": 16}.get(family)), tuned
             assert f"{family}:{dtype}" not in (quick or {})
+            if family in MORE_DITS:  # what of the text encoder stayed loaded (report.md's verdict leaves it out)
+                assert tuned["text_encoder_resident_gib"] >= 0 and tuned["image"] == 64, tuned
+                continue
             # ControlNet-Zero on the DiTs: 8-bit AdamW at the family's 64 px (1024 at full size); Flux.1's Create
             # copies 2 double blocks (the memory bench's case), SD3.5's takes the node's default depth
             control = by_name[f"controlnet_zero {family} {dtype}"]["settings"]
@@ -428,14 +527,23 @@ def dry_run(out: Path, loads: list[str], workflows: list[str], quick: dict | Non
     assert layouts["disk_bytes"]["ipadapter"] < 0.71e9, "the SDXL IP-Adapter in fp16, as ip-adapter_sdxl is"
     # issue 21: under 40 GB in the build folder; both runs' files together are over it, so a run removes the other's
     # first (prune_other_run), planning with FULL_SIZE_BYTES: the layouts' own figures
+    # --families (issue 24), stock detection on the shapes: Qwen-Image 20,430.4M and Z-Image 6,154.9M (bench/README's
+    # memory bench), Chroma 8.9B; Qwen2.5-VL-7B and Qwen3-4B at their real widths (3584, 2560) with 1 and 3 layers
+    assert layouts["qwen_image_parameters"] == 20_430_401_088 and layouts["z_image_parameters"] == 6_154_912_576
+    assert 8.8e9 < layouts["chroma_parameters"] < 9.0e9
+    assert (layouts["qwen25_7b_layers"], layouts["qwen25_7b_width"]) == (1, 3584)
+    assert (layouts["qwen3_4b_layers"], layouts["qwen3_4b_width"]) == (3, 2560)
+    assert 126e6 < layouts["wan21_vae_parameters"] < 128e6, "the Wan-2.1 VAE Qwen-Image ships (127M)"
     assert layouts["disk_bytes"] == _script().FULL_SIZE_BYTES
-    assert max(layouts["disk_sd_run_bytes"], layouts["disk_dit_run_bytes"]) < 40 * 10**9
+    assert max(layouts["disk_sd_run_bytes"], layouts["disk_dit_run_bytes"],
+               layouts["disk_families_run_bytes"]) < 40 * 10**9
     md = (out / "report.md").read_text()
     assert all(n in md for n in names) and "**FAIL**" not in md
     assert "At full size: the SD run writes" in md
     assert (layouts["disk_sd_run_bytes"] + layouts["disk_dit_run_bytes"] <= 40 * 10**9) == \
         ("a run first removes the other run's cached files" not in md)
     assert (report["dit"] and "memory bench" in md) or not dit
+    assert (report["families"] and "estimates for --families" in md) or not families
     return by_name
 
 
@@ -457,7 +565,7 @@ def test_quick_covers_each_family_each_trainer_and_dtype_once_with_one_workflow(
 
 
 def test_quick_refuses_a_choice_of_its_own(tmp_path):
-    for extra in (("--loads", "sd15:fp16"), ("--dit",)):
+    for extra in (("--loads", "sd15:fp16"), ("--dit",), ("--families",)):
         done = _run("--device", "cpu", "--tiny", "--quick", *extra, "--out", str(tmp_path / "r"))
         assert done.returncode != 0 and "--quick chooses the loads and the workflow itself" in done.stderr, done.stderr
         assert not (tmp_path / "r").exists()
@@ -489,6 +597,76 @@ def test_cpu_dry_run_of_the_flux_load_and_the_sd35_workflow(tmp_path):
     assert built == ["clip_l", "clip_vision_l", "flux1", "flux_ipadapter", "sd3", "t5xxl", "vae16"], built
     words = [p.name for p in (tmp_path / "models" / "tiny" / "run" / "embeddings").glob("*.safetensors")]
     assert words == ["gpu_check_flux1_bf16.safetensors"], words
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_of_the_z_image_and_chroma_loads_and_the_qwen_image_workflow(tmp_path):
+    """``--families`` in ``make test``: Z-Image (stock UNETLoader fp8, CLIPLoader lumina2 on a Qwen3) and Chroma (the
+    PixArt T5 CLIP) with UniTune LoRA in this process, and the Qwen-Image workflow through the server (UNETLoader,
+    CLIPLoader qwen_image on a Qwen2.5-VL, the Wan-2.1 VAE): every family's files are built and loaded once."""
+    by_name = dry_run(tmp_path / "gpu_check", ["z_image:bf16", "chroma:bf16"], [FAMILY_WORKFLOWS[0]],
+                      families=True, build=tmp_path / "models")
+    capped = by_name[f"workflow {FAMILY_WORKFLOWS[0]}"]["settings"]
+    assert [v for k, v in capped.items() if k.endswith("FrozenTuneUniTuneFineTune.steps")] == ["16 -> 2"], capped
+    built = sorted(p.name.rsplit("_v", 1)[0].removeprefix("gpu_check_tiny_")
+                   for p in (tmp_path / "models" / "tiny").glob("*.safetensors"))
+    assert built == ["chroma", "qwen25_7b", "qwen3_4b", "qwen_image", "t5xxl", "vae16", "wan21_vae", "z_image"], built
+
+
+@pytest.mark.long
+def test_cpu_dry_run_of_everything_families_runs_writes_the_report(tmp_path):
+    """The whole ``--families`` dry run: Qwen-Image, Z-Image and Chroma loads with UniTune LoRA, both workflows."""
+    dry_run(tmp_path / "gpu_check", [], [], families=True)
+
+
+FULL_WIDTH_TEXT_ENCODERS = """
+import json, sys
+sys.path.insert(0, "../bench")
+from pathlib import Path
+from harness import comfy_env
+comfy_env.import_comfy(cpu=True)
+import importlib.util
+spec = importlib.util.spec_from_file_location("gpu_check_full_width", "../bench/gpu_check.py")
+check = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = check
+spec.loader.exec_module(check)
+import folder_paths, nodes, torch
+from harness import tiny_dits
+tiny_dits.install_text_encoder_shim()
+mode, folder, out = check.full_mode(), Path(sys.argv[1]), {}
+for name in ("qwen25_7b", "qwen3_4b", "t5xxl"):
+    sd, meta = check.text_encoder_weights(mode, name, "cpu", torch.float16)
+    check.save(folder / f"{name}.safetensors", sd, name, meta)
+    del sd
+check.save(folder / "wan21_vae.safetensors", check.wan_vae_weights(mode, "cpu", torch.float16), "wan")
+folder_paths.add_model_folder_path("text_encoders", str(folder))
+folder_paths.add_model_folder_path("vae", str(folder))
+for name, clip_type in (("qwen25_7b", "qwen_image"), ("qwen3_4b", "lumina2"), ("t5xxl", "chroma")):
+    clip = (check.chroma_clip(folder / "t5xxl.safetensors") if clip_type == "chroma" else
+            nodes.CLIPLoader().load_clip(f"{name}.safetensors", clip_type)[0])
+    cond = nodes.CLIPTextEncode().encode(clip, "a photo of a dog")[0][0][0]
+    out[clip_type] = [type(clip.cond_stage_model).__name__, cond.shape[-1], bool(torch.isfinite(cond).all())]
+    del clip
+vae = nodes.VAELoader().load_vae("wan21_vae.safetensors")[0]
+latent = vae.encode(torch.rand(1, 64, 64, 3))
+out["vae"] = [type(vae.first_stage_model).__name__, list(latent.shape), bool(torch.isfinite(latent).all())]
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.long
+def test_the_families_text_encoders_and_vae_load_at_full_width_through_the_stock_loaders(tmp_path):
+    """The --families files the tiny dry run cannot stand for, built as a GPU run builds them (on the CPU here: 1.8B
+    parameters, ~4 GB of files): Qwen2.5-VL-7B (1 layer) through CLIPLoader qwen_image and Qwen3-4B (3 layers)
+    through CLIPLoader lumina2 at their real widths, the 1-layer T5 through chroma_clip, the Wan-2.1 VAE at dim 96
+    through VAELoader; each encodes to finite values of the width its diffusion model reads."""
+    done = subprocess.run([sys.executable, "-c", FULL_WIDTH_TEXT_ENCODERS, str(tmp_path)], capture_output=True,
+                          text=True, timeout=1200, cwd=REPO / "tests")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-4000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert result == {"qwen_image": ["QwenImageTEModel_", 3584, True], "lumina2": ["ZImageTEModel_", 2560, True],
+                      "chroma": ["PixArtTEModel_", 4096, True], "vae": ["WanVAE", [1, 16, 1, 8, 8], True]}, result
 
 
 @pytest.mark.long
