@@ -28,6 +28,10 @@ class TextEncoder:
     # ComfyUI 0.3.75's tokenizer reads ``embedding:name`` words for it (False: built without the embedding
     # directory, so the words stay plain text: Qwen2.5-VL in text_encoders/qwen_image.py:11, Qwen3 in z_image.py:9)
     embedding: bool = True
+    # FrozenTune reads ``embedding:name`` words for it on a private copy of the tokenizer (a CLIP clone: the
+    # Embedding Words node, textual inversion and pivotal tuning; textual_inversion/private_words.py), for an
+    # encoder whose stock tokenizer does not (``embedding`` False) and whose chat template that copy knows.
+    private_words: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,9 +120,10 @@ FLUX_CLIP_L = TextEncoder("clip_l", "l", 768, word=False, pooled=True)
 SD3_CLIP_L = TextEncoder("clip_l", "l", 768, word=True, pooled=True)
 # Qwen-Image: Qwen2.5-VL-7B (text_encoders/qwen_image.py: tokenizer attribute and tokens key "qwen25_7b", 3584
 # wide; its loader always builds the 1280-wide vision tower too). Z-Image: Qwen3-4B, hidden layer -2
-# (text_encoders/z_image.py: "qwen3_4b", 2560 wide). Neither tokenizer gets an embedding directory in 0.3.75.
-QWEN25_7B = TextEncoder("qwen25_7b", "qwen25_7b", 3584, word=True, pooled=False, embedding=False)
-QWEN3_4B = TextEncoder("qwen3_4b", "qwen3_4b", 2560, word=True, pooled=False, embedding=False)
+# (text_encoders/z_image.py: "qwen3_4b", 2560 wide). Neither tokenizer gets an embedding directory in 0.3.75:
+# their words are read on a private tokenizer copy (``private_words``).
+QWEN25_7B = TextEncoder("qwen25_7b", "qwen25_7b", 3584, word=True, pooled=False, embedding=False, private_words=True)
+QWEN3_4B = TextEncoder("qwen3_4b", "qwen3_4b", 2560, word=True, pooled=False, embedding=False, private_words=True)
 
 # UniTune train targets. SD1.x/SDXL are today's unitune/finetune.py rules written as patterns (at 28daab5:
 # ATTENTION = (".attn1.", ".attn2."), ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0");

@@ -10,6 +10,7 @@ from comfy_api.latest import io
 
 from ..storage import safetensors_file as weights_file
 from ..storage import user_paths
+from ..textual_inversion import private_words
 from ..textual_inversion import word_trainer as ti
 from ..textual_inversion.embedding_file import embedding_target
 from ..training import image_folder
@@ -79,16 +80,18 @@ class TextualInversionTrain(io.ComfyNode):
             is_output_node=True,
             description=(
                 "Learns a new word for the concept in the images (textual inversion): a few vectors per text "
-                "encoder (SD1.5, SDXL, Flux.1 dev/schnell, SD3/SD3.5, Chroma), while the text encoder(s) and the UNet or "
-                "DiT stay frozen and unchanged. Saves them to models/embeddings/ in the layout the stock loader "
-                "reads, so any prompt can use 'embedding:name' in the stock CLIPTextEncode."
+                "encoder (SD1.5, SDXL, Flux.1 dev/schnell, SD3/SD3.5, Chroma, Qwen-Image, Z-Image), while the text "
+                "encoder(s) and the UNet or DiT stay frozen and unchanged. Saves them to models/embeddings/ in the "
+                "layout the stock loader reads, so any prompt can use 'embedding:name' in the stock CLIPTextEncode "
+                "(on Qwen-Image and Z-Image through the CLIP of the Embedding Words node)."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The base model: SD1.5, SDXL family, Flux.1 dev/schnell, "
-                               "SD3/SD3.5 or Chroma. It is not modified."),
+                               "SD3/SD3.5, Chroma, Qwen-Image or Z-Image. It is not modified."),
                 io.Clip.Input("clip", tooltip="The model's text encoder(s), not modified. Vectors are trained for each: "
                               "CLIP-L (SD1.5); CLIP-L + CLIP-G (SDXL); CLIP-L + T5 (Flux.1, where T5 carries the "
-                              "word); CLIP-L + CLIP-G + T5 or the ones present (SD3); T5 (Chroma)."),
+                              "word); CLIP-L + CLIP-G + T5 or those present (SD3); T5 (Chroma); Qwen2.5-VL, Qwen3 "
+                              "(Qwen-Image, Z-Image)."),
                 io.Vae.Input("vae", tooltip="The model's VAE, used once to encode the images."),
                 io.Image.Input("image", optional=True, tooltip="One or several views of the concept, all the same "
                                "size (a batch). Or leave it unconnected and set folder."),
@@ -172,4 +175,36 @@ class TextualInversionTrain(io.ComfyNode):
         return io.NodeOutput(f"embedding:{word}", curve, str(path), progress.grid())
 
 
-NODES = [TextualInversionTrain]
+class EmbeddingWords(io.ComfyNode):
+    """CLIP -> a clone whose tokenizer reads ``embedding:name`` on Qwen-Image / Z-Image (``private_words``)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FrozenTuneEmbeddingWords",
+            display_name="Embedding Words",
+            category=CATEGORY,
+            description=(
+                "Makes 'embedding:name' work in prompts on Qwen-Image and Z-Image, whose stock ComfyUI tokenizers "
+                "ignore it: the output CLIP reads the words from models/embeddings/ on a private tokenizer; the "
+                "input CLIP and its other copies are unchanged. Other CLIPs already read them and pass through."
+            ),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The text encoder, not modified: Qwen-Image's Qwen2.5-VL or Z-Image's "
+                              "Qwen3 get a private tokenizer that reads embedding:name. Other CLIPs (SD1.5, SDXL, "
+                              "Flux, SD3, Chroma) read the words already and are returned as they are."),
+            ],
+            outputs=[
+                io.Clip.Output(display_name="clip", tooltip="The CLIP whose prompts read 'embedding:name' from "
+                               "models/embeddings/; connect it to CLIPTextEncode (or the Qwen edit encoders)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip) -> io.NodeOutput:
+        if clip is None:
+            raise ValueError("no CLIP: connect the text encoder (e.g. the CLIPLoader output).")
+        return io.NodeOutput(private_words.reading_embeddings(clip))
+
+
+NODES = [TextualInversionTrain, EmbeddingWords]

@@ -21,6 +21,7 @@ from ..guidance.guider import DEFAULT_PG, FORMULA, check_scales
 from ..guidance.guider import PromptGuidanceGuider as Guider
 from ..storage import names
 from ..storage import safetensors_file as weights_file
+from ..textual_inversion import private_words
 from ..textual_inversion import word_trainer as ti
 from ..textual_inversion.embedding_file import embedding_target
 from ..training import image_folder, objective
@@ -455,6 +456,8 @@ class UniTuneEdit(io.ComfyNode):
 
         prompt, baseline = edit_prompts(token, tuned_class_word(model, token, class_word), edit_prompt)
         log.info("UniTune Edit: prompt %r, prompt-guidance baseline %r", prompt, baseline)
+        if pivotal.PREFIX in token:  # a learned word: Qwen-Image/Z-Image read it on a private tokenizer only
+            clip = private_words.reading_embeddings(clip)
 
         def encode(text):
             return clip.encode_from_tokens_scheduled(clip.tokenize(text))

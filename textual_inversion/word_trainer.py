@@ -12,7 +12,9 @@ touched, because the vectors do not enter them at all. Gradients reach the vecto
 T5 the way they reach them through a CLIP: only the new token rows are trainable, the T5's weights have
 ``requires_grad`` False (no weight gradient is ever allocated), and its layers are always checkpointed
 (``checkpoint_text_layers``) so the backward pass keeps each layer's input only, not the cast copies of
-its frozen weights.
+its frozen weights. Qwen-Image (Qwen2.5-VL-7B) and Z-Image (Qwen3-4B) train the same way through their LLM
+(its layers always checkpointed too); their stock tokenizers ignore ``embedding:`` words, so the captions are
+read on a private tokenizer copy (``private_words``), the one the Embedding Words node gives sampling graphs.
 
 They enter where ComfyUI's own ``embedding:name`` syntax puts a loaded embedding: each training caption
 is parsed by the stock tokenizer (``comfy.sd1_clip.SDTokenizer.tokenize_with_weights``) with only its
@@ -48,6 +50,7 @@ from .. import families
 from ..families import fingerprint
 from ..training import checkpointing, objective, precision, trainer
 from ..training import preview as previews
+from . import private_words
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +60,12 @@ MAX_VECTORS = 16
 # reads (a file with one tensor), as do A1111, kohya sd-scripts and diffusers' load_textual_inversion.
 SD15_KEY = "emb_params"
 # The embedding-file keys ComfyUI's tokenizers look up (``SDTokenizer.embedding_key``): clip_l (sd1_clip.py),
-# clip_g (sdxl_clip.py), t5xxl (text_encoders/sd3_clip.py, flux.py). diffusers' Flux/SD3 files say "t5",
-# which ComfyUI does not read. A family's text encoders come from its ``families`` record; those with
-# another key (Qwen, Gemma, Mistral tokenizers get no embedding folder in ComfyUI) cannot hold a word.
-EMBEDDING_KEYS = ("clip_l", "clip_g", "t5xxl")
+# clip_g (sdxl_clip.py), t5xxl (text_encoders/sd3_clip.py, flux.py); qwen25_7b (qwen_image.py) and qwen3_4b
+# (z_image.py), read on a private tokenizer (``private_words``). diffusers' Flux/SD3 files say "t5", which
+# ComfyUI does not read. From the ``families`` records: the encoders that can hold a word, in table order;
+# others (Gemma, Mistral tokenizers get no embedding folder in ComfyUI) cannot.
+EMBEDDING_KEYS = tuple(dict.fromkeys(e.key for f in families.FAMILIES.values() for e in f.text_encoders
+                                     if e.embedding or e.private_words))
 # Families whose ComfyUI text encoder runs with some of its encoders absent, and that encoder's class:
 # SD3ClipModel's clip_l/clip_g/t5 flags (text_encoders/sd3_clip.py), as SD3/SD3.5 checkpoints that ship only
 # the two CLIPs load. The others always build all of theirs, so a CLIP that lacks one belongs to another family.
@@ -171,9 +176,10 @@ def check_name(name: str) -> None:
 
 
 def supported_families() -> tuple[str, ...]:
-    """The family ids textual inversion trains on: those whose text encoders all take ``embedding:`` words."""
+    """The family ids textual inversion trains on: those whose text encoders all take ``embedding:`` words
+    (stock, or on the private tokenizer)."""
     return tuple(f.id for f in families.FAMILIES.values()
-                 if f.text_encoders and all(e.key in EMBEDDING_KEYS for e in f.text_encoders))
+                 if f.text_encoders and all(e.embedding or e.private_words for e in f.text_encoders))
 
 
 def present_encoders(clip) -> tuple[str, ...]:
@@ -194,14 +200,11 @@ def _encoder_names(keys) -> str:
 
 
 def refuse_without_embedding_words(model) -> None:
-    """A clear refusal for a family whose stock tokenizer ignores ``embedding:`` words (Qwen-Image, Z-Image).
-
-    ComfyUI 0.3.75 builds their tokenizers without the embedding directory (``text_encoders/qwen_image.py``,
-    ``z_image.py``): a trained vector could never be used from a prompt, and setting the directory on the
-    tokenizer would change every clone of the CLIP (the tokenizer object is shared across ``CLIP.clone()``).
-    """
+    """A clear refusal for a family with a text encoder whose words no tokenizer here reads: neither ComfyUI's
+    (built without the embedding directory) nor FrozenTune's private copy (``private_words``: only for the
+    encoders whose prompt template it knows). No family of the table has one today."""
     family = families.family_of(model)
-    plain = [e.key for e in family.text_encoders if not e.embedding]
+    plain = [e.key for e in family.text_encoders if not (e.embedding or e.private_words)]
     if plain:
         labels = ", ".join(families.FAMILIES[s].label for s in supported_families())
         raise ValueError(f"Textual inversion does not support {family.label} yet (supported: {labels}): ComfyUI "
@@ -232,10 +235,10 @@ def encoder_keys(model, clip) -> tuple[str, ...]:
 
 
 def sub_tokenizers(clip) -> dict[str, object]:
-    """The CLIP's per-encoder stock tokenizers by embedding key (``clip_l``, ``clip_g``, ``t5xxl``)."""
-    import comfy.sd1_clip
-
-    return {t.embedding_key: t for t in vars(clip.tokenizer).values() if isinstance(t, comfy.sd1_clip.SDTokenizer)}
+    """The CLIP's per-encoder stock tokenizers by embedding key (``clip_l``, ``clip_g``, ``t5xxl``, ``qwen3_4b``...);
+    none for an object without a tokenizer (a stand-in)."""
+    tokenizer = getattr(clip, "tokenizer", None)
+    return {} if tokenizer is None else {k: t for k, (_, t) in private_words.sub_tokenizers(tokenizer).items()}
 
 
 def word_ids(sub, text: str) -> list[int]:
@@ -243,6 +246,13 @@ def word_ids(sub, text: str) -> list[int]:
     ids = sub.tokenizer(text)["input_ids"]
     ids = ids[sub.tokens_start:-1 if sub.tokenizer_adds_end_token else None]
     return [i for i in ids if i not in (sub.start_token, sub.end_token)]
+
+
+def prompt_word_ids(sub, text: str) -> list[int]:
+    """The token ids ``text`` takes as a word of a prompt: ``word_ids``, after a space for the byte-level BPE of
+    the Qwen tokenizers (``private_words``), where " object" and "object" are different tokens (CLIP and T5
+    ignore the space)."""
+    return word_ids(sub, " " + text if sub.embedding_key in private_words.private_keys() else text)
 
 
 def _text_encoder(cond_stage_model, key: str) -> torch.nn.Module:
@@ -255,11 +265,13 @@ def token_table(cond_stage_model, key: str) -> torch.Tensor:
 
 
 def encoder_layers(cond_stage_model, key: str) -> torch.nn.Module:
-    """One text encoder's transformer layers (CLIP ``text_model.encoder``, T5 ``encoder``): what its
-    fingerprint samples (the token table is too big for ``fingerprint``'s sampling)."""
+    """One text encoder's transformer layers (CLIP ``text_model.encoder``, T5 ``encoder``, Qwen ``model.layers``):
+    what its fingerprint samples (the token table is too big for ``fingerprint``'s sampling)."""
     transformer = _text_encoder(cond_stage_model, key).transformer
     text_model = getattr(transformer, "text_model", None)
-    return text_model.encoder if text_model is not None else transformer.encoder
+    if text_model is not None:
+        return text_model.encoder
+    return transformer.encoder if hasattr(transformer, "encoder") else transformer.model.layers
 
 
 def initial_vectors(clip, keys: tuple[str, ...], init_text: str, count: int) -> dict[str, torch.Tensor]:
@@ -268,7 +280,7 @@ def initial_vectors(clip, keys: tuple[str, ...], init_text: str, count: int) -> 
     out = {}
     for key in keys:
         sub = subs[key]
-        ids = word_ids(sub, init_text)
+        ids = prompt_word_ids(sub, init_text)
         if not ids:
             raise ValueError(f"init_text {init_text!r} tokenizes to nothing: give one or more words, e.g. 'dog'.")
         if len(ids) > count:
@@ -326,14 +338,23 @@ def tokenizing_clip(clip, name: str, vectors: Mapping[str, torch.Tensor]):
     A sub-tokenizer without vectors (SD3's T5 tokenizer when the checkpoint has no T5: its tokens are
     never encoded) gets the first vector set, as the stock ``load_embed`` falls back to a file's first
     tensor for a key the file lacks, instead of a "does not exist" warning at every step.
-    """
-    import comfy.sd1_clip
 
+    A Qwen tokenizer (stock: no ``embedding:`` words) becomes ``private_words.word_reader``, the tokenizer the
+    Embedding Words node gives sampling graphs, answering ``name`` with ``vectors`` and other words from the
+    embeddings folders.
+    """
     view = copy.copy(clip)
     view.tokenizer = copy.copy(clip.tokenizer)
     fallback = next(iter(vectors.values()), None)
-    for attr, sub in vars(clip.tokenizer).items():
-        if not isinstance(sub, comfy.sd1_clip.SDTokenizer) or fallback is None:
+    for key, (attr, sub) in private_words.sub_tokenizers(clip.tokenizer).items():
+        if fallback is None:
+            continue
+        if key in private_words.private_keys():
+            folders = private_words.reading_folders(sub)
+            stock = private_words.folder_lookup(sub, folders)
+            tensor = vectors.get(key, fallback)
+            setattr(view.tokenizer, attr, private_words.word_reader(
+                sub, lambda word, _t=tensor, _stock=stock: _t if word == name else _stock(word), folders))
             continue
         own = copy.copy(sub)
         own.embedding_directory = sub.embedding_directory if sub.embedding_directory is not None else []
@@ -403,12 +424,14 @@ def _t5_ff_forward(layer):
 
 
 def text_layers(cond_stage_model: torch.nn.Module, clip_layers: bool = True) -> list[torch.nn.Module]:
-    """The transformer layers of the text encoders (T5 blocks; CLIP layers too with ``clip_layers``): the units
+    """The transformer layers of the text encoders (T5 and Qwen blocks; CLIP layers too with ``clip_layers``): the units
     checkpointing wraps."""
     import comfy.clip_model
+    import comfy.text_encoders.llama as llama
     import comfy.text_encoders.t5 as t5
 
-    kinds = (comfy.clip_model.CLIPLayer, t5.T5Block) if clip_layers else (t5.T5Block,)
+    big = (t5.T5Block, llama.TransformerBlock)  # T5-XXL, Qwen2.5-VL-7B / Qwen3-4B layers: always
+    kinds = (comfy.clip_model.CLIPLayer, *big) if clip_layers else big
     return [m for m in cond_stage_model.modules() if isinstance(m, kinds)]
 
 

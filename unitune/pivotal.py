@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import families
+from ..textual_inversion import private_words
 from ..textual_inversion import word_trainer as ti
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,10 @@ def read_word(model, clip, value: str) -> Word:
     vectors = {}
     for key in keys:
         sub, width = subs[key], ti.token_table(clip.cond_stage_model, key).shape[-1]
-        found = comfy.sd1_clip.load_embed(name, sub.embedding_directory, sub.embedding_size, sub.embedding_key)
+        directories = private_words.reading_folders(sub)  # a Qwen tokenizer's words: the embeddings folders
+        found = comfy.sd1_clip.load_embed(name, directories, sub.embedding_size, sub.embedding_key)
         if found is None:
-            folders = ", ".join(map(str, sub.embedding_directory or [])) or "none"
+            folders = ", ".join(map(str, directories)) or "none"
             raise ValueError(f"embedding {value!r}: no file {name}.safetensors (or .pt/.bin) in the embeddings "
                              f"folders this CLIP reads ({folders}): train it first with Textual Inversion Train "
                              "(connect its embedding output here), or give the name of a file in models/embeddings/.")
@@ -115,7 +117,7 @@ def token_count(clip, text: str) -> int:
     """How many prompt tokens ``text`` takes (the most over the text encoders the CLIP runs), as the stock
     tokenizers split it (CLIP's BPE and T5's SentencePiece may split a rare word differently)."""
     subs = ti.sub_tokenizers(clip)
-    counts = [len(ti.word_ids(subs[key], text)) for key in ti.present_encoders(clip)]
+    counts = [len(ti.prompt_word_ids(subs[key], text)) for key in ti.present_encoders(clip)]
     return max(counts, default=0)
 
 
@@ -155,8 +157,9 @@ def learn_word(model, clip, latents: torch.Tensor, token: str, steps: int, batch
     ``gradient_checkpointing`` recomputes the text-encoder layers and diffusion blocks in backward (as the
     UniTune run does with the same input); ``guidance`` is Flux.1 dev's training guidance (UniTune passes its
     own, so the word and the tuned model see the same conditioning; ignored by other families). Every family
-    textual inversion trains on: SD1.5, SDXL, Flux.1 (CLIP-L + T5 vectors) and SD3 (CLIP-L + CLIP-G + T5, or
-    the encoders present).
+    textual inversion trains on: SD1.5, SDXL, Flux.1 (CLIP-L + T5 vectors), SD3 (CLIP-L + CLIP-G + T5, or
+    the encoders present), Chroma (T5), Qwen-Image (Qwen2.5-VL) and Z-Image (Qwen3; these two read the word on
+    a private tokenizer, ``textual_inversion.private_words``).
     """
     name, count = token.strip(), check_token(clip, token)
     settings = word_settings(name, count, steps, batch_size, seed, precision, learning_rate, norm_control,

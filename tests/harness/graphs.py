@@ -298,6 +298,20 @@ def textual_inversion_train(use_image: bool = True, **overrides) -> Graph:
     return g
 
 
+def embedding_words(text: str = "a photo of embedding:fuzz_concept") -> Graph:
+    """Embedding Words on the tiny SD1.5's CLIP (it reads embedding: words already: passed through) -> one step."""
+    g = Graph()
+    ckpt = _checkpoint(g)
+    g.target = g.add("FrozenTuneEmbeddingWords", clip=out(ckpt, 1))
+    pos = g.add("CLIPTextEncode", clip=out(g.target), text=text)
+    neg = g.add("CLIPTextEncode", clip=out(g.target), text="")
+    latent = g.add("EmptyLatentImage", width=SIZE, height=SIZE, batch_size=1)
+    sampled = g.add("KSampler", model=out(ckpt), seed=0, steps=1, cfg=7.0, sampler_name="euler", scheduler="normal",
+                    positive=out(pos), negative=out(neg), latent_image=out(latent), denoise=1.0)
+    g.add("PreviewImage", images=out(g.add("VAEDecode", samples=out(sampled), vae=out(ckpt, 2))))
+    return g
+
+
 def stock_text_to_image(seed: int = 0, steps: int = 2, text: str = "a photo of a cat") -> Graph:
     """The stock text-to-image graph on the tiny SD1.5 (no FrozenTune node); target = its PreviewImage."""
     g = Graph()
@@ -395,6 +409,7 @@ BASES = {
     "FrozenTuneControlNetZeroTrain": controlnet_zero_train,
     "FrozenTuneControlNetZeroSave": controlnet_zero_save,
     "FrozenTuneTextualInversionTrain": textual_inversion_train,
+    "FrozenTuneEmbeddingWords": embedding_words,
     "FrozenTuneInstantStyleEncode": instantstyle_encode,
     "FrozenTuneInstantStyleApplyEmbeds": instantstyle_apply_embeds,
     "FrozenTuneInstantStyleCombineEmbeds": instantstyle_combine_embeds,

@@ -329,17 +329,18 @@ def test_refuses_a_family_without_embedding_text_encoders_and_a_mismatched_clip(
     flux_model, flux_clip, vae, _ = dit("flux1")
     sd3_model, sd3_clip, _, _ = dit("sd3")
 
-    class QwenImage:  # a config class the family table names but textual inversion cannot train (Qwen2.5-VL)
+    class Lumina2:  # a config class ComfyUI knows and textual inversion does not (Gemma 2)
         pass
 
     class Base:
-        model_config = QwenImage()
+        model_config = Lumina2()
 
     class Patcher:
         model = Base()
 
-    with pytest.raises(ValueError, match=r"Textual inversion does not support Qwen-Image yet \(supported: SD1.x, "
-                                         r"SDXL family, Flux.1 dev, Flux.1 schnell, SD3/SD3.5, Chroma\)"):
+    with pytest.raises(ValueError, match=r"Textual inversion does not support Lumina 2 yet \(supported: SD1.x, "
+                                         r"SDXL family, Flux.1 dev, Flux.1 schnell, SD3/SD3.5, Qwen-Image, Z-Image, "
+                                         r"Chroma\)"):
         run_node(Patcher(), flux_clip, vae, name="refused")
     with pytest.raises(ValueError, match=r"on SD3/SD3.5 trains vectors for CLIP-L \+ CLIP-G \+ T5-XXL, but this "
                                          r"CLIP runs CLIP-L \+ T5-XXL"):

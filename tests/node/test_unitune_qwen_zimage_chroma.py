@@ -439,12 +439,11 @@ def test_half_and_fp8_bases_train_a_lora_with_fp32_state(kits, family, dtype_nam
     assert len(comfy.lora.load_lora(result.tensors, key_map, log_missing=True)) == LORA_LAYERS[family]
 
 
-# --- textual inversion: Chroma by data, the Qwen encoders refused ---------------------------------------------
+# --- textual inversion: Chroma by data (Qwen-Image, Z-Image: test_textual_inversion_qwen_zimage.py) -----------
 
-def test_textual_inversion_trains_a_t5_word_on_chroma_and_refuses_qwen_image_and_z_image(kits, embeddings_dir):
+def test_textual_inversion_trains_a_t5_word_on_chroma(kits, embeddings_dir):
     """Chroma's record (T5 alone, key t5xxl) is all textual inversion needs: the file holds ``t5xxl`` vectors the
-    stock CLIPTextEncode reads through ``embedding:``, and the input CLIP is unchanged. Qwen-Image and Z-Image
-    are refused by name: ComfyUI 0.3.75 builds their tokenizers without the embedding directory."""
+    stock CLIPTextEncode reads through ``embedding:``, and the input CLIP is unchanged."""
     import nodes
     import safetensors.torch
 
@@ -464,16 +463,11 @@ def test_textual_inversion_trains_a_t5_word_on_chroma_and_refuses_qwen_image_and
     learned = nodes.CLIPTextEncode().encode(clip, "a photo of embedding:chromaword")[0][0][0]
     plain = nodes.CLIPTextEncode().encode(clip, "a photo of chromaword")[0][0][0]
     assert learned.shape[1] == 7 and not torch.equal(learned[:, :4], plain[:, :4])  # 2 vectors + "a photo of" + end
-    for family, label in (("qwen_image", "Qwen-Image"), ("z_image", "Z-Image")):
-        other = kits(family)
-        with pytest.raises(ValueError, match=rf"Textual inversion does not support {label} yet \(supported: .*Chroma\)"):
-            TextualInversionTrain.execute(model=other.model, clip=other.clip, vae=other.vae, image=subject_image(64),
-                                          name="refused", **args)
 
 
-def test_pivotal_tuning_on_chroma_and_refused_before_any_work_on_qwen_image_and_z_image(kits, embeddings_dir, subject):
-    """UniTune's pivotal tuning (a T5 word first, then the LoRA with the word in the caption) on Chroma; on the
-    two Qwen families it stops with textual inversion's refusal before training anything."""
+def test_pivotal_tuning_on_chroma(kits, embeddings_dir, subject):
+    """UniTune's pivotal tuning (a T5 word first, then the LoRA with the word in the caption) on Chroma (Qwen-Image
+    and Z-Image: test_textual_inversion_qwen_zimage.py)."""
     from harness import tiny_dits
 
     k = kits("chroma")
@@ -482,9 +476,6 @@ def test_pivotal_tuning_on_chroma_and_refused_before_any_work_on_qwen_image_and_
     result = result_of(tuned)
     assert word == "embedding:beikkpic" and set(result.word.vectors) == {"t5xxl"}
     assert result.settings.caption == "embedding:beikkpic" and all(torch.isfinite(torch.tensor(result.losses)))
-    for family, label in (("z_image", "Z-Image"), ("qwen_image", "Qwen-Image")):
-        with pytest.raises(ValueError, match=rf"Textual inversion does not support {label} yet"):
-            _pivotal(kits(family), kits(family).clip, subject)
 
 
 def _pivotal(k, clip, subject):

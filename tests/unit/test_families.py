@@ -84,6 +84,8 @@ def test_family_facts():
             for e in f[i].text_encoders] == [("qwen25_7b", "qwen25_7b", 3584, False),
                                              ("qwen3_4b", "qwen3_4b", 2560, False), ("t5xxl", "t5xxl", 4096, True)]
     assert all(e.embedding for i in SUPPORTED[:5] for e in f[i].text_encoders)
+    # ... their words are read on a private tokenizer copy (textual_inversion/private_words.py); nothing else is
+    assert [e.key for i in f for e in f[i].text_encoders if e.private_words] == ["qwen25_7b", "qwen3_4b"]
     assert [f[i].context_dim for i in ("qwen_image", "z_image", "chroma")] == [3584, 2560, 4096]
     assert not any(f[i].pooled for i in ("qwen_image", "z_image", "chroma"))
     assert f["chroma"].targets == f["flux1"].targets  # Flux's own blocks
