@@ -49,13 +49,17 @@ weights (the stock loader still builds its 0.67B vision tower; a text prompt nev
 (Z-Image reads layer -2), both through the stock ``CLIPLoader`` (qwen_image, lumina2) with the layer count in the
 file's metadata (the text-encoder shim); Chroma's 1-layer T5 goes through ``chroma_clip`` (ComfyUI's PixArt T5 CLIP
 built directly: ``CLIPLoader`` routes a T5 to Chroma only with T5-XXL's 24th layer). Not measured here, so: the text
-encoders' full depth (their time and memory while encoding; no training goes through them), ``CLIPLoader`` type chroma
-on a real T5-XXL, the Qwen2.5-VL vision tower's weights. VAEs: Qwen-Image's Wan-2.1 (127M) and Flux.1's ae, full
-size. Items: per family the load and UniTune Fine-Tune (LoRA at the node's default rank 32, batch 1 at 1024 px, bf16,
-checkpointing; Qwen-Image against the memory bench's 24 GiB, Z-Image 10 GiB, Chroma reported without a target; ComfyUI
-leaves the text encoder loaded after encoding when memory allows, so report.md judges the peak less what of it stayed),
-then the Qwen-Image and Z-Image Turbo example workflows. report.md prints the FLOP-based estimates (``FAMILY_ESTIMATES``,
-~400 s) and the disk sums.
+encoders' full depth (their time and memory while encoding, and Textual Inversion's backward through them: here 1, 3
+and 1 layers), ``CLIPLoader`` type chroma on a real T5-XXL, the Qwen2.5-VL vision tower's weights. VAEs: Qwen-Image's
+Wan-2.1 (127M) and Flux.1's ae, full size. Items: per family the load, UniTune Fine-Tune (LoRA at the node's default
+rank 32, batch 1 at 1024 px, bf16, checkpointing; Qwen-Image against the memory bench's 24 GiB, Z-Image 10 GiB, Chroma
+reported without a target; ComfyUI leaves the text encoder loaded after encoding when memory allows, so report.md
+judges the peak less what of it stayed) and Textual Inversion Train (batch 1 at 1024 px, bf16, checkpointing, as many
+steps; its peak reported without a target; Qwen-Image and Z-Image read the word on FrozenTune's private tokenizer
+copy, Chroma on the stock T5 one): the item passes when the embedding file holds finite vectors under the family's key
+only, at the encoder's width (``FAMILY_WORDS``: qwen25_7b 3584, qwen3_4b 2560, t5xxl 4096); then the Qwen-Image and
+Z-Image Turbo example workflows. report.md prints the FLOP-based estimates (``FAMILY_ESTIMATES``, ~430 s, not
+measured) and the disk sums.
 
 Exit code 0 if every item passed, 1 if any failed (each item runs in its own try/except, so one failure
 is reported and the rest still run), 2 with a one-line reason when no CUDA GPU is visible.
@@ -103,11 +107,16 @@ MORE_DITS = ("qwen_image", "z_image", "chroma")
 FAMILY_LOADS = tuple(f"{family}:bf16" for family in MORE_DITS)
 ALL_DITS = DIT_FAMILIES + MORE_DITS
 ALL_LOADS = SD_LOADS + DIT_LOADS + FAMILY_LOADS
-# per family, the in-process items run on each load (issue 23: ControlNet-Zero on both DiTs, InstantStyle on Flux.1)
+# per family, the in-process items run on each load (issue 23: ControlNet-Zero on both DiTs, InstantStyle on Flux.1;
+# issue 24: Textual Inversion on Qwen-Image, Z-Image and Chroma too)
 FAMILY_TRAINERS = {"sd15": ("unitune_finetune", "controlnet_zero"), "sdxl": ("unitune_finetune", "controlnet_zero"),
                    "flux1": ("unitune_finetune", "controlnet_zero", "textual_inversion", "instantstyle_flux"),
                    "sd3": ("unitune_finetune", "controlnet_zero", "textual_inversion"),
-                   **{family: ("unitune_finetune",) for family in MORE_DITS}}
+                   **{family: ("unitune_finetune", "textual_inversion") for family in MORE_DITS}}
+# issue 24: what Textual Inversion Train's file must hold per --families family: its text encoder's embedding key (the
+# one ComfyUI's tokenizer looks up; Qwen-Image's and Z-Image's read on FrozenTune's private tokenizer copy) and that
+# encoder's token width at full size (the tiny dry run's is its text-encoder config's: ``word_width``)
+FAMILY_WORDS = {"qwen_image": ("qwen25_7b", 3584), "z_image": ("qwen3_4b", 2560), "chroma": ("t5xxl", 4096)}
 # bench/memory_bench.py --full's targets at 1024 px, batch 1, fp8 weights, bf16, checkpointing: UniTune LoRA, and
 # ControlNet-Zero Flux.1-dev (XLabs layout, 2 double blocks, 8-bit AdamW; issue 23). SD3.5's ControlNet has none.
 DIT_MEMORY_TARGETS_GIB = {("unitune_finetune", "flux1"): 16.0, ("unitune_finetune", "sd3"): 12.0,
@@ -147,8 +156,10 @@ DIT_ESTIMATES = (
 )
 # The same for ``--families`` (issue 24; FLOP-based, not measured): Qwen-Image at 1024 px is ~170 TFLOP per image
 # forward (2 x 20.4B x ~4,100 tokens), ~0.6 s at ~30% of an H100's bf16 peak; Z-Image ~50 TFLOP (2 x 6.15B x ~4,100),
-# ~0.17 s; Chroma ~75 TFLOP (2 x 8.9B x ~4,200), ~0.25 s; a checkpointed LoRA step ~4 forwards. Writing at the --dit
-# build's pace (~3.5 s per GB, random init included); loading from the page cache.
+# ~0.17 s; Chroma ~75 TFLOP (2 x 8.9B x ~4,200), ~0.25 s; a checkpointed LoRA step ~4 forwards, a textual-inversion
+# step ~3 (no weight gradients; its backward through the 1- or 3-layer text encoder is noise beside the DiT's), on the
+# load the LoRA item used, plus the VAE encode at 1024 px and the file's fingerprints. Writing at the --dit build's pace
+# (~3.5 s per GB, random init included); loading from the page cache.
 FAMILY_ESTIMATES = (
     ("build Qwen-Image (fp8, 20.4 GB) + 1-layer Qwen2.5-VL-7B (1.6 GB) + Wan-2.1 VAE (0.25 GB)", 78),
     ("build Z-Image (fp8, 6.2 GB) + 3-layer Qwen3-4B (1.4 GB)", 27),
@@ -156,6 +167,9 @@ FAMILY_ESTIMATES = (
     ("load Qwen-Image + UniTune LoRA 4 steps at 1024 px (~2.3 s/step)", 40),
     ("load Z-Image + UniTune LoRA 4 steps at 1024 px (~0.7 s/step)", 15),
     ("load Chroma + UniTune LoRA 4 steps at 1024 px (~1.0 s/step)", 20),
+    ("Qwen-Image Textual Inversion (qwen25_7b word): encode + 4 steps at 1024 px (~1.8 s/step)", 15),
+    ("Z-Image Textual Inversion (qwen3_4b word): encode + 4 steps at 1024 px (~0.5 s/step)", 8),
+    ("Chroma Textual Inversion (t5xxl word): encode + 4 steps at 1024 px (~0.75 s/step)", 10),
     ("server start", 20),
     ("workflow Qwen-Image: load, 8 training steps at batch 2, 18 edit steps x 3 predictions x batch 2, 1024 px", 130),
     ("workflow Z-Image Turbo: load, 8 training steps at batch 2, 8 edit steps x 2 predictions x batch 2, 1024 px", 35),
@@ -1043,8 +1057,10 @@ def resident_bytes(patcher) -> int:
 
 
 def run_textual_inversion(models: tuple, family: str, dtype_name: str, mode: Mode) -> dict:
-    """Textual Inversion Train (the DiTs: vectors for CLIP-L and T5, or CLIP-L and CLIP-G), batch 1 at the
-    family's size, the text encoders and the DiT checkpointed; writes the embedding file."""
+    """Textual Inversion Train (the DiTs: vectors for CLIP-L and T5, or CLIP-L and CLIP-G; Qwen-Image, Z-Image and
+    Chroma: for their one text encoder, see ``FAMILY_WORDS``), batch 1 at the family's size, the text encoders and the
+    DiT checkpointed; writes the embedding file, whose vectors must be finite (and for ``FAMILY_WORDS`` families be
+    the one key at the encoder's width)."""
     from frozentune.nodes.textual_inversion_nodes import TextualInversionTrain
 
     model, clip, vae = models
@@ -1060,7 +1076,34 @@ def run_textual_inversion(models: tuple, family: str, dtype_name: str, mode: Mod
         raise RuntimeError(f"Textual Inversion Train wrote no file for {word}")
     del curve
     return {"steps": len(clock.times), "it_per_s": steps_per_second(clock.times),
-            "settings": {**applied, "image": mode.sizes[family]}}
+            "settings": {**applied, "image": mode.sizes[family], **check_word_file(Path(path), family, mode)}}
+
+
+def word_width(mode: Mode, key: str, full_width: int) -> int:
+    """The token width of text encoder ``key`` in ``mode``: its config's (the tiny ones), else the real one."""
+    config = mode.text_encoders.get(key, {})
+    return int(config.get("hidden_size", config.get("d_model", full_width)))
+
+
+def check_word_file(path: Path, family: str, mode: Mode) -> dict:
+    """What proves Textual Inversion Train worked, read back from its file: finite vectors, and for ``FAMILY_WORDS``
+    families exactly the family's key at its encoder's width (a file the stock or private tokenizer reads)."""
+    import safetensors
+    import torch
+
+    with safetensors.safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v.float()).all()]
+    if not tensors or bad:
+        what = "non-finite vectors for " + ", ".join(bad) if tensors else "no vectors"
+        raise RuntimeError(f"{path.name}: {what}")
+    found = {k: list(v.shape) for k, v in tensors.items()}
+    if family in FAMILY_WORDS:
+        key, full_width = FAMILY_WORDS[family]
+        width = word_width(mode, key, full_width)
+        if list(found) != [key] or len(found[key]) != 2 or found[key][1] != width:
+            raise RuntimeError(f"{path.name} holds {found}, expected {key}: [vectors, {width}]")
+    return {"embedding_file": path.name, "embedding_shapes": found}
 
 
 def run_controlnet_zero(models: tuple, family: str, dtype_name: str, mode: Mode) -> dict:
@@ -1544,9 +1587,11 @@ DIT_MEMORY_BENCH_GIB = {("unitune_finetune", "flux1"): 13.963, ("unitune_finetun
 
 def dit_lines(report: dict) -> list[str]:
     """The DiT part of report.md: UniTune LoRA's and ControlNet-Zero Flux.1's s/step and peak memory against the
-    memory bench's targets, and the time estimates the ``--dit`` run was planned with."""
-    lines = ["UniTune LoRA (Qwen-Image, Z-Image, Chroma: the node's default rank 32) on the DiTs (1024 px at full size, "
-             "batch 1, fp8 weights, bf16, checkpointing; memory bench targets and its FakeTensorMode figure):", ""] \
+    memory bench's targets (``--families``: every trainer item, Textual Inversion's peak without one), and the time
+    estimates the run was planned with."""
+    lines = ["UniTune LoRA (Qwen-Image, Z-Image, Chroma: the node's default rank 32) and Textual Inversion (no "
+             "targets) on the DiTs (1024 px at full size, batch 1, fp8 weights, bf16, checkpointing; memory bench "
+             "targets and its FakeTensorMode figure):", ""] \
         if report.get("families") else \
         ["UniTune LoRA and ControlNet-Zero (Flux.1: 2 double blocks, 8-bit AdamW) on the DiTs (1024 px at full "
          "size, batch 1, fp8 weights, bf16, checkpointing; memory bench targets and its FakeTensorMode figure):", ""]
@@ -1612,8 +1657,8 @@ def main(argv: list[str] | None = None) -> int:
                         + f" and their workflows): a run of its own, in {BUDGET_SECONDS // 60} minutes on one H100")
     parser.add_argument("--families", action="store_true",
                         help="Qwen-Image, Z-Image and Chroma instead (loads " + ", ".join(FAMILY_LOADS)
-                        + f", UniTune LoRA on each, and the Qwen-Image / Z-Image Turbo workflows): a run of its own, in "
-                        f"{BUDGET_SECONDS // 60} minutes on one H100")
+                        + ", UniTune LoRA and Textual Inversion on each, and the Qwen-Image / Z-Image Turbo "
+                        f"workflows): a run of its own, in {BUDGET_SECONDS // 60} minutes on one H100")
     parser.add_argument("--quick", action="store_true",
                         help="one trainer item per family (" + ", ".join(f"{t[0]} {k}" for k, t in QUICK_TRAINERS.items())
                         + f") and one workflow ({QUICK_WORKFLOW}), in {QUICK_BUDGET_SECONDS // 60} minutes on one H100")

@@ -12,7 +12,8 @@
   InstantStyle Apply (Flux) + sampling) and the SD3.5 workflow, the whole ``--dit`` dry run is ``long``; the
   full-size DiT layouts (stock detection, parameters, disk) are checked on the meta device.
 - ``--families`` the same for Qwen-Image, Z-Image and Chroma (issue 24): ``make test`` runs the Z-Image and Chroma
-  loads with UniTune and the Qwen-Image workflow, the whole ``--families`` dry run is ``long``, and so is loading
+  loads with UniTune and Textual Inversion (the word file: the family's key at the encoder's width, finite) and the
+  Qwen-Image workflow, the whole ``--families`` dry run is ``long``, and so is loading
   their text encoders (1-layer Qwen2.5-VL-7B, 3-layer Qwen3-4B, 1-layer T5) and the Wan-2.1 VAE at full width
   through the stock loaders; the disk sums, the pruning across three runs and the packed tokenizers of the offline
   bundle are checked on fakes.
@@ -341,7 +342,8 @@ def test_the_families_report_judges_the_training_peak_without_the_text_encoder_l
 
     items = [item("unitune_finetune qwen_image bf16", 25.5, 24.0, 2.9), item("unitune_finetune z_image bf16", 11.0,
                                                                            10.0, 0.5, 1.25),
-             item("unitune_finetune chroma bf16", 15.0, None, 0.0, 1.0)]
+             item("unitune_finetune chroma bf16", 15.0, None, 0.0, 1.0),
+             _item("textual_inversion z_image bf16", 9.5, None)]
     gpu_check.write_report(tmp_path, _report(items, dit=False, families=True))
     md = (tmp_path / "report.md").read_text()
     assert "target: under 600s on one H100, --families" in md
@@ -350,10 +352,38 @@ def test_the_families_report_judges_the_training_peak_without_the_text_encoder_l
     assert ("- unitune_finetune z_image bf16: 0.80 s/step, peak 11.00 GiB (text encoder still loaded: 0.50 GiB; "
             "without it 10.50 GiB) against ≤ 10 GiB (**over**; memory bench 8.718 GiB)") in md
     assert "- unitune_finetune chroma bf16: 1.00 s/step, peak 15.00 GiB (no target)" in md
+    assert "- textual_inversion z_image bf16: 2.00 s/step, peak 9.50 GiB (no target)" in md
     total = sum(s for _, s in gpu_check.FAMILY_ESTIMATES)
     assert "estimates for --families on one H100" in md and f"{total} s of 600 s" in md
     assert total < gpu_check.BUDGET_SECONDS and all(what in md for what, _ in gpu_check.FAMILY_ESTIMATES)
     assert gpu_check.DIT_ESTIMATES[0][0] not in md, "the --dit run's plan is not this run's"
+
+
+def test_the_textual_inversion_item_fails_on_a_wrong_key_width_or_non_finite_vector(gpu_check, tmp_path):
+    """What proves Textual Inversion worked on a --families model, read back from the file it wrote: finite vectors
+    under the family's key only, at the text encoder's width (the real one at full size, the config's when tiny)."""
+    import torch
+    from safetensors.torch import save_file
+
+    full = SimpleNamespace(text_encoders={"qwen25_7b": {"num_hidden_layers": 1}})
+    tiny = SimpleNamespace(text_encoders={"qwen3_4b": {"hidden_size": 64}, "t5xxl": {"d_model": 64}})
+
+    def check(family, mode, tensors):
+        save_file(tensors, str(tmp_path / "w.safetensors"))
+        return gpu_check.check_word_file(tmp_path / "w.safetensors", family, mode)
+
+    assert check("qwen_image", full, {"qwen25_7b": torch.zeros(2, 3584)})["embedding_shapes"] == {
+        "qwen25_7b": [2, 3584]}
+    assert check("chroma", tiny, {"t5xxl": torch.zeros(1, 64)})["embedding_file"] == "w.safetensors"
+    assert check("flux1", tiny, {"clip_l": torch.zeros(1, 8), "t5xxl": torch.zeros(1, 64)})  # no key rule there
+    for family, mode, tensors, error in (
+            ("qwen_image", full, {"qwen25_7b": torch.zeros(2, 32)}, "expected qwen25_7b: \\[vectors, 3584\\]"),
+            ("z_image", tiny, {"qwen3_4b": torch.zeros(1, 64), "t5xxl": torch.zeros(1, 64)}, "expected qwen3_4b"),
+            ("z_image", tiny, {"qwen25_7b": torch.zeros(1, 64)}, "expected qwen3_4b"),
+            ("chroma", tiny, {"t5xxl": torch.tensor([[0.0] * 63 + [float("nan")]])}, "non-finite vectors for t5xxl"),
+            ("flux1", tiny, {"t5xxl": torch.full((1, 64), float("inf"))}, "non-finite vectors for t5xxl")):
+        with pytest.raises(RuntimeError, match=error):
+            check(family, mode, tensors)
 
 
 def test_the_families_run_fits_the_disk_limit_alone_and_shares_flux_files_with_the_dit_run(gpu_check):
@@ -420,8 +450,10 @@ def test_a_bad_loads_value_fails_before_any_work(tmp_path):
 SD_TRAINERS = ("unitune_finetune", "controlnet_zero")
 DIT_TRAINERS = {"flux1": ("unitune_finetune", "controlnet_zero", "textual_inversion", "instantstyle_flux"),
                 "sd3": ("unitune_finetune", "controlnet_zero", "textual_inversion"),
-                "qwen_image": ("unitune_finetune",), "z_image": ("unitune_finetune",), "chroma": ("unitune_finetune",)}
+                **{f: ("unitune_finetune", "textual_inversion") for f in ("qwen_image", "z_image", "chroma")}}
 MORE_DITS = ("qwen_image", "z_image", "chroma")  # --families (issue 24)
+# the word file Textual Inversion writes per --families family: (key, the tiny encoder's width; real 3584, 2560, 4096)
+TINY_WORDS = {"qwen_image": ("qwen25_7b", 32), "z_image": ("qwen3_4b", 64), "chroma": ("t5xxl", 64)}
 # bench/memory_bench.py --full's targets for the DiT items that have one
 DIT_TARGETS = {("unitune_finetune", "flux1"): 16.0, ("unitune_finetune", "sd3"): 12.0,
                ("controlnet_zero", "flux1"): 20.0, ("unitune_finetune", "qwen_image"): 24.0,
@@ -487,6 +519,14 @@ def dry_run(out: Path, loads: list[str], workflows: list[str], quick: dict | Non
             assert f"{family}:{dtype}" not in (quick or {})
             if family in MORE_DITS:  # what of the text encoder stayed loaded (report.md's verdict leaves it out)
                 assert tuned["text_encoder_resident_gib"] >= 0 and tuned["image"] == 64, tuned
+                # Textual Inversion's file, read back by the item: one vector (the node's default) under the family's
+                # key at its text encoder's width (the private tokenizer's key on Qwen-Image / Z-Image)
+                word = by_name[f"textual_inversion {family} {dtype}"]["settings"]
+                key, width = TINY_WORDS[family]
+                assert word["embedding_shapes"] == {key: [1, width]} and word["image"] == 64, word
+                # a counter when an earlier run in the build folder took the name (embedding_target never overwrites)
+                named = rf"gpu_check_{family}_{dtype}(_\d{{5}})?\.safetensors"
+                assert re.fullmatch(named, word["embedding_file"]), word
                 continue
             # ControlNet-Zero on the DiTs: 8-bit AdamW at the family's 64 px (1024 at full size); Flux.1's Create
             # copies 2 double blocks (the memory bench's case), SD3.5's takes the node's default depth
@@ -602,8 +642,9 @@ def test_cpu_dry_run_of_the_flux_load_and_the_sd35_workflow(tmp_path):
 @pytest.mark.slow
 def test_cpu_dry_run_of_the_z_image_and_chroma_loads_and_the_qwen_image_workflow(tmp_path):
     """``--families`` in ``make test``: Z-Image (stock UNETLoader fp8, CLIPLoader lumina2 on a Qwen3) and Chroma (the
-    PixArt T5 CLIP) with UniTune LoRA in this process, and the Qwen-Image workflow through the server (UNETLoader,
-    CLIPLoader qwen_image on a Qwen2.5-VL, the Wan-2.1 VAE): every family's files are built and loaded once."""
+    PixArt T5 CLIP) with UniTune LoRA and Textual Inversion in this process, and the Qwen-Image workflow through the
+    server (UNETLoader, CLIPLoader qwen_image on a Qwen2.5-VL, the Wan-2.1 VAE): every family's files are built and
+    loaded once."""
     by_name = dry_run(tmp_path / "gpu_check", ["z_image:bf16", "chroma:bf16"], [FAMILY_WORKFLOWS[0]],
                       families=True, build=tmp_path / "models")
     capped = by_name[f"workflow {FAMILY_WORKFLOWS[0]}"]["settings"]
@@ -611,11 +652,14 @@ def test_cpu_dry_run_of_the_z_image_and_chroma_loads_and_the_qwen_image_workflow
     built = sorted(p.name.rsplit("_v", 1)[0].removeprefix("gpu_check_tiny_")
                    for p in (tmp_path / "models" / "tiny").glob("*.safetensors"))
     assert built == ["chroma", "qwen25_7b", "qwen3_4b", "qwen_image", "t5xxl", "vae16", "wan21_vae", "z_image"], built
+    words = sorted(p.name for p in (tmp_path / "models" / "tiny" / "run" / "embeddings").glob("*.safetensors"))
+    assert words == ["gpu_check_chroma_bf16.safetensors", "gpu_check_z_image_bf16.safetensors"], words
 
 
 @pytest.mark.long
 def test_cpu_dry_run_of_everything_families_runs_writes_the_report(tmp_path):
-    """The whole ``--families`` dry run: Qwen-Image, Z-Image and Chroma loads with UniTune LoRA, both workflows."""
+    """The whole ``--families`` dry run: Qwen-Image, Z-Image and Chroma loads with UniTune LoRA and Textual Inversion,
+    both workflows."""
     dry_run(tmp_path / "gpu_check", [], [], families=True)
 
 
