@@ -39,9 +39,17 @@ def fingerprint(unet: torch.nn.Module) -> str:
         flat = t.detach().reshape(-1)
         # fp32 positions (as files were fingerprinted); past 2**24 elements they can round up to numel
         idx = torch.linspace(0, flat.numel() - 1, SAMPLE_VALUES).long().clamp_(max=flat.numel() - 1).to(flat.device)
-        sample.append(flat[idx].to("cpu", torch.float32))
+        sample.append(_take(flat, idx))
     values = base64.b64encode(torch.cat(sample).numpy().tobytes()).decode("ascii")
     return f"{FINGERPRINT_PREFIX}{h.hexdigest()[:32]}:{values}"
+
+
+def _take(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``flat[idx]`` as fp32 on the CPU. 1-byte floats (fp8 weights) are gathered as their bytes: the same values,
+    without needing an fp8 indexing kernel on the weights' device."""
+    if flat.dtype.is_floating_point and flat.element_size() == 1:
+        return flat.view(torch.uint8)[idx].view(flat.dtype).to("cpu").to(torch.float32)
+    return flat[idx].to("cpu", torch.float32)
 
 
 def fingerprints_match(expected: str, actual: str) -> bool:
@@ -71,7 +79,7 @@ def legacy_fingerprint(unet: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in _weights(unet):
         flat = t.detach().reshape(-1)
-        sample = torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.float32)
+        sample = torch.cat([flat[:64].to("cpu", torch.float32), flat[-64:].to("cpu", torch.float32)])
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:32]

@@ -34,3 +34,17 @@ def test_fingerprint_positions_unchanged_below_2_to_the_24():
 
     values = family.fingerprint(model).rsplit(":", 1)[1]
     assert torch.equal(torch.frombuffer(bytearray(base64.b64decode(values)), dtype=torch.float32), plain)
+
+
+def test_fp8_weights_are_sampled_by_their_bytes_with_the_same_values():
+    """fp8 weights are gathered as bytes (no fp8 indexing kernel needed on the GPU): the values are unchanged, so an
+    fp8 load still matches its fp32 checkpoint, and a legacy (v1) fingerprint reads the same first/last values."""
+    model = _model(4096, torch.float8_e4m3fn)
+    flat = model.conv.reshape(-1)
+    idx = torch.linspace(0, 4095, family.SAMPLE_VALUES).long()
+    assert torch.equal(family._take(flat, idx), flat.to(torch.float32)[idx])
+    wide = _model(4096, torch.float32)
+    with torch.no_grad():
+        wide.conv.copy_(model.conv.to(torch.float32))
+    assert family.fingerprints_match(family.fingerprint(wide), family.fingerprint(model))
+    assert family.legacy_fingerprint(model) != family.legacy_fingerprint(wide)  # v1 hashed the dtype: as before
