@@ -459,3 +459,136 @@ def test_true_hints_beat_shuffled_hints_on_held_out_disks(flux):
                 steps, start, true, shuffled, true / shuffled, sum(result.losses[:10]) / 10,
                 sum(result.losses[-10:]) / 10)
     assert true < 0.85 * shuffled, (true, shuffled)
+
+
+def _plain_hints(block):
+    """A stand-in for ``flux_xlabs._hint_forward``: the stock Sequential forward (every activation kept)."""
+    return lambda x: torch.nn.Sequential.forward(block, x)
+
+
+@pytest.mark.parametrize("compute", ["fp32", "bf16"])
+def test_training_shortcuts_keep_the_loss_and_gradients_bit_for_bit(compute, flux, monkeypatch):
+    """The training forward's two cost cuts (the RoPE backward ``_fast_rope``, the hint block keeping each SiLU's
+    input only) give the loss and every ControlNet gradient of plain autograd bit for bit, fp32 and bf16 autocast,
+    with checkpointing on and off; the patches are undone after (ComfyUI's ``apply_rope`` and the hint block's
+    forward are the stock ones again)."""
+    import contextlib
+
+    import comfy.ldm.flux.math as flux_math
+    import comfy.model_management as mm
+
+    from frozentune.controlnet_zero import cache, flux_xlabs, network
+    from frozentune.controlnet_zero import training_run as trainer
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[compute]
+    base = flux.model.model
+    stock_rope = flux_math.apply_rope
+    targets, hints = disks.disks(2, R, seed=0)
+    mm.load_models_gpu([flux.model], force_full_load=True)
+    device = flux.model.load_device
+    calls = []
+    rope_apply = flux_xlabs._Rope.apply
+    monkeypatch.setattr(flux_xlabs._Rope, "apply", lambda *a: calls.append(1) or rope_apply(*a))
+    with torch.inference_mode(False):
+        data = cache.encode(cache.Source.from_tensors(targets, hints, [disks.CAPTION] * 2), base, flux.vae,
+                            flux.clip, R, guidance=4.0)
+        cn = network.trainable_copy(perturbed(create(flux.model).control_model), device).train()
+        x0, hint, conds = data.batch(torch.tensor([0, 1]), torch.zeros(2, dtype=torch.bool), device)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+        sigma = base.model_sampling.sigmas[torch.tensor([300, 700])]
+
+        def loss_and_grads(checkpointing: bool):
+            cn.zero_grad(set_to_none=True)
+            with torch.enable_grad(), trainer.controlled_loss(base, cn, device, dtype, checkpointing) as loss_fn:
+                loss = loss_fn(cn, x0, hint, conds, sigma, noise)
+                loss.backward()
+            return loss.detach(), {n: p.grad for n, p in cn.named_parameters() if p.grad is not None}
+
+        for checkpointing in (False, True):
+            calls.clear()
+            fast = loss_and_grads(checkpointing)
+            assert calls, "the training forward did not rotate through _fast_rope"
+            assert flux_math.apply_rope is stock_rope and "forward" not in cn.input_hint_block.__dict__
+            with monkeypatch.context() as m:
+                m.setattr(flux_xlabs, "_rope_backward", contextlib.nullcontext)
+                m.setattr(flux_xlabs, "_hint_forward", _plain_hints)
+                plain = loss_and_grads(checkpointing)
+            assert torch.equal(fast[0], plain[0])
+            assert fast[1].keys() == plain[1].keys() and "input_hint_block.0.weight" in fast[1]
+            differ = [n for n in plain[1] if not torch.equal(fast[1][n], plain[1][n])]
+            assert not differ, (checkpointing, differ)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+def test_fast_rope_backward_is_autograds_bit_for_bit(dtype_name):
+    """``_fast_rope`` against ComfyUI's ``apply_rope`` under autograd, on q/k as Flux's attention makes them (a
+    permuted qkv view through the QK RMSNorm) and an upstream gradient laid out as SDPA's backward gives it (not
+    contiguous): the same outputs and gradients bit for bit, the norm's weight gradient included (it sums in
+    memory order, so a gradient that is autograd's values in another layout already changes its rounding)."""
+    import comfy.ldm.flux.math as flux_math
+
+    from frozentune.controlnet_zero import flux_xlabs
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    gen = torch.Generator().manual_seed(0)
+    b, heads, length, dim = 2, 3, 40, 64
+    pos = torch.rand(b, length, 3, generator=gen) * 20
+    pe = torch.cat([flux_math.rope(pos[..., i], d, 10000) for i, d in enumerate((16, 24, 24))], dim=-3).unsqueeze(1)
+    qkv_data = torch.randn(b, length, 3 * heads * dim, generator=gen).to(dtype)
+    scale_data = (1 + torch.randn(dim, generator=gen) / 4).to(dtype)
+    grads = [torch.randn(b, length, heads, dim, generator=gen).to(dtype).transpose(1, 2) for _ in range(2)]
+    results = []
+    for apply_rope in (flux_math.apply_rope, flux_xlabs._fast_rope(flux_math.apply_rope1)):
+        qkv = qkv_data.clone().requires_grad_(True)
+        scale = scale_data.clone().requires_grad_(True)
+        q, k, _ = qkv.view(b, length, 3, heads, dim).permute(2, 0, 3, 1, 4)
+        q, k = (torch.nn.functional.rms_norm(t, (dim,), weight=scale, eps=1e-6) for t in (q, k))
+        rq, rk = apply_rope(q, k, pe)
+        raw = torch.autograd.grad([rq, rk], [q], grads, retain_graph=True)[0]
+        torch.autograd.backward([rq, rk], grads)
+        results.append((rq.detach(), rk.detach(), raw, qkv.grad, scale.grad))
+    stock, fast = results
+    assert stock[2].is_contiguous() and fast[2].is_contiguous()
+    for name, a, c in zip(("q rotated", "k rotated", "q grad", "qkv grad", "norm weight grad"), stock, fast,
+                          strict=True):
+        assert torch.equal(a, c), name
+    with torch.no_grad():  # nothing recorded: the stock function itself
+        x = qkv_data[..., :heads * dim].view(b, length, heads, dim).transpose(1, 2)
+        assert torch.equal(flux_xlabs._fast_rope(flux_math.apply_rope1)(x, x, pe)[0], flux_math.apply_rope1(x, pe))
+
+
+def test_hint_block_keeps_half_its_activations_and_runs_channels_last(flux):
+    """XLabs' hint convolutions: ``control`` hands them an NHWC hint even when given a contiguous one (weights and
+    their gradients stay contiguous, so the saved file is unchanged), and under ``training`` the block keeps about
+    half the bytes for backward (each SiLU's input, not also its output) for the same output and gradients."""
+    from frozentune.controlnet_zero import flux_xlabs, network
+    from frozentune.training.checkpointing import retained_bytes
+
+    with torch.inference_mode(False):
+        cn = network.trainable_copy(perturbed(create(flux.model).control_model), "cpu").train()
+        seen = []
+        handle = cn.input_hint_block[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        x_in = torch.randn(1, 16, R // 8, R // 8)
+        conds = {"c_crossattn": torch.randn(1, 4, cn.txt_in.in_features), "y": torch.randn(1, cn.vector_in.in_layer.in_features),
+                 "guidance": torch.full((1,), 4.0)}
+        hint = hint_image().movedim(-1, 1).contiguous()
+        with torch.no_grad():
+            flux_xlabs.control(cn, x_in, hint, torch.tensor([500.0]), conds, torch.float32)
+        handle.remove()
+        assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+
+        pixels = hint.contiguous(memory_format=torch.channels_last) * 2 - 1
+        kept, outputs = {}, {}
+        for name, forward in (("plain", _plain_hints), ("training", flux_xlabs._hint_forward)):
+            cn.zero_grad(set_to_none=True)
+            cn.input_hint_block.forward = forward(cn.input_hint_block)
+            try:
+                out, kept[name] = retained_bytes(lambda: cn.input_hint_block(pixels))
+                out.square().sum().backward()
+            finally:
+                del cn.input_hint_block.forward
+            outputs[name] = out.detach(), [p.grad for p in cn.input_hint_block.parameters()]
+    assert torch.equal(outputs["plain"][0], outputs["training"][0])
+    assert all(torch.equal(a, b) for a, b in zip(outputs["plain"][1], outputs["training"][1], strict=True))
+    assert all(g.is_contiguous() for g in outputs["training"][1])
+    assert kept["training"] < 0.6 * kept["plain"], kept
