@@ -10,8 +10,10 @@ Layouts: ``"ldm"`` -> ``network`` (SD1.x/SDXL: ``comfy.cldm.cldm.ControlNet``), 
 ``flux_xlabs`` (Flux.1: ``comfy.ldm.flux.controlnet.ControlNetFlux``, XLabs' layout, pixel hints),
 ``"sd3_diffusers"`` -> ``sd3_diffusers`` (SD3/SD3.5: ``comfy.cldm.mmdit.ControlNet``, diffusers' layout,
 latent hints), ``"qwen_instantx"`` -> ``qwen_instantx`` (Qwen-Image: ``comfy.ldm.qwen_image.controlnet.
-QwenImageControlNetModel``, InstantX's / diffusers' layout, Wan-2.1 latent hints). A family without a layout
-may carry a ``controlnet_refusal`` (the reason, e.g. no stock loader), which ``for_model`` names.
+QwenImageControlNetModel``, InstantX's / diffusers' layout, Wan-2.1 latent hints), ``"flux_instantx"`` ->
+``flux_diffusers`` (Flux.1: ``ControlNetFlux(latent_input=True)``, InstantX's / diffusers' layout, latent hints; a
+choice next to the family's XLabs default, ``ALTERNATIVES``). A family without a layout may carry a
+``controlnet_refusal`` (the reason, e.g. no stock loader), which ``for_model`` names.
 
 The protocol (names fixed; ``base_model`` is a loaded ``comfy.model_base.BaseModel``):
 
@@ -59,11 +61,21 @@ from __future__ import annotations
 import contextlib
 import importlib
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from .. import families
 
+if TYPE_CHECKING:
+    import torch
+
 LDM, FLUX_XLABS, SD3_DIFFUSERS, QWEN_INSTANTX = "ldm", "flux_xlabs", "sd3_diffusers", "qwen_instantx"
-MODULES = {LDM: "network", FLUX_XLABS: "flux_xlabs", SD3_DIFFUSERS: "sd3_diffusers", QWEN_INSTANTX: "qwen_instantx"}
+FLUX_INSTANTX = "flux_instantx"
+MODULES = {LDM: "network", FLUX_XLABS: "flux_xlabs", SD3_DIFFUSERS: "sd3_diffusers", QWEN_INSTANTX: "qwen_instantx",
+           FLUX_INSTANTX: "flux_diffusers"}
+# The other layouts a family may choose (Create's ``layout`` input, the CLI's ``layout``), by its slot's layout:
+# Flux.1 defaults to XLabs' layout (pixel hints, no VAE) and also has InstantX's / diffusers' (latent hints).
+ALTERNATIVES: dict[str, tuple[str, ...]] = {FLUX_XLABS: (FLUX_INSTANTX,)}
+FAMILY_DEFAULT = "family default"  # Create's ``layout`` choice meaning the family's slot
 
 
 def layout(name: str) -> ModuleType:
@@ -89,14 +101,56 @@ def supported_labels() -> str:
     return ", ".join(f.label for f in families.FAMILIES.values() if f.controlnet_layout in MODULES)
 
 
-def for_model(base_model) -> ModuleType:
-    """The layout of a base model (a MODEL or ``comfy.model_base.BaseModel``), by its family; a clear error else."""
+def choices(family) -> tuple[str, ...]:
+    """The layouts a family (``families.Family``) may use: its slot's first, then its alternatives (none: ``()``)."""
+    if family.controlnet_layout is None:
+        return ()
+    return (family.controlnet_layout, *ALTERNATIVES.get(family.controlnet_layout, ()))
+
+
+def create_choices() -> list[str]:
+    """Create's ``layout`` options: ``FAMILY_DEFAULT``, then every layout some family may choose besides its default."""
+    return [FAMILY_DEFAULT, *sorted({name for names in ALTERNATIVES.values() for name in names} | set(ALTERNATIVES))]
+
+
+def for_model(base_model, name: str | None = None) -> ModuleType:
+    """The layout of a base model (a MODEL or ``comfy.model_base.BaseModel``), by its family; a clear error else.
+
+    ``name``: a layout the family may choose instead of its default (None / ``FAMILY_DEFAULT``: the default); one
+    that does not fit the family is refused, naming both.
+    """
     family = families.family_of(base_model)
     if family.controlnet_layout is None:
         why = f": {family.controlnet_refusal}" if family.controlnet_refusal else ""
         raise ValueError(f"ControlNet-Zero does not support {family.label} models{why} (supported: "
                          f"{supported_labels()}): connect a MODEL of one of those families.")
-    return layout(family.controlnet_layout)
+    if name in (None, "", FAMILY_DEFAULT):
+        return layout(family.controlnet_layout)
+    if name not in choices(family):
+        fits = ", ".join(f.label for f in families.FAMILIES.values() if name in choices(f))
+        raise ValueError(f"the ControlNet layout {name!r} does not fit the MODEL: it is for {fits or 'no family'}, the "
+                         f"MODEL is {family.label}, whose layouts are {', '.join(choices(family))}. Choose "
+                         f"{FAMILY_DEFAULT!r} or one of those.")
+    return layout(name)
+
+
+def load_file(tensors: dict, base_model) -> torch.nn.Module:
+    """The control module for ``base_model`` from a file's tensors, in whichever of the family's layouts the file is.
+
+    Each layout's ``load`` says "not a ..." for a file of another layout; the first other error (the file is of
+    that layout but does not fit) is raised; a file of none of them raises the family default's "not a ..." error.
+    """
+    family = families.family_of(base_model)
+    names = choices(family) or (None,)
+    first: ValueError | None = None
+    for name in names:
+        try:
+            return for_model(base_model, name).load(tensors, base_model)
+        except ValueError as error:
+            if not str(error).startswith("not "):
+                raise
+            first = first or error
+    raise first
 
 
 def owner(control_model) -> ModuleType | None:
@@ -145,8 +199,8 @@ def check_pair(control_model, base_model) -> ModuleType:
     """The control module's layout, after checking it fits ``base_model`` (a clear error naming both if not)."""
     mine = for_module(control_model)
     family = families.family_of(base_model)
-    if family.controlnet_layout != mine.NAME:
-        wanted = ", ".join(f.label for f in families.FAMILIES.values() if f.controlnet_layout == mine.NAME)
+    if mine.NAME not in choices(family):
+        wanted = ", ".join(f.label for f in families.FAMILIES.values() if mine.NAME in choices(f))
         raise ValueError(f"this ControlNet does not fit the MODEL: it is a {mine.NAME}-layout ControlNet (for "
                          f"{wanted or 'another family'}), the MODEL is {family.label}. Continue training only from a "
                          "ControlNet of the same base model, or start a new one with ControlNet-Zero Create.")
@@ -222,6 +276,29 @@ def controlnet_blocks(named_shapes: dict) -> int:
     import comfy.model_detection
 
     return comfy.model_detection.count_blocks(named_shapes, "controlnet_blocks.{}.")
+
+
+def invert_key_map(sd: dict, key_map: dict) -> tuple[dict, set[str]]:
+    """ComfyUI tensors ``sd`` -> the foreign names of a ``comfy.utils.*_to_diffusers`` ``key_map`` (foreign name ->
+    ComfyUI name, or (name, (dim, start, size) | None[, fn]) with ``fn`` its own inverse), and the names used.
+
+    Entries whose ComfyUI weight ``sd`` lacks (a final layer a ControlNet has not) are skipped.
+    """
+    out: dict = {}
+    used: set[str] = set()
+    for foreign, target in key_map.items():
+        name = target if isinstance(target, str) else target[0]
+        if name not in sd:
+            continue
+        weight = sd[name]
+        if not isinstance(target, str):
+            if target[1] is not None:
+                weight = weight.narrow(*target[1])
+            if len(target) > 2:
+                weight = target[2](weight)
+        out[foreign] = weight.contiguous()
+        used.add(name)
+    return out, used
 
 
 def fill_from_base(cn, diffusion_model, zero_prefixes: tuple[str, ...], label: str) -> None:

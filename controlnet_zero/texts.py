@@ -69,12 +69,16 @@ TEXTS: dict[str, str] = {
                 "preview_every is 0).",
     "flux_guidance": (
         "The guidance strength Flux.1 dev (it takes one as input) trains at, fed to the ControlNet and the base: 4, "
-        "as XLabs' x-flux ControlNet trainer. Other families have no such input and ignore it."),
+        "as XLabs' x-flux ControlNet trainer (diffusers' for the flux_instantx layout: 3.5). Other families have no "
+        "such input and ignore it."),
     # --- Create node only
     "depth": (
         "Transformer blocks the ControlNet copies from the MODEL; 0 = the reference default: Flux.1 2 double blocks "
-        "(XLabs), SD3/SD3.5 12 (diffusers, at most blocks - 1), Qwen-Image 5 (diffusers). SD1.5/SDXL copy the whole "
+        "(XLabs) or 4 (InstantX), SD3/SD3.5 12 (diffusers, at most blocks - 1), Qwen-Image 5 (diffusers). SD1.5/SDXL copy the whole "
         "encoder: keep 0 there."),
+    "layout": (
+        "The ControlNet's file layout: family default (Flux.1: XLabs', pixel hints) or flux_instantx (Flux.1: "
+        "InstantX's / diffusers', VAE-latent hints; connect the VAE in Apply ControlNet); other families have one."),
     # --- Save node only
     "filename": "Name under models/controlnet/ (sub-folders allowed, e.g. controlnet_zero/edges; 'controlnet/...' "
                 "is the same folder); a counter is added if it exists. Absolute paths, '..', hidden names, other "
@@ -87,14 +91,16 @@ TEXTS: dict[str, str] = {
                "(paths relative to the folder). Not confined to ComfyUI's input folder (the node's dataset_folder is).",
     "output": "The ControlNet file to write, e.g. models/controlnet/my_controlnet.safetensors.",
     "controlnet": "Optional: a ControlNet file of the same base model to continue training from, in the layout "
-                  "ControlNet-Zero Save writes for its family (SD1.5/SDXL ldm, Flux.1 XLabs, SD3 diffusers).",
+                  "ControlNet-Zero Save writes for its family (SD1.5/SDXL ldm, Flux.1 XLabs, SD3 diffusers, Qwen-Image "
+                  "InstantX).",
     "diffusion_model": "Instead of checkpoint: the frozen base's diffusion model alone (a UNETLoader file, e.g. "
                        "flux1-dev.safetensors); give text_encoders and vae with it.",
     "weight_dtype": "How the base's weights are stored while training, as UNETLoader's weight_dtype: default keeps "
                     "the file's dtype, fp8_e4m3fn / fp8_e4m3fn_fast / fp8_e5m2 store them in fp8 (computed per "
                     "operation in the compute dtype).",
     "text_encoders": "With diffusion_model: the text-encoder files, as CLIPLoader/DualCLIPLoader take them (Flux.1: "
-                     "clip_l + t5xxl; SD3/SD3.5: clip_l + clip_g + t5xxl); the type follows the model's family.",
+                     "clip_l + t5xxl; SD3/SD3.5: clip_l + clip_g + t5xxl; Qwen-Image: qwen_2.5_vl_7b); the type "
+                     "follows the model's family.",
     "work_dir": "Folder for checkpoints (checkpoints/run_NNN/) and losses.json; the encoding cache lives there "
                 "while training and is removed after. Default: <output>_run/.",
     "eval_rows": "Training pairs to measure a fixed-draw loss on before and after training (0 = off).",

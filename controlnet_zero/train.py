@@ -4,12 +4,13 @@ Run it from the pack's root folder with ComfyUI importable: ``COMFYUI_DIR=/path/
 the pack's pinned ``build/comfyui``). Multi-process: ``torchrun --nproc_per_node N -m controlnet_zero.train
 --config train.toml`` (DistributedDataParallel; gloo on the CPU, nccl on GPUs). The output is the same
 ControlNet file the ControlNet-Zero Save node writes for the base's family (``layouts``: SD1.5/SDXL ldm,
-Flux.1 XLabs, SD3 diffusers); put it in ``models/controlnet/``.
+Flux.1 XLabs, SD3 diffusers, Qwen-Image InstantX); put it in ``models/controlnet/``.
 
 Config (TOML; every key is also a flag, e.g. ``--learning-rate 2e-5``; flags win)::
 
     checkpoint = "models/checkpoints/v1-5-pruned-emaonly.safetensors"   # the frozen base model, all in one file
-    # or, instead of checkpoint, the split files Flux.1 and SD3.5 ship as (UNETLoader / CLIPLoader / VAELoader's):
+    # or, instead of checkpoint, the split files Flux.1, SD3.5 and Qwen-Image ship as (UNETLoader / CLIPLoader /
+    # VAELoader's; Qwen-Image: qwen_image_fp8_e4m3fn + qwen_2.5_vl_7b_fp8_scaled + qwen_image_vae):
     # diffusion_model = "models/diffusion_models/flux1-dev.safetensors"
     # weight_dtype = "fp8_e4m3fn"         # UNETLoader's: default, fp8_e4m3fn, fp8_e4m3fn_fast, fp8_e5m2 (either way)
     # text_encoders = ["models/text_encoders/clip_l.safetensors", "models/text_encoders/t5xxl_fp16.safetensors"]
@@ -53,7 +54,7 @@ from .texts import cli_text
 log = logging.getLogger("controlnet_zero.train")
 PACKAGE = "frozentune"
 RUN_KEYS = {"checkpoint": str, "dataset": str, "output": str, "controlnet": str, "work_dir": str, "resume": bool,
-            "save_dtype": str, "eval_rows": int, "log_every": int, "depth": int, "flux_guidance": float,
+            "save_dtype": str, "eval_rows": int, "log_every": int, "depth": int, "layout": str, "flux_guidance": float,
             "diffusion_model": str, "weight_dtype": str, "text_encoders": list, "vae": str}
 SPLIT_KEYS = ("diffusion_model", "text_encoders", "vae")  # the base as split files, instead of ``checkpoint``
 # UNETLoader's weight_dtype choices -> the load's model_options (nodes.py UNETLoader.load_unet)
@@ -62,7 +63,7 @@ WEIGHT_DTYPES = {"default": {}, "fp8_e4m3fn": {"dtype": "float8_e4m3fn"},
                  "fp8_e5m2": {"dtype": "float8_e5m2"}}
 # The text-encoder type each family's files load as (CLIPLoader / DualCLIPLoader's "type"; comfy.sd.CLIPType names)
 CLIP_TYPES = {"sd15": "STABLE_DIFFUSION", "sdxl": "STABLE_DIFFUSION", "flux1": "FLUX", "flux1_schnell": "FLUX",
-              "sd3": "SD3"}
+              "sd3": "SD3", "qwen_image": "QWEN_IMAGE"}
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -215,7 +216,7 @@ def base_source(merged: dict) -> None:
                          "(UNETLoader's choices).")
     split = [k for k in SPLIT_KEYS if merged.get(k)]
     how = ("give the base model either as checkpoint (one file with the model, text encoders and VAE) or as "
-           "diffusion_model + text_encoders + vae (the split files Flux.1 and SD3.5 ship as)")
+           "diffusion_model + text_encoders + vae (the split files Flux.1, SD3.5 and Qwen-Image ship as)")
     if merged.get("checkpoint"):
         if split:
             raise SystemExit(f"checkpoint and {' + '.join(split)} are both set: {how}, not both.")
@@ -259,14 +260,14 @@ def load_base(opts: dict):
 
 
 def load_controlnet_file(path: Path, base_model):
-    """A ControlNet module for ``base_model`` from a file in its family's layout (``layouts.for_model``)."""
+    """A ControlNet module for ``base_model`` from a file in one of its family's layouts (``layouts.load_file``)."""
     from ..storage import safetensors_file as weights_file
     from . import layouts
 
     tensors, _ = weights_file.load(path)
     weights_file.check_finite(tensors, f"ControlNet file {path}")
     try:
-        return layouts.for_model(base_model).load(tensors, base_model)
+        return layouts.load_file(tensors, base_model)
     except ValueError as error:  # the layouts say "not a ..." / "does not match ..." of the file
         text = str(error)
         joined = f"{path} is {text}" if text.startswith("not ") else f"{path} {text}" if text.startswith("does ") \
@@ -292,9 +293,10 @@ def run(opts: dict, settings) -> Path | None:
         pairs = dataset.scan_folder(opts["dataset"])  # not confined: the CLI is run by the machine's owner
         model, clip, vae, base_name = load_base(opts)
         # the ControlNet first: a file of another model family fails before the slow encoding
-        layout = layouts.for_model(model.model)
+        layout = layouts.for_model(model.model, opts.get("layout"))
         if opts.get("controlnet"):
             start = load_controlnet_file(Path(opts["controlnet"]), model.model)
+            layout = layouts.for_module(start)  # the file's layout (Flux.1: XLabs' or InstantX's)
         else:
             start = layout.create(model.model, torch.Generator().manual_seed(settings.seed),
                                   depth=int(opts.get("depth") or 0))

@@ -50,8 +50,8 @@ class ControlNetZeroCreate(io.ComfyNode):
             description=(
                 "Builds a new trainable ControlNet for the MODEL: a copy of its encoder and middle block joined "
                 "through zero-initialized convolutions (SD1.5/SDXL), or of its first transformer blocks with "
-                "zero-initialized output layers (Flux.1: XLabs' layout; SD3: diffusers'; Qwen-Image: InstantX's), plus a small hint "
-                "encoder. Until trained it changes nothing (sampling with it applied is identical to sampling "
+                "zero-initialized output layers (Flux.1: XLabs' layout, or InstantX's with layout flux_instantx; SD3: "
+                "diffusers'; Qwen-Image: InstantX's), plus a small hint encoder. Until trained it changes nothing (sampling with it applied is identical to sampling "
                 "without it). The MODEL is not modified."
             ),
             inputs=[
@@ -61,14 +61,16 @@ class ControlNetZeroCreate(io.ComfyNode):
                              tooltip="Seed for the initial weights of the hint encoder (the only random part)."),
                 # Last and optional, so workflows saved before it existed still load and build the same ControlNet.
                 io.Int.Input("depth", default=0, min=0, max=64, optional=True, tooltip=text("depth")),
+                io.Combo.Input("layout", options=layouts.create_choices(), default=layouts.FAMILY_DEFAULT,
+                               optional=True, tooltip=text("layout")),
             ],
             outputs=[io.ControlNet.Output(display_name="CONTROL_NET", tooltip="The fresh ControlNet: connect it "
                                           "to ControlNet-Zero Train.")],
         )
 
     @classmethod
-    def execute(cls, model, seed, depth=0) -> io.NodeOutput:
-        layout = layouts.for_model(model)  # an unsupported family is refused before anything loads
+    def execute(cls, model, seed, depth=0, layout=layouts.FAMILY_DEFAULT) -> io.NodeOutput:
+        layout = layouts.for_model(model, layout)  # an unsupported family or layout is refused before anything loads
         comfy.model_management.load_models_gpu([model])
         with torch.inference_mode(False):
             control_model = layout.create(model.model, torch.Generator().manual_seed(seed), depth=depth)
@@ -207,7 +209,7 @@ class ControlNetZeroSave(io.ComfyNode):
             is_output_node=True,
             description=(
                 "Saves a ControlNet into models/controlnet/ as safetensors in the layout the stock loader reads for "
-                "its family (SD1.5/SDXL: ComfyUI's ldm layout; Flux.1: XLabs'; SD3: diffusers'), atomic, training "
+                "its family (SD1.5/SDXL: ComfyUI's ldm layout; Flux.1: XLabs' or InstantX's, as created; SD3: diffusers'), atomic, training "
                 "settings in the metadata, where the stock Load ControlNet Model node lists it. Its control_net_name output can feed that node's name input directly."
             ),
             inputs=[

@@ -1,8 +1,9 @@
 """Run ``controlnet_zero.train`` on the tiny DiTs in a fresh process (``torchrun`` can start a script, not a shim).
 
-The tiny Flux needs two test-only shims that a new process must install itself before the CLI loads
-anything: the detection shim (its unet_config from the file's metadata) and the text-encoder shim (the tiny
-text-encoder widths), both from ``harness.tiny_dits``; they answer only for the tiny files. Usage, from the
+The tiny Flux (and the tiny Qwen-Image files of ``harness.tiny_stand_ins2``) need two test-only shims that a
+new process must install itself before the CLI loads anything: the detection shim (its unet_config from the
+file's metadata) and the text-encoder shim (the tiny text-encoder widths), both from ``harness.tiny_dits``; they
+answer only for the tiny files. Usage, from the
 pack root (any cwd works)::
 
     torchrun --standalone --nproc_per_node 2 tests/harness/cli_runner_dit.py --config train.toml

@@ -12,12 +12,16 @@ does: flow ``CONST`` with shift 1.15, the ``Wan21`` latent format, latents ``[B,
 - Text: the Qwen2.5-VL-7B encoder cannot be tiny (ComfyUI always builds its 1280-wide vision tower), so
   ``PromptClip`` stands in for a CLIP: deterministic random conditioning ``[1, 8, JOINT_DIM]`` keyed on the
   prompt, through the two methods the nodes call (``tokenize``, ``encode_from_tokens_scheduled``).
+- Files for the stock loaders (UNETLoader, CLIPLoader, VAELoader; the ControlNet-Zero CLI): ``harness.tiny_stand_ins2``.
+- ``controlnet_detection()``: ComfyUI's Qwen-Image detection plus the tiny widths for a ControlNet file as wide
+  as the tiny model (the stock ``ControlNetLoader`` passes no metadata, so the metadata shim cannot answer).
 
 Import it only after ComfyUI is importable (see ``harness.comfy_env``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import zlib
 
@@ -34,6 +38,7 @@ UNET_CONFIG = {
     "joint_attention_dim": JOINT_DIM, "axes_dims_rope": (4, 6, 6), "in_channels": 64, "out_channels": 16,
     "patch_size": 2,
 }
+WIDTH = UNET_CONFIG["num_attention_heads"] * UNET_CONFIG["attention_head_dim"]  # the transformer's inner width
 VAE_DIM = 8
 
 
@@ -109,3 +114,27 @@ class PromptClip:
 
     def encode_from_tokens_scheduled(self, tokens: str, **kwargs) -> list:
         return conditioning(tokens)
+
+
+@contextlib.contextmanager
+def controlnet_detection():
+    """ComfyUI's Qwen-Image detection plus the tiny model's widths for a file as wide as the tiny one (test only).
+
+    What the stock ``ControlNetLoader`` needs for a tiny Qwen-Image ControlNet: every other file detects as stock.
+    """
+    import comfy.model_detection as md
+
+    stock = md.detect_unet_config
+
+    def detect(state_dict, key_prefix, metadata=None):
+        config = stock(state_dict, key_prefix, metadata=metadata)
+        width = state_dict.get(f"{key_prefix}img_in.weight")
+        if config and config.get("image_model") == "qwen_image" and width is not None and width.shape[0] == WIDTH:
+            config = {**UNET_CONFIG, **config}
+        return config
+
+    md.detect_unet_config = detect
+    try:
+        yield
+    finally:
+        md.detect_unet_config = stock

@@ -80,7 +80,7 @@ def test_every_flag_has_the_help_text_of_its_setting(train_module):
     from frozentune.controlnet_zero import texts
 
     helps = flag_helps(train_module)
-    assert len(helps) == 30, sorted(helps)  # --config + 15 run keys + 14 TrainSettings fields
+    assert len(helps) == 31, sorted(helps)  # --config + 16 run keys + 14 TrainSettings fields
     assert all(helps[name] and helps[name] == texts.cli_text(name) for name in helps), \
         [n for n in helps if helps[n] != texts.cli_text(n)]
     assert not [n for n, t in {**texts.TEXTS, **texts.CLI_MORE}.items() if "%" in t], "argparse reads % as a format"

@@ -1,0 +1,277 @@
+"""ControlNet-Zero's "flux_instantx" layout: a Flux.1 ControlNet in InstantX's / diffusers' ``FluxControlNetModel`` layout.
+
+The network is ComfyUI's own ``comfy.ldm.flux.controlnet.ControlNetFlux(latent_input=True, ...)``, what the stock
+loader builds for this layout (``comfy/controlnet.py`` ``load_controlnet_flux_instantx``): the base's embedders
+(``img_in``, ``time_in``, ``vector_in``, ``guidance_in``, ``txt_in``) and its first N double blocks copied from
+the base's weights, no single blocks, one zero-initialized ``controlnet_blocks`` Linear per block and a
+zero-initialized ``pos_embed_input`` (diffusers' ``controlnet_x_embedder``: the hint latent's patch embedding,
+added to ``img_in``'s output), as diffusers' ``FluxControlNetModel.__init__`` (``zero_module`` on each controlnet
+block) and ``from_transformer`` (``zero_module(controlnet_x_embedder)``) do. A created, untrained ControlNet adds
+exactly zero to the base's image stream. Next to the "flux_xlabs" layout (pixel hints through eight
+full-resolution 3x3 convolutions) this one takes the hint as a VAE latent through one Linear, the format of the
+InstantX and Shakker-Labs Union Flux ControlNets, and what diffusers' ``train_controlnet_flux.py`` trains.
+
+Depth: N defaults to 4, ``--num_double_layers``' default in diffusers' ``examples/controlnet/
+train_controlnet_flux.py`` (and ``FluxControlNetModel.from_transformer``'s ``num_layers`` default). That script's
+``--num_single_layers`` default is 4 (``from_transformer``'s 10); ControlNet-Zero creates none, as the
+Shakker-Labs Union-Pro 2.0 Flux ControlNet (6 double, 0 single blocks), keeping the module to copied double
+blocks; files with single blocks (InstantX's) load and train on as they are. Training guidance: diffusers'
+script feeds ``--guidance_scale`` (default 3.5, ``TRAIN_GUIDANCE``) to the ControlNet and the base; the Train
+node's ``flux_guidance`` chooses it (its default, 4, is x-flux's).
+
+ComfyUI's sampling-time conventions, which training reproduces: the hint is the VAE latent of the hint image
+through ``latent_formats.Flux().process_in`` (``(z - 0.1159) * 0.3611``, as diffusers' script scales
+``control_latents`` with the VAE's shift and scale), the ControlNet gets the ``y`` and ``guidance`` conds, and its
+N outputs are repeated ``ceil(19 / N)`` times each over the base's 19 double blocks (``ControlNetFlux.forward_orig``
+with ``latent_input``: block i gets output ``i // ceil(19 / N)``, as diffusers' ``FluxTransformer2DModel``
+``interval_control``).
+
+The file (``file_tensors``) is diffusers' names: the inverse of ``comfy.utils.flux_to_diffusers`` (fused ``qkv``
+split into ``to_q``/``to_k``/``to_v`` and ``add_*_proj``; ``pos_embed_input`` -> ``controlnet_x_embedder``), with
+``controlnet_blocks.*`` under their own names; the stock loader converts it back with
+``comfy.model_detection.convert_diffusers_mmdit``, every key used, none missing. It is key for key and value for
+value what ``FluxControlNetModel.from_transformer(num_layers=N, num_single_layers=0)`` makes from the same base
+(``tests/node/test_controlnet_zero_flux_instantx.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .. import families
+from . import flux_xlabs, layouts
+
+log = logging.getLogger(__name__)
+
+# this module is the "flux_instantx" layout of ``layouts`` (Flux.1, a choice next to XLabs'); the module is named
+# after diffusers' FluxControlNetModel, as sd3_diffusers (instantstyle.flux_instantx is another module)
+NAME = "flux_instantx"
+DEFAULT_DEPTH = 4  # diffusers train_controlnet_flux.py --num_double_layers default (from_transformer num_layers=4)
+TRAIN_GUIDANCE = 3.5  # diffusers train_controlnet_flux.py --guidance_scale default
+# Modules the base lacks; both start at exactly zero (diffusers' zero_module).
+ZERO_PREFIXES = ("controlnet_blocks.", "controlnet_single_blocks.", "pos_embed_input.")
+FILE_OWN_NAMES = ("controlnet_blocks.", "controlnet_single_blocks.")  # loaded raw by load_controlnet_flux_instantx
+LATENT_HINTS = True  # hint_input gives Flux VAE latents [B, 16, H/8, W/8]
+# The last double block's text stream feeds nothing (only its img output reaches a controlnet_block).
+UNUSED_PARAMETERS = True
+
+# The same ComfyUI Flux blocks as the XLabs layout: the same autograd hooks around its in-place code.
+training = flux_xlabs.training
+base_config = flux_xlabs.base_config
+trainable_copy = layouts.trainable_copy
+
+
+def build(config: dict, depth: int, single: int = 0, device: torch.device | str = "cpu",
+          dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """An empty ``ControlNetFlux(latent_input=True)`` as ``load_controlnet_flux_instantx`` builds it (plain latent hints)."""
+    import dataclasses
+
+    import comfy.ldm.flux.controlnet
+    import comfy.ldm.flux.model
+    import comfy.ops
+
+    names = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    cfg = {k: v for k, v in config.items() if k in names}
+    cfg.update(depth=depth, depth_single_blocks=single)
+    return comfy.ldm.flux.controlnet.ControlNetFlux(latent_input=True, control_latent_channels=cfg["in_channels"],
+                                                    operations=comfy.ops.disable_weight_init, dtype=dtype,
+                                                    device=device, **cfg)
+
+
+def block_count(base_model, depth: int | None) -> int:
+    """The double blocks the ControlNet copies: ``depth`` (0/None: ``DEFAULT_DEPTH``, capped at the base's blocks)."""
+    blocks = int(base_config(base_model)["depth"])
+    if depth is None or int(depth) == 0:
+        n = min(DEFAULT_DEPTH, blocks)
+        if n != DEFAULT_DEPTH:
+            log.info("ControlNet-Zero Flux (InstantX layout): the base has %d double blocks; copying %d (default %d)",
+                     blocks, n, DEFAULT_DEPTH)
+        return n
+    n = int(depth)
+    if not 1 <= n <= blocks:
+        raise ValueError(f"depth={n}: a Flux ControlNet copies 1 to {blocks} of the MODEL's {blocks} double blocks "
+                         f"(diffusers' train_controlnet_flux.py default: {DEFAULT_DEPTH}).")
+    return n
+
+
+def create(base_model, generator: torch.Generator | None = None, *, depth: int = 0) -> torch.nn.Module:
+    """A fresh InstantX-layout ControlNet from the base's embedders and first ``depth`` double blocks (fp32, CPU).
+
+    ``controlnet_blocks`` and ``pos_embed_input`` are exactly zero; nothing is random, so ``generator`` is unused.
+    """
+    del generator
+    cfg = base_config(base_model)
+    n = block_count(base_model, depth)
+    cn = build(cfg, n)
+    layouts.fill_from_base(cn, base_model.diffusion_model, ZERO_PREFIXES, "Flux.1")
+    log.info("ControlNet-Zero Flux (InstantX layout): created a %d-block ControlNet (width %d) from the base's weights",
+             n, cn.hidden_size)
+    return cn.eval().requires_grad_(False)
+
+
+def depth_of(control_model: torch.nn.Module) -> int:
+    """The double blocks a ControlNet copies (what Create's ``depth`` resolved to; for the metadata)."""
+    return len(control_model.double_blocks)
+
+
+def owns(control_model) -> bool:
+    """Whether ``control_model`` is a latent-hint (InstantX/diffusers) Flux ControlNet."""
+    import comfy.ldm.flux.controlnet
+
+    return isinstance(control_model, comfy.ldm.flux.controlnet.ControlNetFlux) and bool(control_model.latent_input)
+
+
+def unwrap(control_net) -> torch.nn.Module:
+    """The ``ControlNetFlux`` inside a CONTROL_NET, or a clear error for the kinds this layout does not train."""
+    module = getattr(control_net, "control_model", None)
+    if module is None or not owns(module):
+        kind = type(module).__name__ if module is not None else type(control_net).__name__
+        raise ValueError(f"this CONTROL_NET is a {kind}, not a Flux ControlNet in InstantX's / diffusers' layout "
+                         "(latent hints). Start one with ControlNet-Zero Create (layout flux_instantx), or load an "
+                         "InstantX-layout Flux ControlNet file with Load ControlNet Model.")
+    if module.controlnet_mode_embedder is not None:
+        raise ValueError("this CONTROL_NET is a Union Flux ControlNet (control modes); ControlNet-Zero trains plain "
+                         "ControlNets only.")
+    channels = module.pos_embed_input.weight.shape[1]
+    if channels != module.in_channels:
+        raise ValueError(f"this Flux ControlNet takes {channels}-channel hints (an inpaint ControlNet: the latent "
+                         f"plus a mask); ControlNet-Zero trains plain {module.in_channels}-channel latent hints only.")
+    return module
+
+
+def _counts(names) -> tuple[int, int]:
+    """(controlnet blocks, controlnet single blocks) among module state-dict ``names``."""
+    import comfy.model_detection
+
+    shapes = {k: None for k in names}
+    return (comfy.model_detection.count_blocks(shapes, "controlnet_blocks.{}."),
+            comfy.model_detection.count_blocks(shapes, "controlnet_single_blocks.{}."))
+
+
+def check_fits(control_model, base_model) -> None:
+    """Raise a clear error unless ``control_model`` is an InstantX ControlNet the base Flux's configuration builds."""
+    have = layouts.shapes(control_model)
+    if families.family_of(base_model).id not in flux_xlabs.FAMILY_IDS:
+        raise ValueError(f"this ControlNet was made for a Flux.1 model (InstantX layout, width "
+                         f"{have.get('img_in.weight', ('?',))[0]}); the MODEL is "
+                         f"{families.family_of(base_model).label}. Use it with the Flux.1 model it was made for.")
+    cfg = base_config(base_model)
+    depth, single = _counts(have)
+    blocks = int(cfg["depth"])
+    if not 1 <= depth <= blocks:
+        raise ValueError(f"this ControlNet does not fit the MODEL: it has {depth} ControlNet blocks, the MODEL's "
+                         f"{blocks} double blocks take 1 to {blocks}. Continue training only from a ControlNet of the "
+                         "same base model, or start a new one with ControlNet-Zero Create.")
+    want = layouts.shapes(build(cfg, depth, single, "meta"))
+    differences = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if differences:
+        first = differences[0]
+        raise ValueError(
+            f"this ControlNet does not fit the MODEL: it is an InstantX-layout Flux ControlNet of width "
+            f"{have.get('img_in.weight', ('?',))[0]}, the MODEL is {families.family_of(base_model).label} of width "
+            f"{cfg['hidden_size']} ({len(differences)} weights differ, e.g. {first}: ControlNet "
+            f"{have.get(first, 'missing')}, MODEL's {want.get(first, 'none')}). Continue training only from a "
+            "ControlNet of the same base model, or start a new one with ControlNet-Zero Create.")
+
+
+def hint_latent_format():
+    """Flux's latent format: how ``load_controlnet_flux_instantx`` scales this layout's hint latents."""
+    import comfy.latent_formats
+
+    return comfy.latent_formats.Flux()
+
+
+def wrap(control_model: torch.nn.Module, vae=None):
+    """The stock CONTROL_NET as ``load_controlnet_flux_instantx`` makes it: latent hints (Flux's latent format,
+    ``compression_ratio`` 1, no inpaint mask), extra conds ``y`` and ``guidance``. ``vae`` is not stored: the
+    Apply node gives it."""
+    import comfy.controlnet
+    import comfy.model_management as mm
+
+    del vae
+    unwrap(type("_Probe", (), {"control_model": control_model})())
+    load_device = mm.get_torch_device()
+    dtype = next(control_model.parameters()).dtype
+    manual_cast = mm.unet_manual_cast(dtype, load_device)
+    return comfy.controlnet.ControlNet(control_model, compression_ratio=1, latent_format=hint_latent_format(),
+                                       concat_mask=False, load_device=load_device, manual_cast_dtype=manual_cast,
+                                       extra_conds=["y", "guidance"])
+
+
+def _key_map(module: torch.nn.Module) -> dict:
+    """diffusers key -> ComfyUI key or (key, (dim, start, size) | None[, fn]) (``comfy.utils.flux_to_diffusers``)."""
+    import comfy.utils
+
+    return comfy.utils.flux_to_diffusers({"depth": len(module.double_blocks),
+                                          "depth_single_blocks": len(module.single_blocks),
+                                          "hidden_size": module.hidden_size}, output_prefix="")
+
+
+def file_tensors(control_model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The ControlNet's weights in diffusers' ``FluxControlNetModel`` names, on the CPU in ``dtype``.
+
+    Every module weight is written once; ``controlnet_blocks.*`` keep their names (the loader reads them raw).
+    """
+    module = unwrap(type("_Probe", (), {"control_model": control_model})())
+    sd = {k: v.detach().to("cpu", dtype) for k, v in module.state_dict().items()}
+    out, used = layouts.invert_key_map(sd, _key_map(module))
+    for name, weight in sd.items():
+        if name.startswith(FILE_OWN_NAMES):
+            out[name] = weight.contiguous()
+            used.add(name)
+    left = sorted(set(sd) - used)
+    if left:
+        raise RuntimeError(f"Flux ControlNet weights with no diffusers name: {left[:5]}")
+    return out
+
+
+def module_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An InstantX-layout Flux ControlNet file's tensors under ComfyUI's module names (as the stock loader converts)."""
+    import comfy.model_detection
+
+    if "controlnet_x_embedder.weight" not in tensors or "x_embedder.weight" not in tensors \
+            or "transformer_blocks.0.attn.to_q.weight" not in tensors:
+        raise ValueError("not a Flux ControlNet in InstantX's / diffusers' layout (it needs controlnet_x_embedder, "
+                         "x_embedder and transformer_blocks.0.attn.to_q weights).")
+    if "transformer_blocks.0.img_mlp.net.0.proj.weight" in tensors:
+        raise ValueError("not a Flux ControlNet in InstantX's layout but a Qwen-Image one.")
+    converted = comfy.model_detection.convert_diffusers_mmdit(dict(tensors), "")
+    converted.update({k: v for k, v in tensors.items() if k.startswith(FILE_OWN_NAMES)})
+    return converted
+
+
+def load(tensors: dict[str, torch.Tensor], base_model) -> torch.nn.Module:
+    """The fp32 CPU ControlNet for ``base_model`` holding an InstantX-layout file's weights (resume / CLI)."""
+    sd = {k: v.float() for k, v in module_tensors(tensors).items()}
+    if "controlnet_mode_embedder.weight" in sd:
+        raise ValueError("not a plain Flux ControlNet but a Union one (control modes); ControlNet-Zero trains plain "
+                         "ControlNets only.")
+    check_fits(layouts.FileTensors(sd), base_model)
+    depth, single = _counts(sd)
+    module = build(base_config(base_model), depth, single)
+    module.load_state_dict(sd, strict=True)
+    return module.eval().requires_grad_(False)
+
+
+def hint_input(hint_pixels: torch.Tensor, vae) -> torch.Tensor:
+    """The ControlNet's hint for ``hint_pixels`` ([B, H, W, 3], IMAGE layout, uint8 or float in [0, 1]).
+
+    As ``comfy.controlnet.ControlNet.get_control`` does for this layout: the VAE's latent, then
+    ``Flux().process_in``. [B, 16, H/8, W/8] float32 on the CPU.
+    """
+    pixels = hint_pixels.float() / 255.0 if hint_pixels.dtype == torch.uint8 else hint_pixels.float()
+    with torch.no_grad():
+        latent = vae.encode(pixels[..., :3]).float().cpu()
+    return hint_latent_format().process_in(latent)
+
+
+def control(control_model, x_in: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, conds: dict,
+            compute: torch.dtype) -> dict:
+    """The base Flux's ``control`` dict as ``get_control`` builds it: ``input`` = the 19 double-block residuals
+    (``output`` = the 38 single-block ones for a file with single blocks), fresh lists in ``compute``."""
+    outputs = control_model(x=x_in, hint=hint.to(device=x_in.device, dtype=x_in.dtype), timesteps=timesteps,
+                            context=conds["c_crossattn"], y=conds.get("y"), guidance=conds.get("guidance"))
+    return {"input": [c.to(compute) for c in outputs["input"]], "middle": [],
+            "output": [c.to(compute) for c in outputs.get("output", ())]}
