@@ -1,6 +1,6 @@
 """ControlNet-Zero on Flux.1 against diffusers' ``FluxControlNetModel`` loop: speed and live memory, one run.
 
-Both arms train a 2-double-block ControlNet around the same small Flux.1-dev-shaped transformer (``--width``,
+All arms train a 2-double-block ControlNet around the same small Flux.1-dev-shaped transformer (``--width``,
 default 256, in heads of 64; 2 double + 4 single blocks; guidance embedding), on the same cached encodings (random latents,
 T5-shaped context, pooled vector), batch, resolution, optimizer (AdamW, lr 1e-5, weight decay 1e-2), fp32,
 no gradient checkpointing, PyTorch SDPA attention on both sides:
@@ -8,6 +8,9 @@ no gradient checkpointing, PyTorch SDPA attention on both sides:
 - ``ours``: ControlNet-Zero's trainer (``controlnet_zero.training_run.train``) with the XLabs-layout
   ControlNet its Create node makes (``layouts.for_model(base).create``): pixel hints through the layout's
   hint convolutions, as x-flux trains it.
+- ``ours-instantx``: the same trainer with the InstantX / diffusers layout (Create's ``layout`` flux_instantx:
+  ``ControlNetFlux(latent_input=True)``), fed the SAME cached hint latents as the diffusers arm: the like-for-like
+  comparison (one zero-initialized Linear on the hint latent on both sides).
 - ``diffusers``: ``FluxControlNetModel.from_transformer(num_layers=2, num_single_layers=0)`` on a
   ``FluxTransformer2DModel`` of the same shape, the step of diffusers' ``train_controlnet_flux.py``
   (packed latents, latent hints, flow target noise - latents, guidance vector), with the hint latents cached.
@@ -65,7 +68,8 @@ def _use_sdpa() -> None:
     use_sdpa()
 
 
-def child_ours(args) -> dict:
+def child_ours(args, layout: str | None = None) -> dict:
+    """Our trainer; ``layout`` None: the family default (XLabs, pixel hints), "flux_instantx": latent hints."""
     import comfy.model_detection
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -91,15 +95,21 @@ def child_ours(args) -> dict:
     texts = {j: training_conds(base.model, [[data_in["context"][j:j + 1],
                                              {"pooled_output": data_in["pooled"][j:j + 1], "guidance": GUIDANCE}]],
                                latent_like, cpu) for j in range(args.pairs)}
-    images = cache.Rows(memory={i: {"latent": data_in["latents"][i], "hint": data_in["hints"][i]}
-                                for i in range(args.pairs)})
+    hints = data_in["hints"] if layout is None else data_in["hint_latents"]  # uint8 pixels, or the cached latents
+    images = cache.Rows(memory={i: {"latent": data_in["latents"][i], "hint": hints[i]} for i in range(args.pairs)})
     # caption j + 1 for row j; row 0 is the dropout caption (never drawn: dropout 0)
     data = cache.TrainingData(images, cache.Rows(memory={0: texts[0], **{j + 1: texts[j] for j in range(args.pairs)}}),
                               torch.arange(1, args.pairs + 1), args.res)
     mm.load_models_gpu([base], force_full_load=True)
     device = base.load_device
     with torch.inference_mode(False):
-        cn = network.trainable_copy(layouts.for_model(base.model).create(base.model, depth=args.control_depth), device)
+        cn = network.trainable_copy(layouts.for_model(base.model, layout).create(base.model, depth=args.control_depth),
+                                    device)
+    # ComfyUI's ControlNetFlux spreads its outputs over Flux.1's 19 double blocks (``main_model_double``, fixed); on
+    # this small base the InstantX layout would then feed both base blocks from ControlNet block 0 and leave block 1
+    # idle (no backward), where diffusers spreads over the base's own blocks. The base's counts give both arms the
+    # mapping they share at Flux.1's real depth: every ControlNet block reaches the loss.
+    cn.main_model_double, cn.main_model_single = args.double, args.single
     settings = trainer.TrainSettings(steps=args.warmup + args.steps, batch_size=args.batch, resolution=args.res,
                                      gradient_checkpointing=False, mixed_precision="fp32", prompt_dropout=0.0)
     times = []
@@ -204,17 +214,17 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        if args.child == "ours":
+        if args.child in ("ours", "ours-instantx"):
             from harness import comfy_env
 
             comfy_env.import_comfy()
             comfy_env.import_pack()
-            result = child_ours(args)
+            result = child_ours(args, None if args.child == "ours" else "flux_instantx")
         else:
             result = child_diffusers(args)
         print(json.dumps(result))
         return
-    rates: dict[str, list[float]] = {"ours": [], "diffusers": []}
+    rates: dict[str, list[float]] = {"ours": [], "ours-instantx": [], "diffusers": []}
     peaks: dict[str, int] = {}
     for _ in range(args.rounds):
         for arm in rates:
@@ -230,8 +240,9 @@ def main() -> None:
         print(f"- {arm}: {best[arm]:.3f} steps/s; live growth {live[arm]['live_growth'] / 2**20:.1f} MiB; "
               f"RSS growth {peaks[arm] / 2**20:.1f} MiB; ControlNet {live[arm]['controlnet_params'] / 1e6:.2f}M, "
               f"base {live[arm]['base_params'] / 1e6:.2f}M params")
-    print(f"ours / diffusers: speed x{best['ours'] / best['diffusers']:.2f}, live memory "
-          f"x{live['ours']['live_growth'] / live['diffusers']['live_growth']:.2f}")
+    for arm in ("ours", "ours-instantx"):
+        print(f"{arm} / diffusers: speed x{best[arm] / best['diffusers']:.2f}, live memory "
+              f"x{live[arm]['live_growth'] / live['diffusers']['live_growth']:.2f}")
 
 
 if __name__ == "__main__":
