@@ -31,7 +31,8 @@ _BNB_NESTED_KEY = "__bnb_optimizer_quant_state__"
 def make(name: str, params: Iterable, learning_rate: float, weight_decay: float = 1e-2) -> torch.optim.Optimizer:
     """The optimizer ``name`` over ``params``."""
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+        params = list(params)
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=_fused(params) or None)
     if name == "adamw8bit":
         return _bitsandbytes().optim.AdamW8bit(params, lr=learning_rate, weight_decay=weight_decay,
                                                min_8bit_size=MIN_8BIT_SIZE)
@@ -40,6 +41,20 @@ def make(name: str, params: Iterable, learning_rate: float, weight_decay: float 
 
         return Adafactor(params, lr=learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
     raise ValueError(f"optimizer {name!r} is unknown: use one of {', '.join(OPTIMIZERS)}.")
+
+
+def _fused(params: list) -> bool:
+    """Whether torch's fused AdamW (one kernel per step instead of a dozen per parameter list: about 5x faster on the
+    CPU, no full-size temporaries) runs on these parameters: float tensors on a device this torch has the kernel for
+    (CUDA since torch 2.0, the CPU since 2.4); otherwise the default (foreach) one."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return False
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    devices = _get_fused_kernels_supported_devices()
+    return bool(tensors) and all(torch.is_tensor(p) and p.is_floating_point() and p.device.type in devices
+                                 for p in tensors)
 
 
 def _bitsandbytes():
@@ -95,9 +110,12 @@ def load_state_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
         pid, name = key[len("optim."):].split(".", 1)
         state.setdefault(int(pid), {})[name] = value.item() if f"{pid}.{name}" in numbers else value
     groups = data["param_groups"]
-    for g in groups:
+    for g, current in zip(groups, optimizer.param_groups, strict=False):  # a count mismatch: torch says so below
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
+        for how in ("fused", "foreach"):  # how this torch runs the step, not state: a checkpoint never sets it
+            if how in current:
+                g[how] = current[how]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
