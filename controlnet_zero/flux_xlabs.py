@@ -237,10 +237,13 @@ def _copy_input(module: torch.nn.Module, args: tuple):
 
 
 def _copy_stream(module: torch.nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook (with kwargs): a block runs on copies of its ``img``/``txt`` streams when grad is recorded.
+    """Forward pre-hook (with kwargs) of every control block but the first of its kind: the block runs on a copy
+    of its image stream (``img``, or a single block's ``x``) when grad is recorded.
 
-    ``ControlNetFlux`` feeds a block's output both to its ``controlnet_blocks`` Linear (which saves it for
-    backward) and to the next block, which adds into it in place: the copy keeps the saved one intact.
+    ``ControlNetFlux`` feeds a block's image output both to its ``controlnet_blocks`` Linear (which saves it for
+    backward) and to the next block, which adds into it in place: the copy keeps the saved one intact. The text
+    stream needs none (no Linear saves it; the LayerNorm that reads it gets its own copy), nor does the first
+    block (its input is a fresh sum; the single blocks' a fresh ``cat``).
     """
     if not torch.is_grad_enabled():
         return None
@@ -248,7 +251,8 @@ def _copy_stream(module: torch.nn.Module, args: tuple, kwargs: dict):
     def own(v):
         return v.clone() if isinstance(v, torch.Tensor) and v.requires_grad else v
 
-    return tuple(own(v) for v in args), {k: own(v) if k in ("img", "txt", "x") else v for k, v in kwargs.items()}
+    return (own(args[0]), *args[1:]) if args else args, {k: own(v) if k in ("img", "x") else v
+                                                         for k, v in kwargs.items()}
 
 
 def _own_output(module: torch.nn.Module, args: tuple, out: torch.Tensor):
@@ -386,7 +390,7 @@ def training(control_model: torch.nn.Module, base_twin: torch.nn.Module | None =
                for block in control_model.modules() if isinstance(block, blocks)
                for norm in block.children() if isinstance(norm, torch.nn.LayerNorm)]
     handles += [block.register_forward_pre_hook(_copy_stream, with_kwargs=True)
-                for block in control_model.modules() if isinstance(block, blocks)]
+                for name in ("double_blocks", "single_blocks") for block in getattr(control_model, name, ())[1:]]
     img_in = getattr(base_twin, "img_in", None)
     if img_in is not None:
         handles.append(img_in.register_forward_hook(_own_output))

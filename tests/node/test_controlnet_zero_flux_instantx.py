@@ -435,3 +435,45 @@ def test_cli_trains_the_instantx_layout_and_continues_from_its_file(tiny_dit, pa
     finally:
         if not had:
             tiny_dits.uninstall_text_encoder_shim()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_controlnet_with_single_blocks_trains_every_block_through_the_in_place_flux_code(flux, checkpointing):
+    """An InstantX file may carry single blocks (they load and train on): ComfyUI's blocks add into their streams in
+    place, so the training hooks copy the image stream a controlnet block saved before the next block of its kind
+    adds into it; every block then gets a gradient, with and without checkpointing, and the loss is the same."""
+    import comfy.model_management as mm
+
+    from frozentune.controlnet_zero import cache, flux_diffusers
+    from frozentune.controlnet_zero import training_run as trainer
+
+    base = flux.model.model
+    mm.load_models_gpu([flux.model], force_full_load=True)
+    device = flux.model.load_device
+    targets, hints = disks.disks(1, R, seed=0)
+    with torch.inference_mode(False):
+        texts = cache.encode(cache.Source.from_tensors(targets, hints, [disks.CAPTION]), base, flux.vae, flux.clip, R,
+                             guidance=4.0).texts
+        data = _disk_set(flux, 4, 3, texts)
+        cfg = flux_diffusers.base_config(base)
+        cn = flux_diffusers.build(cfg, 2, single=2)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in cn.parameters():  # nothing zero: every block's gradient must reach it
+                p.copy_(torch.randn(p.shape) * 0.05)
+        cn = flux_diffusers.trainable_copy(cn, device)
+        # spread over the tiny base's 2 + 2 blocks as over Flux.1's 19 + 38 (ComfyUI fixes those counts): each
+        # controlnet block then feeds a base block, as at full size
+        cn.main_model_double, cn.main_model_single = len(base.diffusion_model.double_blocks), \
+            len(base.diffusion_model.single_blocks)
+        before = {k: v.clone() for k, v in cn.state_dict().items()}
+        # batch 1: a single block's image slice is then a view the controlnet block's Linear saves as is
+        settings = trainer.TrainSettings(steps=1, batch_size=1, learning_rate=1e-2, resolution=R,
+                                         gradient_checkpointing=checkpointing)
+        result = trainer.train(base, cn, data, settings, device)
+    assert all(math.isfinite(v) for v in result.losses), result.losses
+    after = result.control_model.state_dict()
+    for prefix in ("double_blocks.0.", "double_blocks.1.", "single_blocks.0.", "single_blocks.1.",
+                   "controlnet_single_blocks.1."):
+        changed = [k for k in after if k.startswith(prefix) and not torch.equal(after[k], before[k])]
+        assert changed, f"{prefix} got no update"
