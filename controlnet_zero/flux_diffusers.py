@@ -165,15 +165,12 @@ def check_fits(control_model, base_model) -> None:
                          f"{blocks} double blocks take 1 to {blocks}. Continue training only from a ControlNet of the "
                          "same base model, or start a new one with ControlNet-Zero Create.")
     want = layouts.shapes(build(cfg, depth, single, "meta"))
-    differences = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
-    if differences:
-        first = differences[0]
+    why = layouts.misfit(want, have)
+    if why:
         raise ValueError(
             f"this ControlNet does not fit the MODEL: it is an InstantX-layout Flux ControlNet of width "
             f"{have.get('img_in.weight', ('?',))[0]}, the MODEL is {families.family_of(base_model).label} of width "
-            f"{cfg['hidden_size']} ({len(differences)} weights differ, e.g. {first}: ControlNet "
-            f"{have.get(first, 'missing')}, MODEL's {want.get(first, 'none')}). Continue training only from a "
-            "ControlNet of the same base model, or start a new one with ControlNet-Zero Create.")
+            f"{cfg['hidden_size']} ({why}). {layouts.FIT_FIX}")
 
 
 def hint_latent_format():

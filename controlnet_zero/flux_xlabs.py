@@ -137,15 +137,12 @@ def check_fits(control_model, base_model) -> None:
     depth, single = _counts(cn_sd)
     want = {k: tuple(v.shape) for k, v in build(cfg, max(depth, 1), single, "meta").state_dict().items()}
     have = {k: tuple(v.shape) for k, v in cn_sd.items()}
-    differences = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
-    if differences:
-        first = differences[0]
+    why = layouts.misfit(want, have)
+    if why:
         raise ValueError(
             f"this ControlNet does not fit the MODEL: it is a Flux ControlNet with {_width(cn_sd)}, the MODEL is "
             f"{families.family_of(base_model).label} with {_width({k: _Shape(v) for k, v in want.items()})} "
-            f"({len(differences)} weights differ, e.g. {first}: ControlNet {have.get(first, 'missing')}, MODEL's "
-            f"{want.get(first, 'none')}). Continue training only from a ControlNet of the same base model, or start "
-            "a new one with ControlNet-Zero Create.")
+            f"({why}). {layouts.FIT_FIX}")
 
 
 class _Shape:

@@ -301,6 +301,21 @@ def invert_key_map(sd: dict, key_map: dict) -> tuple[dict, set[str]]:
     return out, used
 
 
+FIT_FIX = ("Continue training only from a ControlNet of the same base model, or start a new one with ControlNet-Zero "
+           "Create.")
+
+
+def misfit(want: dict, have: dict) -> str | None:
+    """How a ControlNet's weight shapes ``have`` differ from ``want`` (what the MODEL's config builds), for a refusal:
+    "N weights differ, e.g. <key>: ControlNet <shape>, MODEL's <shape>"; None when they are the same."""
+    differences = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if not differences:
+        return None
+    first = differences[0]
+    return (f"{len(differences)} weights differ, e.g. {first}: ControlNet {have.get(first, 'missing')}, MODEL's "
+            f"{want.get(first, 'none')}")
+
+
 def fill_from_base(cn, diffusion_model, zero_prefixes: tuple[str, ...], label: str) -> None:
     """Load ``cn`` with the base's weights under the same names (``base_value``), its ``zero_prefixes`` exactly zero.
 

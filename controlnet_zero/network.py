@@ -104,15 +104,11 @@ def check_fits(control_model: torch.nn.Module, base_model) -> None:
     cfg = controlnet_config(base_model)
     want = {k: tuple(v.shape) for k, v in build(cfg, "meta").state_dict().items()}
     have = {k: tuple(v.shape) for k, v in cn_sd.items()}
-    differences = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
-    if differences:
+    why = layouts.misfit(want, have)
+    if why:
         cn_family = family_name({"context_dim": _context_dim(cn_sd), "adm_in_channels": _adm_channels(cn_sd)})
-        first = differences[0]
-        raise ValueError(
-            f"this ControlNet does not fit the MODEL: it was made for {cn_family}, the MODEL is "
-            f"{family_name(cfg)} ({len(differences)} weights differ, e.g. {first}: ControlNet "
-            f"{have.get(first, 'missing')}, MODEL's {want.get(first, 'none')}). Continue training only from a "
-            "ControlNet of the same base model, or start a new one with ControlNet-Zero Create.")
+        raise ValueError(f"this ControlNet does not fit the MODEL: it was made for {cn_family}, the MODEL is "
+                         f"{family_name(cfg)} ({why}). {layouts.FIT_FIX}")
 
 
 def _context_dim(sd: dict) -> int | None:

@@ -177,15 +177,12 @@ def check_fits(control_model, base_model) -> None:
                          f"{blocks} transformer blocks take 1 to {blocks}. Continue training only from a ControlNet "
                          "of the same base model, or start a new one with ControlNet-Zero Create.")
     want = layouts.shapes(build(cfg, n, "meta"))
-    differences = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
-    if differences:
-        first = differences[0]
+    why = layouts.misfit(want, have)
+    if why:
         width = _diffusion_model(base_model).inner_dim
         raise ValueError(
             f"this ControlNet does not fit the MODEL: it was made for {describe(_width(have), n)}, the MODEL is "
-            f"{describe(width)} with {blocks} blocks ({len(differences)} weights differ, e.g. {first}: ControlNet "
-            f"{have.get(first, 'missing')}, MODEL's {want.get(first, 'none')}). Continue training only from a "
-            "ControlNet of the same base model, or start a new one with ControlNet-Zero Create.")
+            f"{describe(width)} with {blocks} blocks ({why}). {layouts.FIT_FIX}")
 
 
 def hint_latent_format():

@@ -203,14 +203,11 @@ def check_fits(control_model, base_model) -> None:
                          f"{blocks} joint blocks take 1 to {blocks - 1}. Continue training only from a ControlNet of "
                          "the same base model, or start a new one with ControlNet-Zero Create.")
     want = layouts.shapes(build(cfg, n, "meta"))
-    differences = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
-    if differences:
-        first = differences[0]
+    why = layouts.misfit(want, have)
+    if why:
         raise ValueError(
             f"this ControlNet does not fit the MODEL: it was made for {describe(_hidden(have), n)}, the MODEL is "
-            f"{describe(64 * cfg['depth'])} with {blocks} joint blocks ({len(differences)} weights differ, e.g. "
-            f"{first}: ControlNet {have.get(first, 'missing')}, MODEL's {want.get(first, 'none')}). Continue "
-            "training only from a ControlNet of the same base model, or start a new one with ControlNet-Zero Create.")
+            f"{describe(64 * cfg['depth'])} with {blocks} joint blocks ({why}). {layouts.FIT_FIX}")
 
 
 def wrap(control_model: torch.nn.Module, vae=None):
