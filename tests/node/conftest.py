@@ -13,6 +13,21 @@ def style_image(comfy_root):
     return tiny_ipadapter.style_image()
 
 
+@pytest.fixture()
+def controlnet_folder(tmp_path, monkeypatch):
+    """ComfyUI's controlnet folder (what Save writes and ControlNetLoader reads), and its output, input and temp
+    folders, in a temp folder."""
+    import folder_paths
+
+    folder = tmp_path / "controlnet"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "controlnet", ([str(folder)], {".safetensors"}))
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    monkeypatch.setattr(folder_paths, "input_directory", str(tmp_path / "input"))
+    monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path / "temp"))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def embeddings_dir(tmp_path_factory, pack):
     """A fresh folder as ComfyUI's only ``embeddings`` folder for the module (restored after)."""

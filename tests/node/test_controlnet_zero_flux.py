@@ -23,20 +23,6 @@ R = 64  # hint / image size; latents 8x8, 4x4 tokens
 log = logging.getLogger(__name__)
 
 
-@pytest.fixture()
-def controlnet_folder(tmp_path, monkeypatch):
-    """ComfyUI's controlnet, output, input and temp folders in a temp folder."""
-    import folder_paths
-
-    folder = tmp_path / "controlnet"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "controlnet", ([str(folder)], {".safetensors"}))
-    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
-    monkeypatch.setattr(folder_paths, "input_directory", str(tmp_path / "input"))
-    monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path / "temp"))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def flux(tiny_dit, pack):
     return tiny_dit("flux1")

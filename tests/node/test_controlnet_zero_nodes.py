@@ -29,20 +29,6 @@ def loaded(tiny_checkpoints, pack):
         return {f: nodes.CheckpointLoaderSimple().load_checkpoint(p.name)[:3] for f, p in tiny_checkpoints.items()}
 
 
-@pytest.fixture()
-def controlnet_folder(tmp_path, monkeypatch):
-    """Point ComfyUI's controlnet folder (what Save writes and ControlNetLoader reads) at a temp folder."""
-    import folder_paths
-
-    folder = tmp_path / "controlnet"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "controlnet", ([str(folder)], {".safetensors"}))
-    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
-    monkeypatch.setattr(folder_paths, "input_directory", str(tmp_path / "input"))
-    monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path / "temp"))
-    return folder
-
-
 def create(model, seed=0):
     from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroCreate
 

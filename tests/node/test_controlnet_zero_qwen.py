@@ -32,17 +32,6 @@ _KIT: dict = {}
 
 
 @pytest.fixture()
-def controlnet_folder(tmp_path, monkeypatch):
-    """ComfyUI's controlnet folder (what ControlNetLoader reads) in a temp folder."""
-    import folder_paths
-
-    folder = tmp_path / "controlnet"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "controlnet", ([str(folder)], {".safetensors"}))
-    return folder
-
-
-@pytest.fixture()
 def qwen(pack):
     """The tiny fp32 Qwen-Image MODEL and its VAE (built once per session; never mutated by the tests)."""
     if "model" not in _KIT:

@@ -23,17 +23,6 @@ R = 64  # hint / image size; latents 8x8
 log = logging.getLogger(__name__)
 
 
-@pytest.fixture()
-def controlnet_folder(tmp_path, monkeypatch):
-    """ComfyUI's controlnet folder (what ControlNetLoader reads) in a temp folder."""
-    import folder_paths
-
-    folder = tmp_path / "controlnet"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "controlnet", ([str(folder)], {".safetensors"}))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def sd3(tiny_dit, pack):
     return tiny_dit("sd3")
