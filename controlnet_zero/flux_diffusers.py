@@ -83,17 +83,10 @@ def build(config: dict, depth: int, single: int = 0, device: torch.device | str 
 def block_count(base_model, depth: int | None) -> int:
     """The double blocks the ControlNet copies: ``depth`` (0/None: ``DEFAULT_DEPTH``, capped at the base's blocks)."""
     blocks = int(base_config(base_model)["depth"])
-    if depth is None or int(depth) == 0:
-        n = min(DEFAULT_DEPTH, blocks)
-        if n != DEFAULT_DEPTH:
-            log.info("ControlNet-Zero Flux (InstantX layout): the base has %d double blocks; copying %d (default %d)",
-                     blocks, n, DEFAULT_DEPTH)
-        return n
-    n = int(depth)
-    if not 1 <= n <= blocks:
-        raise ValueError(f"depth={n}: a Flux ControlNet copies 1 to {blocks} of the MODEL's {blocks} double blocks "
-                         f"(diffusers' train_controlnet_flux.py default: {DEFAULT_DEPTH}).")
-    return n
+    return layouts.chosen_depth(
+        depth, DEFAULT_DEPTH, blocks, f"Flux (InstantX layout): the base has {blocks} double blocks",
+        f"depth={depth}: a Flux ControlNet copies 1 to {blocks} of the MODEL's {blocks} double blocks (diffusers' "
+        f"train_controlnet_flux.py default: {DEFAULT_DEPTH}).")
 
 
 def create(base_model, generator: torch.Generator | None = None, *, depth: int = 0) -> torch.nn.Module:

@@ -60,10 +60,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 from .. import families
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -299,6 +302,20 @@ def invert_key_map(sd: dict, key_map: dict) -> tuple[dict, set[str]]:
         out[foreign] = weight.contiguous()
         used.add(name)
     return out, used
+
+
+def chosen_depth(depth: int | None, default: int, most: int, capped: str, refusal: str) -> int:
+    """Create's ``depth`` for a layout copying 1 to ``most`` blocks: 0/None is ``default`` capped at ``most`` (logged
+    with ``capped``, e.g. "the base has 2 double blocks"), another value outside 1..``most`` is refused with the
+    layout's own ``refusal``."""
+    if depth is None or int(depth) == 0:
+        n = min(default, most)
+        if n != default:
+            log.info("ControlNet-Zero: %s; copying %d (default %d)", capped, n, default)
+        return n
+    if not 1 <= int(depth) <= most:
+        raise ValueError(refusal)
+    return int(depth)
 
 
 FIT_FIX = ("Continue training only from a ControlNet of the same base model, or start a new one with ControlNet-Zero "

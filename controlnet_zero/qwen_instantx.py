@@ -85,17 +85,10 @@ def base_config(base_model) -> dict:
 def block_count(base_model, depth: int | None) -> int:
     """The blocks the ControlNet copies: ``depth`` (0/None: ``DEFAULT_DEPTH``, capped at the base's blocks)."""
     blocks = len(_diffusion_model(base_model).transformer_blocks)
-    if depth is None or int(depth) == 0:
-        n = min(DEFAULT_DEPTH, blocks)
-        if n != DEFAULT_DEPTH:
-            log.info("ControlNet-Zero Qwen-Image: the base has %d blocks; copying %d (default %d)", blocks, n,
-                     DEFAULT_DEPTH)
-        return n
-    n = int(depth)
-    if not 1 <= n <= blocks:
-        raise ValueError(f"depth {n} is out of range for this Qwen-Image model: it has {blocks} transformer blocks "
-                         f"and a ControlNet copies 1 to {blocks} of them. diffusers' default is {DEFAULT_DEPTH}.")
-    return n
+    return layouts.chosen_depth(
+        depth, DEFAULT_DEPTH, blocks, f"Qwen-Image: the base has {blocks} blocks",
+        f"depth {depth} is out of range for this Qwen-Image model: it has {blocks} transformer blocks and a ControlNet "
+        f"copies 1 to {blocks} of them. diffusers' default is {DEFAULT_DEPTH}.")
 
 
 def depth_of(control_model: torch.nn.Module) -> int:

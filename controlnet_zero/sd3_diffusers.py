@@ -100,18 +100,11 @@ def block_count(base_model, depth: int | None) -> int:
     if most < 1:
         raise ValueError(f"this SD3 model has {blocks} joint block(s); a ControlNet copies at least 1 of the "
                          "blocks before the last, so the base needs at least 2.")
-    if depth is None or int(depth) == 0:
-        n = min(DEFAULT_DEPTH, most)
-        if n != DEFAULT_DEPTH:
-            log.info("ControlNet-Zero SD3: the base has %d joint blocks; copying %d (default %d, capped at blocks - 1)",
-                     blocks, n, DEFAULT_DEPTH)
-        return n
-    n = int(depth)
-    if not 1 <= n <= most:
-        raise ValueError(f"depth {n} is out of range for this SD3 model: it has {blocks} joint blocks and a "
-                         f"ControlNet copies 1 to {most} of them (the last one is the text stream's end and "
-                         f"has another shape). diffusers' default is {DEFAULT_DEPTH}.")
-    return n
+    return layouts.chosen_depth(
+        depth, DEFAULT_DEPTH, most, f"SD3: the base has {blocks} joint blocks (capped at blocks - 1)",
+        f"depth {depth} is out of range for this SD3 model: it has {blocks} joint blocks and a ControlNet copies 1 to "
+        f"{most} of them (the last one is the text stream's end and has another shape). diffusers' default is "
+        f"{DEFAULT_DEPTH}.")
 
 
 def depth_of(control_model: torch.nn.Module) -> int:
