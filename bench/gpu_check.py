@@ -1581,7 +1581,7 @@ def disk_lines(report: dict) -> list[str]:
 
 # bench/memory_bench.py --full's figures for the same cases (FakeTensorMode, bench/README.md), beside the measured
 DIT_MEMORY_BENCH_GIB = {("unitune_finetune", "flux1"): 13.963, ("unitune_finetune", "sd3"): 9.513,
-                        ("controlnet_zero", "flux1"): 18.728, ("unitune_finetune", "qwen_image"): 22.588,
+                        ("controlnet_zero", "flux1"): 18.669, ("unitune_finetune", "qwen_image"): 22.588,
                         ("unitune_finetune", "z_image"): 8.718}
 
 

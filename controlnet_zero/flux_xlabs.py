@@ -32,6 +32,7 @@ from collections.abc import Iterator
 import torch
 
 from .. import families
+from ..training import lean_norm
 from . import layouts
 
 log = logging.getLogger(__name__)
@@ -226,21 +227,14 @@ def control(control_model, x_in: torch.Tensor, hint: torch.Tensor, timesteps: to
             "output": [c.to(compute) for c in outputs.get("output", ())]}
 
 
-def _copy_input(module: torch.nn.Module, args: tuple):
-    """Forward pre-hook: the norm's input copied when autograd will save it (the block then adds into it in place)."""
-    if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad and torch.is_grad_enabled():
-        return (args[0].clone(), *args[1:])
-    return None
-
-
 def _copy_stream(module: torch.nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook (with kwargs) of every control block but the first of its kind: the block runs on a copy
     of its image stream (``img``, or a single block's ``x``) when grad is recorded.
 
     ``ControlNetFlux`` feeds a block's image output both to its ``controlnet_blocks`` Linear (which saves it for
     backward) and to the next block, which adds into it in place: the copy keeps the saved one intact. The text
-    stream needs none (no Linear saves it; the LayerNorm that reads it gets its own copy), nor does the first
-    block (its input is a fresh sum; the single blocks' a fresh ``cat``).
+    stream needs none (no Linear saves it; the LayerNorm that reads it keeps its output, not its input), nor does
+    the first block (its input is a fresh sum; the single blocks' a fresh ``cat``).
     """
     if not torch.is_grad_enabled():
         return None
@@ -372,10 +366,12 @@ def _hint_forward(block: torch.nn.Sequential):
 def training(control_model: torch.nn.Module, base_twin: torch.nn.Module | None = None) -> Iterator[None]:
     """While training: hooks that let autograd through ComfyUI's in-place Flux code, removed after.
 
-    The ControlNet's Flux blocks' LayerNorms get a copy of their input: the blocks add into their residual
-    stream in place after a LayerNorm saved it for backward (``training.checkpointing`` explains it; the frozen
-    base twin has the same hooks from ``frozen_twin``), and each block runs on a copy of its streams
-    (``_copy_stream``). The base twin's ``img_in`` output gets its own storage (``_own_output``). The trained module keeps no hook, so the CONTROL_NET Train returns runs as a loaded one.
+    The blocks add into their residual stream in place after a LayerNorm read it (``training.checkpointing``
+    explains it; the frozen base twin's norms get a copy of their input from ``frozen_twin``). The ControlNet's
+    norms keep their output instead of their input for backward (``training.lean_norm``: its modulation, which
+    trains, keeps that output anyway, so the stream copy is saved), and each block runs on a copy of its streams
+    (``_copy_stream``). The base twin's ``img_in`` output gets its own storage (``_own_output``). The trained
+    module keeps no hook, so the CONTROL_NET Train returns runs as a loaded one.
     Two changes of cost, not of result (the same values bit for bit): both networks' RoPE runs through
     ``_fast_rope`` (a lighter backward), and a pixel-hint ControlNet's ``input_hint_block`` keeps each SiLU's
     input only (``_hint_forward``: half the hint activations).
@@ -383,11 +379,9 @@ def training(control_model: torch.nn.Module, base_twin: torch.nn.Module | None =
     import comfy.ldm.flux.layers
 
     blocks = (comfy.ldm.flux.layers.DoubleStreamBlock, comfy.ldm.flux.layers.SingleStreamBlock)
-    handles = [norm.register_forward_pre_hook(_copy_input)
-               for block in control_model.modules() if isinstance(block, blocks)
-               for norm in block.children() if isinstance(norm, torch.nn.LayerNorm)]
-    handles += [block.register_forward_pre_hook(_copy_stream, with_kwargs=True)
-                for name in ("double_blocks", "single_blocks") for block in getattr(control_model, name, ())[1:]]
+    norms = [norm for block in control_model.modules() if isinstance(block, blocks) for norm in block.children()]
+    handles = [block.register_forward_pre_hook(_copy_stream, with_kwargs=True)
+               for name in ("double_blocks", "single_blocks") for block in getattr(control_model, name, ())[1:]]
     img_in = getattr(base_twin, "img_in", None)
     if img_in is not None:
         handles.append(img_in.register_forward_hook(_own_output))
@@ -396,7 +390,7 @@ def training(control_model: torch.nn.Module, base_twin: torch.nn.Module | None =
     if patch_hints:
         hint_block.forward = _hint_forward(hint_block)
     try:
-        with _rope_backward():
+        with _rope_backward(), lean_norm.keeping_outputs(norms):
             yield
     finally:
         if patch_hints:

@@ -6,6 +6,7 @@ It owns what every trainer around a frozen ComfyUI model needs, once:
 - ``precision``      the precision policy: compute dtype, autocast, loss scaling, frozen twins that alias
                      the base's weights in their load dtype, fp32 master weights for what trains
 - ``checkpointing``  gradient checkpointing that covers ComfyUI's UNet/ControlNet blocks, and its undo
+- ``lean_norm``      LayerNorms that keep their output, not their input, for backward (a copy fewer in place)
 - ``loop``           the step loop's progress/Cancel hook, non-finite-loss check and loss curve
 - ``optimizers``     the optimizers a trainer may pick (AdamW, Adafactor, 8-bit AdamW)
 - ``loss_curve``     the loss curve as a ComfyUI IMAGE

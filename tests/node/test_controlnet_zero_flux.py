@@ -191,37 +191,46 @@ def test_training_forward_is_what_sampling_computes(flux, prompts, monkeypatch):
     assert torch.equal(out, seen["out"]), (out - seen["out"]).abs().max()
 
 
+def training_batch(flux):
+    """A perturbed ControlNet-Zero to train (fp32, on the load device, base loaded) and one batch of two disks for
+    the training loss: ``(cn, (x0, hint, conds, sigma, noise))``."""
+    import comfy.model_management as mm
+
+    from frozentune.controlnet_zero import cache, network
+
+    targets, hints = disks.disks(2, R, seed=0)
+    mm.load_models_gpu([flux.model], force_full_load=True)
+    device = flux.model.load_device
+    with torch.inference_mode(False):
+        data = cache.encode(cache.Source.from_tensors(targets, hints, [disks.CAPTION] * 2), flux.model.model,
+                            flux.vae, flux.clip, R, guidance=4.0)
+        cn = network.trainable_copy(perturbed(create(flux.model).control_model), device).train()
+        x0, hint, conds = data.batch(torch.tensor([0, 1]), torch.zeros(2, dtype=torch.bool), device)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+        sigma = flux.model.model.model_sampling.sigmas[torch.tensor([300, 700])]
+    return cn, (x0, hint, conds, sigma, noise)
+
+
+def loss_and_grads(flux, cn, batch, compute=torch.float32, checkpointing=False, forward=None):
+    """The training loss of ``batch`` and the ControlNet's gradients; ``forward(loss_fn)`` runs it (default: a call)."""
+    from frozentune.controlnet_zero import training_run as trainer
+
+    cn.zero_grad(set_to_none=True)
+    with torch.inference_mode(False), torch.enable_grad(), trainer.controlled_loss(
+            flux.model.model, cn, flux.model.load_device, compute, checkpointing) as loss_fn:
+        loss = (forward or (lambda f: f()))(lambda: loss_fn(cn, *batch))
+        loss.backward()
+    return loss.detach(), {n: p.grad for n, p in cn.named_parameters()}
+
+
 def test_checkpointing_on_and_off_give_the_same_loss_and_gradients(flux):
     """The training forward through ComfyUI's in-place Flux code, with and without gradient checkpointing of both
     networks: the same loss and the same gradient for every ControlNet weight (and the hooks that make the plain
     path work are gone afterwards)."""
-    import comfy.model_management as mm
-
-    from frozentune.controlnet_zero import cache, network
-    from frozentune.controlnet_zero import training_run as trainer
-
-    base = flux.model.model
-    targets, hints = disks.disks(2, R, seed=0)
-    mm.load_models_gpu([flux.model], force_full_load=True)
-    device = flux.model.load_device
-    results = {}
-    with torch.inference_mode(False):
-        data = cache.encode(cache.Source.from_tensors(targets, hints, [disks.CAPTION] * 2), base, flux.vae,
-                            flux.clip, R, guidance=4.0)
-        cn = network.trainable_copy(perturbed(create(flux.model).control_model), device).train()
-        x0, hint, conds = data.batch(torch.tensor([0, 1]), torch.zeros(2, dtype=torch.bool), device)
-        gen = torch.Generator().manual_seed(3)
-        noise = torch.randn(x0.shape, generator=gen)
-        sigma = base.model_sampling.sigmas[torch.tensor([300, 700])]
-        for checkpointing in (False, True):
-            cn.zero_grad(set_to_none=True)
-            with torch.enable_grad(), trainer.controlled_loss(base, cn, device, torch.float32,
-                                                              checkpointing) as loss_fn:
-                loss = loss_fn(cn, x0, hint, conds, sigma, noise)
-                loss.backward()
-            results[checkpointing] = float(loss.detach()), {n: p.grad for n, p in cn.named_parameters()}
+    cn, batch = training_batch(flux)
+    results = {c: loss_and_grads(flux, cn, batch, checkpointing=c) for c in (False, True)}
     (plain, g_plain), (ckpt, g_ckpt) = results[False], results[True]
-    assert plain == pytest.approx(ckpt, rel=1e-6)
+    assert float(plain) == pytest.approx(float(ckpt), rel=1e-6)
     # the last double block's text stream feeds nothing (only img goes to controlnet_blocks), as in x-flux
     unused = sorted(n for n, g in g_plain.items() if g is None)
     assert unused == sorted(n for n, g in g_ckpt.items() if g is None)
@@ -230,6 +239,55 @@ def test_checkpointing_on_and_off_give_the_same_loss_and_gradients(flux):
     for name in set(g_plain) - set(unused):
         assert torch.allclose(g_plain[name], g_ckpt[name], rtol=1e-4, atol=1e-7), name
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in cn.modules()), "training hooks left behind"
+
+
+def test_controlnet_norms_keep_their_outputs_and_a_stream_copy_each_less(flux, monkeypatch):
+    """Under ``flux_xlabs.training`` the ControlNet's LayerNorms keep their output for backward
+    (``training.lean_norm``), not a copy of their input: the training forward retains one norm input's bytes less
+    per norm than with input copies (``checkpointing._copy_input``, what the base twin's norms get), for the same
+    loss and the same gradients to fp32 rounding."""
+    import contextlib
+
+    from frozentune.training import checkpointing, lean_norm
+
+    @contextlib.contextmanager
+    def copying_inputs(norms):
+        handles = [n.register_forward_pre_hook(checkpointing._copy_input) for n in norms if lean_norm.fits(n)]
+        try:
+            yield len(handles)
+        finally:
+            for h in handles:
+                h.remove()
+
+    cn, batch = training_batch(flux)
+    norm_inputs = {}
+
+    def record(name):
+        return lambda m, a: norm_inputs.setdefault(name, a[0].numel() * a[0].element_size()) and None
+
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in cn.named_modules() if lean_norm.fits(m)]
+    kept = []
+
+    def measured(run):
+        out, n = checkpointing.retained_bytes(run)
+        kept.append(n)
+        return out
+
+    lean = loss_and_grads(flux, cn, batch, forward=measured)
+    with monkeypatch.context() as m:
+        m.setattr(lean_norm, "keeping_outputs", copying_inputs)
+        copied = loss_and_grads(flux, cn, batch, forward=measured)
+    for h in handles:
+        h.remove()
+    assert len(norm_inputs) == 4 * len(cn.double_blocks) + len(cn.single_blocks)
+    # the last double block's text MLP feeds nothing (see above): what its norm kept is freed either way
+    kept_for_backward = sum(norm_inputs.values()) - norm_inputs[f"double_blocks.{len(cn.double_blocks) - 1}.txt_norm2"]
+    saved = kept[1] - kept[0]
+    assert kept_for_backward <= saved < 1.1 * kept_for_backward, (saved, norm_inputs)
+    assert float(lean[0]) == pytest.approx(float(copied[0]), rel=1e-6)
+    for name, g in lean[1].items():
+        assert (g is None and copied[1][name] is None) or torch.allclose(g, copied[1][name], rtol=1e-4, atol=1e-7), \
+            name
 
 
 def test_save_writes_a_file_the_stock_loader_reads_whole(flux, prompts, controlnet_folder):
@@ -461,48 +519,28 @@ def test_training_shortcuts_keep_the_loss_and_gradients_bit_for_bit(compute, flu
     import contextlib
 
     import comfy.ldm.flux.math as flux_math
-    import comfy.model_management as mm
 
-    from frozentune.controlnet_zero import cache, flux_xlabs, network
-    from frozentune.controlnet_zero import training_run as trainer
+    from frozentune.controlnet_zero import flux_xlabs
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[compute]
-    base = flux.model.model
     stock_rope = flux_math.apply_rope
-    targets, hints = disks.disks(2, R, seed=0)
-    mm.load_models_gpu([flux.model], force_full_load=True)
-    device = flux.model.load_device
     calls = []
     rope_apply = flux_xlabs._Rope.apply
     monkeypatch.setattr(flux_xlabs._Rope, "apply", lambda *a: calls.append(1) or rope_apply(*a))
-    with torch.inference_mode(False):
-        data = cache.encode(cache.Source.from_tensors(targets, hints, [disks.CAPTION] * 2), base, flux.vae,
-                            flux.clip, R, guidance=4.0)
-        cn = network.trainable_copy(perturbed(create(flux.model).control_model), device).train()
-        x0, hint, conds = data.batch(torch.tensor([0, 1]), torch.zeros(2, dtype=torch.bool), device)
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
-        sigma = base.model_sampling.sigmas[torch.tensor([300, 700])]
-
-        def loss_and_grads(checkpointing: bool):
-            cn.zero_grad(set_to_none=True)
-            with torch.enable_grad(), trainer.controlled_loss(base, cn, device, dtype, checkpointing) as loss_fn:
-                loss = loss_fn(cn, x0, hint, conds, sigma, noise)
-                loss.backward()
-            return loss.detach(), {n: p.grad for n, p in cn.named_parameters() if p.grad is not None}
-
-        for checkpointing in (False, True):
-            calls.clear()
-            fast = loss_and_grads(checkpointing)
-            assert calls, "the training forward did not rotate through _fast_rope"
-            assert flux_math.apply_rope is stock_rope and "forward" not in cn.input_hint_block.__dict__
-            with monkeypatch.context() as m:
-                m.setattr(flux_xlabs, "_rope_backward", contextlib.nullcontext)
-                m.setattr(flux_xlabs, "_hint_forward", _plain_hints)
-                plain = loss_and_grads(checkpointing)
-            assert torch.equal(fast[0], plain[0])
-            assert fast[1].keys() == plain[1].keys() and "input_hint_block.0.weight" in fast[1]
-            differ = [n for n in plain[1] if not torch.equal(fast[1][n], plain[1][n])]
-            assert not differ, (checkpointing, differ)
+    cn, batch = training_batch(flux)
+    for checkpointing in (False, True):
+        calls.clear()
+        fast = loss_and_grads(flux, cn, batch, dtype, checkpointing)
+        assert calls, "the training forward did not rotate through _fast_rope"
+        assert flux_math.apply_rope is stock_rope and "forward" not in cn.input_hint_block.__dict__
+        with monkeypatch.context() as m:
+            m.setattr(flux_xlabs, "_rope_backward", contextlib.nullcontext)
+            m.setattr(flux_xlabs, "_hint_forward", _plain_hints)
+            plain = loss_and_grads(flux, cn, batch, dtype, checkpointing)
+        assert torch.equal(fast[0], plain[0])
+        assert fast[1].keys() == plain[1].keys() and fast[1]["input_hint_block.0.weight"] is not None
+        differ = [n for n, g in plain[1].items() if not (g is None and fast[1][n] is None or torch.equal(fast[1][n], g))]
+        assert not differ, (checkpointing, differ)
 
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
