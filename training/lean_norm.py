@@ -6,7 +6,8 @@ Where the next op saves ``y`` anyway (a modulation ``y * (1 + scale)`` whose sca
 gradient), keeping ``y`` costs nothing, while keeping the input costs a residual-stream-sized tensor; in ComfyUI's
 Flux blocks, which add into their stream in place after the norm read it, it also costs the copy that input would
 need (``checkpointing.protect_inplace_blocks``). The forward is the module's own (same values and dtype, autocast
-included); the gradient is the same maths in fp32, not bit for bit autograd's kernel.
+included); the gradient is autograd's own LayerNorm kernel run on the normalized rows, the same maths but not bit
+for bit autograd's result (the rows are rounded to the output dtype, the gradient scaled by ``rstd`` first).
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ import torch
 class _KeepOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, norm_forward, eps: float) -> torch.Tensor:
-        y = norm_forward(x)
-        rstd = torch.rsqrt(x.float().var(-1, correction=0, keepdim=True) + eps)
+        shape = (x.shape[-1],)
+        if torch.is_autocast_enabled(x.device.type):  # the autocast policy's output (fp32 on CUDA), and its rstd
+            y = norm_forward(x)
+            rstd = torch.native_layer_norm(x.to(y.dtype), shape, None, None, eps)[2]
+        else:  # what the module computes (F.layer_norm without weights), in one pass
+            y, _, rstd = torch.native_layer_norm(x, shape, None, None, eps)
         ctx.save_for_backward(y, rstd)
         ctx.x_dtype = x.dtype
         return y
@@ -29,11 +34,13 @@ class _KeepOutput(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
+        # autograd's LayerNorm kernel on the normalized rows (input y, mean 0, rstd 1) gives
+        # g - mean(g) - y * mean(g * y); it is linear in g, so the rows' rstd goes in with the gradient
         y, rstd = ctx.saved_tensors
-        g = grad.float()
-        y = y.float()
-        dx = torch.addcmul(g - g.mean(-1, keepdim=True), y, (g * y).mean(-1, keepdim=True), value=-1)
-        return (dx * rstd).to(ctx.x_dtype), None, None
+        g = (grad * rstd).to(y.dtype)
+        dx = torch.ops.aten.native_layer_norm_backward(g, y, (y.shape[-1],), torch.zeros_like(rstd),
+                                                       torch.ones_like(rstd), None, None, [True, False, False])[0]
+        return dx.to(ctx.x_dtype), None, None
 
 
 def fits(norm: torch.nn.Module) -> bool:
