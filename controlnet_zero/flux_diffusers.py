@@ -66,18 +66,8 @@ trainable_copy = layouts.trainable_copy
 def build(config: dict, depth: int, single: int = 0, device: torch.device | str = "cpu",
           dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """An empty ``ControlNetFlux(latent_input=True)`` as ``load_controlnet_flux_instantx`` builds it (plain latent hints)."""
-    import dataclasses
-
-    import comfy.ldm.flux.controlnet
-    import comfy.ldm.flux.model
-    import comfy.ops
-
-    names = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
-    cfg = {k: v for k, v in config.items() if k in names}
-    cfg.update(depth=depth, depth_single_blocks=single)
-    return comfy.ldm.flux.controlnet.ControlNetFlux(latent_input=True, control_latent_channels=cfg["in_channels"],
-                                                    operations=comfy.ops.disable_weight_init, dtype=dtype,
-                                                    device=device, **cfg)
+    return flux_xlabs.build(config, depth, single, device, dtype, latent_input=True,
+                            control_latent_channels=config["in_channels"])
 
 
 def block_count(base_model, depth: int | None) -> int:
@@ -118,19 +108,14 @@ def owns(control_model) -> bool:
 
 def unwrap(control_net) -> torch.nn.Module:
     """The ``ControlNetFlux`` inside a CONTROL_NET, or a clear error for the kinds this layout does not train."""
-    module = getattr(control_net, "control_model", None)
-    if module is None or not owns(module):
-        kind = type(module).__name__ if module is not None else type(control_net).__name__
-        raise ValueError(f"this CONTROL_NET is a {kind}, not a Flux ControlNet in InstantX's / diffusers' layout "
-                         "(latent hints). Start one with ControlNet-Zero Create (layout flux_instantx), or load an "
-                         "InstantX-layout Flux ControlNet file with Load ControlNet Model.")
+    module = layouts.control_module(control_net, owns, lambda kind: (
+        f"this CONTROL_NET is a {kind}, not a Flux ControlNet in InstantX's / diffusers' layout (latent hints). Start "
+        "one with ControlNet-Zero Create (layout flux_instantx), or load an InstantX-layout Flux ControlNet file with "
+        "Load ControlNet Model."))
     if module.controlnet_mode_embedder is not None:
         raise ValueError("this CONTROL_NET is a Union Flux ControlNet (control modes); ControlNet-Zero trains plain "
                          "ControlNets only.")
-    channels = module.pos_embed_input.weight.shape[1]
-    if channels != module.in_channels:
-        raise ValueError(f"this Flux ControlNet takes {channels}-channel hints (an inpaint ControlNet: the latent "
-                         f"plus a mask); ControlNet-Zero trains plain {module.in_channels}-channel latent hints only.")
+    layouts.plain_latent_hints(module, module.pos_embed_input.weight.shape[1], "Flux")
     return module
 
 
@@ -146,24 +131,17 @@ def _counts(names) -> tuple[int, int]:
 def check_fits(control_model, base_model) -> None:
     """Raise a clear error unless ``control_model`` is an InstantX ControlNet the base Flux's configuration builds."""
     have = layouts.shapes(control_model)
-    if families.family_of(base_model).id not in flux_xlabs.FAMILY_IDS:
-        raise ValueError(f"this ControlNet was made for a Flux.1 model (InstantX layout, width "
-                         f"{have.get('img_in.weight', ('?',))[0]}); the MODEL is "
-                         f"{families.family_of(base_model).label}. Use it with the Flux.1 model it was made for.")
+    width = have.get("img_in.weight", ("?",))[0]
+    family = families.family_of(base_model)
+    if family.id not in flux_xlabs.FAMILY_IDS:
+        layouts.wrong_family(f"a Flux.1 model (InstantX layout, width {width})", base_model, "Flux.1")
     cfg = base_config(base_model)
     depth, single = _counts(have)
     blocks = int(cfg["depth"])
-    if not 1 <= depth <= blocks:
-        raise ValueError(f"this ControlNet does not fit the MODEL: it has {depth} ControlNet blocks, the MODEL's "
-                         f"{blocks} double blocks take 1 to {blocks}. Continue training only from a ControlNet of the "
-                         "same base model, or start a new one with ControlNet-Zero Create.")
-    want = layouts.shapes(build(cfg, depth, single, "meta"))
-    why = layouts.misfit(want, have)
-    if why:
-        raise ValueError(
-            f"this ControlNet does not fit the MODEL: it is an InstantX-layout Flux ControlNet of width "
-            f"{have.get('img_in.weight', ('?',))[0]}, the MODEL is {families.family_of(base_model).label} of width "
-            f"{cfg['hidden_size']} ({why}). {layouts.FIT_FIX}")
+    layouts.check_blocks(depth, blocks, blocks, "double blocks")
+    layouts.check_shapes(layouts.shapes(build(cfg, depth, single, "meta")), have,
+                         f"it is an InstantX-layout Flux ControlNet of width {width}",
+                         f"{family.label} of width {cfg['hidden_size']}")
 
 
 def hint_latent_format():
@@ -177,17 +155,9 @@ def wrap(control_model: torch.nn.Module, vae=None):
     """The stock CONTROL_NET as ``load_controlnet_flux_instantx`` makes it: latent hints (Flux's latent format,
     ``compression_ratio`` 1, no inpaint mask), extra conds ``y`` and ``guidance``. ``vae`` is not stored: the
     Apply node gives it."""
-    import comfy.controlnet
-    import comfy.model_management as mm
-
     del vae
-    unwrap(type("_Probe", (), {"control_model": control_model})())
-    load_device = mm.get_torch_device()
-    dtype = next(control_model.parameters()).dtype
-    manual_cast = mm.unet_manual_cast(dtype, load_device)
-    return comfy.controlnet.ControlNet(control_model, compression_ratio=1, latent_format=hint_latent_format(),
-                                       concat_mask=False, load_device=load_device, manual_cast_dtype=manual_cast,
-                                       extra_conds=["y", "guidance"])
+    return layouts.latent_control_net(layouts.checked(unwrap, control_model), hint_latent_format(),
+                                      extra_conds=["y", "guidance"])
 
 
 def _key_map(module: torch.nn.Module) -> dict:
@@ -204,32 +174,19 @@ def file_tensors(control_model: torch.nn.Module, dtype: torch.dtype = torch.floa
 
     Every module weight is written once; ``controlnet_blocks.*`` keep their names (the loader reads them raw).
     """
-    module = unwrap(type("_Probe", (), {"control_model": control_model})())
-    sd = {k: v.detach().to("cpu", dtype) for k, v in module.state_dict().items()}
-    out, used = layouts.invert_key_map(sd, _key_map(module))
-    for name, weight in sd.items():
-        if name.startswith(FILE_OWN_NAMES):
-            out[name] = weight.contiguous()
-            used.add(name)
-    left = sorted(set(sd) - used)
-    if left:
-        raise RuntimeError(f"Flux ControlNet weights with no diffusers name: {left[:5]}")
-    return out
+    module = layouts.checked(unwrap, control_model)
+    return layouts.diffusers_file(module, _key_map(module), FILE_OWN_NAMES, "Flux", dtype)
 
 
 def module_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An InstantX-layout Flux ControlNet file's tensors under ComfyUI's module names (as the stock loader converts)."""
-    import comfy.model_detection
-
     if "controlnet_x_embedder.weight" not in tensors or "x_embedder.weight" not in tensors \
             or "transformer_blocks.0.attn.to_q.weight" not in tensors:
         raise ValueError("not a Flux ControlNet in InstantX's / diffusers' layout (it needs controlnet_x_embedder, "
                          "x_embedder and transformer_blocks.0.attn.to_q weights).")
     if "transformer_blocks.0.img_mlp.net.0.proj.weight" in tensors:
         raise ValueError("not a Flux ControlNet in InstantX's layout but a Qwen-Image one.")
-    converted = comfy.model_detection.convert_diffusers_mmdit(dict(tensors), "")
-    converted.update({k: v for k, v in tensors.items() if k.startswith(FILE_OWN_NAMES)})
-    return converted
+    return layouts.from_diffusers(tensors, FILE_OWN_NAMES)
 
 
 def load(tensors: dict[str, torch.Tensor], base_model) -> torch.nn.Module:
@@ -238,11 +195,7 @@ def load(tensors: dict[str, torch.Tensor], base_model) -> torch.nn.Module:
     if "controlnet_mode_embedder.weight" in sd:
         raise ValueError("not a plain Flux ControlNet but a Union one (control modes); ControlNet-Zero trains plain "
                          "ControlNets only.")
-    check_fits(layouts.FileTensors(sd), base_model)
-    depth, single = _counts(sd)
-    module = build(base_config(base_model), depth, single)
-    module.load_state_dict(sd, strict=True)
-    return module.eval().requires_grad_(False)
+    return layouts.load_strict(sd, base_model, check_fits, lambda sd: build(base_config(base_model), *_counts(sd)))
 
 
 def hint_input(hint_pixels: torch.Tensor, vae) -> torch.Tensor:
@@ -251,10 +204,7 @@ def hint_input(hint_pixels: torch.Tensor, vae) -> torch.Tensor:
     As ``comfy.controlnet.ControlNet.get_control`` does for this layout: the VAE's latent, then
     ``Flux().process_in``. [B, 16, H/8, W/8] float32 on the CPU.
     """
-    pixels = hint_pixels.float() / 255.0 if hint_pixels.dtype == torch.uint8 else hint_pixels.float()
-    with torch.no_grad():
-        latent = vae.encode(pixels[..., :3]).float().cpu()
-    return hint_latent_format().process_in(latent)
+    return layouts.latent_hints(hint_pixels, vae, hint_latent_format())
 
 
 def control(control_model, x_in: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, conds: dict,

@@ -60,8 +60,11 @@ def base_config(base_model) -> dict:
 
 
 def build(config: dict, depth: int, single: int = 0, device: torch.device | str = "cpu",
-          dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """An empty (uninitialized) ``ControlNetFlux`` with ``depth`` double and ``single`` single blocks."""
+          dtype: torch.dtype = torch.float32, **kind) -> torch.nn.Module:
+    """An empty (uninitialized) ``ControlNetFlux`` with ``depth`` double and ``single`` single blocks.
+
+    ``kind``: ``ControlNetFlux``'s other arguments (the "flux_instantx" layout's ``latent_input``); none: XLabs'.
+    """
     import dataclasses
 
     import comfy.ldm.flux.controlnet
@@ -73,7 +76,7 @@ def build(config: dict, depth: int, single: int = 0, device: torch.device | str 
     cfg = {k: v for k, v in config.items() if k in names}
     cfg.update(depth=depth, depth_single_blocks=single)
     return comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.disable_weight_init, dtype=dtype,
-                                                    device=device, **cfg)
+                                                    device=device, **kind, **cfg)
 
 
 def create(base_model, generator: torch.Generator | None = None, *, depth: int = 0) -> torch.nn.Module:
@@ -136,14 +139,10 @@ def check_fits(control_model, base_model) -> None:
     cn_sd = control_model.state_dict()
     cfg = base_config(base_model)
     depth, single = _counts(cn_sd)
-    want = {k: tuple(v.shape) for k, v in build(cfg, max(depth, 1), single, "meta").state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in cn_sd.items()}
-    why = layouts.misfit(want, have)
-    if why:
-        raise ValueError(
-            f"this ControlNet does not fit the MODEL: it is a Flux ControlNet with {_width(cn_sd)}, the MODEL is "
-            f"{families.family_of(base_model).label} with {_width({k: _Shape(v) for k, v in want.items()})} "
-            f"({why}). {layouts.FIT_FIX}")
+    want = layouts.shapes(build(cfg, max(depth, 1), single, "meta"))
+    layouts.check_shapes(want, layouts.shapes(cn_sd), f"it is a Flux ControlNet with {_width(cn_sd)}",
+                         f"{families.family_of(base_model).label} with "
+                         f"{_width({k: _Shape(v) for k, v in want.items()})}")
 
 
 class _Shape:
@@ -162,13 +161,9 @@ def owns(control_model) -> bool:
 
 def unwrap(control_net) -> torch.nn.Module:
     """The ``ControlNetFlux`` inside a CONTROL_NET, or a clear error for the Flux ControlNets this layout does not train."""
-    module = getattr(control_net, "control_model", None)
-    if not owns(module):
-        kind = type(module).__name__ if module is not None else type(control_net).__name__
-        raise ValueError(f"this CONTROL_NET is a {kind}, not a Flux XLabs-layout ControlNet.")
-    if module.latent_input:
-        raise ValueError("this CONTROL_NET is an InstantX/Union-style Flux ControlNet (latent hints); ControlNet-Zero "
-                         "trains XLabs-layout Flux ControlNets (pixel hints): start one with ControlNet-Zero Create.")
+    # a latent-hint ControlNetFlux is not this layout's (``owns``): the "flux_instantx" layout's unwrap takes it
+    module = layouts.control_module(control_net, owns,
+                                    lambda kind: f"this CONTROL_NET is a {kind}, not a Flux XLabs-layout ControlNet.")
     if module.mistoline:
         raise ValueError("this CONTROL_NET is a MistoLine Flux ControlNet; ControlNet-Zero trains XLabs-layout Flux "
                          "ControlNets: start one with ControlNet-Zero Create.")
@@ -182,14 +177,7 @@ def wrap(control_model: torch.nn.Module, vae=None):
 
     ``vae`` is not used: XLabs ControlNets take pixel hints.
     """
-    import comfy.controlnet
-    import comfy.model_management as mm
-
-    load_device = mm.get_torch_device()
-    dtype = next(control_model.parameters()).dtype
-    manual_cast = mm.unet_manual_cast(dtype, load_device)
-    return comfy.controlnet.ControlNet(control_model, load_device=load_device, manual_cast_dtype=manual_cast,
-                                       extra_conds=["y", "guidance"])
+    return layouts.stock_control_net(control_model, extra_conds=["y", "guidance"])
 
 
 def file_tensors(control_model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -53,6 +53,10 @@ The protocol (names fixed; ``base_model`` is a loaded ``comfy.model_base.BaseMod
   the trainable control module and the frozen base twin, ``training.precision.frozen_twin``, need for autograd;
   removed on exit); missing means none.
 
+From ``FileTensors`` on, this module holds the pieces layouts share (``unwrap``'s first check, ``check_fits``'
+refusals, the stock CONTROL_NET ``wrap`` builds, diffusers-named files, latent hints): layout modules call them;
+Create, Train, Save and the CLI call the protocol.
+
 Nothing heavy is imported here: layout modules import ComfyUI inside their functions.
 """
 
@@ -221,6 +225,58 @@ class FileTensors:
         return self._tensors
 
 
+def control_module(control_net, owns, refusal) -> torch.nn.Module:
+    """``unwrap``'s first check: the module inside ``control_net`` where the layout ``owns`` it, else a ValueError
+    whose message is ``refusal(kind)`` (kind: the module's class name, or the object's where it holds none)."""
+    module = getattr(control_net, "control_model", None)
+    if module is None or not owns(module):
+        kind = type(module).__name__ if module is not None else type(control_net).__name__
+        raise ValueError(refusal(kind))
+    return module
+
+
+class _Probe:
+    """A bare control module standing in for the CONTROL_NET holding it (``checked``)."""
+
+    def __init__(self, control_model) -> None:
+        self.control_model = control_model
+
+
+def checked(unwrap, control_model) -> torch.nn.Module:
+    """``control_model`` after a layout's ``unwrap`` checks on it (a clear error for a kind it does not train)."""
+    return unwrap(_Probe(control_model))
+
+
+def plain_latent_hints(module, channels: int, label: str) -> None:
+    """``unwrap``'s refusal of a latent-hint ControlNet whose hint embedding takes ``channels`` other than the latent's
+    (``module.in_channels``): an inpaint ControlNet (``label``: the family, for the message)."""
+    if channels != module.in_channels:
+        raise ValueError(f"this {label} ControlNet takes {channels}-channel hints (an inpaint ControlNet: the latent "
+                         f"plus a mask); ControlNet-Zero trains plain {module.in_channels}-channel latent hints only.")
+
+
+def wrong_family(made_for: str, base_model, family: str) -> None:
+    """``check_fits``' refusal of a MODEL of another family: the ControlNet was ``made_for`` a ``family`` model."""
+    raise ValueError(f"this ControlNet was made for {made_for}; the MODEL is {families.family_of(base_model).label}. "
+                     f"Use it with the {family} model it was made for.")
+
+
+def check_blocks(n: int, blocks: int, most: int, what: str) -> None:
+    """``check_fits``' refusal of ``n`` ControlNet blocks outside 1..``most`` for a MODEL of ``blocks`` ``what``
+    (e.g. "joint blocks")."""
+    if not 1 <= n <= most:
+        raise ValueError(f"this ControlNet does not fit the MODEL: it has {n} ControlNet blocks, the MODEL's {blocks} "
+                         f"{what} take 1 to {most}. {FIT_FIX}")
+
+
+def check_shapes(want: dict, have: dict, this: str, model: str) -> None:
+    """``check_fits``' refusal of weight shapes ``have`` other than ``want`` (what the MODEL's config builds), with
+    ``misfit``'s account: "this ControlNet does not fit the MODEL: ``this``, the MODEL is ``model`` (...)"."""
+    why = misfit(want, have)
+    if why:
+        raise ValueError(f"this ControlNet does not fit the MODEL: {this}, the MODEL is {model} ({why}). {FIT_FIX}")
+
+
 def load_checked(module, tensors: dict, base_model, check_fits, what: str):
     """``module`` holding ``tensors`` (as fp32); if keys are missing or unexpected, ``check_fits`` names the
     mismatch (base vs file) or a ValueError saying the file ``does not match`` ``what``."""
@@ -231,9 +287,62 @@ def load_checked(module, tensors: dict, base_model, check_fits, what: str):
     return module
 
 
+def load_strict(sd: dict, base_model, check_fits, build) -> torch.nn.Module:
+    """A latent-hint layout's ``load`` once a file's tensors are ``sd`` (fp32, the module's names): ``check_fits`` on
+    them (a clear error naming both), then the empty module ``build(sd)`` holding exactly them, frozen."""
+    check_fits(FileTensors(sd), base_model)
+    module = build(sd)
+    module.load_state_dict(sd, strict=True)
+    return module.eval().requires_grad_(False)
+
+
 def pixel_hints(hints, vae=None):
     """``hint_input`` of a pixel-hint layout: the uint8 ``[B, H, W, 3]`` rows are what the cache keeps."""
     return hints
+
+
+def latent_hints(hint_pixels, vae, latent_format, *, one_at_a_time: bool = False) -> torch.Tensor:
+    """``hint_input`` of a latent-hint layout, as ``comfy.controlnet.ControlNet.get_control`` makes the hint: the VAE's
+    latent of ``hint_pixels`` ([B, H, W, 3], uint8 or float in [0, 1]) through ``latent_format.process_in``, float32
+    on the CPU. ``one_at_a_time``: each image encoded on its own (a video VAE would read a batch as frames)."""
+    import torch
+
+    pixels = hint_pixels.float() / 255.0 if hint_pixels.dtype == torch.uint8 else hint_pixels.float()
+    with torch.no_grad():
+        if one_at_a_time:
+            latent = torch.cat([vae.encode(pixels[i:i + 1, ..., :3]).float().cpu() for i in range(pixels.shape[0])])
+        else:
+            latent = vae.encode(pixels[..., :3]).float().cpu()
+    return latent_format.process_in(latent)
+
+
+def stock_control_net(control_model, **options):
+    """``wrap``'s stock ``comfy.controlnet.ControlNet`` around ``control_model`` as ComfyUI's loaders make it: loaded on
+    the torch device, manual cast for the module's dtype there, and the loader's own ``options`` (``extra_conds``...)."""
+    import comfy.controlnet
+    import comfy.model_management as mm
+
+    load_device = mm.get_torch_device()
+    dtype = next(control_model.parameters()).dtype
+    manual_cast = mm.unet_manual_cast(dtype, load_device)
+    return comfy.controlnet.ControlNet(control_model, load_device=load_device, manual_cast_dtype=manual_cast,
+                                       **options)
+
+
+def latent_control_net(control_model, latent_format, **options):
+    """``stock_control_net`` for a latent-hint layout: ``compression_ratio`` 1 (the hint is a latent already), its
+    ``latent_format``, no inpaint mask, and the loader's other ``options`` (``extra_conds``)."""
+    return stock_control_net(control_model, compression_ratio=1, latent_format=latent_format, concat_mask=False,
+                             **options)
+
+
+def unet_config(base_model, fits: bool, name: str, needs: str) -> dict:
+    """A DiT layout's ``base_config``: the base's ComfyUI ``unet_config`` (what its ControlNet is built from), or where
+    the base does not ``fit`` a ValueError: the layout ``name`` ``needs`` another model (e.g. "a Qwen-Image model")."""
+    if not fits:
+        model = type(getattr(base_model, "model_config", base_model)).__name__
+        raise ValueError(f"the {name} ControlNet layout needs {needs}, not {model}.")
+    return dict(base_model.model_config.unet_config)
 
 
 def trainable_copy(control_model, device):
@@ -274,6 +383,21 @@ def shapes(module_or_sd) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
+def width(named_shapes: dict, key: str) -> int | None:
+    """The output width of weight ``key`` (its first dimension) in a name -> shape dict; None where it has no ``key``."""
+    shape = named_shapes.get(key)
+    return int(shape[0]) if shape is not None else None
+
+
+def describe_width(kind: str, width: int | None, blocks: int | None = None, head: int | None = None) -> str:
+    """A DiT ControlNet's base for messages: "``kind`` of width W[ (H heads of ``head``)][, N ControlNet blocks]", or
+    "a model that is not ``kind``" where ``width`` is None (e.g. kind "a Qwen-Image transformer")."""
+    if width is None:
+        return f"a model that is not {kind}"
+    heads = f" ({width // head} heads of {head})" if head else ""
+    return f"{kind} of width {width}{heads}" + (f", {blocks} ControlNet blocks" if blocks is not None else "")
+
+
 def controlnet_blocks(named_shapes: dict) -> int:
     """How many ``controlnet_blocks.N`` a DiT ControlNet's state dict holds."""
     import comfy.model_detection
@@ -302,6 +426,32 @@ def invert_key_map(sd: dict, key_map: dict) -> tuple[dict, set[str]]:
         out[foreign] = weight.contiguous()
         used.add(name)
     return out, used
+
+
+def diffusers_file(module, key_map: dict, own_names: tuple[str, ...], label: str, dtype) -> dict:
+    """``file_tensors`` of a layout whose file has diffusers' names: ``module``'s tensors on the CPU in ``dtype`` under
+    ``key_map``'s foreign names (``invert_key_map``), those starting with ``own_names`` under their own (the stock
+    loader reads them raw); every weight written once, a RuntimeError (``label``: the family) for one with no name."""
+    sd = {k: v.detach().to("cpu", dtype) for k, v in module.state_dict().items()}
+    out, used = invert_key_map(sd, key_map)
+    for name, weight in sd.items():
+        if name.startswith(own_names):
+            out[name] = weight.contiguous()
+            used.add(name)
+    left = sorted(set(sd) - used)
+    if left:
+        raise RuntimeError(f"{label} ControlNet weights with no diffusers name: {left[:5]}")
+    return out
+
+
+def from_diffusers(tensors: dict, own_names: tuple[str, ...]) -> dict:
+    """A diffusers-named DiT ControlNet file's tensors under ComfyUI's module names, as the stock loader converts them
+    (``comfy.model_detection.convert_diffusers_mmdit``), those starting with ``own_names`` as they are."""
+    import comfy.model_detection
+
+    converted = comfy.model_detection.convert_diffusers_mmdit(dict(tensors), "")
+    converted.update({k: v for k, v in tensors.items() if k.startswith(own_names)})
+    return converted
 
 
 def chosen_depth(depth: int | None, default: int, most: int, capped: str, refusal: str) -> int:

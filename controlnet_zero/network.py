@@ -102,13 +102,9 @@ def check_fits(control_model: torch.nn.Module, base_model) -> None:
     """
     cn_sd = control_model.state_dict()
     cfg = controlnet_config(base_model)
-    want = {k: tuple(v.shape) for k, v in build(cfg, "meta").state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in cn_sd.items()}
-    why = layouts.misfit(want, have)
-    if why:
-        cn_family = family_name({"context_dim": _context_dim(cn_sd), "adm_in_channels": _adm_channels(cn_sd)})
-        raise ValueError(f"this ControlNet does not fit the MODEL: it was made for {cn_family}, the MODEL is "
-                         f"{family_name(cfg)} ({why}). {layouts.FIT_FIX}")
+    cn_family = family_name({"context_dim": _context_dim(cn_sd), "adm_in_channels": _adm_channels(cn_sd)})
+    layouts.check_shapes(layouts.shapes(build(cfg, "meta")), layouts.shapes(cn_sd), f"it was made for {cn_family}",
+                         family_name(cfg))
 
 
 def _context_dim(sd: dict) -> int | None:
@@ -131,25 +127,14 @@ def wrap(control_model: torch.nn.Module, vae=None):
 
     ``vae`` is not used: ldm ControlNets take pixel hints.
     """
-    import comfy.controlnet
-    import comfy.model_management as mm
-
-    load_device = mm.get_torch_device()
-    dtype = next(control_model.parameters()).dtype
-    manual_cast = mm.unet_manual_cast(dtype, load_device)
-    return comfy.controlnet.ControlNet(control_model, load_device=load_device, manual_cast_dtype=manual_cast)
+    return layouts.stock_control_net(control_model)
 
 
 def unwrap(control_net) -> torch.nn.Module:
     """The ``cldm.ControlNet`` module inside a CONTROL_NET, or a clear error for other kinds."""
-    import comfy.cldm.cldm
-
-    module = getattr(control_net, "control_model", None)
-    if not isinstance(module, comfy.cldm.cldm.ControlNet):
-        kind = type(module).__name__ if module is not None else type(control_net).__name__
-        raise ValueError(f"this CONTROL_NET is a {kind}, not a UNet ControlNet (ControlNet-Zero trains only "
-                         "ldm-layout ControlNets for SD1.5/SDXL, e.g. from ControlNet-Zero Create or a "
-                         "ControlNet file loaded with Load ControlNet Model).")
+    module = layouts.control_module(control_net, owns, lambda kind: (
+        f"this CONTROL_NET is a {kind}, not a UNet ControlNet (ControlNet-Zero trains only ldm-layout ControlNets for "
+        "SD1.5/SDXL, e.g. from ControlNet-Zero Create or a ControlNet file loaded with Load ControlNet Model)."))
     if getattr(module, "control_add_embedding", None) is not None:
         raise ValueError("this CONTROL_NET is a Union ControlNet; ControlNet-Zero trains plain ControlNets only.")
     hint = module.input_hint_block[0].weight.shape[1] if module.input_hint_block is not None else None

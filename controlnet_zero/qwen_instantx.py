@@ -68,18 +68,12 @@ def _is_qwen(base_model) -> bool:
 
 def describe(width: int | None, blocks: int | None = None) -> str:
     """A readable name for a Qwen-Image transformer width (for messages)."""
-    if width is None:
-        return "a model that is not a Qwen-Image transformer"
-    text = f"a Qwen-Image transformer of width {width}"
-    return text + (f", {blocks} ControlNet blocks" if blocks is not None else "")
+    return layouts.describe_width("a Qwen-Image transformer", width, blocks)
 
 
 def base_config(base_model) -> dict:
     """The base's ComfyUI ``unet_config`` (what ``QwenImageControlNetModel`` is built from)."""
-    if not _is_qwen(base_model):
-        name = type(getattr(base_model, "model_config", base_model)).__name__
-        raise ValueError(f"the {NAME} ControlNet layout needs a Qwen-Image model, not {name}.")
-    return dict(base_model.model_config.unet_config)
+    return layouts.unet_config(base_model, _is_qwen(base_model), NAME, "a Qwen-Image model")
 
 
 def block_count(base_model, depth: int | None) -> int:
@@ -135,47 +129,25 @@ def owns(control_model) -> bool:
 
 def unwrap(control_net) -> torch.nn.Module:
     """The ``QwenImageControlNetModel`` inside a CONTROL_NET, or a clear error for other kinds."""
-    module = getattr(control_net, "control_model", None)
-    if module is None or not owns(module):
-        kind = type(module).__name__ if module is not None else type(control_net).__name__
-        raise ValueError(f"this CONTROL_NET is a {kind}, not a Qwen-Image ControlNet in InstantX's layout. For a "
-                         "Qwen-Image model use ControlNet-Zero Create or an InstantX-layout Qwen-Image ControlNet "
-                         "file loaded with Load ControlNet Model.")
-    channels = module.controlnet_x_embedder.weight.shape[1]
-    if channels != module.in_channels:
-        raise ValueError(f"this Qwen-Image ControlNet takes {channels}-channel hints (an inpaint ControlNet: the "
-                         f"latent plus a mask); ControlNet-Zero trains plain {module.in_channels}-channel latent "
-                         "hints only.")
+    module = layouts.control_module(control_net, owns, lambda kind: (
+        f"this CONTROL_NET is a {kind}, not a Qwen-Image ControlNet in InstantX's layout. For a Qwen-Image model use "
+        "ControlNet-Zero Create or an InstantX-layout Qwen-Image ControlNet file loaded with Load ControlNet Model."))
+    layouts.plain_latent_hints(module, module.controlnet_x_embedder.weight.shape[1], "Qwen-Image")
     return module
-
-
-def _width(shapes: dict) -> int | None:
-    w = shapes.get("img_in.weight")
-    return int(w[0]) if w is not None else None
 
 
 def check_fits(control_model, base_model) -> None:
     """Raise a clear error unless ``control_model`` is the ControlNet ``base_model``'s config builds (any depth)."""
     have = layouts.shapes(control_model)
     n = layouts.controlnet_blocks(have)
+    made_for = describe(layouts.width(have, "img_in.weight"), n)
     if not _is_qwen(base_model):
-        from .. import families
-
-        raise ValueError(f"this ControlNet was made for {describe(_width(have), n)}; the MODEL is "
-                         f"{families.family_of(base_model).label}. Use it with the Qwen-Image model it was made for.")
+        layouts.wrong_family(made_for, base_model, "Qwen-Image")
     cfg = base_config(base_model)
     blocks = len(_diffusion_model(base_model).transformer_blocks)
-    if not 1 <= n <= blocks:
-        raise ValueError(f"this ControlNet does not fit the MODEL: it has {n} ControlNet blocks, the MODEL's "
-                         f"{blocks} transformer blocks take 1 to {blocks}. Continue training only from a ControlNet "
-                         "of the same base model, or start a new one with ControlNet-Zero Create.")
-    want = layouts.shapes(build(cfg, n, "meta"))
-    why = layouts.misfit(want, have)
-    if why:
-        width = _diffusion_model(base_model).inner_dim
-        raise ValueError(
-            f"this ControlNet does not fit the MODEL: it was made for {describe(_width(have), n)}, the MODEL is "
-            f"{describe(width)} with {blocks} blocks ({why}). {layouts.FIT_FIX}")
+    layouts.check_blocks(n, blocks, blocks, "transformer blocks")
+    layouts.check_shapes(layouts.shapes(build(cfg, n, "meta")), have, f"it was made for {made_for}",
+                         f"{describe(_diffusion_model(base_model).inner_dim)} with {blocks} blocks")
 
 
 def hint_latent_format():
@@ -191,22 +163,13 @@ def wrap(control_model: torch.nn.Module, vae=None):
     Latent hints (the stock Apply node's VAE encodes them), ``compression_ratio`` 1, the Wan-2.1 latent
     format, no inpaint mask, no extra conds. ``vae`` is not stored: the Apply node gives it.
     """
-    import comfy.controlnet
-    import comfy.model_management as mm
-
     del vae
-    unwrap(type("_Probe", (), {"control_model": control_model})())
-    load_device = mm.get_torch_device()
-    dtype = next(control_model.parameters()).dtype
-    manual_cast = mm.unet_manual_cast(dtype, load_device)
-    return comfy.controlnet.ControlNet(control_model, compression_ratio=1, latent_format=hint_latent_format(),
-                                       concat_mask=False, load_device=load_device, manual_cast_dtype=manual_cast,
-                                       extra_conds=[])
+    return layouts.latent_control_net(layouts.checked(unwrap, control_model), hint_latent_format(), extra_conds=[])
 
 
 def file_tensors(control_model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The ControlNet's weights under the names the stock ControlNetLoader reads (its own state-dict names)."""
-    module = unwrap(type("_Probe", (), {"control_model": control_model})())
+    module = layouts.checked(unwrap, control_model)
     return {k: v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()}
 
 
@@ -221,11 +184,8 @@ def module_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load(tensors: dict[str, torch.Tensor], base_model) -> torch.nn.Module:
     """The fp32 CPU ControlNet for ``base_model`` holding an InstantX-layout file's weights (resume / CLI)."""
     sd = {k: v.float() for k, v in module_tensors(tensors).items()}
-    n = layouts.controlnet_blocks(sd)
-    check_fits(layouts.FileTensors(sd), base_model)
-    module = build(base_config(base_model), n, "cpu", torch.float32)
-    module.load_state_dict(sd, strict=True)
-    return module.eval().requires_grad_(False)
+    return layouts.load_strict(sd, base_model, check_fits,
+                               lambda sd: build(base_config(base_model), layouts.controlnet_blocks(sd)))
 
 
 def hint_input(hint_pixels: torch.Tensor, vae) -> torch.Tensor:
@@ -235,10 +195,7 @@ def hint_input(hint_pixels: torch.Tensor, vae) -> torch.Tensor:
     time: Wan-2.1's video VAE would encode a batch as the frames of one video), then ``Wan21().process_in``.
     [B, 16, 1, H/8, W/8] float32 on the CPU.
     """
-    pixels = hint_pixels.float() / 255.0 if hint_pixels.dtype == torch.uint8 else hint_pixels.float()
-    with torch.no_grad():
-        latent = torch.cat([vae.encode(pixels[i:i + 1, ..., :3]).float().cpu() for i in range(pixels.shape[0])])
-    return hint_latent_format().process_in(latent)
+    return layouts.latent_hints(hint_pixels, vae, hint_latent_format(), one_at_a_time=True)
 
 
 def control(control_model, x_in: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, conds: dict,

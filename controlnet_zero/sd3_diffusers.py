@@ -73,18 +73,12 @@ def _is_mmdit(base_model) -> bool:
 
 def describe(hidden: int | None, blocks: int | None = None) -> str:
     """A readable name for an SD3-family MMDiT width (for messages)."""
-    if hidden is None:
-        return "a model that is not an SD3/SD3.5 MMDiT"
-    text = f"an SD3/SD3.5 MMDiT of width {hidden} ({hidden // 64} heads of 64)"
-    return text + (f", {blocks} ControlNet blocks" if blocks is not None else "")
+    return layouts.describe_width("an SD3/SD3.5 MMDiT", hidden, blocks, head=64)
 
 
 def base_config(base_model) -> dict:
     """The base MMDiT's ComfyUI ``unet_config`` (what ``comfy.cldm.mmdit.ControlNet`` is built from)."""
-    if not _is_mmdit(base_model):
-        name = type(getattr(base_model, "model_config", base_model)).__name__
-        raise ValueError(f"the {NAME} ControlNet layout needs an SD3/SD3.5 (MMDiT) model, not {name}.")
-    return dict(base_model.model_config.unet_config)
+    return layouts.unet_config(base_model, _is_mmdit(base_model), NAME, "an SD3/SD3.5 (MMDiT) model")
 
 
 def block_count(base_model, depth: int | None) -> int:
@@ -156,51 +150,32 @@ def owns(control_model) -> bool:
     return isinstance(control_model, comfy.cldm.mmdit.ControlNet)
 
 
+def _refusal(kind: str) -> str:
+    hint = (" (Stability's SD3.5 ControlNet layout: a different architecture, not grown from the base; "
+            "ControlNet-Zero trains diffusers' SD3 layout)") if kind == "ControlNetEmbedder" else ""
+    return (f"this CONTROL_NET is a {kind}{hint}, not an SD3 ControlNet in diffusers' layout. For an SD3/SD3.5 model "
+            "use ControlNet-Zero Create or a diffusers-layout SD3 ControlNet file loaded with Load ControlNet Model.")
+
+
 def unwrap(control_net) -> torch.nn.Module:
     """The ``comfy.cldm.mmdit.ControlNet`` inside a CONTROL_NET, or a clear error for other kinds."""
-    import comfy.cldm.mmdit
-
-    module = getattr(control_net, "control_model", None)
-    if not isinstance(module, comfy.cldm.mmdit.ControlNet):
-        kind = type(module).__name__ if module is not None else type(control_net).__name__
-        hint = (" (Stability's SD3.5 ControlNet layout: a different architecture, not grown from the base; "
-                "ControlNet-Zero trains diffusers' SD3 layout)") if kind == "ControlNetEmbedder" else ""
-        raise ValueError(f"this CONTROL_NET is a {kind}{hint}, not an SD3 ControlNet in diffusers' layout. For an "
-                         "SD3/SD3.5 model use ControlNet-Zero Create or a diffusers-layout SD3 ControlNet file "
-                         "loaded with Load ControlNet Model.")
-    channels = module.pos_embed_input.proj.weight.shape[1]
-    if channels != module.in_channels:
-        raise ValueError(f"this SD3 ControlNet takes {channels}-channel hints (an inpaint ControlNet: the latent "
-                         f"plus a mask); ControlNet-Zero trains plain {module.in_channels}-channel latent hints only.")
+    module = layouts.control_module(control_net, owns, _refusal)
+    layouts.plain_latent_hints(module, module.pos_embed_input.proj.weight.shape[1], "SD3")
     return module
-
-
-def _hidden(shapes: dict) -> int | None:
-    w = shapes.get("x_embedder.proj.weight")
-    return int(w[0]) if w is not None else None
 
 
 def check_fits(control_model, base_model) -> None:
     """Raise a clear error unless ``control_model`` is the ControlNet ``base_model``'s config builds (any depth)."""
     have = layouts.shapes(control_model)
     n = layouts.controlnet_blocks(have)
+    made_for = describe(layouts.width(have, "x_embedder.proj.weight"), n)
     if not _is_mmdit(base_model):
-        from .. import families
-
-        raise ValueError(f"this ControlNet was made for {describe(_hidden(have), n)}; the MODEL is "
-                         f"{families.family_of(base_model).label}. Use it with the SD3/SD3.5 model it was made for.")
+        layouts.wrong_family(made_for, base_model, "SD3/SD3.5")
     cfg = base_config(base_model)
     blocks = len(_diffusion_model(base_model).joint_blocks)
-    if not 1 <= n < blocks:
-        raise ValueError(f"this ControlNet does not fit the MODEL: it has {n} ControlNet blocks, the MODEL's "
-                         f"{blocks} joint blocks take 1 to {blocks - 1}. Continue training only from a ControlNet of "
-                         "the same base model, or start a new one with ControlNet-Zero Create.")
-    want = layouts.shapes(build(cfg, n, "meta"))
-    why = layouts.misfit(want, have)
-    if why:
-        raise ValueError(
-            f"this ControlNet does not fit the MODEL: it was made for {describe(_hidden(have), n)}, the MODEL is "
-            f"{describe(64 * cfg['depth'])} with {blocks} joint blocks ({why}). {layouts.FIT_FIX}")
+    layouts.check_blocks(n, blocks, blocks - 1, "joint blocks")
+    layouts.check_shapes(layouts.shapes(build(cfg, n, "meta")), have, f"it was made for {made_for}",
+                         f"{describe(64 * cfg['depth'])} with {blocks} joint blocks")
 
 
 def wrap(control_model: torch.nn.Module, vae=None):
@@ -209,16 +184,8 @@ def wrap(control_model: torch.nn.Module, vae=None):
     Latent hints (the stock Apply node's VAE encodes them at sampling time), ``compression_ratio`` 1, SD3's
     latent format with shift 0, no inpaint mask. ``vae`` is not stored: the Apply node gives it.
     """
-    import comfy.controlnet
-    import comfy.model_management as mm
-
     del vae
-    unwrap(type("_Probe", (), {"control_model": control_model})())
-    load_device = mm.get_torch_device()
-    dtype = next(control_model.parameters()).dtype
-    manual_cast = mm.unet_manual_cast(dtype, load_device)
-    return comfy.controlnet.ControlNet(control_model, compression_ratio=1, latent_format=hint_latent_format(),
-                                       concat_mask=False, load_device=load_device, manual_cast_dtype=manual_cast)
+    return layouts.latent_control_net(layouts.checked(unwrap, control_model), hint_latent_format())
 
 
 def hint_latent_format():
@@ -243,66 +210,35 @@ def file_tensors(control_model: torch.nn.Module, dtype: torch.dtype = torch.floa
     Fused ``qkv`` weights are split into ``to_q``/``to_k``/``to_v`` (and ``add_*_proj`` for the text stream);
     ``controlnet_blocks.*`` and ``pos_embed_input.*`` keep their names. Every module weight is written once.
     """
-    module = unwrap(type("_Probe", (), {"control_model": control_model})())
-    sd = {k: v.detach().to("cpu", dtype) for k, v in module.state_dict().items()}
-    out, used = to_diffusers(sd, module.depth, len(module.joint_blocks))
-    for name, weight in sd.items():
-        if name.startswith(FILE_OWN_NAMES):
-            out[name] = weight.contiguous()
-            used.add(name)
-    left = sorted(set(sd) - used)
-    if left:
-        raise RuntimeError(f"SD3 ControlNet weights with no diffusers name: {left[:5]}")
-    return out
+    module = layouts.checked(unwrap, control_model)
+    return layouts.diffusers_file(module, _diffusers_map(module.depth, len(module.joint_blocks)), FILE_OWN_NAMES,
+                                  "SD3", dtype)
 
 
 def to_diffusers(sd: dict[str, torch.Tensor], depth: int, num_blocks: int) -> tuple[dict[str, torch.Tensor], set[str]]:
     """ComfyUI MMDiT tensors -> diffusers' SD3 names (the inverse of ``comfy.utils.mmdit_to_diffusers``), and
-    the ComfyUI names used. ``depth``: the MMDiT's width / 64 (its block count in a full model)."""
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    for diffusers_key, target in _diffusers_map(depth, num_blocks).items():
-        if isinstance(target, str):
-            if target in sd:
-                out[diffusers_key] = sd[target].contiguous()
-                used.add(target)
-            continue
-        name, offset = target[0], target[1]
-        if name not in sd:
-            continue  # final layer / pre-only last block of the base: not in a ControlNet
-        weight = sd[name]
-        if offset is not None:
-            weight = weight.narrow(offset[0], offset[1], offset[2])
-        if len(target) > 2:
-            weight = target[2](weight)  # swap_scale_shift is its own inverse
-        out[diffusers_key] = weight.contiguous()
-        used.add(name)
-    return out, used
+    the ComfyUI names used. ``depth``: the MMDiT's width / 64 (its block count in a full model). Weights ``sd``
+    lacks (the final layer, a ControlNet's missing pre-only last block) are skipped; ``swap_scale_shift`` is its own
+    inverse."""
+    return layouts.invert_key_map(sd, _diffusers_map(depth, num_blocks))
 
 
 def module_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A diffusers-layout SD3 ControlNet file's tensors in ComfyUI module names (as the stock loader converts them)."""
-    import comfy.model_detection
-
     if "transformer_blocks.0.adaLN_modulation.1.bias" in tensors:
         raise ValueError("not a diffusers-layout SD3 ControlNet but one in Stability's SD3.5 layout (another "
                          "architecture); ControlNet-Zero continues only diffusers-layout SD3 ControlNets.")
     if "transformer_blocks.0.attn.add_q_proj.weight" not in tensors or "pos_embed_input.proj.weight" not in tensors:
         raise ValueError("not an SD3 ControlNet in diffusers' layout (no transformer_blocks.0.attn.add_q_proj or "
                          "pos_embed_input weights).")
-    converted = comfy.model_detection.convert_diffusers_mmdit(dict(tensors), "")
-    converted.update({k: v for k, v in tensors.items() if k.startswith(FILE_OWN_NAMES)})
-    return converted
+    return layouts.from_diffusers(tensors, FILE_OWN_NAMES)
 
 
 def load(tensors: dict[str, torch.Tensor], base_model) -> torch.nn.Module:
     """The fp32 CPU ControlNet for ``base_model`` holding a diffusers-layout file's weights (resume / CLI)."""
     sd = {k: v.float() for k, v in module_tensors(tensors).items()}
-    n = layouts.controlnet_blocks(sd)
-    check_fits(layouts.FileTensors(sd), base_model)
-    module = build(base_config(base_model), n, "cpu", torch.float32)
-    module.load_state_dict(sd, strict=True)
-    return module.eval().requires_grad_(False)
+    return layouts.load_strict(sd, base_model, check_fits,
+                               lambda sd: build(base_config(base_model), layouts.controlnet_blocks(sd)))
 
 
 def hint_input(hint_pixels: torch.Tensor, vae) -> torch.Tensor:
@@ -312,10 +248,7 @@ def hint_input(hint_pixels: torch.Tensor, vae) -> torch.Tensor:
     latent scale with no shift. [B, 16, H/8, W/8] float32 on the CPU. The pixels are at the training
     resolution already (sampling resizes the hint to the latent's size x 8 first; here they match).
     """
-    pixels = hint_pixels.float() / 255.0 if hint_pixels.dtype == torch.uint8 else hint_pixels.float()
-    with torch.no_grad():
-        latent = vae.encode(pixels[..., :3]).float().cpu()
-    return hint_latent_format().process_in(latent)
+    return layouts.latent_hints(hint_pixels, vae, hint_latent_format())
 
 
 def control(control_model, x_in: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, conds: dict,
