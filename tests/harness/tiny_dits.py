@@ -329,6 +329,32 @@ def _meta_diffusion_model(config_class: str, unet: dict) -> torch.nn.Module:
     return mc.get_model({}, device=torch.device("meta")).diffusion_model
 
 
+def config_model(config_class: str, unet: dict, state_dict: dict[str, torch.Tensor],
+                 dtype: torch.dtype | str = torch.float32):
+    """A fresh MODEL built from ComfyUI's config class ``config_class`` for ``unet`` directly (no file, no
+    detection) holding ``state_dict``: for the families whose detection fixes every width (Qwen-Image:
+    ``harness.tiny_qwen``; Z-Image: ``harness.tiny_dits2``). It samples as a loaded one does.
+
+    ``dtype``: fp32; bf16/fp16 (stored and computed natively, as on a GPU); fp8 (weights stored in
+    ``float8_e4m3fn``, cast to fp32 for compute, as ComfyUI does for fp8 storage on the CPU).
+    """
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    dtype = DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in (torch.float32, torch.float8_e4m3fn, *HALF):
+        raise ValueError(f"dtype {dtype} is not fp32, bf16, fp16 or fp8")
+    manual_cast = torch.float32 if dtype == torch.float8_e4m3fn else None
+    config = _config_class(config_class)(dict(unet))
+    config.set_inference_dtype(dtype, manual_cast)
+    base = config.get_model({})
+    base.load_model_weights({k: v.to(dtype) for k, v in state_dict.items()}, "")
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    assert patcher.model.get_dtype() == dtype and base.manual_cast_dtype == manual_cast
+    return patcher
+
+
 def diffusion_model_state_dict(family: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Seeded random weights for ``family``'s tiny diffusion model, under ComfyUI's own key names."""
     recipe = RECIPES[family]
@@ -590,22 +616,32 @@ def real_width_flux_one_block() -> Path:
     return path
 
 
-@contextlib.contextmanager
-def flux_controlnet_detection():
-    """ComfyUI's detection, plus (test-only; ``ControlNetLoader`` passes no file metadata, so the CONFIG_KEY shim
-    cannot reach it): a Flux state dict of the tiny width gets the tiny Flux's heads and RoPE axes."""
-    import comfy.model_detection as md
+def tiny_flux_widths(detect: Callable) -> Callable:
+    """``detect`` (a ``detect_unet_config``), except that a Flux state dict of the tiny Flux's width gets the tiny
+    Flux's heads and RoPE axes (Flux detection fixes 24 heads of 128). Every other width detects as ``detect`` does.
 
+    For a ControlNet file trained on the tiny Flux: ``ControlNetLoader`` passes no file metadata, so the
+    ``CONFIG_KEY`` shim cannot reach it (``flux_controlnet_detection``; the e2e server's ``tiny_dit_node``).
+    """
     tiny = RECIPES["flux1"].unet
-    current = md.detect_unet_config
 
     def detect_unet_config(state_dict, key_prefix, metadata=None):
-        cfg = current(state_dict, key_prefix, metadata=metadata)
+        cfg = detect(state_dict, key_prefix, metadata=metadata)
         if cfg and cfg.get("image_model") == "flux" and cfg.get("hidden_size") == tiny["hidden_size"]:
             cfg = {**cfg, "num_heads": tiny["num_heads"], "axes_dim": list(tiny["axes_dim"])}
         return cfg
 
-    md.detect_unet_config = detect_unet_config
+    return detect_unet_config
+
+
+@contextlib.contextmanager
+def flux_controlnet_detection():
+    """ComfyUI's detection, plus (test-only) the tiny Flux's widths for a ControlNet file of its width
+    (``tiny_flux_widths``), inside."""
+    import comfy.model_detection as md
+
+    current = md.detect_unet_config
+    md.detect_unet_config = tiny_flux_widths(current)
     try:
         yield
     finally:

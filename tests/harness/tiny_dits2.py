@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 from harness import tiny_dits, tiny_models, tiny_qwen
-from harness.precision import DTYPE_NAMES, FP8, HALF
 
 FAMILIES = ("qwen_image", "z_image", "chroma")
 SEED = 20261206
@@ -67,36 +66,15 @@ class Kit:
 
 # --- Z-Image -----------------------------------------------------------------------------------------
 
-def _zimage_config(dtype: torch.dtype, manual_cast: torch.dtype | None):
-    import comfy.supported_models
-
-    config = comfy.supported_models.ZImage(dict(ZIMAGE_UNET))
-    config.set_inference_dtype(dtype, manual_cast)
-    return config
-
-
 @functools.cache
 def zimage_state_dict() -> dict[str, torch.Tensor]:
     """Seeded random fp32 weights of the tiny Z-Image under ComfyUI's key names."""
-    module = _zimage_config(torch.float32, None).get_model({}, device=torch.device("meta")).diffusion_model
-    return tiny_models.random_state_dict(module, SEED)
+    return tiny_models.random_state_dict(tiny_dits._meta_diffusion_model("ZImage", ZIMAGE_UNET), SEED)
 
 
 def zimage_model(dtype: torch.dtype | str = torch.float32):
     """A fresh tiny Z-Image MODEL in ``dtype`` (fp32, bf16/fp16 native, fp8 storage computed in fp32)."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-
-    dtype = DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    if dtype not in (torch.float32, FP8, *HALF):
-        raise ValueError(f"dtype {dtype} is not fp32, bf16, fp16 or fp8")
-    manual_cast = torch.float32 if dtype == FP8 else None
-    base = _zimage_config(dtype, manual_cast).get_model({})
-    base.load_model_weights({k: v.to(dtype) for k, v in zimage_state_dict().items()}, "")
-    patcher = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
-    assert patcher.model.get_dtype() == dtype and base.manual_cast_dtype == manual_cast
-    return patcher
+    return tiny_dits.config_model("ZImage", ZIMAGE_UNET, zimage_state_dict(), dtype)
 
 
 def qwen3_path():
@@ -114,15 +92,57 @@ def qwen3_path():
     return path
 
 
-def zimage_clip(embedding_directory=None):
-    """The tiny Qwen3 through ``comfy.sd.load_clip`` (CLIPLoader type lumina2): Z-Image's text encoder."""
+def zimage_clip(embedding_directory=None, path=None):
+    """The tiny Qwen3 (``path``, default ``qwen3_path()``) through ``comfy.sd.load_clip`` (CLIPLoader type lumina2):
+    Z-Image's text encoder."""
     import comfy.sd
     import folder_paths
 
     if embedding_directory is None:
         embedding_directory = folder_paths.get_folder_paths("embeddings")
-    return comfy.sd.load_clip([str(qwen3_path())], embedding_directory=embedding_directory,
+    return comfy.sd.load_clip([str(path or qwen3_path())], embedding_directory=embedding_directory,
                               clip_type=comfy.sd.CLIPType.LUMINA2, model_options=dict(QWEN3_OPTIONS))
+
+
+FP8_LAYOUTS = ("fp8_e4m3fn", "fp8_scaled")
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def fp8_text_encoder_path(item: str, layout: str = "fp8_e4m3fn"):
+    """A copy of a tiny Qwen text-encoder file (``harness.tiny_stand_ins2.path(item)``: "qwen25_7b", Qwen-Image's;
+    "qwen3_4b", Z-Image's) stored in ``float8_e4m3fn`` as users load the real ones, built if missing.
+
+    - "fp8_e4m3fn": every tensor in fp8. ComfyUI builds a Qwen encoder in the dtype of its file's
+      ``model.norm.weight`` (``llama_detect``), so every weight, the token table included, stays fp8 and each op
+      casts it at use.
+    - "fp8_scaled": Comfy-Org's ``*_fp8_scaled`` layout (e.g. qwen_2.5_vl_7b_fp8_scaled.safetensors): each Linear
+      weight in fp8 with its fp32 ``scale_weight`` (max |w| / 448), a ``scaled_fp8`` marker, the norms and the
+      token table left 16-bit; ComfyUI builds scaled-fp8 Linear layers for it (``comfy.ops.scaled_fp8_ops``).
+    """
+    import safetensors
+
+    from harness import tiny_stand_ins2
+
+    if layout not in FP8_LAYOUTS:
+        raise ValueError(f"unknown fp8 layout {layout!r}; known: {FP8_LAYOUTS}")
+    source = tiny_stand_ins2.path(item)
+    path = source.with_name(f"{source.stem}_{layout}.safetensors")
+    if not path.exists():
+        with safetensors.safe_open(str(source), framework="pt") as f:
+            sd, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        fp8 = torch.float8_e4m3fn
+        if layout == "fp8_e4m3fn":
+            out = {k: v.to(fp8) for k, v in sd.items()}
+        else:
+            out = {"scaled_fp8": torch.empty(0, dtype=fp8)}
+            for k, v in sd.items():
+                if v.ndim == 2 and "embed_tokens" not in k:  # a Linear weight
+                    scale = v.float().abs().max() / FP8_MAX
+                    out[k], out[k.removesuffix("weight") + "scale_weight"] = (v.float() / scale).to(fp8), scale
+                else:
+                    out[k] = v
+        tiny_dits._save(out, path, {tiny_dits.TE_OPTIONS_KEY: metadata[tiny_dits.TE_OPTIONS_KEY]})
+    return path
 
 
 # --- one interface -----------------------------------------------------------------------------------

@@ -27,8 +27,7 @@ import zlib
 
 import torch
 
-from harness import tiny_models
-from harness.precision import DTYPE_NAMES, FP8, HALF
+from harness import tiny_dits, tiny_models
 
 SEED = 20261224
 JOINT_DIM = 32
@@ -42,19 +41,10 @@ WIDTH = UNET_CONFIG["num_attention_heads"] * UNET_CONFIG["attention_head_dim"]  
 VAE_DIM = 8
 
 
-def _config(dtype: torch.dtype, manual_cast: torch.dtype | None):
-    import comfy.supported_models
-
-    config = comfy.supported_models.QwenImage(dict(UNET_CONFIG))
-    config.set_inference_dtype(dtype, manual_cast)
-    return config
-
-
 @functools.cache
 def state_dict() -> dict[str, torch.Tensor]:
     """Seeded random fp32 weights of the tiny Qwen-Image under ComfyUI's key names (about 55k parameters)."""
-    module = _config(torch.float32, None).get_model({}, device=torch.device("meta")).diffusion_model
-    return tiny_models.random_state_dict(module, SEED)
+    return tiny_models.random_state_dict(tiny_dits._meta_diffusion_model("QwenImage", UNET_CONFIG), SEED)
 
 
 def model(dtype: torch.dtype | str = torch.float32):
@@ -63,19 +53,7 @@ def model(dtype: torch.dtype | str = torch.float32):
     ``dtype``: fp32; bf16 (stored and computed natively in bf16, as on a GPU); fp8 (weights stored in
     ``float8_e4m3fn``, cast to fp32 for compute, as ComfyUI does for fp8 storage on the CPU).
     """
-    import comfy.model_management as mm
-    import comfy.model_patcher
-
-    dtype = DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    manual_cast = torch.float32 if dtype == FP8 else None
-    if dtype not in (torch.float32, FP8, *HALF):
-        raise ValueError(f"dtype {dtype} is not fp32, bf16, fp16 or fp8")
-    base = _config(dtype, manual_cast).get_model({})
-    base.load_model_weights({k: v.to(dtype) for k, v in state_dict().items()}, "")
-    patcher = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
-    assert patcher.model.get_dtype() == dtype and base.manual_cast_dtype == manual_cast
-    return patcher
+    return tiny_dits.config_model("QwenImage", UNET_CONFIG, state_dict(), dtype)
 
 
 @functools.cache

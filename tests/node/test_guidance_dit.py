@@ -26,6 +26,7 @@ import torch
 from harness import tiny_dits, tiny_dits2, tiny_qwen
 from harness.guiders import ours, stock_cfg
 from harness.hashing import weight_hash
+from harness.tiny_dits2 import Kit
 
 FAMILIES = ("flux1", "flux1_schnell", "sd3")
 ISSUE24 = ("z_image", "chroma")  # harness.tiny_dits2 (issue 24); Qwen-Image is harness.tiny_qwen's
@@ -44,17 +45,9 @@ CHUNKS = {(1.0, 0.0): (0,), (1.0, 2.0): (0, 2), (4.0, 0.0): (0, 1), (4.0, 2.0): 
 DTYPE_CASES = [*((f, "fp32") for f in ALL), *((f, "bf16") for f in ALL), ("flux1", "fp8")]
 
 
-@dataclass
-class Kit:
-    model: Any
-    clip: Any
-    vae: Any
-    encode: Callable[[str], list]
-    family: str
-
-    def zeros(self) -> torch.Tensor:
-        """An empty 64 px latent in the shape the family samples (5-D for Qwen-Image)."""
-        return torch.zeros(1, 16, 1, 8, 8) if self.family == "qwen_image" else torch.zeros(1, 16, 8, 8)
+def zeros(k: Kit) -> torch.Tensor:
+    """An empty 64 px latent in the shape the family samples (5-D for Qwen-Image)."""
+    return k.empty_latent()["samples"]
 
 
 _MODELS: dict[tuple[str, str], Any] = {}
@@ -221,14 +214,14 @@ def test_one_batched_call_per_step_with_the_predictions_the_cfg_needs(kit, famil
     model, calls = counting(k.model)
     for (cfg, pg), chunks in CHUNKS.items():
         calls.clear()
-        sample(ours(model, prompts(k), cfg, pg), model, k.zeros())
+        sample(ours(model, prompts(k), cfg, pg), model, zeros(k))
         if family in ISSUE24:  # see unbatched()
             assert unbatched(calls) == [chunks] * STEPS, (cfg, pg)
             continue
         assert [(c.batch, c.chunks) for c in calls] == [(len(chunks), chunks)] * STEPS, (cfg, pg)
     if family in ISSUE24:  # stock CFGGuider runs one call per prompt there too
         calls.clear()
-        sample(stock_cfg(model, prompts(k), 4.0), model, k.zeros())
+        sample(stock_cfg(model, prompts(k), 4.0), model, zeros(k))
         assert [c.chunks for c in calls] == [(0,), (1,)] * STEPS or [c.chunks for c in calls] == [(1,), (0,)] * STEPS
 
 
@@ -243,23 +236,23 @@ def test_flux_baseline_is_predicted_at_the_positive_guidance(kit, caplog):
     snapshots = {name: conditioning_snapshot(c) for name, c in p.items()}
     model, calls = counting(k.model)
 
-    got = sample(ours(model, p, 1.0, 2.0), model, k.zeros())
+    got = sample(ours(model, p, 1.0, 2.0), model, zeros(k))
     assert [c.guidance for c in calls] == [{0: 2.0, 2: 2.0}] * STEPS
     # Oracle: the stock DualCFGGuider with the baseline given guidance 2 by the stock FluxGuidance node.
     explicit = dict(p, baseline=FluxGuidance.execute(p["baseline"], 2.0).args[0])
-    assert_close(got, sample(stock_dual(k.model, explicit, 1.0, 2.0), k.model, k.zeros()), TOLERANCE["fp32"])
-    at_default = sample(stock_dual(k.model, p, 1.0, 2.0), k.model, k.zeros())  # the baseline at 3.5
+    assert_close(got, sample(stock_dual(k.model, explicit, 1.0, 2.0), k.model, zeros(k)), TOLERANCE["fp32"])
+    at_default = sample(stock_dual(k.model, p, 1.0, 2.0), k.model, zeros(k))  # the baseline at 3.5
     logging.getLogger(__name__).info("baseline at 2 vs 3.5: %.3g", (got - at_default).abs().max().item())
     assert (got - at_default).abs().max() > 1e-3
 
     calls.clear()
-    sample(ours(model, p, 4.0, 2.0), model, k.zeros())
+    sample(ours(model, p, 4.0, 2.0), model, zeros(k))
     assert [c.guidance for c in calls] == [{0: 2.0, 1: 3.5, 2: 2.0}] * STEPS
 
     calls.clear()
     with caplog.at_level(logging.WARNING):
         sample(ours(model, dict(p, baseline=FluxGuidance.execute(p["baseline"], 5.0).args[0]), 1.0, 2.0), model,
-               k.zeros())
+               zeros(k))
     assert [c.guidance for c in calls] == [{0: 2.0, 2: 5.0}] * STEPS
     assert "the baseline's guidance 5.0 is not the positive's 2.0" in caplog.text
     assert all(same_conditioning(p[name], snap) for name, snap in snapshots.items())
@@ -270,17 +263,17 @@ def test_flux_baseline_is_predicted_at_the_positive_guidance(kit, caplog):
 def test_pg_zero_is_stock_cfg_bitwise(kit, family, dtype):
     k = kit(family, dtype)
     for cfg in (1.0, 4.0):
-        got = sample(ours(k.model, prompts(k), cfg, 0.0), k.model, k.zeros())
-        assert torch.equal(got, sample(stock_cfg(k.model, prompts(k), cfg), k.model, k.zeros())), cfg
+        got = sample(ours(k.model, prompts(k), cfg, 0.0), k.model, zeros(k))
+        assert torch.equal(got, sample(stock_cfg(k.model, prompts(k), cfg), k.model, zeros(k))), cfg
 
 
 @pytest.mark.parametrize(("family", "dtype"), DTYPE_CASES)
 def test_pg_matches_stock_dual_cfg_and_moves_the_result(kit, family, dtype):
     k = kit(family, dtype)
     for cfg in (1.0, 4.0):
-        got = sample(ours(k.model, prompts(k), cfg, 2.0), k.model, k.zeros())
-        assert_close(got, sample(stock_dual(k.model, prompts(k), cfg, 2.0), k.model, k.zeros()), TOLERANCE[dtype])
-        assert (got - sample(stock_cfg(k.model, prompts(k), cfg), k.model, k.zeros())).abs().max() > 1e-3, cfg
+        got = sample(ours(k.model, prompts(k), cfg, 2.0), k.model, zeros(k))
+        assert_close(got, sample(stock_dual(k.model, prompts(k), cfg, 2.0), k.model, zeros(k)), TOLERANCE[dtype])
+        assert (got - sample(stock_cfg(k.model, prompts(k), cfg), k.model, zeros(k))).abs().max() > 1e-3, cfg
 
 
 @pytest.mark.parametrize("family", ALL)
@@ -290,7 +283,7 @@ def test_guider_never_mutates_model_or_conditionings(kit, family):
     snapshots = {name: conditioning_snapshot(c) for name, c in p.items()}
     before, options = weight_hash(k.model.model.diffusion_model), repr(k.model.model_options)
     for cfg in (1.0, 4.0):
-        sample(ours(k.model, p, cfg, 2.0, rescale=0.5), k.model, k.zeros())
+        sample(ours(k.model, p, cfg, 2.0, rescale=0.5), k.model, zeros(k))
     assert weight_hash(k.model.model.diffusion_model) == before
     assert repr(k.model.model_options) == options
     assert all(same_conditioning(p[name], snap) for name, snap in snapshots.items())

@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-from harness import half_tier
+from harness import half_tier, node_runs
 from harness.guiders import ours, stock_cfg
 
 STEPS = 4
@@ -23,17 +23,7 @@ STEPS = 4
 TOLERANCE = {"fp32": 1e-5, "fp8": 1e-5, "bf16": 1e-2, "fp16": 1e-3}
 
 
-@pytest.fixture(scope="module")
-def sd15(tiny_checkpoints, pack):
-    import nodes
-
-    return nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoints["sd15"].name)[:3]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _forget_unets():
-    yield
-    half_tier.forget()
+sd15, _forget_unets = node_runs.sd15_module_fixtures()  # (MODEL, CLIP, VAE) of the tiny SD1.5; half_tier's dropped
 
 
 def unet(sd15, tiny_checkpoints, dtype: str):

@@ -11,67 +11,14 @@ import logging
 import pytest
 import torch
 
-from harness.hashing import weight_hash
-from harness.images import subject_image
+from harness import node_runs
+from harness.node_runs import at_rest_hash, fine_tune_node, gradients, result_of, sample
 
 log = logging.getLogger(__name__)
 DITS = ["flux1", "sd3"]
 
 
-@pytest.fixture(scope="module")
-def subject(pack):
-    return subject_image()
-
-
-@pytest.fixture
-def folders(tmp_path, monkeypatch):
-    """models/unitune/ and models/loras/ in a temporary folder."""
-    import folder_paths
-
-    from frozentune.nodes.unitune_nodes import FOLDER
-
-    for kind in (FOLDER, "loras"):
-        (tmp_path / kind).mkdir()
-        monkeypatch.setitem(folder_paths.folder_names_and_paths, kind, ([str(tmp_path / kind)], {".safetensors"}))
-    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
-    return tmp_path
-
-
-def at_rest_hash(patcher) -> str:
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([patcher])
-    return weight_hash(patcher.model.diffusion_model)
-
-
-def fine_tune_node(dit, image, model=None, **overrides):
-    """UniTune Fine-Tune's outputs (the node's execute, as ComfyUI runs it)."""
-    from frozentune.nodes.unitune_nodes import UniTuneFineTune
-
-    args = dict(token="beikkpic", class_word="", steps=3, batch_size=2, learning_rate=1e-3, optimizer="adamw",
-                train="auto", lora_rank=4, gradient_checkpointing=False, seed=0)
-    args.update(overrides)
-    return UniTuneFineTune.execute(model=model or dit.model, clip=dit.clip, vae=dit.vae, image=image, **args).args
-
-
-def result_of(tuned):
-    return tuned.attachments["frozentune.unitune"]
-
-
-def sample(dit, model, seed: int = 3):
-    """Two Euler steps at 64 px from fixed noise, at cfg 1 (the distilled Flux's way; SD3 too, to stay cheap)."""
-    import nodes
-
-    positive = dit.encode("beikkpic")
-    return nodes.common_ksampler(model, seed, 2, 1.0, "euler", "simple", positive, positive,
-                                 dit.empty_latent())[0]["samples"]
-
-
-def target_modules(dit, mode: str) -> set[str]:
-    from frozentune import families
-
-    rule = families.train_targets(families.family_of(dit.model), mode)
-    return {n for n, m in dit.model.model.diffusion_model.named_modules() if rule(n) and hasattr(m, "weight_function")}
+subject, folders = node_runs.unitune_fixtures()  # the 64 px subject; models/unitune, models/loras in tmp_path
 
 
 # --- training --------------------------------------------------------------------------------------------
@@ -80,20 +27,8 @@ def target_modules(dit, mode: str) -> set[str]:
 def test_auto_is_lora_on_the_family_targets_and_the_base_is_untouched(family, tiny_dit, subject):
     """train = auto on a DiT: a LoRA on each attention/MLP projection of every block (the family table), nothing
     else; the weights move, the base's weights do not, the preview renders the 16-channel latent."""
-    dit = tiny_dit(family)
-    before = at_rest_hash(dit.model)
-    tuned, curve, _, token, previews = fine_tune_node(dit, subject, preview_every=3)
-    result = result_of(tuned)
-    assert result.settings.mode == "lora" and result.family == family and token == "beikkpic"
-    modules = {k.removesuffix(".lora_up.weight") for k in result.tensors if k.endswith(".lora_up.weight")}
-    assert modules == {f"diffusion_model.{n}" for n in target_modules(dit, "lora")}
+    _, modules = node_runs.checked_auto_lora(tiny_dit(family), family, subject)
     assert len(modules) == {"flux1": 20, "flux1_schnell": 20, "sd3": 15}[family]
-    assert any(t.abs().max() > 0 for k, t in result.tensors.items() if k.endswith("lora_up.weight"))
-    assert all(torch.isfinite(torch.tensor(result.losses)))
-    assert at_rest_hash(dit.model) == before
-    assert previews.shape[1:] == (64, 64, 3) and previews.std() > 0  # drawn from a 16-channel latent
-    assert curve.shape[-1] == 3
-    assert not torch.equal(sample(dit, tuned), sample(dit, dit.model))
 
 
 @pytest.mark.parametrize("mode", ["full", "attention"])
@@ -172,22 +107,15 @@ def test_saved_file_loads_in_the_stock_lora_loader_with_every_key_and_the_same_s
     tuned MODEL does; UniTune Load too."""
     import nodes
 
-    from frozentune.nodes.unitune_nodes import UniTuneLoad, UniTuneSave
+    from frozentune.nodes.unitune_nodes import UniTuneSave
 
     dit = tiny_dit(family)
     before = at_rest_hash(dit.model)
     tuned = fine_tune_node(dit, subject, train=mode)[0]
-    path = UniTuneSave.execute(model=tuned, filename=f"unitune/{family}_{mode}").args[0]
-    from frozentune.storage import safetensors_file as weights_file
-
-    tensors, metadata = weights_file.load(path)
-    assert metadata["unitune.family"] == family and all(k.startswith("diffusion_model.") for k in tensors)
-    (folders / "loras" / "x.safetensors").write_bytes(open(path, "rb").read())
     with caplog.at_level(logging.WARNING):
-        stock = nodes.LoraLoaderModelOnly().load_lora_model_only(dit.model, "x.safetensors", 1.0)[0]
-        reloaded = UniTuneLoad.execute(model=dit.model, unitune_name=f"{family}_{mode}.safetensors",
-                                       strength=1.0).args[0]
+        tensors, metadata, stock, reloaded = node_runs.save_and_load_back(dit, tuned, f"{family}_{mode}", folders)
         tuned_out, stock_out, reloaded_out = sample(dit, tuned), sample(dit, stock), sample(dit, reloaded)
+    assert metadata["unitune.family"] == family and all(k.startswith("diffusion_model.") for k in tensors)
     assert "lora key not loaded" not in caplog.text and "NOT MERGED" not in caplog.text, caplog.text
     assert len(stock.patches) == len({k.rsplit(".lora_", 1)[0].removesuffix(".alpha") for k in tensors}
                                      if mode == "lora" else tensors)
@@ -259,29 +187,6 @@ def test_timestep_sampling_input_reaches_training_and_is_refused_on_sd(tiny_dit,
 
 # --- the in-place trap -----------------------------------------------------------------------------------
 
-def gradients(dit, subject, checkpoint: bool, oracle: bool = False) -> tuple[float, dict[str, torch.Tensor], int]:
-    """One full-mode forward/backward on a twin: (loss, gradients, checkpointed blocks). ``oracle``: every tensor
-    autograd saves is copied at save time, so no later in-place write can reach it (the reference gradients)."""
-    import contextlib
-
-    import comfy.model_management as mm
-
-    from frozentune.unitune import finetune
-
-    mm.load_models_gpu([dit.model], force_patch_weights=True)
-    settings = finetune.FineTuneSettings(mode="full", steps=1, batch_size=2, optimizer="adamw",
-                                         gradient_checkpointing=checkpoint)
-    copies = torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t) if oracle \
-        else contextlib.nullcontext()
-    with torch.inference_mode(False), torch.enable_grad():
-        run = finetune.TrainingRun(dit.model, dit.vae.encode(subject), dit.encode("beikkpic"), settings)
-        run.optimizer.close()  # keep the gradients (no step during backward)
-        with run.checkpointing() as blocks, copies:
-            loss = run.loss()
-            loss.backward()
-        return loss.item(), {n: p.grad for n, p in run.unet.named_parameters() if p.grad is not None}, blocks
-
-
 def test_flux_in_place_blocks_train_with_exact_gradients_also_checkpointed(tiny_dit, subject, monkeypatch):
     """ComfyUI's Flux blocks add into their residual stream in place after a LayerNorm saved it. Unprotected,
     backward stops ("modified by an inplace operation"), and checkpointed blocks (torch skips the version check
@@ -319,7 +224,7 @@ def test_half_and_fp8_bases_train_with_fp32_state(family, dtype_name, subject, t
     tuned MODEL lowers the training objective on fixed draws."""
     import comfy.model_management as mm
 
-    from frozentune.training import objective, precision
+    from frozentune.training import objective
     from frozentune.unitune import finetune
     from harness import tiny_dits
 
@@ -330,18 +235,15 @@ def test_half_and_fp8_bases_train_with_fp32_state(family, dtype_name, subject, t
     assert dit.model.model.get_dtype() == dtype
     before = at_rest_hash(dit.model)
     base_ptrs = {n: p.data_ptr() for n, p in dit.model.model.diffusion_model.named_parameters()}
-    seen = {}
-    real_twin, real_optimizer = precision.frozen_twin, finetune._optimizer
-    monkeypatch.setattr(precision, "frozen_twin", lambda m: seen.setdefault("twin", real_twin(m)))
-    monkeypatch.setattr(finetune, "_optimizer", lambda p, s, **kw: seen.setdefault("opt", real_optimizer(p, s, **kw)))
+    seen = node_runs.training_spies(monkeypatch)
     tuned = fine_tune_node(dit, subject, steps=4, train=mode, precision="bf16" if dtype_name == "bf16" else "auto")[0]
     result = result_of(tuned)
     assert result.metadata["unitune.compute_dtype"] == ("bfloat16" if dtype_name == "bf16" else "float32")
     unet = seen["twin"].diffusion_model
-    loras = [f for m in unet.modules() for f in getattr(m, "weight_function", []) if isinstance(f, torch.nn.Module)]
+    loras = node_runs.lora_layers(unet)
     trainable = [p for p in unet.parameters() if p.requires_grad] + [p for f in loras for p in f.parameters()]
     assert trainable and {p.dtype for p in trainable} == {torch.float32}
-    state = [t for s in seen["opt"].state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
+    state = node_runs.optimizer_state(seen["opt"])
     assert state and {t.dtype for t in state} == {torch.float32}
     frozen = {n: p for n, p in unet.named_parameters() if not p.requires_grad}
     assert frozen.keys() == base_ptrs.keys() if mode == "lora" else 0 < len(frozen) < len(base_ptrs)

@@ -12,20 +12,9 @@ import math
 import pytest
 import torch
 
-from harness import half_tier
+from harness import half_tier, node_runs
 
-
-@pytest.fixture(scope="module")
-def sd15(tiny_checkpoints, pack):
-    import nodes
-
-    return nodes.CheckpointLoaderSimple().load_checkpoint(tiny_checkpoints["sd15"].name)[:3]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _forget_unets():
-    yield
-    half_tier.forget()
+sd15, _forget_unets = node_runs.sd15_module_fixtures()  # (MODEL, CLIP, VAE) of the tiny SD1.5; half_tier's dropped
 
 
 def in_dtype(sd15, tiny_checkpoints, dtype: str):

@@ -10,14 +10,15 @@ CFGGuider/DualCFGGuider (guidance) and the original pixels (masks) in test_guida
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import pytest
 import torch
 
+from harness import node_runs
 from harness.hashing import weight_hash
 from harness.images import subject_image
+from harness.node_runs import at_rest_hash, fine_tune_node, gradients, result_of, sample, target_modules
 
 log = logging.getLogger(__name__)
 FAMILIES = ("qwen_image", "z_image", "chroma")
@@ -35,59 +36,7 @@ def kits(pack):
     tiny_dits2.forget()
 
 
-@pytest.fixture(scope="module")
-def subject(pack):
-    return subject_image()
-
-
-@pytest.fixture
-def folders(tmp_path, monkeypatch):
-    """models/unitune/ and models/loras/ in a temporary folder."""
-    import folder_paths
-
-    from frozentune.nodes.unitune_nodes import FOLDER
-
-    for kind in (FOLDER, "loras"):
-        (tmp_path / kind).mkdir()
-        monkeypatch.setitem(folder_paths.folder_names_and_paths, kind, ([str(tmp_path / kind)], {".safetensors"}))
-    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
-    return tmp_path
-
-
-def at_rest_hash(patcher) -> str:
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([patcher])
-    return weight_hash(patcher.model.diffusion_model)
-
-
-def fine_tune_node(k, image, model=None, **overrides):
-    from frozentune.nodes.unitune_nodes import UniTuneFineTune
-
-    args = dict(token="beikkpic", class_word="", steps=3, batch_size=2, learning_rate=1e-3, optimizer="adamw",
-                train="auto", lora_rank=4, gradient_checkpointing=False, seed=0)
-    args.update(overrides)
-    return UniTuneFineTune.execute(model=model or k.model, clip=k.clip, vae=k.vae, image=image, **args).args
-
-
-def result_of(tuned):
-    return tuned.attachments["frozentune.unitune"]
-
-
-def sample(k, model, seed: int = 3):
-    """Two Euler steps at 64 px from fixed noise, at cfg 1 (cheap; the guidance tests below use each family's cfg)."""
-    import nodes
-
-    positive = k.encode("beikkpic")
-    return nodes.common_ksampler(model, seed, 2, 1.0, "euler", "simple", positive, positive,
-                                 k.empty_latent())[0]["samples"]
-
-
-def target_modules(k, mode: str) -> set[str]:
-    from frozentune import families
-
-    rule = families.train_targets(families.family_of(k.model), mode)
-    return {n for n, m in k.model.model.diffusion_model.named_modules() if rule(n) and hasattr(m, "weight_function")}
+subject, folders = node_runs.unitune_fixtures()  # the 64 px subject; models/unitune, models/loras in tmp_path
 
 
 # --- the family records on the real module trees -----------------------------------------------------------
@@ -215,20 +164,8 @@ def test_stock_detection_of_real_width_models_gives_the_family(kits, family, one
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_auto_is_lora_on_the_family_targets_and_the_base_is_untouched(kits, family, subject):
-    k = kits(family)
-    before = at_rest_hash(k.model)
-    tuned, curve, _, token, previews = fine_tune_node(k, subject, preview_every=3)
-    result = result_of(tuned)
-    assert result.settings.mode == "lora" and result.family == family and token == "beikkpic"
-    modules = {key.removesuffix(".lora_up.weight") for key in result.tensors if key.endswith(".lora_up.weight")}
-    assert modules == {f"diffusion_model.{n}" for n in target_modules(k, "lora")}
-    assert any(t.abs().max() > 0 for key, t in result.tensors.items() if key.endswith("lora_up.weight"))
-    assert all(torch.isfinite(torch.tensor(result.losses)))
+    result, _ = node_runs.checked_auto_lora(kits(family), family, subject)
     assert "unitune.guidance" not in result.metadata  # no guidance input trained at (Chroma's stays 0)
-    assert at_rest_hash(k.model) == before
-    assert previews.shape[1:] == (64, 64, 3) and previews.std() > 0
-    assert curve.shape[-1] == 3
-    assert not torch.equal(sample(k, tuned), sample(k, k.model))
 
 
 @pytest.mark.parametrize(("family", "mode"), [("qwen_image", "lora"), ("z_image", "lora"), ("chroma", "lora"),
@@ -236,22 +173,13 @@ def test_auto_is_lora_on_the_family_targets_and_the_base_is_untouched(kits, fami
 def test_saved_file_loads_in_the_stock_lora_loader_with_every_key_and_the_same_samples(
         kits, family, mode, subject, folders, caplog):
     """LoRA factors, or ``.diff`` deltas (full: Z-Image's pad tokens and RMSNorm scales as ``<parameter>.diff``)."""
-    import nodes
-
-    from frozentune.nodes.unitune_nodes import UniTuneLoad, UniTuneSave
-    from frozentune.storage import safetensors_file as weights_file
-
     k = kits(family)
     before = at_rest_hash(k.model)
     tuned = fine_tune_node(k, subject, train=mode, learning_rate=1e-3 if mode == "lora" else 1e-4)[0]
-    path = UniTuneSave.execute(model=tuned, filename=f"unitune/{family}").args[0]
-    tensors, metadata = weights_file.load(path)
-    assert metadata["unitune.family"] == family and all(key.startswith("diffusion_model.") for key in tensors)
-    (folders / "loras" / "x.safetensors").write_bytes(open(path, "rb").read())
     with caplog.at_level(logging.WARNING):
-        stock = nodes.LoraLoaderModelOnly().load_lora_model_only(k.model, "x.safetensors", 1.0)[0]
-        reloaded = UniTuneLoad.execute(model=k.model, unitune_name=f"{family}.safetensors", strength=1.0).args[0]
+        tensors, metadata, stock, reloaded = node_runs.save_and_load_back(k, tuned, family, folders)
         tuned_out, stock_out, reloaded_out = sample(k, tuned), sample(k, stock), sample(k, reloaded)
+    assert metadata["unitune.family"] == family and all(key.startswith("diffusion_model.") for key in tensors)
     assert "lora key not loaded" not in caplog.text and "NOT MERGED" not in caplog.text, caplog.text
     expected = LORA_LAYERS[family] if mode == "lora" else len(tensors)
     assert len(stock.patches) == expected and len(reloaded.patches) == expected
@@ -286,27 +214,6 @@ def test_z_image_trains_with_its_plain_int_input(kits, subject):
 
 
 # --- gradients: the in-place trap ---------------------------------------------------------------------------
-
-def gradients(k, subject, checkpoint: bool, oracle: bool = False):
-    """One full-mode forward/backward on a twin: (loss, gradients, checkpointed blocks). ``oracle``: every tensor
-    autograd saves is copied at save time, so no later in-place write can reach it."""
-    import comfy.model_management as mm
-
-    from frozentune.unitune import finetune
-
-    mm.load_models_gpu([k.model], force_patch_weights=True)
-    settings = finetune.FineTuneSettings(mode="full", steps=1, batch_size=2, optimizer="adamw",
-                                         gradient_checkpointing=checkpoint)
-    copies = torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t) if oracle \
-        else contextlib.nullcontext()
-    with torch.inference_mode(False), torch.enable_grad():
-        run = finetune.TrainingRun(k.model, k.vae.encode(subject), k.encode("beikkpic"), settings)
-        run.optimizer.close()
-        with run.checkpointing() as blocks, copies:
-            loss = run.loss()
-            loss.backward()
-        return loss.item(), {n: p.grad for n, p in run.unet.named_parameters() if p.grad is not None}, blocks
-
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradients_equal_the_oracle_with_and_without_checkpointing(kits, family, subject):
@@ -405,28 +312,22 @@ def test_half_and_fp8_bases_train_a_lora_with_fp32_state(kits, family, dtype_nam
     samples finite and differs from the base, and its file loads in the stock LoraLoader with every key."""
     import comfy.lora
 
-    from frozentune.training import precision
-    from frozentune.unitune import finetune
-
     k = kits(family, dtype_name, fresh=True)
     dtype = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[dtype_name]
     assert k.model.model.get_dtype() == dtype
     assert k.model.model.manual_cast_dtype == (torch.float32 if dtype_name == "fp8" else None)
     before = at_rest_hash(k.model)
     base_ptrs = {n: p.data_ptr() for n, p in k.model.model.diffusion_model.named_parameters()}
-    seen = {}
-    real_twin, real_optimizer = precision.frozen_twin, finetune._optimizer
-    monkeypatch.setattr(precision, "frozen_twin", lambda m: seen.setdefault("twin", real_twin(m)))
-    monkeypatch.setattr(finetune, "_optimizer", lambda p, s, **kw: seen.setdefault("opt", real_optimizer(p, s, **kw)))
+    seen = node_runs.training_spies(monkeypatch)
     tuned = fine_tune_node(k, subject, steps=3, precision="bf16" if dtype_name == "bf16" else "auto")[0]
     result = result_of(tuned)
     assert result.settings.mode == "lora"
     assert result.metadata["unitune.compute_dtype"] == ("bfloat16" if dtype_name == "bf16" else "float32")
     unet = seen["twin"].diffusion_model
-    loras = [f for m in unet.modules() for f in getattr(m, "weight_function", []) if isinstance(f, torch.nn.Module)]
+    loras = node_runs.lora_layers(unet)
     trainable = [p for f in loras for p in f.parameters()]
     assert len(loras) == LORA_LAYERS[family] and {p.dtype for p in trainable} == {torch.float32}
-    state = [t for s in seen["opt"].state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
+    state = node_runs.optimizer_state(seen["opt"])
     assert state and {t.dtype for t in state} == {torch.float32}
     frozen = dict(unet.named_parameters())
     assert all(p.data_ptr() == base_ptrs[n] and p.dtype == dtype and not p.requires_grad for n, p in frozen.items())

@@ -31,17 +31,10 @@ def _install_controlnet_shape_shim() -> None:
     Every other width (all real files) detects as stock."""
     import comfy.model_detection as md
 
-    from harness.tiny_dits import RECIPES
+    from harness.tiny_dits import tiny_flux_widths
 
-    tiny = RECIPES["flux1"].unet
     current = md.detect_unet_config
-
-    def detect_unet_config(state_dict, key_prefix, metadata=None):
-        cfg = current(state_dict, key_prefix, metadata=metadata)
-        if cfg and cfg.get("image_model") == "flux" and cfg.get("hidden_size") == tiny["hidden_size"]:
-            cfg = {**cfg, "num_heads": tiny["num_heads"], "axes_dim": list(tiny["axes_dim"])}
-        return cfg
-
+    detect_unet_config = tiny_flux_widths(current)
     for attr in ("frozentune_tiny_shim", "stock"):  # harness.tiny_dits still sees its shim installed
         if hasattr(current, attr):
             setattr(detect_unet_config, attr, getattr(current, attr))
