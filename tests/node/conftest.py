@@ -13,6 +13,13 @@ def style_image(comfy_root):
     return tiny_ipadapter.style_image()
 
 
+@pytest.fixture(scope="module")
+def flux(tiny_dit, pack):
+    """The tiny Flux.1 dev kit (``harness.tiny_dits``) of the ControlNet-Zero Flux tests; a module's own ``flux``
+    fixture replaces it."""
+    return tiny_dit("flux1")
+
+
 @pytest.fixture()
 def controlnet_folder(tmp_path, monkeypatch):
     """ComfyUI's controlnet folder (what Save writes and ControlNetLoader reads), and its output, input and temp

@@ -10,62 +10,29 @@ hidden width is the tiny one it answers the tiny heads/axes; every other file de
 
 from __future__ import annotations
 
-import logging
 import math
 
 import pytest
 import torch
 
+from harness import controlnet_zero_helpers as cz
 from harness import disks, tiny_dits
+from harness.controlnet_zero_helpers import R, create, hint_image, loss_and_grads
 from harness.hashing import weight_hash
-
-R = 64  # hint / image size; latents 8x8, 4x4 tokens
-log = logging.getLogger(__name__)
-
-
-@pytest.fixture(scope="module")
-def flux(tiny_dit, pack):
-    return tiny_dit("flux1")
 
 
 @pytest.fixture(scope="module")
 def prompts(flux):
-    return flux.encode("a red disk"), flux.encode("")
-
-
-def hint_image(seed: int = 7) -> torch.Tensor:
-    return torch.rand(1, R, R, 3, generator=torch.Generator().manual_seed(seed))
+    return cz.prompts(flux)
 
 
 def sample(model, prompts, control_net=None, hint=None, steps: int = 2) -> torch.Tensor:
-    import nodes
-
-    positive, negative = prompts
-    if control_net is not None:
-        positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control_net, hint,
-                                                                            1.0, 0.0, 1.0)
-    latent = {"samples": torch.zeros(1, 16, R // 8, R // 8)}
-    return nodes.KSampler().sample(model, 0, steps, 1.0, "euler", "simple", positive, negative, latent)[0]["samples"]
+    return cz.sample(model, prompts, None, control_net, hint, steps)
 
 
-def create(model, seed: int = 0, **kwargs):
-    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroCreate
-
-    with torch.inference_mode():  # as ComfyUI's executor runs every node
-        return ControlNetZeroCreate.execute(model=model, seed=seed, **kwargs).args[0]
-
-
-def perturbed(cn: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+def perturbed(cn: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``cn`` whose zero-initialized parts are random (a stand-in for a trained ControlNet)."""
-    import copy
-
-    out = copy.deepcopy(cn)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in out.named_parameters():
-            if name.startswith("controlnet_blocks.") or name.startswith("input_hint_block.14."):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return out
+    return cz.perturbed(cn, ("controlnet_blocks.", "input_hint_block.14."), 0.1)
 
 
 def test_create_copies_the_base_and_zeroes_what_x_flux_zeroes(flux):
@@ -211,24 +178,12 @@ def training_batch(flux):
     return cn, (x0, hint, conds, sigma, noise)
 
 
-def loss_and_grads(flux, cn, batch, compute=torch.float32, checkpointing=False, forward=None):
-    """The training loss of ``batch`` and the ControlNet's gradients; ``forward(loss_fn)`` runs it (default: a call)."""
-    from frozentune.controlnet_zero import training_run as trainer
-
-    cn.zero_grad(set_to_none=True)
-    with torch.inference_mode(False), torch.enable_grad(), trainer.controlled_loss(
-            flux.model.model, cn, flux.model.load_device, compute, checkpointing) as loss_fn:
-        loss = (forward or (lambda f: f()))(lambda: loss_fn(cn, *batch))
-        loss.backward()
-    return loss.detach(), {n: p.grad for n, p in cn.named_parameters()}
-
-
 def test_checkpointing_on_and_off_give_the_same_loss_and_gradients(flux):
     """The training forward through ComfyUI's in-place Flux code, with and without gradient checkpointing of both
     networks: the same loss and the same gradient for every ControlNet weight (and the hooks that make the plain
     path work are gone afterwards)."""
     cn, batch = training_batch(flux)
-    results = {c: loss_and_grads(flux, cn, batch, checkpointing=c) for c in (False, True)}
+    results = {c: loss_and_grads(flux.model, cn, batch, checkpointing=c) for c in (False, True)}
     (plain, g_plain), (ckpt, g_ckpt) = results[False], results[True]
     assert float(plain) == pytest.approx(float(ckpt), rel=1e-6)
     # the last double block's text stream feeds nothing (only img goes to controlnet_blocks), as in x-flux
@@ -273,10 +228,10 @@ def test_controlnet_norms_keep_their_outputs_and_a_stream_copy_each_less(flux, m
         kept.append(n)
         return out
 
-    lean = loss_and_grads(flux, cn, batch, forward=measured)
+    lean = loss_and_grads(flux.model, cn, batch, forward=measured)
     with monkeypatch.context() as m:
         m.setattr(lean_norm, "keeping_outputs", copying_inputs)
-        copied = loss_and_grads(flux, cn, batch, forward=measured)
+        copied = loss_and_grads(flux.model, cn, batch, forward=measured)
     for h in handles:
         h.remove()
     assert len(norm_inputs) == 4 * len(cn.double_blocks) + len(cn.single_blocks)
@@ -297,7 +252,7 @@ def test_save_writes_a_file_the_stock_loader_reads_whole(flux, prompts, controln
     import safetensors
 
     from frozentune.controlnet_zero import flux_xlabs
-    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroSave, ControlNetZeroTrain
+    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroSave
 
     trained = flux_xlabs.wrap(perturbed(create(flux.model).control_model))
     trained.frozentune_metadata = {"controlnet_zero.depth": "2"}
@@ -320,13 +275,8 @@ def test_save_writes_a_file_the_stock_loader_reads_whole(flux, prompts, controln
     stock = sample(flux.model, prompts, loaded, hint_image())
     assert torch.equal(ours, stock), (ours - stock).abs().max()
     # and the loaded file trains on (Train takes what Load ControlNet Model gives)
-    targets, hints = disks.disks(2, R, seed=0)
-    with torch.inference_mode():
-        more = ControlNetZeroTrain.execute(
-            model=flux.model, clip=flux.clip, vae=flux.vae, control_net=loaded, dataset_folder="", images=targets,
-            hints=hints, captions=disks.CAPTION, steps=1, batch_size=2, gradient_accumulation=1, learning_rate=1e-3,
-            prompt_dropout=0.0, resolution=R, gradient_checkpointing=False, mixed_precision="fp32", seed=0,
-            checkpoint_every=0, run_name="more", resume=False).args[0]
+    more = cz.train_node(flux.model, flux.clip, flux.vae, loaded, pairs=2, steps=1, prompt_dropout=0.0,
+                         run_name="more").args[0]
     moved = more.control_model.state_dict()["controlnet_blocks.0.weight"]
     assert not torch.equal(moved, module.state_dict()["controlnet_blocks.0.weight"].float())
 
@@ -336,17 +286,11 @@ def test_train_node_trains_a_flux_controlnet_that_loads_back(flux, controlnet_fo
     networks, the training guidance, a preview): the ControlNet's zero parts move, the base stays, the guidance is
     recorded, the checkpoint loads back through the CLI's loader."""
     from frozentune.controlnet_zero import flux_xlabs, train
-    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroTrain
 
     before = weight_hash(flux.model.model.diffusion_model)
     start = create(flux.model)
-    targets, hints = disks.disks(4, R, seed=0)
-    with torch.inference_mode():
-        out = ControlNetZeroTrain.execute(
-            model=flux.model, clip=flux.clip, vae=flux.vae, control_net=start, dataset_folder="", images=targets,
-            hints=hints, captions=disks.CAPTION, steps=3, batch_size=2, gradient_accumulation=1, learning_rate=1e-3,
-            prompt_dropout=0.5, resolution=R, gradient_checkpointing=True, mixed_precision="fp32", seed=0,
-            checkpoint_every=3, run_name="flux", resume=False, optimizer="adamw", preview_every=3, flux_guidance=4.0)
+    out = cz.train_node(flux.model, flux.clip, flux.vae, start, steps=3, gradient_checkpointing=True,
+                        checkpoint_every=3, run_name="flux", preview_every=3, flux_guidance=4.0)
     trained, curve, previews = out.args
     assert curve.shape[-1] == 3
     assert previews.shape[1:] == (R, R, 3) and previews.std() > 0, "the preview (a pixel hint on Flux) was not drawn"
@@ -368,37 +312,13 @@ def test_train_node_trains_a_flux_controlnet_that_loads_back(flux, controlnet_fo
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
-def test_resume_matches_an_uninterrupted_run(optimizer, flux, controlnet_folder):
+def test_resume_matches_an_uninterrupted_run(optimizer, flux, controlnet_folder, caplog):
     """Cancel after the step-2 checkpoint, resume: the same ControlNet as an uninterrupted run, with AdamW or 8-bit
     AdamW (whose state of the weights that get no gradient, the last block's text stream, stays empty)."""
-    import comfy.model_management as mm
-
-    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroTrain
-    from harness.cancel import cancel_at
-
     if optimizer == "adamw8bit":
         pytest.importorskip("bitsandbytes")
-    targets, hints = disks.disks(4, R, seed=0)
-
-    def train(run_name, resume=False, guidance=4.0):
-        args = dict(dataset_folder="", images=targets, hints=hints, captions=disks.CAPTION, steps=4, batch_size=1,
-                    gradient_accumulation=2, learning_rate=1e-3, prompt_dropout=0.5, resolution=R,
-                    gradient_checkpointing=False, mixed_precision="fp32", seed=0, checkpoint_every=2,
-                    run_name=run_name, resume=resume, optimizer=optimizer, flux_guidance=guidance)
-        with torch.inference_mode():
-            return ControlNetZeroTrain.execute(model=flux.model, clip=flux.clip, vae=flux.vae,
-                                               control_net=create(flux.model), **args).args[0]
-
-    whole = train("whole")
-    with cancel_at(3), pytest.raises(mm.InterruptProcessingException):
-        train("cut")
-    with pytest.raises(ValueError, match="flux_guidance: stored 4, requested 3.5"):
-        train("cut", resume=True, guidance=3.5)
-    resumed = train("cut", resume=True)
-    a, b = whole.control_model.state_dict(), resumed.control_model.state_dict()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= 1e-6, worst
-    assert resumed.frozentune_metadata["controlnet_zero.steps_done"] == "4"
+    cz.flux_resume_matches_an_uninterrupted_run(flux, caplog, optimizer, guidance=4.0, refused=3.5,
+                                                saved_key="input_hint_block.0.weight")
 
 
 @pytest.mark.half
@@ -409,16 +329,8 @@ def test_bf16_and_fp8_bases_train_fp32_controlnets_and_apply(dtype_name, flux, p
     import comfy.model_management as mm
 
     from frozentune.controlnet_zero import cache, flux_xlabs, network
-    from frozentune.controlnet_zero import training_run as trainer
-    from harness import tiny_dits
 
-    kwargs = {"bf16": dict(dtype="bf16"), "fp8": dict(weight_dtype="fp8_e4m3fn")}[dtype_name]
-    stored = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[dtype_name]
-    with torch.inference_mode():
-        model = tiny_dits.load_model("flux1", **kwargs)
-    assert model.model.diffusion_model.img_in.weight.dtype == stored
-    if dtype_name == "bf16":
-        assert model.model.manual_cast_dtype is None, "the bf16 base must compute natively, as on a GPU"
+    model, stored = cz.tiny_flux_in(dtype_name)
     clip, vae = flux.clip, flux.vae
     mm.load_models_gpu([model], force_full_load=True)
     before = weight_hash(model.model.diffusion_model)
@@ -430,79 +342,23 @@ def test_bf16_and_fp8_bases_train_fp32_controlnets_and_apply(dtype_name, flux, p
         data = cache.encode(cache.Source.from_tensors(targets, hints, [disks.CAPTION] * 4), model.model, vae, clip, R,
                             guidance=4.0)
         cn = network.trainable_copy(zero.control_model, model.load_device)
-        settings = trainer.TrainSettings(steps=2, batch_size=2, learning_rate=1e-3, resolution=R,
-                                         gradient_checkpointing=True,
-                                         mixed_precision="bf16" if dtype_name == "bf16" else "fp32")
-        with torch.enable_grad():
-            result = trainer.train(model.model, cn, data, settings, model.load_device)
-    assert all(math.isfinite(v) for v in result.losses), result.losses
-    assert {p.dtype for p in result.control_model.parameters()} == {torch.float32}, "master weights must stay fp32"
+    result = cz.train_around_a_half_base(model, cn, data, dtype_name, 2, before)
     assert result.control_model.state_dict()["controlnet_blocks.0.weight"].any()
-    assert weight_hash(model.model.diffusion_model) == before, "training modified the base"
     assert model.model.diffusion_model.img_in.weight.dtype == stored
     steered = sample(model, prompts, flux_xlabs.wrap(result.control_model), hint_image())
     assert torch.isfinite(steered).all() and not torch.equal(steered, plain)
-
-
-def disk_latents(targets: torch.Tensor) -> torch.Tensor:
-    """``[N, R, R, 3]`` images -> ``[N, 16, R/8, R/8]`` latents that show the disk (a stand-in for a trained VAE)."""
-    pooled = torch.nn.functional.avg_pool2d(targets.movedim(-1, 1), 8)
-    lat = torch.cat([pooled, pooled.mean(1, keepdim=True)], dim=1).repeat(1, 4, 1, 1)
-    return (lat - lat.mean()) / lat.std()
-
-
-class _NoVae:
-    """Hands back prepared latents where cache.encode would run the VAE (only its text part is used here)."""
-
-    def __init__(self, latents):
-        self.latents = latents
-
-    def encode(self, pixels):
-        return self.latents[: pixels.shape[0]]
-
-
-def disk_set(flux, count: int, seed: int):
-    from frozentune.controlnet_zero import cache
-
-    targets, hints = disks.disks(count, R, seed=seed)
-    latents = disk_latents(targets)
-    u8 = (hints * 255).round().to(torch.uint8)
-    texts = cache.encode(cache.Source.from_tensors(targets[:1], hints[:1], [disks.CAPTION]), flux.model.model,
-                         _NoVae(latents[:1]), flux.clip, R, guidance=4.0).texts
-    images = cache.Rows({i: {"latent": latents[i], "hint": u8[i]} for i in range(count)})
-    return cache.TrainingData(images, texts, torch.ones(count, dtype=torch.long), R)
 
 
 @pytest.mark.slow
 def test_true_hints_beat_shuffled_hints_on_held_out_disks(flux):
     """As the SD1.5 check (test_controlnet_zero_learning.py): disks visible in the latents, the tiny Flux frozen,
     lr 1e-3; after training, the held-out loss with the true hints is clearly below the one with shuffled hints."""
-    import comfy.model_management as mm
+    from frozentune.controlnet_zero import flux_xlabs
 
-    from frozentune.controlnet_zero import flux_xlabs, network
-    from frozentune.controlnet_zero import training_run as trainer
-
-    steps = 80
-    base = flux.model.model
-    with torch.inference_mode(False):
-        train_set, held_out = disk_set(flux, 32, seed=1), disk_set(flux, 16, seed=2)
-    rows = list(range(16))
-    mm.load_models_gpu([flux.model], force_full_load=True)
-    device = flux.model.load_device
-    with torch.inference_mode(False):
-        cn = network.trainable_copy(flux_xlabs.create(base), device)
-        start = trainer.evaluate(base, cn, held_out, device, rows[:4], repeats=1)
-        assert trainer.evaluate(base, cn, held_out, device, rows[:4], repeats=1, shuffle_hints=True) == start
-        settings = trainer.TrainSettings(steps=steps, batch_size=4, learning_rate=1e-3, resolution=R,
-                                         gradient_checkpointing=False)
-        result = trainer.train(base, cn, train_set, settings, device)
-        true = trainer.evaluate(base, cn, held_out, device, rows)
-        shuffled = trainer.evaluate(base, cn, held_out, device, rows, shuffle_hints=True)
-    log.warning("ControlNet-Zero learning check (Flux.1-dev tiny, %d steps x batch 4, lr 1e-3): held-out loss before "
-                "(4 rows) %.4f; after: true hints %.4f, shuffled hints %.4f (ratio %.3f); train loss %.4f -> %.4f",
-                steps, start, true, shuffled, true / shuffled, sum(result.losses[:10]) / 10,
-                sum(result.losses[-10:]) / 10)
-    assert true < 0.85 * shuffled, (true, shuffled)
+    texts = cz.caption_texts(flux.model.model, flux.vae, flux.clip, guidance=4.0)
+    train_set, held_out = (cz.disk_set(count, seed, texts, lambda x: cz.disk_latents(x, 16), latent_hints=False)
+                           for count, seed in ((32, 1), (16, 2)))
+    cz.true_hints_beat_shuffled_hints(flux.model, flux_xlabs.create, train_set, held_out, 80, 1e-3, "Flux.1-dev tiny")
 
 
 def _plain_hints(block):
@@ -530,13 +386,13 @@ def test_training_shortcuts_keep_the_loss_and_gradients_bit_for_bit(compute, flu
     cn, batch = training_batch(flux)
     for checkpointing in (False, True):
         calls.clear()
-        fast = loss_and_grads(flux, cn, batch, dtype, checkpointing)
+        fast = loss_and_grads(flux.model, cn, batch, dtype, checkpointing)
         assert calls, "the training forward did not rotate through _fast_rope"
         assert flux_math.apply_rope is stock_rope and "forward" not in cn.input_hint_block.__dict__
         with monkeypatch.context() as m:
             m.setattr(flux_xlabs, "_rope_backward", contextlib.nullcontext)
             m.setattr(flux_xlabs, "_hint_forward", _plain_hints)
-            plain = loss_and_grads(flux, cn, batch, dtype, checkpointing)
+            plain = loss_and_grads(flux.model, cn, batch, dtype, checkpointing)
         assert torch.equal(fast[0], plain[0])
         assert fast[1].keys() == plain[1].keys() and fast[1]["input_hint_block.0.weight"] is not None
         differ = [n for n, g in plain[1].items() if not (g is None and fast[1][n] is None or torch.equal(fast[1][n], g))]

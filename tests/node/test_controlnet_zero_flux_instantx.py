@@ -4,7 +4,8 @@ The oracles: diffusers' own ``FluxControlNetModel.from_transformer`` on a ``Flux
 tiny base's weights (the same file, key for key and value for value, and the same block outputs); the stock
 ``ControlNetLoader`` (``comfy/controlnet.py`` ``load_controlnet_flux_instantx``, through the tests' Flux width shim
 ``tiny_dits.flux_controlnet_detection``) and ``ControlNetApplyAdvanced`` + ``KSampler`` with the tiny VAE (latent
-hints). Fixtures and helpers are the XLabs layout's (``test_controlnet_zero_flux.py``).
+hints). Fixtures and helpers are the ControlNet-Zero tests' (``tests/node/conftest.py``,
+``harness.controlnet_zero_helpers``).
 """
 
 from __future__ import annotations
@@ -15,62 +16,26 @@ import math
 import pytest
 import torch
 
+from harness import controlnet_zero_helpers as cz
 from harness import disks, tiny_dits
+from harness.controlnet_zero_helpers import R, create, hint_image, sample
 from harness.hashing import weight_hash
 
-R = 64  # hint / image size; latents 8x8, 4x4 tokens
 log = logging.getLogger(__name__)
 
 
 @pytest.fixture(scope="module")
-def flux(tiny_dit, pack):
-    return tiny_dit("flux1")
-
-
-@pytest.fixture(scope="module")
 def prompts(flux):
-    return flux.encode("a red disk"), flux.encode("")
+    return cz.prompts(flux)
 
 
 def layout():
-    from frozentune.controlnet_zero import flux_diffusers
-
-    return flux_diffusers
+    return cz.layout("flux_diffusers")
 
 
-def hint_image(seed: int = 7) -> torch.Tensor:
-    return torch.rand(1, R, R, 3, generator=torch.Generator().manual_seed(seed))
-
-
-def sample(model, prompts, vae=None, control_net=None, hint=None, steps: int = 2) -> torch.Tensor:
-    import nodes
-
-    positive, negative = prompts
-    if control_net is not None:
-        positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control_net, hint,
-                                                                            1.0, 0.0, 1.0, vae=vae)
-    latent = {"samples": torch.zeros(1, 16, R // 8, R // 8)}
-    return nodes.KSampler().sample(model, 0, steps, 1.0, "euler", "simple", positive, negative, latent)[0]["samples"]
-
-
-def create(model, seed: int = 0, **kwargs):
-    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroCreate
-
-    with torch.inference_mode():  # as ComfyUI's executor runs every node
-        return ControlNetZeroCreate.execute(model=model, seed=seed, **kwargs).args[0]
-
-
-def perturbed(cn: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+def perturbed(cn: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``cn`` whose zero-initialized parts are random (a stand-in for a trained ControlNet)."""
-    import copy
-
-    out = copy.deepcopy(cn)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in out.named_parameters():
-            if name.startswith(layout().ZERO_PREFIXES):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return out
+    return cz.perturbed(cn, layout().ZERO_PREFIXES, 0.1)
 
 
 def test_create_node_layout_input_copies_the_base_and_zeroes_what_diffusers_zeroes(flux):
@@ -166,14 +131,7 @@ def test_file_is_what_diffusers_flux_controlnet_from_transformer_makes_and_compu
     reference = FluxControlNetModel.from_transformer(transformer, num_layers=2, num_single_layers=0,
                                                      attention_head_dim=cfg["hidden_size"] // cfg["num_heads"],
                                                      num_attention_heads=cfg["num_heads"])
-    theirs = reference.state_dict()
-    ours = flux_instantx.file_tensors(flux_instantx.create(base))
-    assert set(ours) == set(theirs)
-    for k, v in theirs.items():
-        assert torch.equal(ours[k], v), k
-
-    cn = perturbed(flux_instantx.create(base))
-    reference.load_state_dict(flux_instantx.file_tensors(cn), strict=True)
+    cn = cz.file_is_diffusers(flux_instantx, base, reference, perturbed)
     gen = torch.Generator().manual_seed(0)
     x, hint = torch.randn(2, 16, 8, 8, generator=gen), torch.randn(2, 16, 8, 8, generator=gen)
     context, y = torch.randn(2, 7, cfg["context_in_dim"], generator=gen), torch.randn(2, cfg["vec_in_dim"],
@@ -238,19 +196,13 @@ def test_create_train_save_and_the_stock_loader_reads_every_key(flux, prompts, c
     import safetensors
 
     from frozentune.controlnet_zero import train
-    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroSave, ControlNetZeroTrain
+    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroSave
 
     flux_instantx = layout()
     before = weight_hash(flux.model.model.diffusion_model)
     start = create(flux.model, layout="flux_instantx")
-    targets, hints = disks.disks(4, R, seed=0)
-    args = dict(dataset_folder="", images=targets, hints=hints, captions=disks.CAPTION, steps=2, batch_size=2,
-                gradient_accumulation=1, learning_rate=1e-3, prompt_dropout=0.5, resolution=R,
-                gradient_checkpointing=True, mixed_precision="fp32", seed=0, checkpoint_every=0, resume=False,
-                optimizer="adamw", flux_guidance=flux_instantx.TRAIN_GUIDANCE)
-    with torch.inference_mode():
-        trained = ControlNetZeroTrain.execute(model=flux.model, clip=flux.clip, vae=flux.vae, control_net=start,
-                                              run_name="instantx", **args).args[0]
+    args = dict(gradient_checkpointing=True, flux_guidance=flux_instantx.TRAIN_GUIDANCE)
+    trained = cz.train_node(flux.model, flux.clip, flux.vae, start, run_name="instantx", **args).args[0]
     assert flux_instantx.owns(trained.control_model)
     assert trained.frozentune_metadata["controlnet_zero.flux_guidance"] == "3.5"
     a, b = start.control_model.state_dict(), trained.control_model.state_dict()
@@ -285,11 +237,20 @@ def test_create_train_save_and_the_stock_loader_reads_every_key(flux, prompts, c
     # the CLI's loader finds the file's layout among the family's (Flux.1: XLabs' default, InstantX's)
     back = train.load_controlnet_file(controlnet_folder / name, flux.model.model)
     assert flux_instantx.owns(back) and all(torch.equal(back.state_dict()[k], v.cpu()) for k, v in b.items())
-    with torch.inference_mode():
-        more = ControlNetZeroTrain.execute(model=flux.model, clip=flux.clip, vae=flux.vae, control_net=loaded,
-                                           run_name="more", **{**args, "steps": 1}).args[0]
+    more = cz.train_node(flux.model, flux.clip, flux.vae, loaded, run_name="more", steps=1, **args).args[0]
     assert not torch.equal(more.control_model.state_dict()["controlnet_blocks.0.weight"].cpu(),
                            b["controlnet_blocks.0.weight"].cpu())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_resume_matches_an_uninterrupted_run(optimizer, flux, controlnet_folder, caplog):
+    """As the XLabs layout's: Cancel after the step-2 checkpoint (the InstantX file's keys), resume: the same
+    ControlNet as an uninterrupted run, with AdamW or 8-bit AdamW; a resume at another flux_guidance is refused."""
+    if optimizer == "adamw8bit":
+        pytest.importorskip("bitsandbytes")
+    cz.flux_resume_matches_an_uninterrupted_run(flux, caplog, optimizer, guidance=layout().TRAIN_GUIDANCE,
+                                                refused=4.0, saved_key="controlnet_x_embedder.weight",
+                                                layout="flux_instantx")
 
 
 @pytest.mark.half
@@ -300,16 +261,9 @@ def test_bf16_and_fp8_bases_train_fp32_controlnets_and_apply(dtype_name, flux, p
     import comfy.model_management as mm
 
     from frozentune.controlnet_zero import cache
-    from frozentune.controlnet_zero import training_run as trainer
 
     flux_instantx = layout()
-    kwargs = {"bf16": dict(dtype="bf16"), "fp8": dict(weight_dtype="fp8_e4m3fn")}[dtype_name]
-    stored = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[dtype_name]
-    with torch.inference_mode():
-        model = tiny_dits.load_model("flux1", **kwargs)
-    assert model.model.diffusion_model.img_in.weight.dtype == stored
-    if dtype_name == "bf16":
-        assert model.model.manual_cast_dtype is None, "the bf16 base must compute natively, as on a GPU"
+    model, _ = cz.tiny_flux_in(dtype_name)
     mm.load_models_gpu([model], force_full_load=True)
     before = weight_hash(model.model.diffusion_model)
     zero = create(model, layout="flux_instantx")
@@ -320,69 +274,25 @@ def test_bf16_and_fp8_bases_train_fp32_controlnets_and_apply(dtype_name, flux, p
         data = cache.encode(cache.Source.from_tensors(targets, hints, [disks.CAPTION] * 4), model.model, flux.vae,
                             flux.clip, R, guidance=flux_instantx.TRAIN_GUIDANCE, hint_input=flux_instantx.hint_input)
         cn = flux_instantx.trainable_copy(zero.control_model, model.load_device)
-        settings = trainer.TrainSettings(steps=2, batch_size=2, learning_rate=1e-3, resolution=R,
-                                         gradient_checkpointing=True,
-                                         mixed_precision="bf16" if dtype_name == "bf16" else "fp32")
-        with torch.enable_grad():
-            result = trainer.train(model.model, cn, data, settings, model.load_device)
-    assert all(math.isfinite(v) for v in result.losses), result.losses
-    assert {p.dtype for p in result.control_model.parameters()} == {torch.float32}, "master weights must stay fp32"
+    result = cz.train_around_a_half_base(model, cn, data, dtype_name, 2, before)
     assert result.control_model.state_dict()["pos_embed_input.weight"].any()
-    assert weight_hash(model.model.diffusion_model) == before, "training modified the base"
     steered = sample(model, prompts, flux.vae, flux_instantx.wrap(result.control_model), hint_image())
     assert torch.isfinite(steered).all() and not torch.equal(steered, plain)
 
 
-def _disk_set(flux, count: int, seed: int, texts):
+def _disk_set(count: int, seed: int, texts):
     """Disks visible in the target latents and the hint latents (pooled pixels: the tiny VAE's latents hardly
     differ between disks), as the XLabs check builds its targets."""
-    from frozentune.controlnet_zero import cache
-
-    targets, hints = disks.disks(count, R, seed=seed)
-
-    def latents(images):
-        pooled = torch.nn.functional.avg_pool2d(images.movedim(-1, 1), 8)
-        lat = torch.cat([pooled, pooled.mean(1, keepdim=True)], dim=1).repeat(1, 4, 1, 1)
-        return (lat - lat.mean()) / lat.std()
-
-    x0, h = latents(targets), latents(hints)
-    images = cache.Rows({i: {"latent": x0[i], "hint": h[i]} for i in range(count)})
-    return cache.TrainingData(images, texts, torch.ones(count, dtype=torch.long), R)
+    return cz.disk_set(count, seed, texts, lambda images: cz.disk_latents(images, 16))
 
 
 def test_true_hints_beat_shuffled_hints_on_held_out_disks(flux):  # ~9-12 s on a shared 2-core CPU: unmarked
     """As the XLabs check: the tiny Flux frozen, lr 1e-3; after training, the held-out loss with the true (latent)
     hints is clearly below the one with shuffled hints."""
-    import comfy.model_management as mm
-
-    from frozentune.controlnet_zero import cache
-    from frozentune.controlnet_zero import training_run as trainer
-
     flux_instantx = layout()
-    steps = 80
-    base = flux.model.model
-    targets, hints = disks.disks(1, R, seed=0)
-    with torch.inference_mode(False):
-        texts = cache.encode(cache.Source.from_tensors(targets, hints, [disks.CAPTION]), base, flux.vae, flux.clip, R,
-                             guidance=4.0).texts
-    train_set, held_out = _disk_set(flux, 32, 1, texts), _disk_set(flux, 16, 2, texts)
-    rows = list(range(16))
-    mm.load_models_gpu([flux.model], force_full_load=True)
-    device = flux.model.load_device
-    with torch.inference_mode(False):
-        cn = flux_instantx.trainable_copy(flux_instantx.create(base), device)
-        start = trainer.evaluate(base, cn, held_out, device, rows[:4], repeats=1)
-        assert trainer.evaluate(base, cn, held_out, device, rows[:4], repeats=1, shuffle_hints=True) == start
-        settings = trainer.TrainSettings(steps=steps, batch_size=4, learning_rate=1e-3, resolution=R,
-                                         gradient_checkpointing=False)
-        result = trainer.train(base, cn, train_set, settings, device)
-        true = trainer.evaluate(base, cn, held_out, device, rows)
-        shuffled = trainer.evaluate(base, cn, held_out, device, rows, shuffle_hints=True)
-    log.warning("ControlNet-Zero learning check (Flux.1-dev tiny, InstantX layout, %d steps x batch 4, lr 1e-3): "
-                "held-out loss before (4 rows) %.4f; after: true hints %.4f, shuffled hints %.4f (ratio %.3f); train "
-                "loss %.4f -> %.4f", steps, start, true, shuffled, true / shuffled, sum(result.losses[:10]) / 10,
-                sum(result.losses[-10:]) / 10)
-    assert true < 0.85 * shuffled, (true, shuffled)
+    texts = cz.caption_texts(flux.model.model, flux.vae, flux.clip, guidance=4.0)
+    cz.true_hints_beat_shuffled_hints(flux.model, flux_instantx.create, _disk_set(32, 1, texts),
+                                      _disk_set(16, 2, texts), 80, 1e-3, "Flux.1-dev tiny, InstantX layout")
 
 
 def test_cli_trains_the_instantx_layout_and_continues_from_its_file(tiny_dit, pack, tmp_path, caplog):
@@ -430,17 +340,14 @@ def test_a_controlnet_with_single_blocks_trains_every_block_through_the_in_place
     adds into it; every block then gets a gradient, with and without checkpointing, and the loss is the same."""
     import comfy.model_management as mm
 
-    from frozentune.controlnet_zero import cache, flux_diffusers
+    from frozentune.controlnet_zero import flux_diffusers
     from frozentune.controlnet_zero import training_run as trainer
 
     base = flux.model.model
     mm.load_models_gpu([flux.model], force_full_load=True)
     device = flux.model.load_device
-    targets, hints = disks.disks(1, R, seed=0)
     with torch.inference_mode(False):
-        texts = cache.encode(cache.Source.from_tensors(targets, hints, [disks.CAPTION]), base, flux.vae, flux.clip, R,
-                             guidance=4.0).texts
-        data = _disk_set(flux, 4, 3, texts)
+        data = _disk_set(4, 3, cz.caption_texts(base, flux.vae, flux.clip, guidance=4.0))
         cfg = flux_diffusers.base_config(base)
         cn = flux_diffusers.build(cfg, 2, single=2)
         torch.manual_seed(0)

@@ -13,9 +13,9 @@ import os
 import pytest
 import torch
 
+from harness import controlnet_zero_helpers as cz
 from harness import disks
-
-R = 64
+from harness.controlnet_zero_helpers import R
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +45,7 @@ def tree(root) -> list[str]:
 
 @pytest.fixture(scope="module")
 def control_net(sd15):
-    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroCreate
-
-    with torch.inference_mode():
-        return ControlNetZeroCreate.execute(model=sd15[0], seed=0).args[0]
+    return cz.create(sd15[0])
 
 
 def save(control_net, filename, dtype="fp16"):
@@ -58,16 +55,9 @@ def save(control_net, filename, dtype="fp16"):
 
 
 def train(model, clip, vae, control_net, **overrides):
-    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroTrain
-
-    targets, hints = disks.disks(2, R, seed=0)
-    args = dict(dataset_folder="", images=targets, hints=hints, captions=disks.CAPTION, steps=2, batch_size=1,
-                gradient_accumulation=1, learning_rate=1e-3, prompt_dropout=0.5, resolution=R,
-                gradient_checkpointing=False, mixed_precision="fp32", seed=0, checkpoint_every=1,
-                run_name="reused", resume=False, optimizer="adamw")
-    args.update(overrides)
-    with torch.inference_mode():
-        return ControlNetZeroTrain.execute(model=model, clip=clip, vae=vae, control_net=control_net, **args).args[0]
+    """Train on 2 disks, batch 1, a checkpoint every step, run name "reused"."""
+    args = {"batch_size": 1, "checkpoint_every": 1, "run_name": "reused", **overrides}
+    return cz.train_node(model, clip, vae, control_net, pairs=2, **args).args[0]
 
 
 @pytest.mark.parametrize("name, value", [("learning_rate", float("nan")), ("prompt_dropout", float("nan")),

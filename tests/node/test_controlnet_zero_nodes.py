@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
+from harness import controlnet_zero_helpers as cz
 from harness import disks
+from harness.controlnet_zero_helpers import R, create
 from harness.hashing import weight_hash as module_hash
-
-R = 64  # training and sampling size (latent 8x8)
 
 
 def at_rest_hash(patcher) -> str:
@@ -29,24 +29,9 @@ def loaded(tiny_checkpoints, pack):
         return {f: nodes.CheckpointLoaderSimple().load_checkpoint(p.name)[:3] for f, p in tiny_checkpoints.items()}
 
 
-def create(model, seed=0):
-    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroCreate
-
-    with torch.inference_mode():  # as ComfyUI's executor runs every node
-        return ControlNetZeroCreate.execute(model=model, seed=seed).args[0]
-
-
 def train(model, clip, vae, control_net, **overrides):
-    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroTrain
-
-    targets, hints = disks.disks(4, R, seed=0)
-    args = dict(dataset_folder="", images=targets, hints=hints, captions=disks.CAPTION, steps=2, batch_size=2,
-                gradient_accumulation=1, learning_rate=1e-3, prompt_dropout=0.5, resolution=R,
-                gradient_checkpointing=False, mixed_precision="auto", seed=0, checkpoint_every=0,
-                run_name="test", resume=False, optimizer="adamw")
-    args.update(overrides)
-    with torch.inference_mode():  # as ComfyUI's executor runs every node
-        out = ControlNetZeroTrain.execute(model=model, clip=clip, vae=vae, control_net=control_net, **args)
+    """Train's CONTROL_NET and loss curve (4 disks, batch 2, mixed_precision auto)."""
+    out = cz.train_node(model, clip, vae, control_net, **{"mixed_precision": "auto", **overrides})
     return out.args[0], out.args[1]
 
 
@@ -166,23 +151,17 @@ def test_folder_dataset_errors_reach_the_user_before_training(loaded, controlnet
 
 
 def test_cancel_keeps_last_checkpoint_and_resume_matches_uninterrupted_run(loaded, controlnet_folder):
-    import comfy.model_management as mm
-
-    from harness.cancel import cancel_at
-
     model, clip, vae = loaded["sd15"]
-    settings = dict(steps=4, batch_size=1, gradient_accumulation=2, checkpoint_every=2, learning_rate=1e-3)
-    whole, _ = train(model, clip, vae, create(model), run_name="whole", **settings)
 
-    with cancel_at(3), pytest.raises(mm.InterruptProcessingException):
-        train(model, clip, vae, create(model), run_name="cut", **settings)
-    run_dir = controlnet_folder.parent / "output" / "controlnet_zero" / "cut" / "run_001"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["step_000002"], "Cancel must keep the last saved state"
+    def run(run_name, resume=False):
+        return train(model, clip, vae, create(model), run_name=run_name, resume=resume, steps=4, batch_size=1,
+                     gradient_accumulation=2, checkpoint_every=2, learning_rate=1e-3)[0]
 
-    resumed, _ = train(model, clip, vae, create(model), run_name="cut", resume=True, **settings)
-    a, b = whole.control_model.state_dict(), resumed.control_model.state_dict()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= 1e-6, worst
+    def cancel_kept_the_last_saved_state():
+        run_dir = controlnet_folder.parent / "output" / "controlnet_zero" / "cut" / "run_001"
+        assert sorted(p.name for p in run_dir.iterdir()) == ["step_000002"], "Cancel must keep the last saved state"
+
+    _, resumed = cz.resume_matches_an_uninterrupted_run(run, cancel_kept_the_last_saved_state)
     assert resumed.frozentune_metadata["controlnet_zero.steps_done"] == "4"
 
 

@@ -16,10 +16,11 @@ import math
 import pytest
 import torch
 
+from harness import controlnet_zero_helpers as cz
 from harness import disks
+from harness.controlnet_zero_helpers import R
 from harness.hashing import weight_hash
 
-R = 64
 log = logging.getLogger(__name__)
 
 
@@ -132,24 +133,6 @@ def test_bf16_on_the_cpu_with_an_fp16_base_trains(fp16_sd15):
     assert "zero_convs.0.0.weight" in moved and "middle_block_out.0.weight" in moved, moved[:5]
 
 
-def _loss_and_grads(model, cn, data, device, checkpointing: bool):
-    """One training forward (batch 2) of the real trainer's loss: its loss, retained bytes and gradients."""
-    from frozentune.controlnet_zero import training_run as trainer
-    from frozentune.training.checkpointing import retained_bytes
-
-    ms = model.model.model_sampling
-    rows, dropped = torch.tensor([0, 1]), torch.tensor([False, True])
-    x0, hint, conds = data.batch(rows, dropped, device)
-    sigma = ms.sigmas[torch.tensor([100, 700])].to(device)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3)).to(device)
-    cn.zero_grad(set_to_none=True)
-    with torch.inference_mode(False), torch.enable_grad(), \
-            trainer.controlled_loss(model.model, cn, device, torch.float32, checkpointing) as loss_fn:
-        loss, kept = retained_bytes(lambda: loss_fn(cn, x0, hint, conds, sigma, noise))
-        loss.backward()
-    return loss.item(), kept, {n: p.grad.clone() for n, p in cn.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_gradient_checkpointing_covers_both_networks(dtype, fp32_sd15, fp16_sd15):
     import comfy.model_management as mm
@@ -163,8 +146,8 @@ def test_gradient_checkpointing_covers_both_networks(dtype, fp32_sd15, fp16_sd15
     with torch.no_grad():
         for z in [z[0] for z in cn.zero_convs] + [cn.middle_block_out[0]]:
             z.weight.normal_(0, 1e-2, generator=torch.Generator().manual_seed(1))
-    off_loss, off_bytes, off_grads = _loss_and_grads(model, cn, data, device, False)
-    on_loss, on_bytes, on_grads = _loss_and_grads(model, cn, data, device, True)
+    off_loss, off_bytes, off_grads = cz.loss_bytes_and_grads(model, cn, data, False)
+    on_loss, on_bytes, on_grads = cz.loss_bytes_and_grads(model, cn, data, True)
     ratio = on_bytes / off_bytes
     log.warning("ControlNet-Zero checkpointing (SD1.5-tiny, %s base, batch 2, %d px): retained for backward "
                 "%.1f MiB off, %.1f MiB on, ratio %.3f", dtype, R, off_bytes / 2**20, on_bytes / 2**20, ratio)

@@ -9,9 +9,9 @@ import contextlib
 import pytest
 import torch
 
+from harness import controlnet_zero_helpers as cz
 from harness import disks
-
-R = 64  # training size = preview size (latent 8x8)
+from harness.controlnet_zero_helpers import R  # training size = preview size (latent 8x8)
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +52,10 @@ def progress_hook(cancel_at: int | None = None):
 
 
 def run(model, clip, vae, **overrides):
-    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroCreate, ControlNetZeroTrain
-
-    targets, hints = disks.disks(2, R, seed=0)
-    args = dict(dataset_folder="", images=targets, hints=hints, captions=disks.CAPTION, steps=3, batch_size=2,
-                gradient_accumulation=1, learning_rate=1e-3, prompt_dropout=0.5, resolution=R,
-                gradient_checkpointing=False, mixed_precision="auto", seed=0, checkpoint_every=0,
-                run_name="preview", resume=False, optimizer="adamw", preview_every=0)
-    args.update(overrides)
-    with torch.inference_mode():  # as ComfyUI's executor runs every node
-        fresh = ControlNetZeroCreate.execute(model=model, seed=0).args[0]
-        out = ControlNetZeroTrain.execute(model=model, clip=clip, vae=vae, control_net=fresh, **args)
-    return out.args[0], out.args[2], hints[:1]
+    """A fresh ControlNet trained 3 steps on 2 disks: the trained CONTROL_NET, the preview grid, the first hint."""
+    args = {"steps": 3, "mixed_precision": "auto", "run_name": "preview", "preview_every": 0, **overrides}
+    out = cz.train_node(model, clip, vae, cz.create(model), pairs=2, **args)
+    return out.args[0], out.args[2], disks.disks(2, R, seed=0)[1][:1]
 
 
 @pytest.fixture(scope="module")

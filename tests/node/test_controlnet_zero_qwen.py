@@ -23,10 +23,11 @@ import math
 import pytest
 import torch
 
+from harness import controlnet_zero_helpers as cz
 from harness import tiny_qwen
+from harness.controlnet_zero_helpers import R, hint_image
 from harness.hashing import weight_hash
 
-R = 64  # hint / image size; latents 8x8
 log = logging.getLogger(__name__)
 _KIT: dict = {}
 
@@ -44,9 +45,7 @@ def prompts():
 
 
 def layout():
-    from frozentune.controlnet_zero import qwen_instantx
-
-    return qwen_instantx
+    return cz.layout("qwen_instantx")
 
 
 def tiny_widths():
@@ -54,32 +53,14 @@ def tiny_widths():
     return tiny_qwen.controlnet_detection()
 
 
-def hint_image(seed: int = 7) -> torch.Tensor:
-    return torch.rand(1, R, R, 3, generator=torch.Generator().manual_seed(seed))
-
-
 def sample(model, vae, control_net=None, hint=None, steps: int = 2) -> torch.Tensor:
-    import nodes
-
-    positive, negative = prompts()
-    if control_net is not None:
-        positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control_net, hint,
-                                                                            1.0, 0.0, 1.0, vae=vae)
-    latent = {"samples": torch.zeros(1, 16, 1, R // 8, R // 8)}
-    return nodes.KSampler().sample(model, 0, steps, 4.0, "euler", "simple", positive, negative, latent)[0]["samples"]
+    """Stock sampling of 5-D latents ``[1, 16, 1, h, w]`` at cfg 4."""
+    return cz.sample(model, prompts(), vae, control_net, hint, steps, cfg=4.0, latent_shape=(1, 16, 1, R // 8, R // 8))
 
 
-def perturbed(cn: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+def perturbed(cn: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``cn`` whose zero-initialized parts are random (a stand-in for a trained ControlNet)."""
-    import copy
-
-    out = copy.deepcopy(cn)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in out.named_parameters():
-            if name.startswith(layout().ZERO_PREFIXES):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return out
+    return cz.perturbed(cn, layout().ZERO_PREFIXES, 0.05)
 
 
 def test_create_copies_the_base_and_zeroes_the_new_parts(qwen):
@@ -263,29 +244,18 @@ def test_create_train_save_through_the_nodes_and_the_stock_loader(qwen, controln
     import folder_paths
     import nodes
 
-    from frozentune.nodes.controlnet_zero_nodes import (
-        ControlNetZeroCreate,
-        ControlNetZeroSave,
-        ControlNetZeroTrain,
-    )
-    from harness import disks
+    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroSave
 
     monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
     monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path / "temp"))
     qwen_instantx = layout()
     model, vae = qwen
     before = weight_hash(model.model.diffusion_model)
-    with torch.inference_mode():
-        fresh = ControlNetZeroCreate.execute(model=model, seed=0).args[0]
+    fresh = cz.create(model)
     assert qwen_instantx.owns(fresh.control_model)
     fresh_sd = {k: v.clone() for k, v in fresh.control_model.state_dict().items()}
-    targets, hints = disks.disks(4, R, seed=0)
-    with torch.inference_mode():  # as ComfyUI's executor runs every node
-        trained = ControlNetZeroTrain.execute(
-            model=model, clip=tiny_qwen.PromptClip(), vae=vae, control_net=fresh, dataset_folder="", images=targets,
-            hints=hints, captions=disks.CAPTION, steps=2, batch_size=2, gradient_accumulation=1, learning_rate=1e-3,
-            prompt_dropout=0.5, resolution=R, gradient_checkpointing=True, mixed_precision="auto", seed=0,
-            checkpoint_every=0, run_name="test_qwen", resume=False, optimizer="adamw").args[0]
+    trained = cz.train_node(model, tiny_qwen.PromptClip(), vae, fresh, gradient_checkpointing=True,
+                            mixed_precision="auto", run_name="test_qwen").args[0]
     cn = trained.control_model
     assert all(torch.equal(v, fresh.control_model.state_dict()[k]) for k, v in fresh_sd.items()), \
         "training modified the input CONTROL_NET"
@@ -327,81 +297,33 @@ def test_training_preview_draws_qwen_image_latents(qwen, tmp_path, monkeypatch):
     """The Train node's preview (Euler through the training forward) on 5-D Wan-2.1 latents."""
     import folder_paths
 
-    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroCreate, ControlNetZeroTrain
-    from harness import disks
-
     monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
     monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path / "temp"))
     model, vae = qwen
-    targets, hints = disks.disks(2, R, seed=0)
-    with torch.inference_mode():
-        fresh = ControlNetZeroCreate.execute(model=model, seed=0).args[0]
-        out = ControlNetZeroTrain.execute(
-            model=model, clip=tiny_qwen.PromptClip(), vae=vae, control_net=fresh, dataset_folder="", images=targets,
-            hints=hints, captions=disks.CAPTION, steps=1, batch_size=2, gradient_accumulation=1, learning_rate=1e-3,
-            prompt_dropout=0.0, resolution=R, gradient_checkpointing=False, mixed_precision="fp32", seed=0,
-            checkpoint_every=0, run_name="test_qwen_preview", resume=False, optimizer="adamw", preview_every=1)
+    out = cz.train_node(model, tiny_qwen.PromptClip(), vae, cz.create(model), pairs=2, steps=1, prompt_dropout=0.0,
+                        run_name="test_qwen_preview", preview_every=1)
     grid = out.args[2]
     assert grid.ndim == 4 and grid.shape[-1] == 3 and torch.isfinite(grid).all() and grid.shape[1] > 1
 
 
-def _pooled(images: torch.Tensor, channels: int = 16) -> torch.Tensor:
-    """``[N, R, R, 3]`` -> ``[N, 16, 1, R/8, R/8]`` latents that show the image (a stand-in for a trained VAE):
-    8x8 average pooling, RGB + mean through a fixed random 4 -> 16 channel map, standardized."""
-    pooled = torch.nn.functional.avg_pool2d(images.movedim(-1, 1), 8)
-    lat = torch.cat([pooled, pooled.mean(1, keepdim=True)], dim=1)
-    mix = torch.randn(channels, 4, generator=torch.Generator().manual_seed(3))
-    lat = torch.einsum("ck,nkhw->nchw", mix, lat)
-    return ((lat - lat.mean()) / lat.std()).unsqueeze(2)
-
-
 def _texts(model, vae):
-    from frozentune.controlnet_zero import cache
-    from harness import disks
-
-    targets, hints = disks.disks(1, R, seed=0)
-    with torch.inference_mode(False):
-        return cache.encode(cache.Source.from_tensors(targets, hints, [disks.CAPTION]), model.model, vae,
-                            tiny_qwen.PromptClip(), R).texts
+    return cz.caption_texts(model.model, vae, tiny_qwen.PromptClip())
 
 
 def _dataset(count: int, seed: int, texts):
-    from frozentune.controlnet_zero import cache
-    from harness import disks
-
-    targets, hints = disks.disks(count, R, seed=seed)
-    latents, hint_latents = _pooled(targets), _pooled(hints)
-    images = cache.Rows({i: {"latent": latents[i], "hint": hint_latents[i]} for i in range(count)})
-    return cache.TrainingData(images, texts, torch.ones(count, dtype=torch.long), R)
+    """Targets and hints as 5-D latents ``[N, 16, 1, R/8, R/8]`` that show the disk (``cz.disk_latents``, 16 mixed
+    channels: the tiny Wan VAE maps every disk to almost the same latent)."""
+    return cz.disk_set(count, seed, texts, lambda images: cz.disk_latents(images, 16, mixed=True).unsqueeze(2))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_half_precision_base_trains(qwen, precision):
     """A bf16 base (computing natively, bf16 autocast) or an fp8-stored base (fp32 compute) trains the fp32
     ControlNet: finite losses, the zero-initialized layers move, the base is untouched."""
-    import math
-
-    import comfy.model_management as mm
-
-    from frozentune.controlnet_zero import training_run as trainer
-
-    qwen_instantx = layout()
     model = tiny_qwen.model(precision)
-    data = _dataset(4, 1, _texts(*qwen))
-    mm.load_models_gpu([model], force_full_load=True)
-    device = model.load_device
-    before = weight_hash(model.model.diffusion_model)
-    with torch.inference_mode(False):
-        cn = qwen_instantx.trainable_copy(qwen_instantx.create(model.model), device)
-        settings = trainer.TrainSettings(steps=3, batch_size=2, learning_rate=1e-3, resolution=R,
-                                         gradient_checkpointing=True,
-                                         mixed_precision="bf16" if precision == "bf16" else "fp32")
-        result = trainer.train(model.model, cn, data, settings, device)
-    assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses), result.losses
-    assert {p.dtype for p in result.control_model.parameters()} == {torch.float32}
+    result = cz.train_fresh_around_a_half_base(model, layout(), _dataset(4, 1, _texts(*qwen)), precision, 3)
     assert result.control_model.controlnet_blocks[0].weight.abs().max() > 0
     assert result.control_model.controlnet_x_embedder.weight.abs().max() > 0
-    assert weight_hash(model.model.diffusion_model) == before, "training modified the base"
 
 
 def _wider_model(heads: int = 16, layers: int = 1):
@@ -452,32 +374,16 @@ def test_true_hints_beat_shuffled_hints_on_held_out_disks(qwen, one_thread):
     the default 5 capped at the base's), ``training_run.train`` and ``evaluate``. Measured ratios (true /
     shuffled): 0.409 here; 0.41-0.52 for training seeds 0-5, 0.41-0.45 for 3 other data and weight seeds.
     """
-    import comfy.model_management as mm
-
-    from frozentune.controlnet_zero import training_run as trainer
-
     qwen_instantx = layout()
     model = _wider_model()
     texts = _texts(model, qwen[1])
-    train_set, held_out = _dataset(32, 1, texts), _dataset(16, 2, texts)
-    rows = list(range(16))
-    mm.load_models_gpu([model], force_full_load=True)
-    device = model.load_device
-    with torch.inference_mode(False):
-        cn = qwen_instantx.trainable_copy(qwen_instantx.create(model.model), device)
+
+    def one_block_256_wide(cn):
         assert qwen_instantx.depth_of(cn) == 1 and cn.inner_dim == 256
-        start = trainer.evaluate(model.model, cn, held_out, device, rows[:4], repeats=1)
-        assert trainer.evaluate(model.model, cn, held_out, device, rows[:4], repeats=1, shuffle_hints=True) == start
-        settings = trainer.TrainSettings(steps=STEPS, batch_size=4, learning_rate=LEARNING_RATE, resolution=R,
-                                         gradient_checkpointing=False)
-        result = trainer.train(model.model, cn, train_set, settings, device)
-        true = trainer.evaluate(model.model, cn, held_out, device, rows)
-        shuffled = trainer.evaluate(model.model, cn, held_out, device, rows, shuffle_hints=True)
-    log.warning("ControlNet-Zero learning check (Qwen-Image-tiny width 256, 1 block, %d steps x batch 4, lr %g): "
-                "held-out loss before (4 rows) %.4f; after: true hints %.4f, shuffled hints %.4f (ratio %.3f); train "
-                "loss %.4f -> %.4f", STEPS, LEARNING_RATE, start, true, shuffled, true / shuffled,
-                sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10)
-    assert true < 0.85 * shuffled, (true, shuffled)
+
+    cz.true_hints_beat_shuffled_hints(model, qwen_instantx.create, _dataset(32, 1, texts), _dataset(16, 2, texts),
+                                      STEPS, LEARNING_RATE, "Qwen-Image-tiny width 256, 1 block",
+                                      check=one_block_256_wide)
 
 
 # --- the CLI on split files (controlnet_zero.train) ----------------------------------------------------

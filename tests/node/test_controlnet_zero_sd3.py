@@ -16,10 +16,11 @@ import logging
 import pytest
 import torch
 
+from harness import controlnet_zero_helpers as cz
 from harness import tiny_dits
+from harness.controlnet_zero_helpers import R, hint_image
 from harness.hashing import weight_hash
 
-R = 64  # hint / image size; latents 8x8
 log = logging.getLogger(__name__)
 
 
@@ -30,41 +31,20 @@ def sd3(tiny_dit, pack):
 
 @pytest.fixture(scope="module")
 def prompts(sd3):
-    return sd3.encode("a red disk"), sd3.encode("")
+    return cz.prompts(sd3)
 
 
 def layout():
-    from frozentune.controlnet_zero import sd3_diffusers
-
-    return sd3_diffusers
-
-
-def hint_image(seed: int = 7) -> torch.Tensor:
-    return torch.rand(1, R, R, 3, generator=torch.Generator().manual_seed(seed))
+    return cz.layout("sd3_diffusers")
 
 
 def sample(model, prompts, vae, control_net=None, hint=None, steps: int = 2) -> torch.Tensor:
-    import nodes
-
-    positive, negative = prompts
-    if control_net is not None:
-        positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control_net, hint,
-                                                                            1.0, 0.0, 1.0, vae=vae)
-    latent = {"samples": torch.zeros(1, 16, R // 8, R // 8)}
-    return nodes.KSampler().sample(model, 0, steps, 4.0, "euler", "simple", positive, negative, latent)[0]["samples"]
+    return cz.sample(model, prompts, vae, control_net, hint, steps, cfg=4.0)
 
 
-def perturbed(cn: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+def perturbed(cn: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``cn`` whose zero-initialized parts are random (a stand-in for a trained ControlNet)."""
-    import copy
-
-    out = copy.deepcopy(cn)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in out.named_parameters():
-            if name.startswith(("controlnet_blocks.", "pos_embed_input.")):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return out
+    return cz.perturbed(cn, ("controlnet_blocks.", "pos_embed_input."), 0.05)
 
 
 def test_create_copies_the_base_and_zeroes_the_new_parts(sd3):
@@ -257,19 +237,8 @@ def test_half_precision_base_zero_identity_and_steering(tiny_dit, pack, precisio
 # --- training through ControlNet-Zero's Train path (layouts dispatch) ---------------------------------
 
 def train_node(sd3, control_net, **overrides):
-    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroTrain
-    from harness import disks
-
-    targets, hints = disks.disks(4, R, seed=0)
-    args = dict(dataset_folder="", images=targets, hints=hints, captions=disks.CAPTION, steps=2, batch_size=2,
-                gradient_accumulation=1, learning_rate=1e-3, prompt_dropout=0.5, resolution=R,
-                gradient_checkpointing=True, mixed_precision="auto", seed=0, checkpoint_every=0,
-                run_name="test_sd3", resume=False, optimizer="adamw")
-    args.update(overrides)
-    with torch.inference_mode():  # as ComfyUI's executor runs every node
-        out = ControlNetZeroTrain.execute(model=sd3.model, clip=sd3.clip, vae=sd3.vae, control_net=control_net,
-                                          **args)
-    return out.args[0]
+    args = {"gradient_checkpointing": True, "mixed_precision": "auto", "run_name": "test_sd3", **overrides}
+    return cz.train_node(sd3.model, sd3.clip, sd3.vae, control_net, **args).args[0]
 
 
 def test_create_train_save_through_the_nodes_and_the_stock_loader(sd3, prompts, controlnet_folder, tmp_path,
@@ -309,24 +278,13 @@ def test_create_train_save_through_the_nodes_and_the_stock_loader(sd3, prompts, 
     assert torch.equal(in_memory, from_file) and not torch.equal(plain, from_file)
 
 
-def _pooled(images: torch.Tensor, channels: int = 16) -> torch.Tensor:
-    """``[N, R, R, 3]`` -> ``[N, 16, R/8, R/8]`` latents that show the image (a stand-in for a trained VAE):
-    8x8 average pooling, RGB + mean through a fixed random 4 -> 16 channel map, standardized."""
-    pooled = torch.nn.functional.avg_pool2d(images.movedim(-1, 1), 8)
-    lat = torch.cat([pooled, pooled.mean(1, keepdim=True)], dim=1)
-    mix = torch.randn(channels, 4, generator=torch.Generator().manual_seed(3))
-    lat = torch.einsum("ck,nkhw->nchw", mix, lat)
-    return (lat - lat.mean()) / lat.std()
+def _texts(sd3):
+    return cz.caption_texts(sd3.model.model, sd3.vae, sd3.clip)
 
 
-def _dataset(sd3, count: int, seed: int, texts):
-    from frozentune.controlnet_zero import cache
-    from harness import disks
-
-    targets, hints = disks.disks(count, R, seed=seed)
-    latents, hint_latents = _pooled(targets), _pooled(hints)
-    images = cache.Rows({i: {"latent": latents[i], "hint": hint_latents[i]} for i in range(count)})
-    return cache.TrainingData(images, texts, torch.ones(count, dtype=torch.long), R)
+def _dataset(count: int, seed: int, texts):
+    """Targets and hints as pooled latents that show the disk (``cz.disk_latents``, 16 mixed channels)."""
+    return cz.disk_set(count, seed, texts, lambda images: cz.disk_latents(images, 16, mixed=True))
 
 
 # Measured here (held-out loss, true / shuffled hints, 16 rows): lr 1e-3: 0.999 after 80 steps, 0.919 after
@@ -343,63 +301,10 @@ def test_true_hints_beat_shuffled_hints_on_held_out_disks(sd3):
     in as pooled latents that show the disk; everything else is the real path: the SD3 ControlNet this
     layout creates, the cached conds of the real tiny CLIPs, ``training_run.train`` and ``evaluate``.
     """
-    import comfy.model_management as mm
-
-    from frozentune.controlnet_zero import cache
-    from frozentune.controlnet_zero import training_run as trainer
-    from harness import disks
-
     sd3_diffusers = layout()
-    model = sd3.model
-    targets, hints = disks.disks(1, R, seed=0)
-    with torch.inference_mode(False):
-        texts = cache.encode(cache.Source.from_tensors(targets, hints, [disks.CAPTION]), model.model, sd3.vae,
-                             sd3.clip, R).texts
-    train_set, held_out = _dataset(sd3, 32, 1, texts), _dataset(sd3, 16, 2, texts)
-    rows = list(range(16))
-    mm.load_models_gpu([model], force_full_load=True)
-    device = model.load_device
-    with torch.inference_mode(False):
-        cn = sd3_diffusers.trainable_copy(sd3_diffusers.create(model.model), device)
-        start = trainer.evaluate(model.model, cn, held_out, device, rows[:4], repeats=1)
-        assert trainer.evaluate(model.model, cn, held_out, device, rows[:4], repeats=1, shuffle_hints=True) == start
-        settings = trainer.TrainSettings(steps=STEPS, batch_size=4, learning_rate=LEARNING_RATE, resolution=R,
-                                         gradient_checkpointing=False)
-        result = trainer.train(model.model, cn, train_set, settings, device)
-        true = trainer.evaluate(model.model, cn, held_out, device, rows)
-        shuffled = trainer.evaluate(model.model, cn, held_out, device, rows, shuffle_hints=True)
-    log.warning("ControlNet-Zero learning check (SD3-tiny, %d steps x batch 4, lr %g): held-out loss before "
-                "(4 rows) %.4f; after: true hints %.4f, shuffled hints %.4f (ratio %.3f); train loss %.4f -> %.4f",
-                STEPS, LEARNING_RATE, start, true, shuffled, true / shuffled, sum(result.losses[:10]) / 10,
-                sum(result.losses[-10:]) / 10)
-    assert true < 0.85 * shuffled, (true, shuffled)
-
-
-def _texts(sd3):
-    from frozentune.controlnet_zero import cache
-    from harness import disks
-
-    targets, hints = disks.disks(1, R, seed=0)
-    with torch.inference_mode(False):
-        return cache.encode(cache.Source.from_tensors(targets, hints, [disks.CAPTION]), sd3.model.model, sd3.vae,
-                            sd3.clip, R).texts
-
-
-def _loss_and_grads(model, cn, data, device, checkpointing: bool):
-    """One training forward (batch 2) of the real trainer's loss: its loss, retained bytes and gradients."""
-    from frozentune.controlnet_zero import training_run as trainer
-    from frozentune.training.checkpointing import retained_bytes
-
-    ms = model.model.model_sampling
-    x0, hint, conds = data.batch(torch.tensor([0, 1]), torch.tensor([False, True]), device)
-    sigma = ms.sigmas[torch.tensor([100, 700])].to(device)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3)).to(device)
-    cn.zero_grad(set_to_none=True)
-    with torch.inference_mode(False), torch.enable_grad(), \
-            trainer.controlled_loss(model.model, cn, device, torch.float32, checkpointing) as loss_fn:
-        loss, kept = retained_bytes(lambda: loss_fn(cn, x0, hint, conds, sigma, noise))
-        loss.backward()
-    return loss.item(), kept, {n: p.grad.clone() for n, p in cn.named_parameters() if p.grad is not None}
+    texts = _texts(sd3)
+    cz.true_hints_beat_shuffled_hints(sd3.model, sd3_diffusers.create, _dataset(32, 1, texts), _dataset(16, 2, texts),
+                                      STEPS, LEARNING_RATE, "SD3-tiny")
 
 
 def test_gradient_checkpointing_covers_both_networks_with_equal_gradients(sd3):
@@ -409,13 +314,13 @@ def test_gradient_checkpointing_covers_both_networks_with_equal_gradients(sd3):
 
     sd3_diffusers = layout()
     model = sd3.model
-    data = _dataset(sd3, 2, 1, _texts(sd3))
+    data = _dataset(2, 1, _texts(sd3))
     mm.load_models_gpu([model], force_full_load=True)
     device = model.load_device
     with torch.inference_mode(False):
         cn = sd3_diffusers.trainable_copy(perturbed(sd3_diffusers.create(model.model)), device)
-    off_loss, off_bytes, off_grads = _loss_and_grads(model, cn, data, device, False)
-    on_loss, on_bytes, on_grads = _loss_and_grads(model, cn, data, device, True)
+    off_loss, off_bytes, off_grads = cz.loss_bytes_and_grads(model, cn, data, False)
+    on_loss, on_bytes, on_grads = cz.loss_bytes_and_grads(model, cn, data, True)
     log.warning("ControlNet-Zero checkpointing (SD3-tiny, batch 2, %d px): retained for backward %.2f MiB off, "
                 "%.2f MiB on, ratio %.3f", R, off_bytes / 2**20, on_bytes / 2**20, on_bytes / off_bytes)
     assert on_bytes < off_bytes
@@ -436,62 +341,33 @@ def test_gradient_checkpointing_covers_both_networks_with_equal_gradients(sd3):
 def test_half_precision_base_trains(tiny_dit, pack, precision):
     """A bf16 base (computing natively, bf16 autocast) or an fp8-stored base (fp32 compute) trains the fp32
     ControlNet: finite losses, the zero-initialized layers move, the base is untouched."""
-    import math
-
-    import comfy.model_management as mm
-
-    from frozentune.controlnet_zero import training_run as trainer
-
-    sd3_diffusers = layout()
     sd3 = tiny_dit("sd3")
     kit = tiny_dits.load("sd3", dtype="bf16") if precision == "bf16" else tiny_dits.load("sd3", weight_dtype="fp8")
-    model = kit.model
-    data = _dataset(sd3, 4, 1, _texts(sd3))
-    mm.load_models_gpu([model], force_full_load=True)
-    device = model.load_device
-    before = weight_hash(model.model.diffusion_model)
-    with torch.inference_mode(False):
-        cn = sd3_diffusers.trainable_copy(sd3_diffusers.create(model.model), device)
-        settings = trainer.TrainSettings(steps=3, batch_size=2, learning_rate=1e-3, resolution=R,
-                                         gradient_checkpointing=True,
-                                         mixed_precision="bf16" if precision == "bf16" else "fp32")
-        result = trainer.train(model.model, cn, data, settings, device)
-    assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses), result.losses
-    assert {p.dtype for p in result.control_model.parameters()} == {torch.float32}
+    result = cz.train_fresh_around_a_half_base(kit.model, layout(), _dataset(4, 1, _texts(sd3)), precision, 3)
     assert result.control_model.controlnet_blocks[0].weight.abs().max() > 0
     assert result.control_model.pos_embed_input.proj.weight.abs().max() > 0
-    assert weight_hash(model.model.diffusion_model) == before, "training modified the base"
 
 
 @pytest.mark.slow  # three short training runs through the node (~10 s)
 def test_cancel_and_resume_match_an_uninterrupted_run(sd3, controlnet_folder, tmp_path, monkeypatch):
     """Checkpoints hold the diffusers-layout file (loadable in ComfyUI); resume maps it back (module_tensors)."""
-    import comfy.model_management as mm
     import folder_paths
     import safetensors.torch
-
-    from frozentune.nodes.controlnet_zero_nodes import ControlNetZeroCreate
-    from harness.cancel import cancel_at
 
     monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
     monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path / "temp"))
 
-    def fresh():
-        with torch.inference_mode():
-            return ControlNetZeroCreate.execute(model=sd3.model, seed=0).args[0]
+    def train(run_name, resume=False):
+        return train_node(sd3, cz.create(sd3.model), run_name=run_name, resume=resume, steps=4, batch_size=1,
+                          gradient_accumulation=2, checkpoint_every=2, learning_rate=1e-3)
 
-    settings = dict(steps=4, batch_size=1, gradient_accumulation=2, checkpoint_every=2, learning_rate=1e-3)
-    whole = train_node(sd3, fresh(), run_name="whole", **settings)
-    with cancel_at(3), pytest.raises(mm.InterruptProcessingException):
-        train_node(sd3, fresh(), run_name="cut", **settings)
-    step = tmp_path / "output" / "controlnet_zero" / "cut" / "run_001" / "step_000002"
-    assert step.is_dir()
-    saved = safetensors.torch.load_file(str(step / "controlnet.safetensors"))
-    assert "transformer_blocks.0.attn.add_q_proj.weight" in saved, "checkpoints are in the file's layout"
-    resumed = train_node(sd3, fresh(), run_name="cut", resume=True, **settings)
-    a, b = whole.control_model.state_dict(), resumed.control_model.state_dict()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= 1e-6, worst
+    def checkpoint_in_the_files_layout():
+        step = tmp_path / "output" / "controlnet_zero" / "cut" / "run_001" / "step_000002"
+        assert step.is_dir()
+        saved = safetensors.torch.load_file(str(step / "controlnet.safetensors"))
+        assert "transformer_blocks.0.attn.add_q_proj.weight" in saved, "checkpoints are in the file's layout"
+
+    cz.resume_matches_an_uninterrupted_run(train, checkpoint_in_the_files_layout)
 
 
 @pytest.mark.half
@@ -579,14 +455,7 @@ def test_file_is_what_diffusers_sd3_controlnet_from_transformer_makes_and_comput
     base = sd3.model.model
     transformer = _diffusers_transformer(base)
     reference = SD3ControlNetModel.from_transformer(transformer, num_layers=1, num_extra_conditioning_channels=0)
-    theirs = reference.state_dict()
-    ours = sd3_diffusers.file_tensors(sd3_diffusers.create(base))
-    assert set(ours) == set(theirs)
-    for k, v in theirs.items():
-        assert torch.equal(ours[k], v), k
-
-    cn = perturbed(sd3_diffusers.create(base))
-    reference.load_state_dict(sd3_diffusers.file_tensors(cn), strict=True)
+    cn = cz.file_is_diffusers(sd3_diffusers, base, reference, perturbed)
     gen = torch.Generator().manual_seed(0)
     x, hint = torch.randn(2, 16, 8, 8, generator=gen), torch.randn(2, 16, 8, 8, generator=gen)
     context, y = torch.randn(2, 77, 4096, generator=gen), torch.randn(2, 128, generator=gen)
