@@ -73,6 +73,13 @@ TIMESTEP_SAMPLING_TOOLTIP = (
 FLUX_GUIDANCE_TOOLTIP = (
     "Flux.1 dev only: the guidance strength it is trained at (set in the conditioning as FluxGuidance does); "
     "1.0 as kohya and x-flux train Flux LoRAs. Ignored by models without a guidance input (schnell, SD3, SD1.5, SDXL).")
+# UniTune Edit samples a guidance-embedding model (Flux.1 dev) at this guidance unless told otherwise: the stock
+# FluxGuidance node's default, and Flux.1's own when the conditioning sets none (model_base.Flux.extra_conds).
+EDIT_GUIDANCE = 3.5
+EDIT_FLUX_GUIDANCE_TOOLTIP = (
+    "Flux.1 dev/Krea: the guidance strength the prompt, the baseline and the negative are sampled at, set in "
+    "their conditioning as the FluxGuidance node sets it (3.5 = the model's default). Ignored by models without "
+    "a guidance input (Flux.1 schnell, SD, SD3.5, Qwen-Image, Z-Image, Chroma).")
 PRECISION_TOOLTIP = training_inputs.precision_tooltip("what trains stays fp32 and the base keeps its load dtype")
 
 # models/unitune/ for tuned results, safetensors only (listed by UniTune Load).
@@ -422,6 +429,8 @@ class UniTuneEdit(io.ComfyNode):
                 io.String.Input("class_word", default="", optional=True, tooltip="The class word the model was "
                                 "tuned with, e.g. 'dog': put after the token in the prompt and the baseline. Empty = "
                                 "the one the MODEL carries from UniTune Fine-Tune or Load (none for other models)."),
+                io.Float.Input("flux_guidance", default=EDIT_GUIDANCE, min=0.0, max=100.0, step=0.1, optional=True,
+                               tooltip=EDIT_FLUX_GUIDANCE_TOOLTIP),
             ],
             outputs=[
                 io.Image.Output(display_name="IMAGE", tooltip="The edited image(s), after blend and mask."),
@@ -431,8 +440,13 @@ class UniTuneEdit(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, image, vae, clip, token, edit_prompt, negative, steps, cfg, pg, sampler_name, scheduler,
-                seed, batch, start, blend, blend_unchanged, mask=None, class_word="") -> io.NodeOutput:
-        checks.finite(cfg=cfg, pg=pg, start=start, blend=blend, blend_unchanged=blend_unchanged)
+                seed, batch, start, blend, blend_unchanged, mask=None, class_word="",
+                flux_guidance=EDIT_GUIDANCE) -> io.NodeOutput:
+        checks.finite(cfg=cfg, pg=pg, start=start, blend=blend, blend_unchanged=blend_unchanged,
+                      flux_guidance=flux_guidance)
+        if flux_guidance < 0:
+            raise ValueError(f"flux_guidance={flux_guidance} must be 0 or more (the FluxGuidance node's default: "
+                             f"{EDIT_GUIDANCE:g}).")
         checks.choice("sampler_name", sampler_name, comfy.samplers.SAMPLER_NAMES)
         checks.choice("scheduler", scheduler, comfy.samplers.SCHEDULER_NAMES)
         checks.vae(vae)
@@ -459,8 +473,10 @@ class UniTuneEdit(io.ComfyNode):
         if pivotal.PREFIX in token:  # a learned word: Qwen-Image/Z-Image read it on a private tokenizer only
             clip = private_words.reading_embeddings(clip)
 
-        def encode(text):
-            return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        family = families.family_of(model)
+
+        def encode(text):  # at flux_guidance on a guidance-embedding model (Flux.1 dev), as FluxGuidance sets it
+            return finetune.with_guidance(family, clip.encode_from_tokens_scheduled(clip.tokenize(text)), flux_guidance)
 
         guider = Guider(model, cfg=cfg, pg=pg)
         guider.set_conds(encode(prompt), encode(negative), encode(baseline))

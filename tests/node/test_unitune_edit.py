@@ -170,14 +170,14 @@ def test_edit_guides_by_default_like_the_guider(pack):
     assert schema_default(UniTuneEdit, "class_word") == ""
 
 
-def test_class_word_is_the_last_widget(pack):
-    """Saved workflows store widget values by position: the newer optional input must not shift the older ones."""
+def test_newer_optional_widgets_come_last(pack):
+    """Saved workflows store widget values by position: the newer optional inputs must not shift the older ones."""
     from frozentune.nodes.unitune_nodes import UniTuneEdit
 
     widgets = [i.id for i in UniTuneEdit.define_schema().inputs if i.get_io_type() in ("STRING", "INT", "FLOAT",
                                                                                            "BOOLEAN", "COMBO")]
     assert widgets == ["token", "edit_prompt", "negative", "steps", "cfg", "pg", "sampler_name", "scheduler", "seed",
-                       "batch", "start", "blend", "blend_unchanged", "class_word"]
+                       "batch", "start", "blend", "blend_unchanged", "class_word", "flux_guidance"]
 
 
 class _Stop(Exception):
