@@ -357,8 +357,8 @@ def training(control_model: torch.nn.Module, base_twin: torch.nn.Module | None =
     The blocks add into their residual stream in place after a LayerNorm read it (``training.checkpointing``
     explains it; the frozen base twin's norms get a copy of their input from ``frozen_twin``). The ControlNet's
     norms keep their output instead of their input for backward (``training.lean_norm``: its modulation, which
-    trains, keeps that output anyway, so the stream copy is saved), and each block runs on a copy of its streams
-    (``_copy_stream``). The base twin's ``img_in`` output gets its own storage (``_own_output``). The trained
+    trains, keeps that output anyway, so the stream copy is saved), and every block but the first of its kind runs
+    on a copy of its image stream (``_copy_stream``). The base twin's ``img_in`` output gets its own storage (``_own_output``). The trained
     module keeps no hook, so the CONTROL_NET Train returns runs as a loaded one.
     Two changes of cost, not of result (the same values bit for bit): both networks' RoPE runs through
     ``_fast_rope`` (a lighter backward), and a pixel-hint ControlNet's ``input_hint_block`` keeps each SiLU's

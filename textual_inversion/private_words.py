@@ -8,8 +8,8 @@ clone of the CLIP. Here a clone gets its own copy of the tokenizer wrapper and o
 only reads them, the Qwen2 BPE cache is a memo of a pure function), whose stock ``tokenize_with_weights``
 reads the words. The input CLIP, its tokenizer and every other clone keep the stock behaviour.
 
-Three things differ from a stock embedding-reading tokenizer, all because the Qwen chat templates wrap the
-prompt (``user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n``):
+Four things differ from a stock embedding-reading tokenizer, the first three because the Qwen chat templates
+wrap the prompt (``user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n``):
 
 - a word ends at whitespace or at a special token ``<|``, so ``embedding:x`` at the end of the prompt is ``x``,
   not ``x<|im_end|>``;
