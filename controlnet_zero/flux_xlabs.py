@@ -247,32 +247,59 @@ def _own_output(module: torch.nn.Module, args: tuple, out: torch.Tensor):
     return None
 
 
+def _rotate(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``comfy.ldm.flux.math.apply_rope1(x, f)`` bit for bit, each output half written by loops ``D/2`` long.
+
+    The stock function multiplies ``[..., D/2, 1, 2]`` views that broadcast over the pair, an inner loop two
+    elements long; here each half (even, odd outputs) takes the same products and the same ``addcmul_`` per
+    element from strided views (about 25% less time on CPU). The test against the stock function holds it to that.
+    """
+    xv = x.to(f.dtype).unflatten(-1, (-1, 2))
+    out = torch.empty(torch.broadcast_shapes(f.shape[:-2], xv.shape[:-1]) + (2,), dtype=f.dtype, device=x.device)
+    for r in range(2):  # out[..., r] = f[r, 0] x[0] + f[r, 1] x[1]
+        half = out[..., r]
+        torch.mul(f[..., r, 0], xv[..., 0], out=half)
+        half.addcmul_(f[..., r, 1], xv[..., 1])
+    return out.flatten(-2).type_as(x)
+
+
+def _swap_pairs(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous ``t`` with each (even, odd) pair of its last dimension swapped (the bits moved, not computed)."""
+    if t.element_size() == 4 and t.device.type in ("cpu", "cuda"):  # a pair is one 64-bit word: rotate it by 32
+        v = t.view(torch.int64)
+        return ((v << 32) | ((v >> 32) & 0xFFFFFFFF)).view(t.dtype)
+    return t.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
 class _Rope(torch.autograd.Function):
-    """ComfyUI's ``apply_rope1`` whose backward is the rotation transposed: two products and a sum.
+    """ComfyUI's ``apply_rope1`` (as ``_rotate``) whose backward is the rotation transposed: two products and a sum.
 
     Autograd's backward of ``apply_rope1`` (``comfy/ldm/flux/math.py``: broadcast products of ``[..., D/2, 1, 2]``
     views, an in-place ``addcmul_``) runs two broadcast products, two reductions and two zero-filled scatters per
-    call; this one computes the same sums in the same order, so the gradient is bit for bit the same (the forward
-    is ``apply_rope1`` itself). Only the frequencies (no gradient) are kept for backward, as autograd keeps them.
+    call. Here, with ``d = [f00, f11]`` and ``e = [f01, f10]`` per pair, ``dx = d * g + swap(e * g)``: for an even
+    output ``f00 g0 + f10 g1`` and for an odd one ``f11 g1 + f01 g0``, autograd's two products summed in its order,
+    or the other (an exact swap), so the gradient is bit for bit the same, laid out contiguous as autograd's is
+    (a norm's weight gradient before it sums in memory order). Only the frequencies (no gradient) are kept for
+    backward, as autograd keeps them.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, freqs_cis: torch.Tensor, apply_rope1) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(freqs_cis)
         ctx.x_dtype = x.dtype
-        return apply_rope1(x, freqs_cis)
+        return _rotate(x, freqs_cis)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        (f,) = ctx.saved_tensors  # [..., D/2, 2 (out), 2 (in)]: out[i] = f[i, 0] x[0] + f[i, 1] x[1]
-        g = grad.to(f.dtype).reshape(*grad.shape[:-1], -1, 2, 1)
-        # contiguous as autograd's is (its scatters start from zeros): a norm's weight gradient before it sums
-        # in memory order
-        gx = torch.empty(g.shape[:-2] + (2,), dtype=f.dtype, device=g.device)
-        torch.mul(f[..., 0, :], g[..., 0, :], out=gx)
-        gx += f[..., 1, :] * g[..., 1, :]  # x[j]: f[0, j] g[0] + f[1, j] g[1]
-        return gx.reshape(grad.shape).to(ctx.x_dtype), None, None
+        (f,) = ctx.saved_tensors  # [..., D/2, 2 (out), 2 (in)]: out[r] = f[r, 0] x[0] + f[r, 1] x[1]
+        g = grad.to(f.dtype)
+        d = torch.stack((f[..., 0, 0], f[..., 1, 1]), -1).flatten(-2)
+        e = torch.stack((f[..., 0, 1], f[..., 1, 0]), -1).flatten(-2)
+        dx = torch.empty(g.shape, dtype=f.dtype, device=g.device)
+        torch.mul(d, g, out=dx)
+        dx += _swap_pairs(torch.mul(e, g, out=torch.empty_like(dx)))
+        return dx.to(ctx.x_dtype), None
 
 
 def _fast_rope(apply_rope1):
@@ -280,8 +307,9 @@ def _fast_rope(apply_rope1):
 
     def rope1(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         if (torch.is_grad_enabled() and x.requires_grad and not freqs_cis.requires_grad
-                and freqs_cis.shape[-2:] == (2, 2) and x.shape[-1] == 2 * freqs_cis.shape[-3]):  # the layout above
-            return _Rope.apply(x, freqs_cis, apply_rope1)
+                and freqs_cis.shape[-2:] == (2, 2) and x.shape[-1] == 2 * freqs_cis.shape[-3]  # the layout above
+                and torch.broadcast_shapes(freqs_cis.shape[:-3], x.shape[:-1]) == x.shape[:-1]):
+            return _Rope.apply(x, freqs_cis)
         return apply_rope1(x, freqs_cis)
 
     def apply_rope(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
@@ -361,7 +389,7 @@ def training(control_model: torch.nn.Module, base_twin: torch.nn.Module | None =
     on a copy of its image stream (``_copy_stream``). The base twin's ``img_in`` output gets its own storage (``_own_output``). The trained
     module keeps no hook, so the CONTROL_NET Train returns runs as a loaded one.
     Two changes of cost, not of result (the same values bit for bit): both networks' RoPE runs through
-    ``_fast_rope`` (a lighter backward), and a pixel-hint ControlNet's ``input_hint_block`` keeps each SiLU's
+    ``_fast_rope`` (loops D/2 long instead of 2), and a pixel-hint ControlNet's ``input_hint_block`` keeps each SiLU's
     input only (``_hint_forward``: half the hint activations).
     """
     import comfy.ldm.flux.layers

@@ -400,7 +400,7 @@ def test_training_shortcuts_keep_the_loss_and_gradients_bit_for_bit(compute, flu
 
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
-def test_fast_rope_backward_is_autograds_bit_for_bit(dtype_name):
+def test_fast_rope_backward_is_autograds_bit_for_bit(dtype_name, pack):
     """``_fast_rope`` against ComfyUI's ``apply_rope`` under autograd, on q/k as Flux's attention makes them (a
     permuted qkv view through the QK RMSNorm) and an upstream gradient laid out as SDPA's backward gives it (not
     contiguous): the same outputs and gradients bit for bit, the norm's weight gradient included (it sums in
@@ -435,6 +435,20 @@ def test_fast_rope_backward_is_autograds_bit_for_bit(dtype_name):
     with torch.no_grad():  # nothing recorded: the stock function itself
         x = qkv_data[..., :heads * dim].view(b, length, heads, dim).transpose(1, 2)
         assert torch.equal(flux_xlabs._fast_rope(flux_math.apply_rope1)(x, x, pe)[0], flux_math.apply_rope1(x, pe))
+
+
+def test_swap_pairs_moves_each_pairs_bits(pack):
+    """``flux_xlabs._swap_pairs`` (the RoPE backward's pair swap): the bits of each (even, odd) pair exchanged, NaN
+    payloads, signed zeros and infinities included, through the 64-bit rotation (4-byte types) and the fallback."""
+    from frozentune.controlnet_zero import flux_xlabs
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype, ints in ((torch.float32, torch.int32), (torch.float64, torch.int64), (torch.bfloat16, torch.int16)):
+        t = torch.randn(3, 5, 8, generator=gen).to(dtype)
+        t.view(-1)[:6] = torch.tensor([float("nan"), -0.0, float("inf"), float("-inf"), 0.0, -1.5]).to(dtype)
+        t.view(ints).view(-1)[7] = -2  # a NaN with its own payload (all ones but the last bit) in 4-byte types
+        expected = t.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        assert torch.equal(flux_xlabs._swap_pairs(t).view(ints), expected.view(ints)), dtype
 
 
 def test_hint_block_keeps_half_its_activations_and_runs_channels_last(flux):
