@@ -13,7 +13,13 @@ no gradient checkpointing, PyTorch SDPA attention on both sides:
   comparison (one zero-initialized Linear on the hint latent on both sides).
 - ``diffusers``: ``FluxControlNetModel.from_transformer(num_layers=2, num_single_layers=0)`` on a
   ``FluxTransformer2DModel`` of the same shape, the step of diffusers' ``train_controlnet_flux.py``
-  (packed latents, latent hints, flow target noise - latents, guidance vector), with the hint latents cached.
+  (packed latents, latent hints, flow target noise - latents, guidance vector) with its defaults: after backward
+  the NaN check of every ControlNet gradient, then clipping, ``optimizer.step()``, the constant
+  ``lr_scheduler.step()`` and ``optimizer.zero_grad(set_to_none=False)`` (``--set_grads_to_none`` is off by
+  default), on cached latents and hint latents (the script VAE-encodes both every step) and uniform sigmas (its
+  logit-normal draw costs the same).
+- ``diffusers-lean`` (``--lean-diffusers``): that step without the NaN check and scheduler, gradients set to
+  None: what the script does with ``--set_grads_to_none`` and its check removed.
 
 Each arm runs in its own process; timing rounds alternate the arms; a separate short run per arm counts live
 tensor bytes over the loop (``live_bytes.LiveBytes``, the analogue of ``torch.cuda.max_memory_allocated``).
@@ -130,9 +136,10 @@ def _pack(x):
     return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
 
 
-def child_diffusers(args) -> dict:
+def child_diffusers(args, lean: bool = False) -> dict:
     import torch
     from diffusers import FluxControlNetModel, FluxTransformer2DModel
+    from diffusers.optimization import get_scheduler
 
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=args.double, num_single_layers=args.single,
@@ -144,6 +151,7 @@ def child_diffusers(args) -> dict:
     transformer.requires_grad_(False)
     controlnet.train()
     opt = torch.optim.AdamW(controlnet.parameters(), lr=1e-5, weight_decay=1e-2)
+    lr_scheduler = get_scheduler("constant", optimizer=opt)  # the script's --lr_scheduler default
     data = encodings(args)
     h = args.res // 16
     img_ids = torch.zeros(h, h, 3)
@@ -172,9 +180,15 @@ def child_diffusers(args) -> dict:
                            controlnet_single_block_samples=singles, **common)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), _pack(noise - latents).float())
         loss.backward()
+        if not lean:  # the script checks every gradient for NaN after backward
+            for name, param in controlnet.named_parameters():
+                if param.grad is not None and torch.isnan(param.grad).any():
+                    raise FloatingPointError(f"gradient of {name} contains NaN")
         torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        if not lean:
+            lr_scheduler.step()
+        opt.zero_grad(set_to_none=lean)  # the script's default: --set_grads_to_none off
         times.append(time.perf_counter())
     tracker.__exit__(None, None, None)
     return {"steps_per_s": _rate(times, args.warmup), "rss_before": rss, "peak": _status("VmHWM"),
@@ -208,6 +222,8 @@ def main() -> None:
     p.add_argument("--double", type=int, default=2, help="the transformer's double blocks")
     p.add_argument("--single", type=int, default=4, help="the transformer's single blocks")
     p.add_argument("--control-depth", type=int, default=2, help="double blocks the ControlNet copies (x-flux: 2)")
+    p.add_argument("--lean-diffusers", action="store_true",
+                   help="add the diffusers-lean arm (gradients set to None, no NaN check)")
     p.add_argument("--track", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -221,10 +237,11 @@ def main() -> None:
             comfy_env.import_pack()
             result = child_ours(args, None if args.child == "ours" else "flux_instantx")
         else:
-            result = child_diffusers(args)
+            result = child_diffusers(args, lean=args.child == "diffusers-lean")
         print(json.dumps(result))
         return
-    rates: dict[str, list[float]] = {"ours": [], "ours-instantx": [], "diffusers": []}
+    arms = ["ours", "ours-instantx", "diffusers"] + (["diffusers-lean"] if args.lean_diffusers else [])
+    rates: dict[str, list[float]] = {arm: [] for arm in arms}
     peaks: dict[str, int] = {}
     for _ in range(args.rounds):
         for arm in rates:
@@ -240,9 +257,10 @@ def main() -> None:
         print(f"- {arm}: {best[arm]:.3f} steps/s; live growth {live[arm]['live_growth'] / 2**20:.1f} MiB; "
               f"RSS growth {peaks[arm] / 2**20:.1f} MiB; ControlNet {live[arm]['controlnet_params'] / 1e6:.2f}M, "
               f"base {live[arm]['base_params'] / 1e6:.2f}M params")
-    for arm in ("ours", "ours-instantx"):
-        print(f"{arm} / diffusers: speed x{best[arm] / best['diffusers']:.2f}, live memory "
-              f"x{live[arm]['live_growth'] / live['diffusers']['live_growth']:.2f}")
+    for other in arms[2:]:
+        for arm in ("ours", "ours-instantx"):
+            print(f"{arm} / {other}: speed x{best[arm] / best[other]:.3f}, live memory "
+                  f"x{live[arm]['live_growth'] / live[other]['live_growth']:.3f}")
 
 
 if __name__ == "__main__":
