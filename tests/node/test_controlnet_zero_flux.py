@@ -399,7 +399,7 @@ def test_training_shortcuts_keep_the_loss_and_gradients_bit_for_bit(compute, flu
         assert not differ, (checkpointing, differ)
 
 
-@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16", "fp16"])
 def test_fast_rope_backward_is_autograds_bit_for_bit(dtype_name, pack):
     """``_fast_rope`` against ComfyUI's ``apply_rope`` under autograd, on q/k as Flux's attention makes them (a
     permuted qkv view through the QK RMSNorm) and an upstream gradient laid out as SDPA's backward gives it (not
@@ -409,7 +409,7 @@ def test_fast_rope_backward_is_autograds_bit_for_bit(dtype_name, pack):
 
     from frozentune.controlnet_zero import flux_xlabs
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     gen = torch.Generator().manual_seed(0)
     b, heads, length, dim = 2, 3, 40, 64
     pos = torch.rand(b, length, 3, generator=gen) * 20
