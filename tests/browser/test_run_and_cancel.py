@@ -45,10 +45,16 @@ def test_run_button_queues_the_workflow_and_its_image_shows(comfy_page, comfy_se
     assert entry["status"]["status_str"] == "success", error_message(entry)
     saved = sorted(p.name for p in comfy_server.output_files(entry))
     assert saved, "the workflow saved no image"
-    # the page got every saved image over its websocket ("executed" messages -> app.nodeOutputs)
-    received = comfy_page.page.evaluate(
-        """() => Object.values(window.app.nodeOutputs || {}).flatMap(o => (o.images || [])
-                   .filter(i => i.type === 'output').map(i => i.filename))""")
+    # the page got every saved image over its websocket ("executed" messages -> app.nodeOutputs); the history
+    # answers as soon as the prompt ends, the page's messages may still be on their way: wait for them a while
+    deadline = time.monotonic() + 30
+    while True:
+        received = comfy_page.page.evaluate(
+            """() => Object.values(window.app.nodeOutputs || {}).flatMap(o => (o.images || [])
+                       .filter(i => i.type === 'output').map(i => i.filename))""")
+        if sorted(received) == saved or time.monotonic() > deadline:
+            break
+        comfy_page.page.wait_for_timeout(200)
     assert sorted(received) == saved, received
     # and the SaveImage nodes show them (the canvas draws, and so loads, the nodes in view: fit them all in)
     comfy_page.fit_view()
