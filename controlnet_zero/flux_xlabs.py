@@ -252,7 +252,7 @@ def _rotate(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
     The stock function multiplies ``[..., D/2, 1, 2]`` views that broadcast over the pair, an inner loop two
     elements long; here each half (even, odd outputs) takes the same products and the same ``addcmul_`` per
-    element from strided views (about 25% less time on CPU). The test against the stock function holds it to that.
+    element from strided views (bench/README has the timings). The test against the stock function holds it to that.
     """
     xv = x.to(f.dtype).unflatten(-1, (-1, 2))
     out = torch.empty(torch.broadcast_shapes(f.shape[:-2], xv.shape[:-1]) + (2,), dtype=f.dtype, device=x.device)
@@ -386,11 +386,11 @@ def training(control_model: torch.nn.Module, base_twin: torch.nn.Module | None =
     explains it; the frozen base twin's norms get a copy of their input from ``frozen_twin``). The ControlNet's
     norms keep their output instead of their input for backward (``training.lean_norm``: its modulation, which
     trains, keeps that output anyway, so the stream copy is saved), and every block but the first of its kind runs
-    on a copy of its image stream (``_copy_stream``). The base twin's ``img_in`` output gets its own storage (``_own_output``). The trained
-    module keeps no hook, so the CONTROL_NET Train returns runs as a loaded one.
+    on a copy of its image stream (``_copy_stream``). The base twin's ``img_in`` output gets its own storage
+    (``_own_output``). The trained module keeps no hook, so the CONTROL_NET Train returns runs as a loaded one.
     Two changes of cost, not of result (the same values bit for bit): both networks' RoPE runs through
-    ``_fast_rope`` (loops D/2 long instead of 2), and a pixel-hint ControlNet's ``input_hint_block`` keeps each SiLU's
-    input only (``_hint_forward``: half the hint activations).
+    ``_fast_rope`` (a lighter forward and backward), and a pixel-hint ControlNet's ``input_hint_block`` keeps each
+    SiLU's input only (``_hint_forward``: half the hint activations).
     """
     import comfy.ldm.flux.layers
 

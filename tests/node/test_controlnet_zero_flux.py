@@ -368,10 +368,10 @@ def _plain_hints(block):
 
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
 def test_training_shortcuts_keep_the_loss_and_gradients_bit_for_bit(compute, flux, monkeypatch):
-    """The training forward's two cost cuts (the RoPE ``_fast_rope``, forward and backward; the hint block keeping each SiLU's
-    input only) give the loss and every ControlNet gradient of plain autograd bit for bit, fp32 and bf16 autocast,
-    with checkpointing on and off; the patches are undone after (ComfyUI's ``apply_rope`` and the hint block's
-    forward are the stock ones again)."""
+    """The training forward's two cost cuts (the RoPE ``_fast_rope``, forward and backward; the hint block keeping
+    each SiLU's input only) give the loss and every ControlNet gradient of plain autograd bit for bit, fp32 and bf16
+    autocast, with checkpointing on and off; the patches are undone after (ComfyUI's ``apply_rope`` and the hint
+    block's forward are the stock ones again)."""
     import contextlib
 
     import comfy.ldm.flux.math as flux_math
